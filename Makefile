@@ -1,0 +1,43 @@
+# The shared habits: make run, make test, make lint, make bench.
+# Every target sets up what it needs: a virtual environment in .venv with the package and its extras.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench setup sysdeps clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# System packages the tests and benchmarks talk to (real HAProxy and nginx, wrk, chromium).
+sysdeps:
+	@if ! command -v haproxy >/dev/null || ! command -v nginx >/dev/null || ! command -v wrk >/dev/null \
+	   || ! command -v chromium >/dev/null || [ ! -f /usr/lib/nginx/modules/ngx_stream_module.so ]; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	    haproxy nginx libnginx-mod-stream wrk chromium iproute2 >/dev/null; \
+	fi
+
+run: $(STAMP)
+	$(BIN)/l4lb demo
+
+test: $(STAMP) sysdeps
+	$(BIN)/pytest -q -n 2 --dist loadfile
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff format --check src tests bench examples
+	$(BIN)/mypy --strict src
+
+bench: $(STAMP) sysdeps
+	$(BIN)/python bench/codec.py
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The running load balancer: listeners, admission, pools, balancing, relay."""

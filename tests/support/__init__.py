@@ -1,0 +1,1 @@
+"""Shared helpers for tests that talk to real peers over real sockets."""
