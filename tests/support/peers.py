@@ -13,7 +13,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
@@ -27,7 +27,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(host: str, port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_port(
+    host: str, port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     """Wait until something accepts TCP connections on ``host:port``."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     deadline = time.monotonic() + timeout
@@ -44,7 +46,7 @@ def wait_port(host: str, port: int, timeout: float = 10.0, proc: subprocess.Pope
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
 
 
-def wait_for(predicate: "callable[[], bool]", timeout: float = 10.0, interval: float = 0.05) -> bool:  # type: ignore[valid-type]
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05) -> bool:
     """Poll ``predicate`` until it is true or ``timeout`` passes; return its last value."""
     deadline = time.monotonic() + timeout
     while True:
@@ -81,7 +83,9 @@ def have(binary: str) -> bool:
 
 
 @contextlib.contextmanager
-def haproxy(workdir: Path, body: str, wait: list[tuple[str, int]] = ()) -> Iterator[subprocess.Popen[bytes]]:  # type: ignore[assignment]
+def haproxy(
+    workdir: Path, body: str, wait: Sequence[tuple[str, int]] = ()
+) -> Iterator[subprocess.Popen[bytes]]:
     """Run a real HAProxy with ``body`` (frontends/backends/listens) in the foreground.
 
     The global and defaults sections are provided; ``wait`` lists (host, port) to wait for.
@@ -101,7 +105,9 @@ def haproxy(workdir: Path, body: str, wait: list[tuple[str, int]] = ()) -> Itera
         "    timeout server 30s\n" + body
     )
     log = open(workdir / "haproxy.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        ["haproxy", "-db", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT
+    )
     try:
         for host, port in wait:
             wait_port(host, port, proc=proc)
@@ -112,7 +118,9 @@ def haproxy(workdir: Path, body: str, wait: list[tuple[str, int]] = ()) -> Itera
 
 
 @contextlib.contextmanager
-def nginx(workdir: Path, stream: str = "", http: str = "", wait: list[tuple[str, int]] = ()) -> Iterator[subprocess.Popen[bytes]]:  # type: ignore[assignment]
+def nginx(
+    workdir: Path, stream: str = "", http: str = "", wait: Sequence[tuple[str, int]] = ()
+) -> Iterator[subprocess.Popen[bytes]]:
     """Run a real nginx in the foreground with the given ``stream {}`` and ``http {}`` bodies.
 
     Paths in the bodies may use ``{dir}`` for ``workdir``. Errors go to ``workdir/error.log``.
