@@ -145,7 +145,8 @@ def nginx(
         parts.append(
             "http {\n"
             f"  client_body_temp_path {workdir}/body; proxy_temp_path {workdir}/proxy;\n"
-            f"  fastcgi_temp_path {workdir}/fcgi; uwsgi_temp_path {workdir}/uwsgi; scgi_temp_path {workdir}/scgi;\n"
+            f"  fastcgi_temp_path {workdir}/fcgi; uwsgi_temp_path {workdir}/uwsgi;\n"
+            f"  scgi_temp_path {workdir}/scgi;\n"
             f"  access_log off;\n" + http.replace("{dir}", str(workdir)) + "\n}"
         )
     conf.write_text("\n".join(parts) + "\n")
