@@ -1,0 +1,140 @@
+"""`make bench`: l4lb side by side with HAProxy and nginx on one machine, in one run.
+
+The same real nginx backend serves every contender (``listen … proxy_protocol`` for the balancers,
+a plain listener for "direct"). Each balancer gets one CPU: HAProxy ``nbthread 1`` with
+``send-proxy-v2``, nginx stream with ``proxy_protocol on`` and one worker, l4lb with
+``workers = 1`` in each relay mode. Balancers are pinned to core 1; the load generators and the
+backend to core 0. Every figure is measured for every contender in turn before the next figure.
+
+    python bench/run.py                 # the full run (about 3 minutes), JSON in bench/results/
+    python bench/run.py --quick              # seconds; a smoke test of the harness itself
+    python bench/run.py --contenders haproxy,l4lb-stream --figures newconn,idle
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from harness import contenders as cont
+from harness.figures import MEASUREMENTS, Settings
+from harness.report import table
+
+BENCH = Path(__file__).resolve().parent
+ALL = ["direct", "haproxy", "nginx", "l4lb-stream", "l4lb-splice"]
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "-C", str(BENCH), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny durations and sizes (smoke test)")
+    ap.add_argument("--contenders", default=",".join(ALL))
+    ap.add_argument("--figures", default=",".join(MEASUREMENTS))
+    ap.add_argument("--out", type=Path, help="JSON file (default bench/results/<time>.json)")
+    ap.add_argument("--workdir", type=Path, default=BENCH / "work")
+    ap.add_argument("--no-pin", action="store_true", help="do not pin to cores (taskset)")
+    args = ap.parse_args(argv)
+
+    names = [n for n in args.contenders.split(",") if n]
+    figures = [f for f in args.figures.split(",") if f]
+    for f in figures:
+        if f not in MEASUREMENTS:
+            ap.error(f"unknown figure {f!r}; choose from {', '.join(MEASUREMENTS)}")
+    pin = not args.no_pin and (os.cpu_count() or 1) >= 2
+    gen_core, bal_core = (0, 1) if pin else (None, None)
+    if args.quick:
+        settings = Settings(
+            generator_core=gen_core, balancer_core=bal_core, wrk_seconds=1,
+            wrk_connections=8, bulk_bytes=8 << 20, bulk_streams=2, paced_rate=200,
+            paced_seconds=0.5, hold_count=100, warmup_seconds=0,
+        )  # fmt: skip
+        data = args.workdir / "quick-data"
+    else:
+        settings = Settings(generator_core=gen_core, balancer_core=bal_core)
+        data = BENCH / "data"
+
+    # every process we start inherits this: the holder and the balancers need ~20,000 fds
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    work = args.workdir / stamp
+    print(f"bench {stamp}: contenders {', '.join(names)}; work files in {work}", flush=True)
+    cont.make_big_file(data / "big.bin", settings.bulk_bytes)
+    backend = cont.Backend(work / "backend", data, gen_core)
+    backend.start()
+    # the file in the page cache before anyone is timed
+    subprocess.run(
+        ["curl", "-s", "-o", "/dev/null", f"http://127.0.0.1:{backend.plain_port}/big.bin"],
+        check=True,
+    )
+    running = [cont.make(n, work, backend, bal_core) for n in names]
+    results: dict[str, dict[str, Any]] = {n: {} for n in names}
+    try:
+        for c in running:
+            c.start()
+            if c.error:
+                print(f"  {c.name}: not measured: {c.error}", flush=True)
+                results[c.name]["error"] = c.error
+        live = [c for c in running if c.error is None]
+        for fig in figures:
+            for c in live:
+                t = time.monotonic()
+                try:
+                    res = MEASUREMENTS[fig](c, settings)
+                except Exception as err:  # one failed figure must not lose the rest of the run
+                    traceback.print_exc()
+                    res = {"failed": f"{type(err).__name__}: {err}"}
+                if c.proc is not None and c.proc.poll() is not None:
+                    res["failed"] = f"balancer exited with {c.proc.returncode}"
+                results[c.name][fig] = res
+                brief = {k: v for k, v in res.items() if k != "core_busy"}
+                print(f"  {fig:<9} {c.name:<12} {time.monotonic() - t:5.1f}s {brief}", flush=True)
+    finally:
+        for c in running:
+            c.stop()
+        backend.stop()
+
+    print()
+    print(table(results, names))
+    print("\n† load-generator-bound: core 0 ≥ 90 % busy while the balancer used < 85 % of core 1")
+    doc = {
+        "time": stamp,
+        "commit": _git_commit(),
+        "quick": args.quick,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+        },
+        "settings": {k: getattr(settings, k) for k in settings.__slots__},
+        "results": results,
+    }
+    out = args.out or (work / "results.json" if args.quick else BENCH / "results" / f"{stamp}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
