@@ -1,0 +1,345 @@
+"""The admin API: a small asyncio HTTP/1.1 server on ``[admin] bind`` (loopback by default).
+
+Routes::
+
+    GET  /                                              the live status page (HTML)
+    GET  /status                                        JSON: listeners, pools, backends
+    GET  /metrics                                       Prometheus text format
+    POST /pools/{pool}/backends/{address}/drain          no new connections, existing ones run on
+    POST /pools/{pool}/backends/{address}/disable        out of rotation (and health checks ignored)
+    POST /pools/{pool}/backends/{address}/enable         back in rotation
+    POST /reload                                        re-read the config file and apply it
+
+When ``[admin] token`` is set, every POST needs ``Authorization: Bearer <token>`` (401
+otherwise). Reads are open, like HAProxy's stats page: bind it to loopback or a private
+address. The server speaks just enough HTTP/1.1 for curl, browsers and Prometheus: bounded
+request heads, keep-alive, Content-Length bodies (ignored), no chunked uploads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit
+
+from prometheus_client import CollectorRegistry
+
+from l4lb.observe import metrics, status_page
+from l4lb.observe.snapshot import Snapshot
+
+log = logging.getLogger("l4lb.admin")
+
+ACTIONS = ("drain", "disable", "enable")
+_MAX_HEAD = 16384
+_MAX_BODY = 65536
+_IDLE_TIMEOUT = 30.0
+
+
+class AdminError(Exception):
+    """A request the admin API refuses; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadOutcome:
+    """What ``POST /reload`` (and SIGHUP) did: applied, or refused with the config's errors."""
+
+    ok: bool
+    errors: tuple[str, ...] = ()
+    summary: str = ""
+
+
+class Control(Protocol):
+    """What the admin API needs from the running balancer."""
+
+    def snapshot(self) -> Snapshot:
+        """A fresh reading of every counter."""
+        ...
+
+    def backend_action(self, pool: str, address: str, action: str) -> str:
+        """Drain, disable or enable one backend; return its new state.
+
+        Raises LookupError naming what was not found (pool or backend).
+        """
+        ...
+
+    def reload(self) -> Awaitable[ReloadOutcome]:
+        """Re-read the config file and apply it, or keep the running one if it is invalid."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: HTTPStatus
+    body: bytes
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def _json(status: HTTPStatus, doc: Any) -> Response:
+    return Response(status, json.dumps(doc, indent=2).encode() + b"\n")
+
+
+def _error(status: HTTPStatus, message: str, headers: tuple[tuple[str, str], ...] = ()) -> Response:
+    return Response(
+        status,
+        json.dumps({"error": message, "status": status.value}).encode() + b"\n",
+        headers=headers,
+    )
+
+
+class AdminServer:
+    """Serves the admin API for one balancer until :meth:`aclose`."""
+
+    def __init__(
+        self,
+        control: Control,
+        bind: str = "127.0.0.1:9100",
+        token: str | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.control = control
+        self.host, self.port = split_bind(bind)
+        self.token = token or None
+        self.registry = registry or metrics.make_registry(control.snapshot)
+        self._server: asyncio.Server | None = None
+        self._clients: set[asyncio.Task[None]] = set()
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        """Bind and start serving; raises OSError if the address cannot be bound."""
+        self._server = await asyncio.start_server(
+            self._serve, self.host, self.port, limit=_MAX_HEAD, reuse_address=True
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("admin API listening on http://%s/", self.address)
+
+    async def aclose(self) -> None:
+        """Stop accepting and close open admin connections."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for task in list(self._clients):
+            task.cancel()
+        for task in list(self._clients):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # -- connection handling ---------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._clients.add(task)
+        try:
+            while await self._one_request(reader, writer):
+                pass
+        except (OSError, asyncio.IncompleteReadError, TimeoutError):
+            pass
+        finally:
+            self._clients.discard(task)
+            writer.close()
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                await writer.wait_closed()
+
+    async def _one_request(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        """Read one request and answer it; True to keep the connection for another."""
+        try:
+            async with asyncio.timeout(_IDLE_TIMEOUT):
+                head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.LimitOverrunError:
+            await self._send(
+                writer,
+                _error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request head over 16 KiB"),
+                keep=False,
+            )
+            return False
+        except asyncio.IncompleteReadError as err:
+            if err.partial.strip():
+                await self._send(
+                    writer, _error(HTTPStatus.BAD_REQUEST, "incomplete request"), keep=False
+                )
+            return False
+        try:
+            method, target, version, headers = parse_head(head)
+        except AdminError as err:
+            await self._send(writer, _error(err.status, str(err)), keep=False)
+            return False
+        length = headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > _MAX_BODY:
+            await self._send(
+                writer, _error(HTTPStatus.BAD_REQUEST, f"bad Content-Length {length!r}"), keep=False
+            )
+            return False
+        if headers.get("transfer-encoding"):
+            await self._send(
+                writer,
+                _error(HTTPStatus.NOT_IMPLEMENTED, "chunked request bodies are not supported"),
+                keep=False,
+            )
+            return False
+        if int(length):
+            await reader.readexactly(int(length))
+        connection = headers.get("connection", "").lower()
+        keep = connection != "close" and (version == "HTTP/1.1" or connection == "keep-alive")
+        try:
+            response = await self.handle(method, target, headers)
+        except AdminError as err:
+            extra = (("WWW-Authenticate", 'Bearer realm="l4lb"'),)
+            response = _error(
+                err.status, str(err), extra if err.status == HTTPStatus.UNAUTHORIZED else ()
+            )
+        except Exception:
+            log.exception("admin API: %s %s failed", method, target)
+            response = _error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error, see the log")
+        await self._send(writer, response, keep, head_only=method == "HEAD")
+        return keep
+
+    async def _send(
+        self, writer: asyncio.StreamWriter, response: Response, keep: bool, head_only: bool = False
+    ) -> None:
+        lines = [
+            f"HTTP/1.1 {response.status.value} {response.status.phrase}",
+            f"Content-Type: {response.content_type}",
+            f"Content-Length: {len(response.body)}",
+            "Cache-Control: no-store",
+            "Connection: " + ("keep-alive" if keep else "close"),
+            *(f"{name}: {value}" for name, value in response.headers),
+        ]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        if not head_only:
+            writer.write(response.body)
+        await writer.drain()
+
+    # -- routing -----------------------------------------------------------------------------
+
+    async def handle(self, method: str, target: str, headers: dict[str, str]) -> Response:
+        """Answer one request (also usable without a socket, e.g. in tests)."""
+        path = urlsplit(target).path
+        parts = [unquote(p) for p in path.split("/")[1:]]
+        if parts and parts[-1] == "" and len(parts) > 1:
+            parts.pop()
+        get = ("GET", "HEAD")
+        routes: list[tuple[bool, tuple[str, ...], Callable[[], Awaitable[Response]]]] = [
+            (parts == [""], get, self._page),
+            (parts == ["status"], get, self._status),
+            (parts == ["metrics"], get, self._metrics),
+            (parts == ["reload"], ("POST",), self._reload),
+        ]
+        if len(parts) == 5 and parts[0] == "pools" and parts[2] == "backends":
+            pool, address, action = parts[1], parts[3], parts[4]
+            if action not in ACTIONS:
+                raise AdminError(
+                    HTTPStatus.NOT_FOUND,
+                    f"unknown action {action!r}: use one of {', '.join(ACTIONS)}",
+                )
+            routes.append((True, ("POST",), lambda: self._backend(pool, address, action)))
+        for matches, methods, run in routes:
+            if not matches:
+                continue
+            if method not in methods:
+                raise AdminError(
+                    HTTPStatus.METHOD_NOT_ALLOWED,
+                    f"{method} not allowed on {path}: use {' or '.join(methods)}",
+                )
+            if method == "POST":
+                self._authorize(headers)
+            return await run()
+        raise AdminError(
+            HTTPStatus.NOT_FOUND,
+            f"no such resource {path!r}: try /, /status, /metrics, POST /reload or "
+            "POST /pools/{pool}/backends/{address}/drain|disable|enable",
+        )
+
+    def _authorize(self, headers: dict[str, str]) -> None:
+        if self.token is None:
+            return
+        given = headers.get("authorization", "")
+        scheme, _, credential = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            credential.strip().encode(), self.token.encode()
+        ):
+            raise AdminError(
+                HTTPStatus.UNAUTHORIZED,
+                "this call changes state: send 'Authorization: Bearer <token>' "
+                "with the [admin] token" + (" (the token given is wrong)" if given else ""),
+            )
+
+    async def _page(self) -> Response:
+        return Response(HTTPStatus.OK, status_page.render(), "text/html; charset=utf-8")
+
+    async def _status(self) -> Response:
+        return _json(HTTPStatus.OK, self.control.snapshot().to_json())
+
+    async def _metrics(self) -> Response:
+        return Response(HTTPStatus.OK, metrics.render(self.registry), metrics.CONTENT_TYPE)
+
+    async def _reload(self) -> Response:
+        log.info("reload requested through the admin API")
+        outcome = await self.control.reload()
+        if outcome.ok:
+            return _json(HTTPStatus.OK, {"reloaded": True, "summary": outcome.summary})
+        return _json(
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+            {
+                "reloaded": False,
+                "error": "the new config is invalid; the running one is kept",
+                "errors": list(outcome.errors),
+            },
+        )
+
+    async def _backend(self, pool: str, address: str, action: str) -> Response:
+        try:
+            state = self.control.backend_action(pool, address, action)
+        except LookupError as err:
+            raise AdminError(HTTPStatus.NOT_FOUND, str(err.args[0] if err.args else err)) from err
+        log.warning("admin API: %s backend %s of pool %s -> %s", action, address, pool, state)
+        return _json(HTTPStatus.OK, {"pool": pool, "backend": address, "state": state})
+
+
+def parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
+    """Split a request head into method, target, version and lower-cased headers."""
+    try:
+        text = head.decode("latin-1")
+    except UnicodeDecodeError as err:  # pragma: no cover - latin-1 decodes every byte
+        raise AdminError(HTTPStatus.BAD_REQUEST, "undecodable request head") from err
+    lines = text.split("\r\n")
+    request = lines[0].split(" ")
+    if len(request) != 3 or not request[2].startswith("HTTP/1."):
+        raise AdminError(HTTPStatus.BAD_REQUEST, f"malformed request line {lines[0][:80]!r}")
+    method, target, version = request
+    if not target.startswith("/"):
+        raise AdminError(HTTPStatus.BAD_REQUEST, f"request target must be a path, got {target!r}")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            raise AdminError(HTTPStatus.BAD_REQUEST, f"malformed header line {line[:80]!r}")
+        headers[name.lower()] = value.strip()
+    return method, target, version, headers
+
+
+def split_bind(bind: str) -> tuple[str, int]:
+    """``"127.0.0.1:9100"`` or ``"[::1]:9100"`` -> (host, port)."""
+    host, sep, port = bind.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"admin bind {bind!r} must be HOST:PORT (IPv6 as [::1]:9100)")
+    return host.strip("[]"), int(port)

@@ -1,0 +1,162 @@
+"""Prometheus metrics, read from the runtime's own counters when Prometheus scrapes.
+
+Nothing from ``prometheus_client`` runs per connection: the relay only bumps plain integers on
+its listener and backend objects, and :class:`BalancerCollector` turns a :class:`Snapshot` of
+them into metric families at scrape time (the "custom collector" pattern of prometheus-client).
+
+Listener and backend counts are separate families (``l4lb_connections_total{listener}`` and
+``l4lb_backend_connections_total{pool,backend}``) so that summing one never double counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from l4lb.observe.snapshot import Histogram, Snapshot
+
+STATES = ("up", "down", "drain", "disabled")
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def _buckets(hist: Histogram) -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    running = 0
+    for bound, count in zip(hist.bounds, hist.counts, strict=False):
+        running += count
+        out.append((repr(float(bound)), float(running)))
+    out.append(("+Inf", float(hist.count)))
+    return out
+
+
+class BalancerCollector(Collector):
+    """Exposes a balancer's counters; ``snapshot`` is called once per scrape."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self._snapshot = snapshot
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # families depend on the config; don't let the registry call collect()
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot()
+        info = InfoMetricFamily("l4lb", "l4lb build information", labels=())
+        info.add_metric([], {"version": snap.version})
+        yield info
+        yield GaugeMetricFamily(
+            "l4lb_start_time_seconds", "Start time of the process (Unix seconds)", snap.started
+        )
+        yield CounterMetricFamily(
+            "l4lb_reloads", "Configuration reloads applied", value=snap.reloads
+        )
+
+        conns = CounterMetricFamily(
+            "l4lb_connections", "Connections accepted per listener", labels=["listener"]
+        )
+        active = GaugeMetricFamily(
+            "l4lb_connections_active", "Connections open per listener", labels=["listener"]
+        )
+        rejected = CounterMetricFamily(
+            "l4lb_rejections",
+            "Connections refused before reaching a backend, by listener and reason",
+            labels=["listener", "reason"],
+        )
+        for lst in snap.listeners:
+            conns.add_metric([lst.name], lst.total)
+            active.add_metric([lst.name], lst.active)
+            for reason, count in sorted(lst.rejections.items()):
+                rejected.add_metric([lst.name, reason], count)
+        yield conns
+        yield active
+        yield rejected
+
+        header_errors = CounterMetricFamily(
+            "l4lb_proxy_header_errors",
+            "Invalid PROXY headers received from upstreams, by reason",
+            labels=["reason"],
+        )
+        for reason, count in sorted(snap.proxy_header_errors.items()):
+            header_errors.add_metric([reason], count)
+        yield header_errors
+
+        labels = ["pool", "backend"]
+        b_total = CounterMetricFamily(
+            "l4lb_backend_connections", "Connections sent to each backend", labels=labels
+        )
+        b_active = GaugeMetricFamily(
+            "l4lb_backend_connections_active", "Connections open to each backend", labels=labels
+        )
+        b_bytes = CounterMetricFamily(
+            "l4lb_bytes",
+            "Bytes relayed: direction=in from clients to the backend, out from it to clients",
+            labels=[*labels, "direction"],
+        )
+        b_fail = CounterMetricFamily(
+            "l4lb_backend_connect_failures", "Failed connects to each backend", labels=labels
+        )
+        b_up = GaugeMetricFamily(
+            "l4lb_backend_up", "1 when the backend passes its health checks", labels=labels
+        )
+        b_state = GaugeMetricFamily(
+            "l4lb_backend_state",
+            "1 for the backend's current state (up, down, drain, disabled)",
+            labels=[*labels, "state"],
+        )
+        b_weight = GaugeMetricFamily("l4lb_backend_weight", "Configured weight", labels=labels)
+        b_check_ok = GaugeMetricFamily(
+            "l4lb_check_success", "1 when the last health check passed", labels=labels
+        )
+        check_hist = HistogramMetricFamily(
+            "l4lb_check_duration_seconds", "Duration of active health checks", labels=labels
+        )
+        connect_hist = HistogramMetricFamily(
+            "l4lb_connect_duration_seconds", "Time to connect to the backend", labels=labels
+        )
+        for pool in snap.pools:
+            for be in pool.backends:
+                key = [pool.name, be.address]
+                b_total.add_metric(key, be.total)
+                b_active.add_metric(key, be.active)
+                b_bytes.add_metric([*key, "in"], be.bytes_in)
+                b_bytes.add_metric([*key, "out"], be.bytes_out)
+                b_fail.add_metric(key, be.connect_failures)
+                b_up.add_metric(key, 0 if be.state in ("down", "disabled") else 1)
+                for state in STATES:
+                    b_state.add_metric([*key, state], 1 if be.state == state else 0)
+                b_weight.add_metric(key, be.weight)
+                if be.check is not None:
+                    b_check_ok.add_metric(key, 1 if be.check.ok else 0)
+                if be.check_latency is not None:
+                    h = be.check_latency
+                    check_hist.add_metric(key, _buckets(h), h.sum)
+                if be.connect_latency is not None:
+                    h = be.connect_latency
+                    connect_hist.add_metric(key, _buckets(h), h.sum)
+        yield from (b_total, b_active, b_bytes, b_fail, b_up, b_state, b_weight, b_check_ok)
+        yield check_hist
+        yield connect_hist
+
+
+def make_registry(snapshot: Callable[[], Snapshot], process: bool = True) -> CollectorRegistry:
+    """A registry with the balancer's collector (and the process's CPU/memory/fds)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(BalancerCollector(snapshot))
+    if process:
+        ProcessCollector(registry=registry)
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The text exposition format served at ``GET /metrics``."""
+    return generate_latest(registry)

@@ -1,0 +1,52 @@
+"""Tell systemd how the service is doing (``sd_notify``), with a plain datagram socket.
+
+systemd passes ``NOTIFY_SOCKET`` to ``Type=notify`` services; we send ``READY=1`` once every
+listener is bound, ``RELOADING=1`` / ``READY=1`` around a reload and ``STOPPING=1`` when a
+graceful stop begins. Without ``NOTIFY_SOCKET`` every call does nothing, so the balancer runs
+the same under a shell, a container or systemd. No dependency on libsystemd.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+
+log = logging.getLogger("l4lb.systemd")
+
+
+def notify(state: str, environ: dict[str, str] | None = None) -> bool:
+    """Send ``state`` (e.g. ``"READY=1"``) to ``$NOTIFY_SOCKET``; True when it was sent.
+
+    An abstract socket is written ``@name`` in the variable (systemd's convention). A failure
+    to notify is logged, never raised: the balancer keeps serving either way.
+    """
+    env = os.environ if environ is None else environ
+    path = env.get("NOTIFY_SOCKET", "")
+    if not path:
+        return False
+    address = "\0" + path[1:] if path.startswith("@") else path
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as err:
+        log.warning("sd_notify to NOTIFY_SOCKET=%s failed: %s", path, err)
+        return False
+    return True
+
+
+def ready(status: str = "") -> bool:
+    """The balancer serves: every listener is bound."""
+    return notify("READY=1" + (f"\nSTATUS={status}" if status else ""))
+
+
+def reloading() -> bool:
+    """A reload starts (``Type=notify-reload`` wants the monotonic time with it)."""
+    usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    return notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
+
+
+def stopping() -> bool:
+    """A graceful stop begins: no new connections, the ones in flight may finish."""
+    return notify("STOPPING=1")
