@@ -1,0 +1,321 @@
+"""Read a TOML file into a validated :class:`~l4lb.config.schema.Config`, or report every error.
+
+msgspec stops at the first error, so the loader walks the schema itself: each value is converted
+with msgspec on its own (leaf types, ``Meta`` constraints, ``Literal`` choices), every problem is
+collected with its key path (``pools.web.backends[1].address``), and only a clean document is
+converted as a whole. Rules that span tables (a listener's pool exists, names and binds are unique)
+follow. The result is all the errors at once, each saying where and what would be valid.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from l4lb.config import schema
+
+__all__ = ["ConfigError", "ConfigIssue", "load_config", "parse_config"]
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    """One problem: the key path (``listeners[0].bind``, empty for the whole file) and a message."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``issues`` lists every problem found."""
+
+    def __init__(self, source: str, issues: list[ConfigIssue]) -> None:
+        self.source = source
+        self.issues = issues
+        n = len(issues)
+        lines = [f"{source}: {n} error{'s' if n != 1 else ''}"]
+        lines += [f"  {issue}" for issue in issues]
+        super().__init__("\n".join(lines))
+
+
+def load_config(path: str | os.PathLike[str]) -> schema.Config:
+    """Read and validate ``path``; raise :class:`ConfigError` naming the file on any problem."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(str(p), [ConfigIssue("", f"cannot read: {err.strerror}")]) from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(str(p), [ConfigIssue("", f"not UTF-8 text: {err}")]) from err
+    return parse_config(text, source=str(p), base_dir=p.parent)
+
+
+def parse_config(
+    text: str, *, source: str = "<config>", base_dir: Path | None = None
+) -> schema.Config:
+    """Validate TOML ``text``. Relative file paths are resolved against ``base_dir``."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(source, [ConfigIssue("", f"TOML syntax error: {err}")]) from err
+    issues: list[ConfigIssue] = []
+    _walk(raw, schema.Config, "", issues)
+    if issues:
+        raise ConfigError(source, issues)
+    config = msgspec.convert(raw, schema.Config)
+    config = _resolve_paths(config, base_dir)
+    issues += _cross_checks(config)
+    if issues:
+        raise ConfigError(source, issues)
+    return config
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _type_name(value: object) -> str:
+    return {
+        dict: "a table",
+        list: "an array",
+        str: "a string",
+        int: "an integer",
+        float: "a float",
+        bool: "a boolean",
+    }.get(type(value), type(value).__name__)
+
+
+def _unwrap(tp: Any) -> tuple[Any, list[msgspec.Meta]]:
+    """Strip ``Annotated`` (keeping its Metas) and ``| None`` when the value is not None."""
+    metas: list[msgspec.Meta] = []
+    while typing.get_origin(tp) is typing.Annotated:
+        args = typing.get_args(tp)
+        metas += [m for m in args[1:] if isinstance(m, msgspec.Meta)]
+        tp = args[0]
+    return tp, metas
+
+
+def _is_struct(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, msgspec.Struct)
+
+
+def _msgspec_issue(path: str, err: msgspec.ValidationError) -> ConfigIssue:
+    message, _, where = str(err).rpartition(" - at `$")
+    if not message:
+        return ConfigIssue(path, str(err))
+    sub = where.rstrip("`")
+    full = (path + sub) if path else sub.lstrip(".")
+    return ConfigIssue(full, message)
+
+
+def _walk(value: Any, tp: Any, path: str, issues: list[ConfigIssue]) -> None:
+    inner, metas = _unwrap(tp)
+    origin = typing.get_origin(inner)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(inner) if a is not type(None)]
+        if value is None:
+            _leaf(value, tp, path, issues, metas)
+            return
+        if len(options) == 1:
+            _walk(value, options[0], path, issues)
+            return
+    if _is_struct(inner):
+        _walk_struct(value, inner, path, issues)
+        return
+    if origin in (tuple, list) and not any(m.min_length or m.max_length for m in metas):
+        _walk_array(value, inner, path, issues)
+        return
+    if origin in (tuple, list):
+        before = len(issues)
+        _walk_array(value, inner, path, issues)
+        if len(issues) == before:
+            _leaf(value, tp, path, issues, metas)
+        return
+    if origin is dict:
+        if not isinstance(value, dict):
+            issues.append(ConfigIssue(path, f"expected a table, got {_type_name(value)}"))
+            return
+        key_type, value_type = typing.get_args(inner)
+        for key, item in value.items():
+            _leaf(key, key_type, _join(path, key), issues, _unwrap(key_type)[1], what="name")
+            _walk(item, value_type, _join(path, key), issues)
+        return
+    _leaf(value, tp, path, issues, metas)
+
+
+def _walk_array(value: Any, tp: Any, path: str, issues: list[ConfigIssue]) -> None:
+    if not isinstance(value, list):
+        issues.append(ConfigIssue(path, f"expected an array, got {_type_name(value)}"))
+        return
+    args = typing.get_args(tp)
+    item_type = args[0]
+    for i, item in enumerate(value):
+        _walk(item, item_type, f"{path}[{i}]", issues)
+
+
+def _walk_struct(
+    value: Any, tp: type[msgspec.Struct], path: str, issues: list[ConfigIssue]
+) -> None:
+    if not isinstance(value, dict):
+        issues.append(ConfigIssue(path, f"expected a table, got {_type_name(value)}"))
+        return
+    fields = {f.encode_name: f for f in msgspec.structs.fields(tp)}
+    before = len(issues)
+    for key in value:
+        if key not in fields:
+            near = difflib.get_close_matches(key, fields, n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            issues.append(
+                ConfigIssue(
+                    _join(path, key), f"unknown key; {hint}valid keys here: {', '.join(fields)}"
+                )
+            )
+    for name, field in fields.items():
+        if name not in value:
+            if field.required:
+                issues.append(ConfigIssue(_join(path, name), "missing (this key is required)"))
+            continue
+        _walk(value[name], field.type, _join(path, name), issues)
+    if len(issues) == before:
+        try:
+            msgspec.convert(value, tp)
+        except msgspec.ValidationError as err:
+            issues.append(_msgspec_issue(path, err))
+
+
+def _leaf(
+    value: Any,
+    tp: Any,
+    path: str,
+    issues: list[ConfigIssue],
+    metas: list[msgspec.Meta],
+    what: str = "value",
+) -> None:
+    try:
+        msgspec.convert(value, tp)
+    except msgspec.ValidationError as err:
+        issues.append(ConfigIssue(path, _leaf_message(value, tp, metas, str(err), what)))
+        return
+    for meta in metas:
+        check = (meta.extra or {}).get("check")
+        if check is not None and value is not None:
+            try:
+                schema.CHECKS[check](value)
+            except ValueError as err:
+                issues.append(ConfigIssue(path, str(err)))
+
+
+def _literal_choices(tp: Any) -> list[Any]:
+    inner, _ = _unwrap(tp)
+    if typing.get_origin(inner) is typing.Literal:
+        return list(typing.get_args(inner))
+    if typing.get_origin(inner) in (typing.Union, types.UnionType):
+        out: list[Any] = []
+        for arg in typing.get_args(inner):
+            out += _literal_choices(arg)
+        return out
+    return []
+
+
+def _leaf_message(value: Any, tp: Any, metas: list[msgspec.Meta], raw: str, what: str) -> str:
+    choices = _literal_choices(tp)
+    if choices:
+        listed = ", ".join(repr(c) for c in choices)
+        return f"invalid {what} {value!r}: expected one of {listed}"
+    message = raw.rpartition(" - at `")[0] or raw
+    descriptions = [m.description for m in metas if m.description]
+    if descriptions:
+        return f"invalid {what} {value!r}: expected {descriptions[0]}"
+    return f"invalid {what} {value!r}: {message}"
+
+
+def _resolve_paths(config: schema.Config, base_dir: Path | None) -> schema.Config:
+    if base_dir is None:
+        return config
+
+    def resolve(p: str) -> str:
+        return p if os.path.isabs(p) else str((base_dir / p).resolve())
+
+    listeners = tuple(
+        msgspec.structs.replace(lst, deny_file=resolve(lst.deny_file))
+        if lst.deny_file is not None
+        else lst
+        for lst in config.listeners
+    )
+    log = config.log
+    if log.access not in ("stdout", "off"):
+        log = msgspec.structs.replace(log, access=resolve(log.access))
+    return msgspec.structs.replace(config, listeners=listeners, log=log)
+
+
+def _cross_checks(config: schema.Config) -> list[ConfigIssue]:
+    issues: list[ConfigIssue] = []
+    names: dict[str, int] = {}
+    binds: dict[tuple[str, int], int] = {}
+    pools = sorted(config.pools)
+    for i, lst in enumerate(config.listeners):
+        where = f"listeners[{i}]"
+        if lst.name in names:
+            issues.append(
+                ConfigIssue(
+                    f"{where}.name",
+                    f"duplicate name {lst.name!r} (also listeners[{names[lst.name]}])",
+                )
+            )
+        names.setdefault(lst.name, i)
+        addr = lst.bind_addr
+        if addr in binds:
+            issues.append(
+                ConfigIssue(
+                    f"{where}.bind", f"{lst.bind!r} is already bound by listeners[{binds[addr]}]"
+                )
+            )
+        binds.setdefault(addr, i)
+        if lst.pool not in config.pools:
+            valid = ", ".join(repr(p) for p in pools) or "none are defined"
+            issues.append(
+                ConfigIssue(f"{where}.pool", f"no pool {lst.pool!r}; defined pools: {valid}")
+            )
+        if lst.deny_file is not None and not os.path.isfile(lst.deny_file):
+            issues.append(ConfigIssue(f"{where}.deny_file", f"no such file: {lst.deny_file}"))
+    if config.admin is not None and config.admin.bind_addr in binds:
+        issues.append(ConfigIssue("admin.bind", f"{config.admin.bind!r} is also a listener's bind"))
+    for name, pool in config.pools.items():
+        seen: dict[tuple[str, int], int] = {}
+        for j, backend in enumerate(pool.backends):
+            where = f"pools.{name}.backends[{j}]"
+            addr = backend.addr
+            if addr in seen:
+                issues.append(
+                    ConfigIssue(
+                        f"{where}.address",
+                        f"duplicate backend {backend.address!r} (also backends[{seen[addr]}])",
+                    )
+                )
+            seen.setdefault(addr, j)
+            if pool.proxy_tlvs and backend.send_proxy in ("v1", "off"):
+                issues.append(
+                    ConfigIssue(
+                        f"{where}.send_proxy",
+                        f"{backend.send_proxy!r} cannot carry the pool's proxy_tlvs; "
+                        "use 'v2' or move this backend to a pool without proxy_tlvs",
+                    )
+                )
+        if pool.proxy_tlvs and pool.send_proxy != "v2":
+            issues.append(
+                ConfigIssue(
+                    f"pools.{name}.proxy_tlvs",
+                    f"TLVs need send_proxy = 'v2' (the pool sends {pool.send_proxy!r})",
+                )
+            )
+    return issues

@@ -1,0 +1,261 @@
+"""The configuration file's schema: frozen msgspec Structs, one per TOML table.
+
+Unknown keys are errors (``forbid_unknown_fields``). Values keep the text the operator wrote
+(``"3s"``, ``"10.0.0.0/8"``); each Struct offers compiled forms as properties (``*_s`` seconds,
+``*_addr`` tuples, ``*_nets`` networks). String values with their own small language are
+``Annotated`` with a ``check`` that :mod:`l4lb.config.loader` runs, so every error is reported with
+its key path. Cross-table rules (a listener's pool exists, unique names) live in the loader.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from l4lb.config import values
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+CHECKS: dict[str, Callable[[Any], object]] = {
+    "duration": values.parse_duration,
+    "hostport": values.parse_hostport,
+    "cidr": values.parse_cidr,
+    "rate": values.parse_rate,
+    "tlv": values.tlv_type,
+}
+"""Extra checks named in a type's ``Meta(extra={"check": ...})``: raise ``ValueError`` if bad."""
+
+Duration = Annotated[
+    str, Meta(description="a duration such as '250ms', '1.5s', '10m'", extra={"check": "duration"})
+]
+HostPort = Annotated[
+    str, Meta(description="IP:PORT, IPv6 as '[::1]:8443'", extra={"check": "hostport"})
+]
+Cidr = Annotated[str, Meta(description="a CIDR such as '10.0.0.0/8'", extra={"check": "cidr"})]
+Rate = Annotated[str, Meta(description="a rate such as '50/s' or '100/m'", extra={"check": "rate"})]
+TlvName = Annotated[
+    str | int,
+    Meta(description="a TLV name (unique_id, authority, ...) or number", extra={"check": "tlv"}),
+]
+Name = Annotated[
+    str,
+    Meta(
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="1-64 characters among letters, digits, '_', '.', '-'",
+    ),
+]
+PositiveInt = Annotated[int, Meta(ge=1)]
+
+ProxyVersion = Literal["off", "v1", "v2"]
+Balance = Literal["roundrobin", "leastconn", "random2", "maglev"]
+ProxyTlv = Literal["unique_id", "authority", "alpn", "crc32c", "noop"]
+AcceptProxy = Literal["off", "optional", "required"]
+CheckKind = Literal["tcp", "proxy-local", "http", "send-expect"]
+RelayKind = Literal["stream", "splice"]
+
+
+class _Table(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Base of every table: unknown keys rejected, values immutable."""
+
+
+class LogConfig(_Table, frozen=True):
+    """``[log]``: where the access log goes."""
+
+    access: str = "stdout"
+    """``"stdout"``, ``"off"``, or a file path (relative paths are relative to the config file)."""
+
+
+class AdminConfig(_Table, frozen=True):
+    """``[admin]``: the admin API / metrics / status page; only started if the table is present."""
+
+    bind: HostPort = "127.0.0.1:9100"
+    token: str | None = None
+    """Bearer token required for state-changing calls, if set."""
+
+    @property
+    def bind_addr(self) -> tuple[str, int]:
+        return values.parse_hostport(self.bind)
+
+
+class HealthConfig(_Table, frozen=True):
+    """``[pools.NAME.health]``: active health checks (issue 6)."""
+
+    check: CheckKind = "tcp"
+    interval: Duration = "2s"
+    timeout: Duration = "1s"
+    rise: PositiveInt = 2
+    fall: PositiveInt = 3
+    http_path: Annotated[str, Meta(pattern=r"^/", description="a path starting with '/'")] = "/"
+    send: str | None = None
+    expect: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.check == "send-expect" and (self.send is None or self.expect is None):
+            raise ValueError("check = 'send-expect' needs both 'send' and 'expect'")
+
+    @property
+    def interval_s(self) -> float:
+        return values.parse_duration(self.interval)
+
+    @property
+    def timeout_s(self) -> float:
+        return values.parse_duration(self.timeout)
+
+
+class BackendConfig(_Table, frozen=True):
+    """One entry of ``pools.NAME.backends``.
+
+    ``weight = 0`` is allowed: the backend stays configured (and health-checked) but receives no new
+    connections, like HAProxy's weight 0.
+    """
+
+    address: HostPort
+    weight: Annotated[int, Meta(ge=0, le=1000)] = 1
+    max_conns: PositiveInt | None = None
+    send_proxy: ProxyVersion | None = None
+    """Overrides the pool's ``send_proxy`` for this backend."""
+
+    @property
+    def addr(self) -> tuple[str, int]:
+        return values.parse_hostport(self.address)
+
+
+class PoolConfig(_Table, frozen=True):
+    """``[pools.NAME]``: backends and how connections reach them."""
+
+    backends: Annotated[tuple[BackendConfig, ...], Meta(min_length=1)]
+    balance: Balance = "roundrobin"
+    send_proxy: ProxyVersion = "v2"
+    proxy_tlvs: tuple[ProxyTlv, ...] = ()
+    tls_peek_timeout: Duration = "200ms"
+    connect_timeout: Duration = "3s"
+    idle_timeout: Duration = "10m"
+    retries: Annotated[int, Meta(ge=0, le=100)] = 2
+    health: HealthConfig | None = None
+
+    def __post_init__(self) -> None:
+        if len(set(self.proxy_tlvs)) != len(self.proxy_tlvs):
+            raise ValueError("proxy_tlvs: each TLV may appear only once")
+
+    def backend_proxy(self, backend: BackendConfig) -> ProxyVersion:
+        """The PROXY version sent to ``backend`` (its override, else the pool's)."""
+        return backend.send_proxy if backend.send_proxy is not None else self.send_proxy
+
+    @property
+    def connect_timeout_s(self) -> float:
+        return values.parse_duration(self.connect_timeout)
+
+    @property
+    def idle_timeout_s(self) -> float:
+        return values.parse_duration(self.idle_timeout)
+
+    @property
+    def tls_peek_timeout_s(self) -> float:
+        return values.parse_duration(self.tls_peek_timeout)
+
+    @property
+    def peeks_tls(self) -> bool:
+        """True when the header carries ClientHello data (the client's first bytes are awaited)."""
+        return "authority" in self.proxy_tlvs or "alpn" in self.proxy_tlvs
+
+
+class ListenerConfig(_Table, frozen=True):
+    """One ``[[listeners]]`` entry: where clients connect, and the trust policy (issue 4)."""
+
+    name: Name
+    bind: HostPort
+    pool: str
+    max_conns: PositiveInt = 10000
+    accept_proxy: AcceptProxy = "off"
+    trusted_proxies: tuple[Cidr, ...] = ()
+    proxy_header_timeout: Duration = "5s"
+    pass_tlvs: tuple[TlvName, ...] = ()
+    allow: tuple[Cidr, ...] = ()
+    """Empty means every client is allowed."""
+    deny: tuple[Cidr, ...] = ()
+    deny_file: str | None = None
+    """A file with one CIDR per line (``#`` comments); relative to the config file."""
+    max_conns_per_client: PositiveInt | None = None
+    new_conns_per_client: Rate | None = None
+    new_conns_burst: PositiveInt | None = None
+    """Token bucket size for ``new_conns_per_client``; default: one second's worth (at least 1)."""
+    client_v6_prefix: Annotated[int, Meta(ge=1, le=128)] = 64
+    max_pending_headers: PositiveInt = 1000
+
+    def __post_init__(self) -> None:
+        if self.accept_proxy != "off" and not self.trusted_proxies:
+            raise ValueError(
+                f"accept_proxy = {self.accept_proxy!r} needs a non-empty trusted_proxies list "
+                "(the upstreams allowed to send PROXY headers)"
+            )
+        if self.new_conns_burst is not None and self.new_conns_per_client is None:
+            raise ValueError("new_conns_burst needs new_conns_per_client")
+
+    @property
+    def bind_addr(self) -> tuple[str, int]:
+        return values.parse_hostport(self.bind)
+
+    @property
+    def trusted_nets(self) -> tuple[Network, ...]:
+        return tuple(values.parse_cidr(c) for c in self.trusted_proxies)
+
+    @property
+    def allow_nets(self) -> tuple[Network, ...]:
+        return tuple(values.parse_cidr(c) for c in self.allow)
+
+    @property
+    def deny_nets(self) -> tuple[Network, ...]:
+        return tuple(values.parse_cidr(c) for c in self.deny)
+
+    @property
+    def proxy_header_timeout_s(self) -> float:
+        return values.parse_duration(self.proxy_header_timeout)
+
+    @property
+    def pass_tlv_types(self) -> frozenset[int]:
+        return frozenset(values.tlv_type(t) for t in self.pass_tlvs)
+
+    @property
+    def new_conns_rate(self) -> float | None:
+        """New connections per second per client, or None for no limit."""
+        if self.new_conns_per_client is None:
+            return None
+        return values.parse_rate(self.new_conns_per_client)
+
+    @property
+    def new_conns_burst_size(self) -> int:
+        rate = self.new_conns_rate
+        if self.new_conns_burst is not None:
+            return self.new_conns_burst
+        return max(1, int(rate)) if rate is not None else 0
+
+
+def _default_workers() -> int:
+    return os.cpu_count() or 1
+
+
+class Config(_Table, frozen=True):
+    """The whole file."""
+
+    listeners: Annotated[tuple[ListenerConfig, ...], Meta(min_length=1)]
+    pools: dict[Name, PoolConfig]
+    workers: PositiveInt = msgspec.field(default_factory=_default_workers)
+    drain_timeout: Duration = "30s"
+    relay: RelayKind = "stream"
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+    admin: AdminConfig | None = None
+
+    @property
+    def drain_timeout_s(self) -> float:
+        return values.parse_duration(self.drain_timeout)
+
+    def listener(self, name: str) -> ListenerConfig:
+        for listener in self.listeners:
+            if listener.name == name:
+                return listener
+        raise KeyError(name)
