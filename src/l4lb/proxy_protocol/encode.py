@@ -1,0 +1,239 @@
+"""Building headers: ``encode`` for a ProxyHeader, ``build`` for the balancer's hot path."""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections.abc import Iterable, Sequence
+from socket import AF_INET, AF_INET6, inet_pton
+
+from l4lb.proxy_protocol.crc32c import crc32c as _crc32c
+from l4lb.proxy_protocol.errors import InvalidHeader, Reason
+from l4lb.proxy_protocol.model import (
+    ADDRESS_SIZES,
+    TLV,
+    Address,
+    Command,
+    Family,
+    ProxyHeader,
+    TLVType,
+    Transport,
+)
+from l4lb.proxy_protocol.tlv import TLVLike, encode_tlvs
+from l4lb.proxy_protocol.v2 import SIGNATURE
+
+_FIXED = struct.Struct("!12sBBH")
+_INET = struct.Struct("!4s4sHH")
+_INET6 = struct.Struct("!16s16sHH")
+_TCP4_HEAD = SIGNATURE + b"\x21\x11\x00\x0c"
+_TCP6_HEAD = SIGNATURE + b"\x21\x21\x00\x24"
+_CRC_PLACEHOLDER = b"\x03\x00\x04\x00\x00\x00\x00"
+_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
+_T_CRC = int(TLVType.CRC32C)
+
+_LOCAL_V2 = SIGNATURE + b"\x20\x00\x00\x00"
+_LOCAL_V1 = b"PROXY UNKNOWN\r\n"
+
+_CACHE_MAX = 4096
+_packed_cache: dict[str, tuple[int, bytes]] = {}
+
+
+def local_header(version: int = 2) -> bytes:
+    """A header that says "no client address": v2 LOCAL, or v1 ``PROXY UNKNOWN``."""
+    return _LOCAL_V1 if version == 1 else _LOCAL_V2
+
+
+def _pack_host(host: str) -> tuple[int, bytes]:
+    """(4 or 6, packed address) for socket-style host text, cached (listener addresses repeat)."""
+    hit = _packed_cache.get(host)
+    if hit is not None:
+        return hit
+    try:
+        if ":" in host:
+            result = (6, inet_pton(AF_INET6, host.split("%", 1)[0]))
+        else:
+            result = (4, inet_pton(AF_INET, host))
+    except (OSError, ValueError, TypeError) as err:
+        raise InvalidHeader(Reason.UNENCODABLE, f"{host!r} is not an IP address") from err
+    if len(_packed_cache) >= _CACHE_MAX:
+        _packed_cache.clear()
+    _packed_cache[host] = result
+    return result
+
+
+def _v6_text(host: str, packed: bytes) -> str:
+    if "%" in host or "." in host:
+        return ipaddress.IPv6Address(packed).compressed
+    return host
+
+
+def _check_port(port: int) -> None:
+    if not (type(port) is int and 0 <= port <= 65535):
+        raise InvalidHeader(Reason.UNENCODABLE, f"port {port!r} is not an integer 0-65535")
+
+
+def build(
+    version: int,
+    source: Address,
+    destination: Address,
+    *,
+    tlvs: Sequence[TLVLike] = (),
+    crc32c: bool = False,
+) -> bytes:
+    """A PROXY header for a TCP connection from ``source`` to ``destination``.
+
+    The per-connection fast path: ``(host, port)`` as sockets give them (``getpeername()[:2]``).
+    Both IPv4 gives TCP4, both IPv6 gives TCP6; a mix (IPv4 client on an IPv6 listener) sends
+    TCP6 with the IPv4 side as ``::ffff:a.b.c.d``. v1 ignores ``tlvs`` and ``crc32c`` is v2 only.
+    """
+    shost, sport = source[0], source[1]
+    dhost, dport = destination[0], destination[1]
+    sfam, spacked = _pack_host(shost)
+    dfam, dpacked = _pack_host(dhost)
+    if not (type(sport) is int and 0 <= sport <= 65535):
+        _check_port(sport)
+    if not (type(dport) is int and 0 <= dport <= 65535):
+        _check_port(dport)
+    if version == 1:
+        if tlvs:
+            raise InvalidHeader(Reason.UNENCODABLE, "v1 headers cannot carry TLVs")
+        if sfam == dfam == 4:
+            return b"PROXY TCP4 %s %s %d %d\r\n" % (
+                shost.encode(),
+                dhost.encode(),
+                sport,
+                dport,
+            )
+        s = _v6_text(shost, spacked) if sfam == 6 else "::ffff:" + shost
+        d = _v6_text(dhost, dpacked) if dfam == 6 else "::ffff:" + dhost
+        return b"PROXY TCP6 %s %s %d %d\r\n" % (s.encode(), d.encode(), sport, dport)
+    if version != 2:
+        raise InvalidHeader(Reason.UNENCODABLE, f"version {version!r} is not 1 or 2")
+    if sfam == dfam == 4:
+        if not tlvs and not crc32c:
+            return _TCP4_HEAD + _INET.pack(spacked, dpacked, sport, dport)
+        addr = _INET.pack(spacked, dpacked, sport, dport)
+        fam = 0x11
+    else:
+        if sfam == 4:
+            spacked = _V4_MAPPED + spacked
+        if dfam == 4:
+            dpacked = _V4_MAPPED + dpacked
+        if not tlvs and not crc32c:
+            return _TCP6_HEAD + _INET6.pack(spacked, dpacked, sport, dport)
+        addr = _INET6.pack(spacked, dpacked, sport, dport)
+        fam = 0x21
+    return _assemble(0x21, fam, addr, tlvs, crc32c)
+
+
+def _assemble(ver_cmd: int, fam: int, addr: bytes, tlvs: Iterable[TLVLike], crc: bool) -> bytes:
+    """Fixed part + addresses + TLVs, with any CRC32C TLV (re)computed."""
+    items = list(tlvs)
+    has_crc = any((t.type if isinstance(t, TLV) else t[0]) == _T_CRC for t in items)
+    if crc and not has_crc:
+        items.append((_T_CRC, b"\0\0\0\0"))
+        has_crc = True
+    body = addr + encode_tlvs(items)
+    if len(body) > 0xFFFF:
+        raise InvalidHeader(Reason.UNENCODABLE, f"v2 header body is {len(body)} bytes, max 65535")
+    out = bytearray(_FIXED.pack(SIGNATURE, ver_cmd, fam, len(body)) + body)
+    if has_crc:
+        # Locate the CRC TLV by walking the records; zero it, checksum everything, patch it in.
+        pos = 16 + len(addr)
+        end = len(out)
+        while pos + 3 <= end:
+            t = out[pos]
+            length = (out[pos + 1] << 8) | out[pos + 2]
+            if t == _T_CRC:
+                if length != 4:
+                    raise InvalidHeader(Reason.UNENCODABLE, "a CRC32C TLV value must be 4 bytes")
+                out[pos + 3 : pos + 7] = b"\0\0\0\0"
+                out[pos + 3 : pos + 7] = _crc32c(out).to_bytes(4, "big")
+                break
+            pos += 3 + length
+    return bytes(out)
+
+
+def encode(header: ProxyHeader, *, crc32c: bool = False) -> bytes:
+    """The wire form of ``header``: v1 text when ``header.version == 1``, else v2 binary.
+
+    A CRC32C TLV already in ``header.tlvs`` is always recomputed; ``crc32c=True`` adds one when
+    absent. Raises InvalidHeader (reason ``unencodable``) for a header that cannot be written.
+    """
+    if header.version == 1:
+        return _encode_v1(header)
+    if header.version != 2:
+        raise InvalidHeader(Reason.UNENCODABLE, f"version {header.version!r} is not 1 or 2")
+    return _encode_v2(header, crc32c)
+
+
+def _encode_v1(h: ProxyHeader) -> bytes:
+    if h.tlvs:
+        raise InvalidHeader(Reason.UNENCODABLE, "v1 headers cannot carry TLVs")
+    if h.command is Command.LOCAL or h.family is Family.UNSPEC:
+        return _LOCAL_V1
+    if h.family not in (Family.INET, Family.INET6) or h.transport is not Transport.STREAM:
+        raise InvalidHeader(
+            Reason.UNENCODABLE, f"v1 carries only TCP over IPv4/IPv6, not {h.family.name}"
+        )
+    src, dst = _ip_pair(h)
+    want = 4 if h.family is Family.INET else 6
+    parts = []
+    for host, port in (src, dst):
+        fam, packed = _pack_host(host)
+        if fam != want:
+            raise InvalidHeader(Reason.UNENCODABLE, f"{host!r} does not match {h.family.name}")
+        parts.append(host if fam == 4 else _v6_text(host, packed))
+        _check_port(port)
+    proto = b"TCP4" if want == 4 else b"TCP6"
+    return b"PROXY %s %s %s %d %d\r\n" % (
+        proto,
+        parts[0].encode(),
+        parts[1].encode(),
+        src[1],
+        dst[1],
+    )
+
+
+def _ip_pair(h: ProxyHeader) -> tuple[Address, Address]:
+    src, dst = h.source, h.destination
+    if not (isinstance(src, tuple) and isinstance(dst, tuple)):
+        raise InvalidHeader(
+            Reason.UNENCODABLE, f"{h.family.name} needs (host, port) source and destination"
+        )
+    return src, dst
+
+
+def _unix_bytes(path: object) -> bytes:
+    if not isinstance(path, str):
+        raise InvalidHeader(Reason.UNENCODABLE, "UNIX source and destination must be str paths")
+    raw = path.encode("utf-8", "surrogateescape")
+    if len(raw) > 108:
+        raise InvalidHeader(Reason.UNENCODABLE, f"UNIX path is {len(raw)} bytes, max 108")
+    return raw.ljust(108, b"\0")
+
+
+def _encode_v2(h: ProxyHeader, crc: bool) -> bytes:
+    fam = (int(h.family) << 4) | int(h.transport)
+    size = ADDRESS_SIZES.get(fam)
+    if size is None:
+        raise InvalidHeader(
+            Reason.UNENCODABLE, f"{h.family.name}/{h.transport.name} is not a valid v2 combination"
+        )
+    if h.command is Command.LOCAL or h.family is Family.UNSPEC:
+        addr = b"\0" * size  # LOCAL: a dummy block so TLVs sit where the family says
+    elif h.family is Family.UNIX:
+        addr = _unix_bytes(h.source) + _unix_bytes(h.destination)
+    else:
+        src, dst = _ip_pair(h)
+        want = 4 if h.family is Family.INET else 6
+        packed = []
+        for host, port in (src, dst):
+            fam_, p = _pack_host(host)
+            if fam_ != want:
+                raise InvalidHeader(Reason.UNENCODABLE, f"{host!r} does not match {h.family.name}")
+            _check_port(port)
+            packed.append(p)
+        st = _INET if want == 4 else _INET6
+        addr = st.pack(packed[0], packed[1], src[1], dst[1])
+    return _assemble(0x20 | int(h.command), fam, addr, h.tlvs, crc)

@@ -1,0 +1,119 @@
+"""TLV records of v2 headers: bounds-checked parsing, the SSL sub-TLVs, CRC32C, and encoding."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+
+from l4lb.proxy_protocol.crc32c import crc32c
+from l4lb.proxy_protocol.errors import InvalidHeader, Reason
+from l4lb.proxy_protocol.model import TLV, SSLInfo, TLVType
+
+_TL = struct.Struct("!BH")
+_SSL_HEAD = struct.Struct("!BI")
+_CRC = struct.Struct("!I")
+
+MAX_UNIQUE_ID = 128
+_T_CRC32C = int(TLVType.CRC32C)
+_T_UNIQUE_ID = int(TLVType.UNIQUE_ID)
+_T_SSL = int(TLVType.SSL)
+
+TLVLike = TLV | tuple[int, bytes]
+
+
+def parse_ssl(value: bytes) -> SSLInfo:
+    """The PP2_TYPE_SSL value: 1-byte client bits, 4-byte verify, then bounds-checked sub-TLVs."""
+    n = len(value)
+    if n < 5:
+        raise InvalidHeader(Reason.BAD_SSL_TLV, f"SSL TLV is {n} bytes, needs at least 5")
+    client, verify = _SSL_HEAD.unpack_from(value, 0)
+    subs: list[TLV] = []
+    pos = 5
+    while pos < n:
+        if pos + 3 > n:
+            raise InvalidHeader(
+                Reason.BAD_SSL_TLV, f"SSL sub-TLV header at offset {pos} runs past the SSL TLV"
+            )
+        t, length = _TL.unpack_from(value, pos)
+        pos += 3
+        if pos + length > n:
+            raise InvalidHeader(
+                Reason.BAD_SSL_TLV,
+                f"SSL sub-TLV 0x{t:02X} of {length} bytes runs past the SSL TLV ({n} bytes)",
+            )
+        subs.append(TLV(t, value[pos : pos + length]))
+        pos += length
+    return SSLInfo(client, verify, tuple(subs))
+
+
+def parse_tlvs(
+    data: bytes, start: int, end: int, max_tlvs: int, *, local: bool = False
+) -> tuple[TLV, ...]:
+    """The TLVs in ``data[start:end]`` (``end`` is the header's end), checked and verified.
+
+    Every record must fit and the last must end exactly at ``end``. A CRC32C TLV is verified
+    over ``data[:end]`` with its value zeroed (spec 2.2.3).
+    """
+    tlvs: list[TLV] = []
+    crc_at = -1
+    pos = start
+    while pos < end:
+        if pos + 3 > end:
+            raise InvalidHeader(
+                Reason.TLV_OVERFLOW,
+                f"{end - pos} stray byte(s) at offset {pos}: a TLV needs at least 3",
+            )
+        t, length = _TL.unpack_from(data, pos)
+        vstart = pos + 3
+        pos = vstart + length
+        if pos > end:
+            raise InvalidHeader(
+                Reason.TLV_OVERFLOW,
+                f"TLV 0x{t:02X} at offset {vstart - 3} declares {length} bytes, "
+                f"only {end - vstart} left in the header",
+            )
+        if len(tlvs) >= max_tlvs:
+            raise InvalidHeader(Reason.TLV_TOO_MANY, f"more than {max_tlvs} TLVs")
+        value = data[vstart:pos]
+        if t == _T_CRC32C:
+            if length != 4:
+                raise InvalidHeader(Reason.BAD_TLV, f"CRC32C TLV is {length} bytes, must be 4")
+            if crc_at >= 0:
+                raise InvalidHeader(Reason.BAD_TLV, "more than one CRC32C TLV")
+            crc_at = vstart
+        elif t == _T_UNIQUE_ID:
+            if length > MAX_UNIQUE_ID:
+                raise InvalidHeader(
+                    Reason.UNIQUE_ID_TOO_LONG, f"UNIQUE_ID is {length} bytes, at most 128"
+                )
+        elif t == _T_SSL:
+            parse_ssl(value)
+        tlvs.append(TLV(t, value))
+    if crc_at >= 0:
+        verify_crc(data, crc_at, end)
+    return tuple(tlvs)
+
+
+def verify_crc(data: bytes, crc_at: int, end: int) -> None:
+    """Check the CRC32C stored at ``data[crc_at:crc_at+4]`` against ``data[:end]``."""
+    (expected,) = _CRC.unpack_from(data, crc_at)
+    actual = crc32c(data[crc_at + 4 : end], crc32c(b"\0\0\0\0", crc32c(data[:crc_at])))
+    if actual != expected:
+        raise InvalidHeader(
+            Reason.CRC_MISMATCH,
+            f"CRC32C is 0x{expected:08X} in the header but 0x{actual:08X} computed",
+        )
+
+
+def encode_tlvs(tlvs: Iterable[TLVLike]) -> bytes:
+    """The wire form of ``tlvs`` (TLV records or ``(type, value)`` pairs)."""
+    out = bytearray()
+    for item in tlvs:
+        t, value = (item.type, item.value) if isinstance(item, TLV) else item
+        if not 0 <= t <= 0xFF:
+            raise InvalidHeader(Reason.UNENCODABLE, f"TLV type {t} is not a byte")
+        if len(value) > 0xFFFF:
+            raise InvalidHeader(Reason.UNENCODABLE, f"TLV 0x{t:02X} value exceeds 65535 bytes")
+        out += _TL.pack(t, len(value))
+        out += value
+    return bytes(out)

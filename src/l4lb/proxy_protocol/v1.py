@@ -1,0 +1,143 @@
+"""Version 1 (text) headers: ``PROXY <TCP4|TCP6|UNKNOWN> <src> <dst> <sport> <dport>\\r\\n``.
+
+Strict as HAProxy: at most 107 bytes with the CRLF, exactly one space between fields, upper-case
+protocol, addresses in the family's own text form (no leading zeros, no zone ids), ports as
+ASCII digits 0-65535 without sign or leading zero.
+"""
+
+from __future__ import annotations
+
+from socket import AF_INET, AF_INET6, inet_ntop, inet_pton
+
+from l4lb.proxy_protocol.errors import IncompleteHeader, InvalidHeader, Reason
+from l4lb.proxy_protocol.model import Command, Family, ProxyHeader, Transport
+from l4lb.proxy_protocol.options import ParseOptions
+from l4lb.proxy_protocol.v2 import ipv6_text
+
+SIGNATURE = b"PROXY"
+MAX_LENGTH = 107  # "PROXY UNKNOWN ffff:...:ffff ffff:...:ffff 65535 65535\r\n"
+
+_PROXY = Command.PROXY
+_INET = Family.INET
+_INET6 = Family.INET6
+_STREAM = Transport.STREAM
+_UNKNOWN_HEADER_CACHE: dict[int, ProxyHeader] = {}
+
+
+def scan(data: bytes | bytearray, start: int = 0) -> int | None:
+    """Scan ``data[start:]`` of a v1 header for its end; the header length once the CRLF is in.
+
+    Raises InvalidHeader for a lone CR or LF, a bad 6th byte, or 107 bytes without a CRLF.
+    ``start`` lets an incremental reader scan only the bytes it has not seen (it must be a
+    position already scanned, or 0).
+    """
+    n = len(data)
+    if start <= 5 < n and data[5] != 0x20:
+        raise InvalidHeader(Reason.BAD_SIGNATURE, "'PROXY' must be followed by one space")
+    window = min(n, MAX_LENGTH)
+    lo = max(start - 1, 0)
+    end = data.find(b"\r\n", lo, window)
+    stop = window if end < 0 else end
+    if data.find(b"\n", lo, stop) >= 0:
+        raise InvalidHeader(Reason.BAD_CRLF, "line feed without a carriage return before it")
+    cr = data.find(b"\r", lo, stop)
+    if 0 <= cr < (stop if end >= 0 else window - 1):
+        raise InvalidHeader(Reason.BAD_CRLF, "carriage return not followed by a line feed")
+    if end >= 0:
+        return end + 2
+    if n >= MAX_LENGTH:
+        raise InvalidHeader(
+            Reason.TOO_LONG, f"no CRLF within the first {MAX_LENGTH} bytes of a v1 header"
+        )
+    return None
+
+
+def v1_line_length(peeked: bytes | bytearray) -> int | None:
+    """The length of the v1 header (CRLF included) at the start of ``peeked``, or None.
+
+    For readers that ``MSG_PEEK`` a socket: a v1 header's end cannot be known before its CRLF,
+    so peek, call this, and ``recv`` exactly the returned number of bytes. Raises
+    InvalidHeader when the peeked bytes can no longer become a valid line (e.g. 107 bytes and
+    no CRLF).
+    """
+    return scan(peeked)
+
+
+def _port(raw: bytes) -> int:
+    if not (0 < len(raw) <= 5 and raw.isdigit()) or (raw[0] == 0x30 and len(raw) > 1):
+        raise InvalidHeader(
+            Reason.BAD_PORT, f"port {raw!r} is not a decimal 0-65535 without leading zero"
+        )
+    port = int(raw)
+    if port > 65535:
+        raise InvalidHeader(Reason.BAD_PORT, f"port {port} is above 65535")
+    return port
+
+
+def _ipv4(raw: bytes) -> str:
+    try:
+        text = raw.decode("ascii")
+        inet_pton(AF_INET, text)  # glibc's is strict: 4 decimal parts, no leading zeros
+    except (UnicodeDecodeError, OSError, ValueError) as err:
+        raise InvalidHeader(Reason.BAD_ADDRESS, f"{raw!r} is not an IPv4 address") from err
+    return text
+
+
+def _ipv6(raw: bytes, options: ParseOptions) -> str:
+    try:
+        packed = inet_pton(AF_INET6, raw.decode("ascii"))  # no zone ids ('%') accepted
+    except (UnicodeDecodeError, OSError, ValueError) as err:
+        if options.allow_ipv4_in_tcp6 and b":" not in raw:
+            v4 = _ipv4(raw)
+            return ipv6_text(b"\0" * 10 + b"\xff\xff" + inet_pton(AF_INET, v4))
+        raise InvalidHeader(Reason.BAD_ADDRESS, f"{raw!r} is not an IPv6 address") from err
+    text = inet_ntop(AF_INET6, packed)
+    if "." in text:
+        return ipv6_text(packed)
+    return text
+
+
+def parse_line(line: bytes, options: ParseOptions) -> ProxyHeader:
+    """The header from one complete line (``PROXY ... \\r\\n``, already scanned)."""
+    parts = line[6:-2].split(b" ")
+    proto = parts[0]
+    if len(parts) == 5:
+        if proto == b"TCP4":
+            return ProxyHeader(
+                1,
+                _PROXY,
+                _INET,
+                _STREAM,
+                (_ipv4(parts[1]), _port(parts[3])),
+                (_ipv4(parts[2]), _port(parts[4])),
+            )
+        if proto == b"TCP6":
+            return ProxyHeader(
+                1,
+                _PROXY,
+                _INET6,
+                _STREAM,
+                (_ipv6(parts[1], options), _port(parts[3])),
+                (_ipv6(parts[2], options), _port(parts[4])),
+            )
+    if proto == b"UNKNOWN":
+        if len(parts) > 1 and not options.allow_v1_unknown_long:
+            raise InvalidHeader(
+                Reason.BAD_SYNTAX, "addresses after UNKNOWN are not allowed by the options"
+            )
+        return ProxyHeader(1, _PROXY, Family.UNSPEC, Transport.UNSPEC, None, None)
+    if proto in (b"TCP4", b"TCP6"):
+        raise InvalidHeader(
+            Reason.BAD_SYNTAX,
+            f"{proto.decode()} needs 4 fields after it separated by exactly one space, "
+            f"got {len(parts) - 1}",
+        )
+    raise InvalidHeader(Reason.BAD_FAMILY, f"protocol {proto[:16]!r} is not TCP4, TCP6 or UNKNOWN")
+
+
+def parse_v1(data: bytes, options: ParseOptions) -> tuple[ProxyHeader, int]:
+    """The v1 header at the start of ``data`` (which starts with ``PROXY``)."""
+    length = scan(data)
+    if length is None:
+        raise IncompleteHeader(f"v1 header has no CRLF yet ({len(data)} bytes)")
+    return parse_line(bytes(data[:length]), options), length

@@ -1,0 +1,140 @@
+"""Version 2 (binary) headers: 12-byte signature, ver/cmd, fam/proto, length, addresses, TLVs."""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from socket import AF_INET, AF_INET6, inet_ntop
+
+from l4lb.proxy_protocol.errors import IncompleteHeader, InvalidHeader, Reason
+from l4lb.proxy_protocol.model import ADDRESS_SIZES, Command, Family, ProxyHeader, Transport
+from l4lb.proxy_protocol.options import ParseOptions
+from l4lb.proxy_protocol.tlv import parse_tlvs
+
+SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+FIXED = 16
+
+_LEN = struct.Struct("!H")
+_INET = struct.Struct("!4s4sHH")
+_INET6 = struct.Struct("!16s16sHH")
+
+_COMMANDS = (Command.LOCAL, Command.PROXY)
+_FAMILIES = {k: (Family(k >> 4), Transport(k & 0xF)) for k in ADDRESS_SIZES}
+_PROXY_CMD = Command.PROXY
+_INET_STREAM = (Family.INET, Transport.STREAM)
+_INET6_STREAM = (Family.INET6, Transport.STREAM)
+
+
+def ipv6_text(packed: bytes) -> str:
+    """Canonical IPv6 text: ``ipaddress``'s compressed form (inet_ntop where they agree)."""
+    text = inet_ntop(AF_INET6, packed)
+    if "." in text:  # inet_ntop writes v4-mapped/compatible as dotted quads; ipaddress does not
+        return ipaddress.IPv6Address(packed).compressed
+    return text
+
+
+def check_prefix(data: bytes | bytearray, max_size: int) -> int | None:
+    """Validate what is present of the 16-byte fixed part; the total length once known.
+
+    Assumes the 12-byte signature already matched. Raises InvalidHeader as soon as a present
+    byte is wrong, so a reader rejects a bad header without waiting for the rest.
+    """
+    n = len(data)
+    if n > 12:
+        vc = data[12]
+        if vc >> 4 != 2:
+            raise InvalidHeader(Reason.BAD_VERSION, f"version nibble is {vc >> 4}, must be 2")
+        if vc & 0xF > 1:
+            raise InvalidHeader(
+                Reason.BAD_COMMAND, f"command is 0x{vc & 0xF:X}, must be LOCAL (0) or PROXY (1)"
+            )
+        if n > 13 and data[13] not in ADDRESS_SIZES:
+            raise InvalidHeader(
+                Reason.BAD_FAMILY,
+                f"family/transport byte is 0x{data[13]:02X}; valid: 00 11 12 21 22 31 32",
+            )
+    if n < FIXED:
+        return None
+    total = FIXED + ((data[14] << 8) | data[15])
+    if total > max_size:
+        raise InvalidHeader(
+            Reason.TOO_LONG, f"v2 header is {total} bytes, larger than the {max_size} allowed"
+        )
+    return total
+
+
+def parse_v2(data: bytes, options: ParseOptions) -> tuple[ProxyHeader, int]:
+    """The v2 header at the start of ``data`` (whose first 12 bytes are the signature)."""
+    total = check_prefix(data, options.max_v2_size)
+    if total is None or len(data) < total:
+        raise IncompleteHeader(f"v2 header needs {total or FIXED} bytes, have {len(data)}")
+    fam = data[13]
+    addr_len = ADDRESS_SIZES[fam]
+    command = _COMMANDS[data[12] & 1]
+    body = total - FIXED
+    if body < addr_len:
+        if command is not _PROXY_CMD:
+            # LOCAL: addresses are to be ignored; a short block carries nothing we can use.
+            family, transport = _FAMILIES[fam]
+            return ProxyHeader(2, command, family, transport, None, None, ()), total
+        raise InvalidHeader(
+            Reason.BAD_ADDRESS,
+            f"address block is {body} bytes, family 0x{fam:02X} needs {addr_len}",
+        )
+    start = FIXED + addr_len
+    tlvs = () if start == total else parse_tlvs(data, start, total, options.max_tlvs)
+    if command is _PROXY_CMD:
+        if fam == 0x11:
+            s, d, sp, dp = _INET.unpack_from(data, FIXED)
+            return ProxyHeader(
+                2,
+                command,
+                Family.INET,
+                Transport.STREAM,
+                (inet_ntop(AF_INET, s), sp),
+                (inet_ntop(AF_INET, d), dp),
+                tlvs,
+            ), total
+        if fam == 0x21:
+            s, d, sp, dp = _INET6.unpack_from(data, FIXED)
+            return ProxyHeader(
+                2,
+                command,
+                Family.INET6,
+                Transport.STREAM,
+                (ipv6_text(s), sp),
+                (ipv6_text(d), dp),
+                tlvs,
+            ), total
+        family, transport = _FAMILIES[fam]
+        if family is Family.INET:
+            s, d, sp, dp = _INET.unpack_from(data, FIXED)
+            return ProxyHeader(
+                2,
+                command,
+                family,
+                transport,
+                (inet_ntop(AF_INET, s), sp),
+                (inet_ntop(AF_INET, d), dp),
+                tlvs,
+            ), total
+        if family is Family.INET6:
+            s, d, sp, dp = _INET6.unpack_from(data, FIXED)
+            return ProxyHeader(
+                2, command, family, transport, (ipv6_text(s), sp), (ipv6_text(d), dp), tlvs
+            ), total
+        if family is Family.UNIX:
+            src = unix_path(data[FIXED : FIXED + 108])
+            dst = unix_path(data[FIXED + 108 : FIXED + 216])
+            return ProxyHeader(2, command, family, transport, src, dst, tlvs), total
+        return ProxyHeader(2, command, family, transport, None, None, tlvs), total
+    family, transport = _FAMILIES[fam]
+    return ProxyHeader(2, command, family, transport, None, None, tlvs), total
+
+
+def unix_path(raw: bytes) -> str:
+    """A 108-byte sun_path as text; abstract names keep their leading NUL."""
+    if raw[:1] == b"\0":
+        name = raw[1:].rstrip(b"\0")
+        return "\0" + name.decode("utf-8", "surrogateescape") if name else ""
+    return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
