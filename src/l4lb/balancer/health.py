@@ -1,0 +1,382 @@
+"""Active and passive health checks: which backends may take new connections.
+
+One asyncio task per pool probes every backend of the pool each ``interval`` (concurrently,
+each probe bounded by ``timeout``). ``rise`` consecutive successes bring a backend up, ``fall``
+consecutive failures take it down; connect failures reported by the relay count the same way,
+so a dead backend is taken out before the next active check (passive checking).
+
+Probes live in one registry by name (``check = "tcp"`` looks up :data:`PROBES`):
+
+- ``tcp``: a TCP connection is accepted.
+- ``proxy-local``: a TCP connection, then a PROXY v2 ``LOCAL`` header (HAProxy's
+  ``check-send-proxy``), so backends that require the PROXY protocol accept the check.
+- ``http``: the backend's PROXY header as ``LOCAL`` (v1 ``UNKNOWN``; nothing when the pool
+  sends none), then ``GET http_path``; any 2xx or 3xx status is up.
+- ``send-expect``: the PROXY header as for ``http``, then ``send``; up when ``expect``
+  appears in what the backend answers.
+
+Nothing here runs per client connection: the relay only calls :meth:`HealthChecks.connect_result`
+when a connect to a backend fails or succeeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from l4lb.config.schema import HealthConfig
+from l4lb.proxy_protocol import local_header
+
+log = logging.getLogger("l4lb.health")
+
+CHECK_BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+"""Upper bounds (seconds) of the check-duration histogram; the last bucket is +Inf."""
+
+_MAX_READ = 65536
+
+
+def _why(err: OSError) -> str:
+    """``Connection refused`` rather than asyncio's ``Connect call failed ('127.0.0.1', 9)``."""
+    if err.errno:
+        return os.strerror(err.errno)
+    return err.strerror or str(err) or type(err).__name__
+
+
+class CheckFailed(Exception):
+    """A probe found the backend unhealthy; the message says why, for the log and /status."""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckSettings:
+    """How one pool is checked (the pool's ``[pools.NAME.health]`` table)."""
+
+    check: str = "tcp"
+    interval: float = 2.0
+    timeout: float = 1.0
+    rise: int = 2
+    fall: int = 3
+    http_path: str = "/"
+    send: str = ""
+    expect: str = ""
+
+    @classmethod
+    def from_config(cls, cfg: HealthConfig) -> CheckSettings:
+        """From the validated ``[pools.NAME.health]`` table."""
+        return cls(
+            check=cfg.check,
+            interval=cfg.interval_s,
+            timeout=cfg.timeout_s,
+            rise=cfg.rise,
+            fall=cfg.fall,
+            http_path=cfg.http_path,
+            send=cfg.send or "",
+            expect=cfg.expect or "",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """The outcome of one probe (or of a passive observation)."""
+
+    ok: bool
+    detail: str
+    duration: float
+    """Seconds the probe took."""
+    at: float
+    """Wall-clock time (``time.time()``) when it finished."""
+    source: str = "active"
+    """``active`` for a probe, ``passive`` for a connect failure seen by the relay."""
+
+
+@dataclass(slots=True)
+class Target:
+    """One backend as the checker sees it, built by the integration from the runtime model."""
+
+    pool: str
+    address: str
+    """As written in the config and shown in /status (``127.0.0.1:9001``, ``[::1]:9001``)."""
+    host: str
+    port: int
+    proxy_version: int = 0
+    """PROXY version the backend receives (0 = none); ``http``/``send-expect`` send it as LOCAL."""
+    backend: Any = None
+    """The runtime backend object, handed back to ``set_up``."""
+
+
+@dataclass(slots=True)
+class Health:
+    """The checker's running record for one backend (kept across reloads by pool and address)."""
+
+    up: bool = True
+    successes: int = 0
+    failures: int = 0
+    last: CheckResult | None = None
+    checks: int = 0
+    check_buckets: list[int] = field(default_factory=lambda: [0] * (len(CHECK_BUCKETS) + 1))
+    check_seconds: float = 0.0
+
+    def observe(self, duration: float) -> None:
+        self.checks += 1
+        self.check_seconds += duration
+        self.check_buckets[bisect.bisect_left(CHECK_BUCKETS, duration)] += 1
+
+
+Probe = Callable[[Target, CheckSettings], Awaitable[str]]
+"""Connects to the target and returns a short detail on success, or raises CheckFailed."""
+
+
+async def _open(target: Target) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    try:
+        return await asyncio.open_connection(target.host, target.port)
+    except OSError as err:
+        raise CheckFailed(f"connect to {target.address} failed: {_why(err)}") from err
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+
+
+async def _read_until(reader: asyncio.StreamReader, done: Callable[[bytes], bool]) -> bytes:
+    """Read until ``done(data)`` or EOF, at most 64 KiB."""
+    data = b""
+    while not done(data) and len(data) < _MAX_READ:
+        try:
+            chunk = await reader.read(_MAX_READ - len(data))
+        except OSError as err:
+            raise CheckFailed(f"read failed: {_why(err)}") from err
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _local(target: Target) -> bytes:
+    return local_header(version=target.proxy_version) if target.proxy_version else b""
+
+
+async def probe_tcp(target: Target, settings: CheckSettings) -> str:
+    _, writer = await _open(target)
+    await _close(writer)
+    return "connected"
+
+
+async def probe_proxy_local(target: Target, settings: CheckSettings) -> str:
+    _, writer = await _open(target)
+    try:
+        writer.write(local_header(version=2))
+        await writer.drain()
+    except OSError as err:
+        raise CheckFailed(f"sending the PROXY LOCAL header failed: {_why(err)}") from err
+    finally:
+        await _close(writer)
+    return "connected, PROXY v2 LOCAL sent"
+
+
+async def probe_http(target: Target, settings: CheckSettings) -> str:
+    reader, writer = await _open(target)
+    try:
+        host = f"[{target.host}]" if ":" in target.host else target.host
+        request = (
+            f"GET {settings.http_path} HTTP/1.0\r\nHost: {host}:{target.port}\r\n"
+            "User-Agent: l4lb-health-check\r\nConnection: close\r\n\r\n"
+        )
+        writer.write(_local(target) + request.encode("ascii", "replace"))
+        data = await _read_until(reader, lambda d: b"\n" in d)
+    finally:
+        await _close(writer)
+    line = data.split(b"\n", 1)[0].strip().decode("latin-1")
+    parts = line.split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+        shown = line[:60] if line else "nothing"
+        raise CheckFailed(f"GET {settings.http_path}: not an HTTP response (got {shown!r})")
+    status = int(parts[1])
+    if not 200 <= status < 400:
+        raise CheckFailed(f"GET {settings.http_path}: HTTP {status}")
+    return f"HTTP {status}"
+
+
+async def probe_send_expect(target: Target, settings: CheckSettings) -> str:
+    reader, writer = await _open(target)
+    expect = settings.expect.encode()
+    try:
+        writer.write(_local(target) + settings.send.encode())
+        data = await _read_until(reader, lambda d: expect in d)
+    finally:
+        await _close(writer)
+    if expect not in data:
+        got = data[:60].decode("latin-1") if data else "nothing"
+        raise CheckFailed(f"expected {settings.expect!r}, got {got!r}")
+    return f"got {settings.expect!r}"
+
+
+PROBES: dict[str, Probe] = {
+    "tcp": probe_tcp,
+    "proxy-local": probe_proxy_local,
+    "http": probe_http,
+    "send-expect": probe_send_expect,
+}
+"""Health checks by the name used in ``[pools.NAME.health] check``."""
+
+
+async def run_probe(target: Target, settings: CheckSettings) -> CheckResult:
+    """Run the pool's probe once against ``target``, within ``settings.timeout``."""
+    probe = PROBES[settings.check]
+    start = time.monotonic()
+    try:
+        async with asyncio.timeout(settings.timeout):
+            detail = await probe(target, settings)
+        ok = True
+    except TimeoutError:
+        ok, detail = False, f"timeout after {settings.timeout:g}s"
+    except CheckFailed as err:
+        ok, detail = False, str(err)
+    except OSError as err:  # anything the socket layer raises that a probe did not wrap
+        ok, detail = False, f"{type(err).__name__}: {_why(err)}"
+    return CheckResult(ok, detail, time.monotonic() - start, time.time())
+
+
+SetUp = Callable[[Target, bool, CheckResult], None]
+"""Called when a backend crosses rise/fall: mark it up (True) or down (False) in the runtime."""
+
+
+@dataclass(slots=True)
+class PoolPlan:
+    """What to check for one pool: its settings and backends."""
+
+    name: str
+    settings: CheckSettings
+    targets: list[Target]
+
+
+class HealthChecks:
+    """All health checking of a balancer: one task per checked pool, plus passive reports."""
+
+    def __init__(self, set_up: SetUp) -> None:
+        self._set_up = set_up
+        self._plans: dict[str, PoolPlan] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._health: dict[tuple[str, str], Health] = {}
+        self._by_backend: dict[int, tuple[PoolPlan, Target]] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self, plans: Iterable[PoolPlan]) -> None:
+        """Start (or, after a reload, restart) checking these pools; records survive by address."""
+        self.stop()
+        self._plans = {plan.name: plan for plan in plans}
+        keep = {(p.name, t.address) for p in self._plans.values() for t in p.targets}
+        self._health = {k: v for k, v in self._health.items() if k in keep}
+        self._by_backend = {}
+        for plan in self._plans.values():
+            for target in plan.targets:
+                self._health.setdefault((plan.name, target.address), Health())
+                if target.backend is not None:
+                    self._by_backend[id(target.backend)] = (plan, target)
+            self._tasks[plan.name] = asyncio.get_running_loop().create_task(
+                self._run(plan), name=f"l4lb-health-{plan.name}"
+            )
+
+    def stop(self) -> None:
+        """Cancel every checker task (idempotent)."""
+        for task in self._tasks.values():
+            task.cancel()
+        self._tasks = {}
+
+    async def aclose(self) -> None:
+        """Cancel the checkers and wait until they have finished."""
+        tasks = list(self._tasks.values())
+        self.stop()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # -- what others read ------------------------------------------------------------------
+
+    def health(self, pool: str, address: str) -> Health | None:
+        """The running record of one backend, for /status and /metrics."""
+        return self._health.get((pool, address))
+
+    def settings(self, pool: str) -> CheckSettings | None:
+        plan = self._plans.get(pool)
+        return plan.settings if plan else None
+
+    # -- passive checks --------------------------------------------------------------------
+
+    def connect_result(self, backend: Any, ok: bool, detail: str = "") -> None:
+        """The relay's report of one connect to ``backend``: failures count toward ``fall``."""
+        found = self._by_backend.get(id(backend))
+        if found is None:
+            return
+        plan, target = found
+        record = self._health[(plan.name, target.address)]
+        if ok:
+            record.failures = 0
+            return
+        now = time.time()
+        self._apply(
+            plan, target, CheckResult(False, detail or "connect failed", 0.0, now, "passive")
+        )
+
+    # -- internals -------------------------------------------------------------------------
+
+    async def _run(self, plan: PoolPlan) -> None:
+        interval = plan.settings.interval
+        while True:
+            started = time.monotonic()
+            results = await asyncio.gather(*(run_probe(t, plan.settings) for t in plan.targets))
+            for target, result in zip(plan.targets, results, strict=True):
+                self._health[(plan.name, target.address)].observe(result.duration)
+                self._apply(plan, target, result)
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+    def _apply(self, plan: PoolPlan, target: Target, result: CheckResult) -> None:
+        record = self._health[(plan.name, target.address)]
+        record.last = result
+        settings = plan.settings
+        if result.ok:
+            record.successes += 1
+            record.failures = 0
+            if not record.up and record.successes >= settings.rise:
+                self._change(record, plan, target, True, result)
+        else:
+            record.failures += 1
+            record.successes = 0
+            if record.up and record.failures >= settings.fall:
+                self._change(record, plan, target, False, result)
+
+    def _change(
+        self, record: Health, plan: PoolPlan, target: Target, up: bool, result: CheckResult
+    ) -> None:
+        record.up = up
+        settings = plan.settings
+        if up:
+            log.warning(
+                "backend %s of pool %s is UP: %s (%d %s check(s) passed)",
+                target.address,
+                plan.name,
+                result.detail,
+                settings.rise,
+                settings.check,
+            )
+        else:
+            log.warning(
+                "backend %s of pool %s is DOWN: %s (%d consecutive %s failure(s))",
+                target.address,
+                plan.name,
+                result.detail,
+                record.failures,
+                "connect" if result.source == "passive" else settings.check,
+            )
+        try:
+            self._set_up(target, up, result)
+        except Exception:  # the runtime's callback must not kill the checker task
+            log.exception("marking backend %s of pool %s failed", target.address, plan.name)
