@@ -1,0 +1,254 @@
+"""The splice relay on its own, over real loopback TCP: exactness, half-close, reset, backpressure,
+idle timeout, and no pipe held by an idle connection.
+
+The relay runs on an event loop in a background thread (uvloop when installed, as in production);
+the test plays the client and the backend with plain blocking sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from l4lb.balancer import splice
+
+pytestmark = pytest.mark.skipif(not splice.available(), reason="os.splice needs Linux")
+
+
+@dataclass
+class Conn:
+    bytes_from_client: int = 0
+    bytes_to_client: int = 0
+    reasons: list[str] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def relay_closed(self, reason: str) -> None:
+        self.reasons.append(reason)
+        self.done.set()
+
+
+@dataclass
+class Rig:
+    client: socket.socket
+    """The test's client end (its peer is the relay's client socket)."""
+    backend: socket.socket
+    """The test's backend end (its peer is the relay's backend socket)."""
+    conn: Conn
+    relay: splice.SpliceRelay
+    loop: asyncio.AbstractEventLoop
+
+    def call(self, fn: object, *args: object) -> None:
+        self.loop.call_soon_threadsafe(fn, *args)  # type: ignore[arg-type]
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        a = socket.create_connection(srv.getsockname())
+        b, _ = srv.accept()
+    return a, b
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:
+        return asyncio.new_event_loop()
+
+
+@contextlib.contextmanager
+def rig(first: bytes = b"", idle_timeout: float | None = None) -> Iterator[Rig]:
+    client, relay_client = _tcp_pair()
+    relay_backend, backend = _tcp_pair()
+    for s in (client, backend):
+        s.settimeout(15)
+    loop = _new_loop()
+    conn = Conn()
+    made: list[splice.SpliceRelay] = []
+    ready = threading.Event()
+
+    def begin() -> None:
+        made.append(
+            splice.start_splice_relay(
+                loop, relay_client, relay_backend, first, conn, idle_timeout=idle_timeout
+            )
+        )
+        ready.set()
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    loop.call_soon_threadsafe(begin)
+    assert ready.wait(10)
+    try:
+        yield Rig(client, backend, conn, made[0], loop)
+    finally:
+        loop.call_soon_threadsafe(made[0].close, "test_end")
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+        client.close()
+        backend.close()
+
+
+def _recv_all(s: socket.socket) -> bytes:
+    out = bytearray()
+    while chunk := s.recv(1 << 16):
+        out += chunk
+    return bytes(out)
+
+
+def _digest_all(s: socket.socket) -> tuple[int, str]:
+    h = hashlib.sha256()
+    n = 0
+    while chunk := s.recv(1 << 16):
+        h.update(chunk)
+        n += len(chunk)
+    return n, h.hexdigest()
+
+
+def test_byte_exact_both_directions_at_once_after_first_bytes() -> None:
+    up = os.urandom(24 << 20)
+    down = os.urandom(24 << 20)
+    first = b"PROXY TCP4 127.0.0.1 127.0.0.1 1 2\r\nearly"
+    with rig(first=first) as r:
+        results: dict[str, tuple[int, str]] = {}
+
+        def send(s: socket.socket, data: bytes) -> None:
+            view = memoryview(data)
+            for i in range(0, len(data), 70_001):  # odd chunking
+                s.sendall(view[i : i + 70_001])
+            s.shutdown(socket.SHUT_WR)
+
+        def recv(name: str, s: socket.socket) -> None:
+            results[name] = _digest_all(s)
+
+        threads = [
+            threading.Thread(target=send, args=(r.client, up)),
+            threading.Thread(target=send, args=(r.backend, down)),
+            threading.Thread(target=recv, args=("backend", r.backend)),
+            threading.Thread(target=recv, args=("client", r.client)),
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert results["backend"] == (len(first) + len(up), hashlib.sha256(first + up).hexdigest())
+        assert results["client"] == (len(down), hashlib.sha256(down).hexdigest())
+        assert r.conn.done.wait(10)
+        assert r.conn.reasons == ["client_closed"] or r.conn.reasons == ["backend_closed"]
+        assert r.conn.bytes_from_client == len(up)
+        assert r.conn.bytes_to_client == len(down)
+
+
+@pytest.mark.parametrize("first_side", ["client", "backend"])
+def test_half_close_keeps_the_other_direction_flowing(first_side: str) -> None:
+    with rig() as r:
+        closer, other = (r.client, r.backend) if first_side == "client" else (r.backend, r.client)
+        closer.sendall(b"last words")
+        closer.shutdown(socket.SHUT_WR)
+        got = b""
+        while len(got) < 10:
+            got += other.recv(100)
+        assert got == b"last words"
+        assert other.recv(100) == b""  # the FIN came through
+        payload = os.urandom(3 << 20)
+        sender = threading.Thread(target=other.sendall, args=(payload,))
+        sender.start()
+        received = bytearray()
+        while len(received) < len(payload):
+            chunk = closer.recv(1 << 16)
+            assert chunk, "the reverse direction ended early"
+            received += chunk
+        sender.join(10)
+        assert bytes(received) == payload
+        assert not r.conn.done.is_set()  # still open while one direction flows
+        other.shutdown(socket.SHUT_WR)
+        assert closer.recv(100) == b""
+        assert r.conn.done.wait(10)
+        assert r.conn.reasons == [f"{first_side}_closed"]
+
+
+@pytest.mark.parametrize("side", ["client", "backend"])
+def test_reset_on_one_side_closes_the_other_promptly(side: str) -> None:
+    with rig() as r:
+        resetter, other = (r.client, r.backend) if side == "client" else (r.backend, r.client)
+        resetter.sendall(b"x")
+        assert other.recv(10) == b"x"
+        resetter.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        resetter.close()
+        assert r.conn.done.wait(5)
+        assert r.conn.reasons == ["reset"]
+        other.settimeout(5)
+        with contextlib.suppress(ConnectionResetError):
+            assert other.recv(10) == b""
+
+
+def test_slow_reader_bounds_what_the_relay_holds() -> None:
+    """The backend pushes while the client reads nothing: the backend's send soon blocks."""
+    with rig() as r:
+        r.backend.settimeout(1.0)
+        pushed = 0
+        block = os.urandom(1 << 16)
+        with pytest.raises(TimeoutError):
+            while pushed < 512 << 20:
+                pushed += r.backend.send(block)
+        # socket buffers on both hops plus at most one pipe: far below what was offered
+        assert pushed < 64 << 20
+        assert r.relay.to_client.pending <= splice.PIPE_SIZE
+        r.backend.settimeout(15)
+        received = 0
+        while received < pushed:
+            chunk = r.client.recv(1 << 20)
+            assert chunk
+            received += len(chunk)
+        assert received == pushed
+
+
+def test_idle_connection_holds_no_pipe_and_times_out() -> None:
+    with rig(idle_timeout=0.6) as r:
+        for _ in range(3):  # traffic keeps it alive past the timeout
+            r.client.sendall(b"ping")
+            assert r.backend.recv(10) == b"ping"
+            r.backend.sendall(b"pong")
+            assert r.client.recv(10) == b"pong"
+            threading.Event().wait(0.3)
+        assert not r.conn.done.is_set()
+        assert r.relay.to_backend.pipe is None and r.relay.to_client.pipe is None
+        assert r.conn.done.wait(5)
+        assert r.conn.reasons == ["idle_timeout"]
+        assert r.client.recv(10) == b""
+        assert r.backend.recv(10) == b""
+
+
+def test_close_ends_both_sides_once() -> None:
+    with rig() as r:
+        r.call(r.relay.close, "shutdown")
+        assert r.conn.done.wait(5)
+        assert r.client.recv(10) == b""
+        assert r.backend.recv(10) == b""
+        r.call(r.relay.close, "again")
+        threading.Event().wait(0.1)
+        assert r.conn.reasons == ["shutdown"]
+
+
+def test_pool_reuses_empty_pipes_and_caps_spares() -> None:
+    pool = splice.PipePool(keep=1)
+    a = pool.take()
+    b = pool.take()
+    pool.give(a)
+    pool.give(b)  # over the cap: closed
+    assert pool.take() == a
+    with pytest.raises(OSError):
+        os.fstat(b[0])
+    pool.give(a)
+    pool.clear()
