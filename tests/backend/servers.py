@@ -1,0 +1,353 @@
+"""Run the backend integrations in-process (each in its own thread) for tests, on free ports.
+
+Every server here is a small "greeting" service: it speaks first, naming the addresses the
+integration gave it, then echoes lines. So one read tells a test who the app thinks the client is,
+and the echo proves that no application byte was lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.server
+import json
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+from l4lb.backend.asyncio import start_server
+from l4lb.backend.socketserver import ProxyProtocolMixin
+from l4lb.trust.policy import ProxyPolicy
+
+
+def fmt(addr: Any) -> str:
+    if not addr:
+        return "-"
+    return f"{addr[0]}:{addr[1]}"
+
+
+def greeting(peer: Any, sock: Any, via: Any, header: Any) -> bytes:
+    version = header.version if header is not None else "-"
+    uid = header.unique_id.decode() if header is not None and header.unique_id else "-"
+    auth = header.authority if header is not None and header.authority else "-"
+    return (
+        f"HELLO peer={fmt(peer)} sock={fmt(sock)} via={fmt(via)} v={version} uid={uid} "
+        f"auth={auth}\r\n"
+    ).encode()
+
+
+def parse_greeting(line: bytes) -> dict[str, str]:
+    assert line.startswith(b"HELLO "), line
+    return dict(part.split("=", 1) for part in line.decode().split()[1:])
+
+
+class LoopThread:
+    """An asyncio event loop running in a thread; ``call(coro)`` runs a coroutine on it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def call(self, coro: Awaitable[Any], timeout: float = 10.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        async def cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        with contextlib.suppress(Exception):
+            self.call(cancel_all())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+class Seen:
+    """What the application saw, shared between the server thread and the test."""
+
+    def __init__(self) -> None:
+        self.connections: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+
+    def add(self, **info: Any) -> None:
+        with self.lock:
+            self.connections.append(info)
+
+    def __len__(self) -> int:
+        with self.lock:
+            return len(self.connections)
+
+
+@contextlib.contextmanager
+def asyncio_greeter(
+    policy: ProxyPolicy, host: str = "127.0.0.1"
+) -> Iterator[tuple[int, Seen, Any]]:
+    """``start_server`` with a greeting callback; yields (port, seen, server)."""
+    seen = Seen()
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        info = {k: writer.get_extra_info(k) for k in ("peername", "sockname", "proxy_peer")}
+        header = writer.get_extra_info("proxy_header")
+        seen.add(header=header, **info)
+        writer.write(greeting(info["peername"], info["sockname"], info["proxy_peer"], header))
+        try:
+            while line := await reader.readline():
+                writer.write(b"ECHO " + line)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    runner = LoopThread()
+
+    async def start() -> asyncio.Server:
+        return await start_server(on_client, host, 0, policy=policy)
+
+    server = runner.call(start())
+    try:
+        yield server.sockets[0].getsockname()[1], seen, server
+    finally:
+        with contextlib.suppress(Exception):
+            server.close()
+        runner.close()
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.proxy_rejections: dict[str, int] = {}
+        self.seen = Seen()
+
+
+@contextlib.contextmanager
+def socketserver_greeter(policy: ProxyPolicy) -> Iterator[tuple[int, _Server]]:
+    """A ``StreamRequestHandler`` greeting server with ``ProxyProtocolMixin``."""
+
+    class Handler(ProxyProtocolMixin, socketserver.StreamRequestHandler):
+        proxy_policy = policy
+
+        def handle(self) -> None:
+            sockname = self.proxy_destination
+            self.server.seen.add(  # type: ignore[attr-defined]
+                peername=self.client_address, header=self.proxy_header, proxy_peer=self.proxy_peer
+            )
+            self.wfile.write(
+                greeting(self.client_address, sockname, self.proxy_peer, self.proxy_header)
+            )
+            for line in self.rfile:
+                self.wfile.write(b"ECHO " + line)
+
+    server = _Server(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
+    thread.start()
+    try:
+        yield server.server_address[1], server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+class _HTTPServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.proxy_rejections: dict[str, int] = {}
+        self.log_lines: list[str] = []
+
+
+@contextlib.contextmanager
+def http_server(policy: ProxyPolicy) -> Iterator[tuple[int, _HTTPServer]]:
+    """An ``http.server`` handler with ``ProxyProtocolMixin``, answering with the client in JSON."""
+
+    class Handler(ProxyProtocolMixin, http.server.BaseHTTPRequestHandler):
+        proxy_policy = policy
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            header = self.proxy_header
+            body = json.dumps(
+                {
+                    "client": list(self.client_address),
+                    "via": list(self.proxy_peer),
+                    "destination": list(self.proxy_destination or ()),
+                    "version": header.version if header else None,
+                    "unique_id": header.unique_id.decode() if header and header.unique_id else None,
+                    "path": self.path,
+                }
+            ).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            self.server.log_lines.append(  # type: ignore[attr-defined]
+                f"{self.address_string()} - {format % args}"
+            )
+
+    server = _HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
+    thread.start()
+    try:
+        yield server.server_address[1], server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+# --- uvicorn -------------------------------------------------------------------------------
+
+
+async def asgi_app(
+    scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]
+) -> None:
+    """Answers HTTP with JSON naming scope client/server and the PROXY extension; echoes WS."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    ext = scope.get("extensions", {}).get("proxy_protocol") or {}
+    info = {
+        "client": list(scope["client"]) if scope.get("client") else None,
+        "server": list(scope["server"]) if scope.get("server") else None,
+        "version": ext.get("version"),
+        "reason": ext.get("reason"),
+        "authority": ext.get("authority"),
+        "unique_id": ext["unique_id"].decode() if ext.get("unique_id") else None,
+        "upstream": list(ext["upstream"]) if ext.get("upstream") else None,
+        "tlv_types": [t for t, _ in ext.get("tlvs", [])],
+    }
+    if scope["type"] == "websocket":
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.send", "text": json.dumps(info)})
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            await send({"type": "websocket.send", "text": "echo " + (message.get("text") or "")})
+    body = json.dumps(info).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+@contextlib.contextmanager
+def uvicorn_server(policy: ProxyPolicy, http: str = "auto") -> Iterator[int]:
+    """uvicorn serving :func:`asgi_app` with ``proxy_protocol_http(policy=...)``, in a thread."""
+    import uvicorn
+
+    from l4lb.backend.uvicorn import proxy_protocol_http
+    from tests.support.peers import free_port
+
+    port = free_port()
+    config = uvicorn.Config(
+        asgi_app,
+        host="127.0.0.1",
+        port=port,
+        http=proxy_protocol_http(policy=policy, http=http),
+        proxy_headers=False,
+        log_level="warning",
+        lifespan="off",
+        timeout_graceful_shutdown=1,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+# --- clients -------------------------------------------------------------------------------
+
+
+def recv_line(sock: socket.socket, timeout: float = 5.0) -> bytes:
+    """One line (up to LF) from a blocking socket; b"" if the peer closes first."""
+    sock.settimeout(timeout)
+    buf = b""
+    while not buf.endswith(b"\n"):
+        try:
+            chunk = sock.recv(1)
+        except ConnectionResetError:
+            return buf
+        if not chunk:
+            return buf
+        buf += chunk
+    return buf
+
+
+def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
+    """True if the peer closes (FIN or RST) within ``timeout`` without sending a byte."""
+    sock.settimeout(timeout)
+    try:
+        data = sock.recv(100)
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return data == b""
+
+
+def http_get(
+    sock: socket.socket, path: str = "/", host: str = "x", timeout: float = 5.0
+) -> dict[str, Any]:
+    """One keep-alive HTTP/1.1 GET on ``sock``; the JSON body."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    sock.settimeout(timeout)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError(f"closed before the response headers: {buf!r}")
+        buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(body) < length:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed in the middle of the body")
+        body += chunk
+    assert head.startswith(b"HTTP/1.1 200"), head
+    result: dict[str, Any] = json.loads(body[:length])
+    return result
