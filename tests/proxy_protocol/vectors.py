@@ -17,7 +17,7 @@ from l4lb.proxy_protocol import (
     Reason,
     Transport,
 )
-from l4lb.proxy_protocol.crc32c import crc32c_python
+from l4lb.proxy_protocol.checksum import crc32c_python
 
 SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 P, L = Command.PROXY, Command.LOCAL

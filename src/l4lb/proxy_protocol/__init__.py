@@ -8,8 +8,8 @@
 ``encode`` writes a ProxyHeader, ``build`` writes one straight from socket addresses.
 """
 
-from l4lb.proxy_protocol.crc32c import IMPLEMENTATION as CRC32C_IMPLEMENTATION
-from l4lb.proxy_protocol.crc32c import crc32c
+from l4lb.proxy_protocol.checksum import IMPLEMENTATION as CRC32C_IMPLEMENTATION
+from l4lb.proxy_protocol.checksum import crc32c
 from l4lb.proxy_protocol.encode import build, encode, local_header
 from l4lb.proxy_protocol.errors import (
     IncompleteHeader,

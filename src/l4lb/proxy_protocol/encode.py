@@ -7,7 +7,7 @@ import struct
 from collections.abc import Iterable, Sequence
 from socket import AF_INET, AF_INET6, inet_pton
 
-from l4lb.proxy_protocol.crc32c import crc32c as _crc32c
+from l4lb.proxy_protocol.checksum import crc32c as _crc32c
 from l4lb.proxy_protocol.errors import InvalidHeader, Reason
 from l4lb.proxy_protocol.model import (
     ADDRESS_SIZES,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 
-from l4lb.proxy_protocol.crc32c import crc32c
+from l4lb.proxy_protocol.checksum import crc32c
 from l4lb.proxy_protocol.errors import InvalidHeader, Reason
 from l4lb.proxy_protocol.model import TLV, SSLInfo, TLVType
 

@@ -1,0 +1,144 @@
+"""Fuzz invariant (h11's): random or mutated bytes give a header or a ProxyProtocolError, never
+anything else, and the incremental reader agrees with the one-shot parser."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from l4lb.proxy_protocol import (
+    HeaderReader,
+    IncompleteHeader,
+    ParseOptions,
+    ProxyHeader,
+    ProxyProtocolError,
+    encode,
+    parse,
+    sniff,
+    v1_line_length,
+)
+
+from .strategies import headers
+from .vectors import INVALID, SIG, VALID
+
+SEEDS = [v.data for v in VALID] + [v.data for v in INVALID]
+OPTION_SETS = [
+    ParseOptions(),
+    ParseOptions(allow_ipv4_in_tcp6=True, allow_v1_unknown_long=False, max_tlvs=3),
+    ParseOptions(max_v2_size=65551, max_tlvs=0),
+]
+
+
+def outcome(data: bytes, options: ParseOptions) -> tuple[str, object]:
+    try:
+        header, n = parse(data, options)
+    except ProxyProtocolError as err:
+        return ("error", err.reason)
+    assert isinstance(header, ProxyHeader)
+    assert 0 < n <= len(data)
+    return ("ok", (header, n))
+
+
+def reader_outcome(data: bytes, options: ParseOptions, chunk: int) -> tuple[str, object]:
+    reader = HeaderReader(options)
+    try:
+        for i in range(0, max(len(data), 1), chunk):
+            reader.feed(data[i : i + chunk])
+    except ProxyProtocolError as err:
+        return ("error", err.reason)
+    if reader.header is None:
+        return ("error", IncompleteHeader().reason)
+    assert reader.trailing == data[reader.consumed :]
+    return ("ok", (reader.header, reader.consumed))
+
+
+def check(data: bytes, options: ParseOptions, chunk: int) -> None:
+    start = time.monotonic()
+    whole = outcome(data, options)
+    assert reader_outcome(data, options, chunk) == whole
+    s = sniff(data)
+    assert s in (None, 0, 1, 2)
+    if whole[0] == "ok":
+        assert s in (1, 2)
+    if data[:5] == b"PROXY":
+        with contextlib.suppress(ProxyProtocolError):
+            v1_line_length(data)
+    assert time.monotonic() - start < 2.0  # bounded: no pathological slowness, no hang
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> bytes:
+    data = bytearray(draw(st.sampled_from(SEEDS)))
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.sampled_from(["flip", "set", "insert", "delete", "truncate", "extend"]))
+        pos = draw(st.integers(0, max(len(data) - 1, 0)))
+        if op == "flip" and data:
+            data[pos] ^= 1 << draw(st.integers(0, 7))
+        elif op == "set" and data:
+            data[pos] = draw(st.sampled_from([0, 0x0A, 0x0D, 0x20, 0x30, 0x39, 0x3A, 0xFF]))
+        elif op == "insert":
+            data[pos:pos] = draw(st.binary(min_size=1, max_size=4))
+        elif op == "delete" and data:
+            del data[pos]
+        elif op == "truncate":
+            del data[pos:]
+        elif op == "extend":
+            data += draw(st.binary(max_size=8))
+    return bytes(data)
+
+
+random_bytes = st.one_of(
+    st.binary(max_size=300),
+    st.binary(max_size=300).map(lambda b: SIG + b),
+    st.binary(max_size=120).map(lambda b: b"PROXY " + b),
+    st.text(alphabet="PROXYTCP46UNKW0123456789.:abcdef \r\n", max_size=120).map(str.encode),
+)
+
+
+@settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow])
+@given(data=random_bytes, options=st.sampled_from(OPTION_SETS), chunk=st.integers(1, 64))
+def test_random_bytes(data: bytes, options: ParseOptions, chunk: int) -> None:
+    check(data, options, chunk)
+
+
+@settings(max_examples=800, suppress_health_check=[HealthCheck.too_slow])
+@given(data=mutated(), options=st.sampled_from(OPTION_SETS), chunk=st.integers(1, 64))
+def test_mutated_vectors(data: bytes, options: ParseOptions, chunk: int) -> None:
+    check(data, options, chunk)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    header=headers, flips=st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), max_size=3)
+)
+def test_mutated_encodings(header: ProxyHeader, flips: list[tuple[int, int]]) -> None:
+    data = bytearray(encode(header, crc32c=header.version == 2))
+    for pos, value in flips:
+        if pos < len(data):
+            data[pos] = value
+    check(bytes(data), ParseOptions(max_v2_size=65551), 7)
+
+
+def test_crc_catches_every_single_byte_change() -> None:
+    """With a CRC32C TLV, changing any one byte of a v2 header is always rejected (except the
+    CRC TLV's own type/length bytes: changing those removes the checksum, which the spec allows)."""
+    from l4lb.proxy_protocol import build
+
+    wire = build(
+        2, ("192.0.2.1", 1234), ("198.51.100.2", 443), tlvs=[(2, b"a.example")], crc32c=True
+    )
+    crc_tlv_at = len(wire) - 7
+    for i in range(len(wire)):
+        if crc_tlv_at <= i < crc_tlv_at + 3:
+            continue
+        for delta in (1, 0x80):
+            bad = bytearray(wire)
+            bad[i] ^= delta
+            try:
+                parse(bytes(bad))
+            except ProxyProtocolError:
+                continue
+            raise AssertionError(f"byte {i} ^ {delta:#x} was accepted")
