@@ -6,7 +6,7 @@ the stream relay:
 
 - **Half-close**: a FIN from one side becomes ``shutdown(SHUT_WR)`` on the other once everything
   before it has been delivered; the other direction keeps flowing until it ends too.
-- **Reset**: an error from either socket closes both at once (reason ``reset``).
+- **Reset**: an error from either socket resets and closes both at once (reason ``reset``).
 - **Backpressure**: a direction splices at most one pipe's worth, then pushes it on; if the
   destination would block, it stops watching the source and watches the destination instead until
   the pipe is empty. Memory is bounded by one pipe per direction, in the kernel.
@@ -25,6 +25,7 @@ import errno
 import fcntl
 import os
 import socket
+import struct
 from typing import Protocol
 
 __all__ = ["PIPE_SIZE", "PipePool", "SpliceRelay", "available", "start_splice_relay"]
@@ -35,6 +36,8 @@ PIPE_SIZE = 1 << 18
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _splice = getattr(os, "splice", None)
+_LINGER_RST = struct.pack("ii", 1, 0)
+"""SO_LINGER on, 0 seconds: close() sends a RST instead of a FIN."""
 
 
 def available() -> bool:
@@ -122,7 +125,7 @@ class _Direction:
         except BlockingIOError:
             return
         except OSError as err:
-            self.relay.failed(err, self.to_client)
+            self.relay.failed(err)
             return
         if n == 0:
             self._ended()
@@ -144,7 +147,7 @@ class _Direction:
         except BlockingIOError:
             m = 0
         except OSError as err:
-            relay.failed(err, not self.to_client)
+            relay.failed(err)
             return
         if m:
             self.pending -= m
@@ -248,7 +251,7 @@ class SpliceRelay:
             except BlockingIOError:
                 sent = 0
             except OSError as err:
-                self.failed(err, False)
+                self.failed(err)
                 return
             if sent < len(first):
                 self.unsent = first[sent:]
@@ -266,7 +269,7 @@ class SpliceRelay:
         except BlockingIOError:
             return
         except OSError as err:
-            self.failed(err, False)
+            self.failed(err)
             return
         self.unsent = self.unsent[sent:]
         if not self.unsent:
@@ -288,8 +291,12 @@ class SpliceRelay:
         if self.to_backend.eof and self.to_client.eof:
             self.close(self.first_reason)
 
-    def failed(self, err: OSError, client_side: bool) -> None:
+    def failed(self, err: OSError) -> None:
         """A socket error (reset, broken pipe): close both sides now."""
+        # like the stream relay: the other side is reset too, not given a clean FIN
+        for sock in (self.client, self.backend):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
         if err.errno in (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT):
             self.close("reset")
         else:
