@@ -234,8 +234,11 @@ def test_rise_and_fall(caplog: pytest.LogCaptureFixture) -> None:
 
     asyncio.run(main())
     messages = [r.getMessage() for r in caplog.records]
-    assert any("is DOWN" in m and "web" in m and "refused" in m.lower() for m in messages)
-    assert any("is UP" in m and "3 tcp check(s) passed" in m for m in messages)
+    assert any(
+        m.startswith("event=health_down pool=web") and "failed=2" in m and "refused" in m
+        for m in messages
+    )
+    assert any(m.startswith("event=health_up pool=web") and "passed=3" in m for m in messages)
 
 
 def test_passive_failures_mark_down_before_next_check() -> None:

@@ -57,7 +57,15 @@ class MemoryControl:
             started=time.time() - 5,
             now=time.time(),
             listeners=(
-                ListenerStatus("front", "127.0.0.1:8443", "web", 2, 14, 3, {"untrusted": 3}),
+                ListenerStatus(
+                    "front",
+                    "127.0.0.1:8443",
+                    "web",
+                    2,
+                    14,
+                    5,
+                    {"untrusted": 3, "bad_header:bad_crlf": 1, "bad_header:truncated": 1},
+                ),
             ),
             pools=(PoolStatus("web", "roundrobin", "http", backends),),
             reloads=self.reloads,
@@ -120,7 +128,7 @@ def test_status_json(admin: tuple[AdminServer, MemoryControl]) -> None:
     status, headers, body = call(server, "GET", "/status")
     assert status == 200 and headers["Content-Type"] == "application/json"
     doc = json.loads(body)
-    assert doc["listeners"][0]["rejections"] == {"untrusted": 3}
+    assert doc["listeners"][0]["rejections"]["untrusted"] == 3
     backends = doc["pools"][0]["backends"]
     assert [b["address"] for b in backends] == ["127.0.0.1:9001", "[::1]:9002"]
     assert backends[0]["check"]["detail"] == "HTTP 200"
@@ -149,6 +157,8 @@ def test_metrics_parse(admin: tuple[AdminServer, MemoryControl]) -> None:
     }
     assert samples[("l4lb_connections_total", (("listener", "front"),))] == 14
     assert samples[("l4lb_rejections_total", (("listener", "front"), ("reason", "untrusted")))] == 3
+    bad_header = (("listener", "front"), ("reason", "bad_header"))
+    assert samples[("l4lb_rejections_total", bad_header)] == 2
     assert samples[("l4lb_proxy_header_errors_total", (("reason", "bad_signature"),))] == 2
     key = (("backend", "[::1]:9002"), ("pool", "web"))
     assert samples[("l4lb_backend_up", key)] == 1

@@ -29,10 +29,13 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from l4lb.config.schema import HealthConfig
 from l4lb.proxy_protocol import local_header
+
+if TYPE_CHECKING:
+    from l4lb.balancer.pool import Pool
 
 log = logging.getLogger("l4lb.health")
 
@@ -257,17 +260,54 @@ class PoolPlan:
     targets: list[Target]
 
 
-class HealthChecks:
-    """All health checking of a balancer: one task per checked pool, plus passive reports."""
+def plan_for(pool: Pool) -> PoolPlan | None:
+    """The checks of a runtime pool, or None when it has no ``[pools.NAME.health]`` table."""
+    cfg = pool.config.health
+    if cfg is None:
+        return None
+    targets = [
+        Target(pool.name, b.address, b.host, b.port, b.proxy_version, b) for b in pool.backends
+    ]
+    return PoolPlan(pool.name, CheckSettings.from_config(cfg), targets)
 
-    def __init__(self, set_up: SetUp) -> None:
-        self._set_up = set_up
+
+class HealthChecks:
+    """All health checking of a balancer: one task per checked pool, plus passive reports.
+
+    With the runtime's pools, :meth:`attach` does everything: it starts one checker per checked
+    pool, marks backends up and down through ``Pool.set_health`` and subscribes to the pool's
+    connect results (passive checks). Call it again after a reload (pools are replaced, backend
+    records carry over by address); :meth:`aclose` at shutdown. ``set_up`` replaces
+    ``Pool.set_health`` (for tests without a runtime).
+    """
+
+    def __init__(self, set_up: SetUp | None = None) -> None:
+        self._pools: dict[str, Pool] = {}
+        self._set_up = set_up or self._set_pool_health
         self._plans: dict[str, PoolPlan] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._health: dict[tuple[str, str], Health] = {}
         self._by_backend: dict[int, tuple[PoolPlan, Target]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
+
+    def attach(self, pools: Iterable[Pool]) -> None:
+        """Check these runtime pools (replacing whatever was checked before)."""
+        self._pools = {}
+        plans = []
+        for pool in pools:
+            plan = plan_for(pool)
+            if plan is None:
+                continue
+            self._pools[pool.name] = pool
+            pool.on_connect_result = self.connect_result
+            plans.append(plan)
+        self.start(plans)
+
+    def _set_pool_health(self, target: Target, up: bool, result: CheckResult) -> None:
+        pool = self._pools.get(target.pool)
+        if pool is not None:
+            pool.set_health(target.backend, up, result.detail)
 
     def start(self, plans: Iterable[PoolPlan]) -> None:
         """Start (or, after a reload, restart) checking these pools; records survive by address."""
@@ -341,6 +381,8 @@ class HealthChecks:
     def _apply(self, plan: PoolPlan, target: Target, result: CheckResult) -> None:
         record = self._health[(plan.name, target.address)]
         record.last = result
+        if target.backend is not None and hasattr(target.backend, "last_check"):
+            target.backend.last_check = ("ok: " if result.ok else "failed: ") + result.detail
         settings = plan.settings
         if result.ok:
             record.successes += 1
@@ -358,24 +400,17 @@ class HealthChecks:
     ) -> None:
         record.up = up
         settings = plan.settings
-        if up:
-            log.warning(
-                "backend %s of pool %s is UP: %s (%d %s check(s) passed)",
-                target.address,
-                plan.name,
-                result.detail,
-                settings.rise,
-                settings.check,
-            )
-        else:
-            log.warning(
-                "backend %s of pool %s is DOWN: %s (%d consecutive %s failure(s))",
-                target.address,
-                plan.name,
-                result.detail,
-                record.failures,
-                "connect" if result.source == "passive" else settings.check,
-            )
+        # One line per verdict, in the key=value form of the runtime's other events.
+        log.warning(
+            "event=health_%s pool=%s backend=%s check=%s %s=%d detail=%r",
+            "up" if up else "down",
+            plan.name,
+            target.address,
+            "passive" if result.source == "passive" else settings.check,
+            "passed" if up else "failed",
+            record.successes if up else record.failures,
+            result.detail,
+        )
         try:
             self._set_up(target, up, result)
         except Exception:  # the runtime's callback must not kill the checker task
