@@ -79,8 +79,8 @@ class BalancerCollector(Collector):
             for reason, count in lst.rejections.items():
                 # "bad_header:<codec reason>" -> "bad_header"; the codec's reasons go to
                 # l4lb_proxy_header_errors_total, so this label set stays small.
-                key = reason.split(":", 1)[0]
-                by_reason[key] = by_reason.get(key, 0) + count
+                short = reason.split(":", 1)[0]
+                by_reason[short] = by_reason.get(short, 0) + count
             for reason, count in sorted(by_reason.items()):
                 rejected.add_metric([lst.name, reason], count)
         yield conns
