@@ -21,7 +21,7 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from l4lb.trust.policy import Decision, HeaderGate, ProxyPolicy
 
@@ -183,7 +183,8 @@ class HeaderProtocol(asyncio.Protocol):
         self._handed_over = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # Duck-typed: uvloop's transports are not subclasses of asyncio.Transport.
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         self.gate = self.policy.start(
             transport.get_extra_info("peername"), transport.get_extra_info("sockname")

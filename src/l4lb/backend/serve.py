@@ -1,0 +1,119 @@
+"""``l4lb serve-asgi MODULE:APP``: run an ASGI app under uvicorn behind a PROXY-speaking balancer.
+
+    l4lb serve-asgi examples.asgi_app:app --bind 127.0.0.1:8000 \\
+        --accept-proxy required --trusted 127.0.0.1/32
+
+uvicorn's own ``proxy_headers`` are off: the client address comes from the PROXY header of a
+trusted peer only. TLS is not terminated here; terminate it at the balancer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from l4lb.trust.policy import Mode, PolicyError, ProxyPolicy
+
+__all__ = ["main", "parse_bind"]
+
+
+def parse_bind(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPV6]:PORT`` as ``(host, port)``; ValueError says what is wrong."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"--bind {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8000")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"--bind {text!r}: write an IPv6 address in brackets, e.g. [::1]:8000")
+    if not port_text.isascii() or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"--bind {text!r}: the port must be a number from 0 to 65535")
+    return host, int(port_text)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="l4lb serve-asgi",
+        description="Run an ASGI app under uvicorn, reading the real client address from the "
+        "PROXY header (v1 or v2) that a trusted balancer sends.",
+    )
+    parser.add_argument("app", metavar="MODULE:APP", help="the ASGI application, e.g. mymod:app")
+    parser.add_argument("--bind", default="127.0.0.1:8000", help="HOST:PORT to listen on")
+    parser.add_argument(
+        "--accept-proxy",
+        default=Mode.REQUIRED.value,
+        choices=[m.value for m in Mode],
+        help="required: trusted peers must send a header, others are refused; optional: "
+        "trusted peers may; off: no PROXY parsing (default: required)",
+    )
+    parser.add_argument(
+        "--trusted",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="CIDR",
+        help="addresses of the balancers allowed to send a PROXY header (repeatable)",
+    )
+    parser.add_argument(
+        "--header-timeout", type=float, default=5.0, help="seconds to wait for the header"
+    )
+    parser.add_argument(
+        "--http", default="auto", help="uvicorn HTTP implementation: auto, h11 or httptools"
+    )
+    parser.add_argument("--ws", default="auto", help="uvicorn WebSocket implementation")
+    parser.add_argument("--log-level", default="info", help="uvicorn log level")
+    parser.add_argument("--no-access-log", action="store_true", help="disable the access log")
+    parser.add_argument("--app-dir", default=".", help="directory added to sys.path for the app")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        host, port = parse_bind(args.bind)
+        policy = ProxyPolicy(
+            mode=args.accept_proxy, trusted=args.trusted, header_timeout=args.header_timeout
+        )
+    except (ValueError, PolicyError) as err:
+        print(f"l4lb serve-asgi: {err}", file=sys.stderr)
+        return 2
+    if policy.mode is Mode.REQUIRED and not policy.networks:
+        print(
+            "l4lb serve-asgi: --accept-proxy required with no --trusted CIDR would refuse "
+            "every connection; name the balancer's address, e.g. --trusted 127.0.0.1/32",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        import uvicorn
+    except ImportError:
+        print(
+            "l4lb serve-asgi: uvicorn is not installed (pip install 'l4lb[asgi]')", file=sys.stderr
+        )
+        return 2
+
+    from l4lb.backend.uvicorn import proxy_protocol_http
+
+    if args.app_dir and args.app_dir not in sys.path:
+        sys.path.insert(0, args.app_dir)
+    try:
+        http = proxy_protocol_http(policy=policy, http=args.http)
+    except Exception as err:  # uvicorn's import_from_string: an unknown --http name
+        print(f"l4lb serve-asgi: --http {args.http!r}: {err}", file=sys.stderr)
+        return 2
+    config = uvicorn.Config(
+        args.app,
+        host=host,
+        port=port,
+        http=http,
+        ws=args.ws,
+        proxy_headers=False,
+        log_level=args.log_level,
+        access_log=not args.no_access_log,
+    )
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    except SystemExit as exc:  # uvicorn exits on an app that cannot be imported
+        return int(exc.code) if isinstance(exc.code, int) else 1
+    return 0 if server.started else 1

@@ -1,0 +1,199 @@
+"""PROXY protocol for uvicorn: a protocol class to pass as ``uvicorn.Config(app, http=...)``.
+
+    config = uvicorn.Config(app, http=proxy_protocol_http(trusted=["127.0.0.1"]),
+                            proxy_headers=False)
+
+Each connection starts with a small protocol that reads the PROXY header through the policy's
+:class:`~l4lb.trust.policy.HeaderGate`, then switches the transport to uvicorn's own HTTP protocol
+(``http="auto" | "h11" | "httptools"`` or a class) with a transport that reports the real
+addresses. uvicorn reads ``client`` and ``server`` from that transport in ``connection_made``, so
+every request on a keep-alive connection, and a WebSocket after an upgrade (uvicorn hands the same
+transport to its WebSocket protocol), sees the real client and the original destination.
+``scope["extensions"]["proxy_protocol"]`` carries the header's version and TLVs.
+
+uvicorn's own ``proxy_headers`` (X-Forwarded-For) must be off behind this: the PROXY header
+already names the client, and a forwarded header from the client would override it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any
+
+from l4lb.backend.asyncio import HeaderProtocol, ProxiedTransport, deliver, log
+from l4lb.proxy_protocol import ParseOptions, ProxyHeader
+from l4lb.trust.policy import Decision, Mode, ProxyPolicy
+
+__all__ = ["proxy_extension", "proxy_protocol_http"]
+
+Scope = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Any, Any], Awaitable[None]]
+
+
+def proxy_extension(decision: Decision) -> dict[str, Any]:
+    """``scope["extensions"]["proxy_protocol"]``: what the PROXY header said, as plain values.
+
+    ``version`` is None for a connection without a header (``optional``/``off``). ``tlvs`` lists
+    every TLV as ``(type, value)`` in wire order; the common ones are decoded beside it.
+    """
+    header = decision.header
+    info: dict[str, Any] = {
+        "version": None,
+        "reason": decision.reason.value,
+        "client": decision.client,
+        "destination": decision.destination,
+        "upstream": decision.upstream,
+        "header": header,
+        "command": None,
+        "tlvs": [],
+        "authority": None,
+        "unique_id": None,
+        "alpn": None,
+        "ssl": None,
+    }
+    if header is not None:
+        info.update(
+            version=header.version,
+            command=header.command.name,
+            tlvs=[(tlv.type, tlv.value) for tlv in header.tlvs],
+            authority=header.authority,
+            unique_id=header.unique_id,
+            alpn=header.alpn,
+            ssl=_ssl(header),
+        )
+    return info
+
+
+def _ssl(header: ProxyHeader) -> dict[str, Any] | None:
+    ssl = header.ssl
+    if ssl is None:
+        return None
+    return {
+        "ssl": ssl.ssl,
+        "cert_conn": ssl.cert_conn,
+        "cert_sess": ssl.cert_sess,
+        "verified": ssl.verified,
+        "version": ssl.version,
+        "cn": ssl.cn,
+        "cipher": ssl.cipher,
+        "sig_alg": ssl.sig_alg,
+        "key_alg": ssl.key_alg,
+    }
+
+
+def _with_extension(app: ASGIApp, extension: dict[str, Any]) -> ASGIApp:
+    async def proxied_app(scope: Scope, receive: Any, send: Any) -> None:
+        if scope.get("type") in ("http", "websocket"):
+            extensions = scope.get("extensions")
+            if extensions is None:
+                extensions = scope["extensions"] = {}
+            extensions["proxy_protocol"] = extension
+        await app(scope, receive, send)
+
+    proxied_app.__wrapped__ = app  # type: ignore[attr-defined]
+    return proxied_app
+
+
+def _add_extension(protocol: object, extension: dict[str, Any]) -> None:
+    """uvicorn's HTTP and WebSocket protocols call ``self.app``; wrap it for this connection."""
+    app = getattr(protocol, "app", None)
+    if callable(app) and getattr(app, "__wrapped__", None) is None:
+        protocol.app = _with_extension(app, extension)  # type: ignore[attr-defined]
+
+
+def _resolve_http(http: str | type[asyncio.Protocol]) -> type[asyncio.Protocol]:
+    if not isinstance(http, str):
+        return http
+    from uvicorn.config import HTTP_PROTOCOLS
+    from uvicorn.importer import import_from_string
+
+    cls: type[asyncio.Protocol] = import_from_string(HTTP_PROTOCOLS.get(http, http))
+    return cls
+
+
+def proxy_protocol_http(
+    mode: Mode | str = Mode.REQUIRED,
+    trusted: Iterable[str] = (),
+    header_timeout: float = 5.0,
+    http: str | type[asyncio.Protocol] = "auto",
+    *,
+    options: ParseOptions | None = None,
+    policy: ProxyPolicy | None = None,
+) -> type[asyncio.Protocol]:
+    """A uvicorn HTTP protocol class that reads a PROXY header first (see the module docstring).
+
+    Pass either ``mode``/``trusted``/``header_timeout`` or a ready ``policy``. Bad CIDRs or modes
+    raise :class:`~l4lb.trust.policy.PolicyError` here, before the server starts.
+    """
+    if policy is None:
+        policy = ProxyPolicy(
+            mode=mode,
+            trusted=tuple(trusted),
+            header_timeout=header_timeout,
+            options=options or ParseOptions(),
+        )
+    inner = _resolve_http(http)
+    chosen = policy
+
+    class ProxyProtocolHTTP(asyncio.Protocol):
+        """Reads the PROXY header, then becomes uvicorn's HTTP protocol for this connection."""
+
+        policy = chosen
+        http_protocol_class = inner
+
+        def __init__(
+            self,
+            config: Any,
+            server_state: Any,
+            app_state: dict[str, Any],
+            _loop: asyncio.AbstractEventLoop | None = None,
+        ) -> None:
+            self.config = config
+            self.server_state = server_state
+            self.app_state = app_state
+            self.loop = _loop
+            self.connections: set[Any] = server_state.connections
+            self.header = HeaderProtocol(chosen, self._switch, self._reject, _loop)
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            # Counted as a connection (uvicorn's shutdown closes the ones still in their header).
+            self.connections.add(self)
+            self.header.connection_made(transport)
+
+        def data_received(self, data: bytes) -> None:
+            self.header.data_received(data)
+
+        def eof_received(self) -> bool | None:
+            return self.header.eof_received()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.connections.discard(self)
+            self.header.connection_lost(exc)
+
+        def shutdown(self) -> None:
+            self.header.shutdown()
+
+        def _reject(self, decision: Decision) -> None:
+            self.connections.discard(self)
+            log.warning("PROXY %s", decision.describe())
+
+        def _switch(self, transport: asyncio.Transport, decision: Decision) -> None:
+            self.connections.discard(self)
+            extension = proxy_extension(decision)
+            protocol = inner(  # type: ignore[call-arg]
+                config=self.config,
+                server_state=self.server_state,
+                app_state=self.app_state,
+                _loop=self.loop,
+            )
+            _add_extension(protocol, extension)
+            proxied = ProxiedTransport(
+                transport, decision, lambda new: _add_extension(new, extension)
+            )
+            transport.set_protocol(protocol)
+            protocol.connection_made(proxied)
+            deliver(protocol, decision.trailing)
+
+    ProxyProtocolHTTP.__qualname__ = f"ProxyProtocolHTTP[{inner.__name__}]"
+    return ProxyProtocolHTTP
