@@ -1,0 +1,385 @@
+"""Several worker processes behind the same listeners (``workers = N``), and their supervisor.
+
+The supervisor creates every listening socket itself before it forks: for each listener, one
+``SO_REUSEPORT`` socket per worker, so the kernel spreads new connections across the workers
+without a shared accept queue. It keeps its copies open, so a worker that crashes leaves its socket
+(and the connections queued on it) in place for the worker that replaces it.
+
+Consistency across workers:
+
+- **Maglev** needs nothing: its lookup table is a pure function of the pool's backends, so every
+  worker (and every l4lb instance with the same config) builds the same table and picks the same
+  backend for a client.
+- **Per-client limits** (``max_conns_per_client``, ``new_conns_per_client``) are counted in each
+  worker's own memory, and stay exact because a client always reaches the *same* worker: a classic
+  BPF program attached to each listener's reuseport group (``SO_ATTACH_REUSEPORT_CBPF``) picks the
+  socket from a hash of the source address (IPv4: the address; IPv6: its first
+  ``min(client_v6_prefix, 64)`` bits, so one limiter key never spans two workers). Because the
+  supervisor holds every worker's socket, the group's order never changes, so the mapping holds
+  across worker restarts. Where the kernel refuses the program, the kernel's own 4-tuple hash
+  spreads connections and the limits become per worker (logged at start).
+
+Signals: SIGTERM/SIGINT stop every worker gracefully (each drains for ``drain_timeout``; whatever
+is left after that and a grace period is killed); SIGHUP is forwarded for a reload. A worker that
+dies on its own is restarted, with a log line and a short back-off if it keeps dying.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["inherited_socket", "steering_program", "supervise"]
+
+log = logging.getLogger("l4lb.workers")
+
+Address = tuple[str, int]
+RunWorker = Callable[[str, Any, int], int]
+
+_INHERITED: dict[Address, socket.socket] = {}
+"""In a worker: the listening sockets the supervisor made for it, by bind address."""
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+GRACE = 5.0
+"""Seconds beyond ``drain_timeout`` before workers still running are killed."""
+STARTUP = 2.0
+"""A worker that exits with an error this soon after its first start failed to start (fatal)."""
+
+
+def inherited_socket(bind: Address) -> socket.socket | None:
+    """The listening socket the supervisor created for this worker on ``bind``, if any.
+
+    The listener code asks this before creating a socket of its own, so a worker serves on the
+    socket that keeps its place in the reuseport group.
+    """
+    return _INHERITED.pop(_key(bind), None)
+
+
+def _key(bind: Address) -> Address:
+    host, port = bind
+    return (host.strip("[]"), int(port))
+
+
+# -- the steering program -------------------------------------------------------------------
+
+SO_ATTACH_REUSEPORT_CBPF = 51
+_SKF_NET_OFF = -0x100000
+_LD_W_ABS, _LD_B_ABS = 0x20, 0x30
+_TAX, _RET_A, _JA = 0x07, 0x16, 0x05
+_JEQ_K = 0x15
+_AND_K, _RSH_K, _MUL_K, _MOD_K, _XOR_X = 0x54, 0x74, 0x24, 0x94, 0xAC
+
+Insn = tuple[int, int, int, int]
+
+
+def steering_program(workers: int, v6_prefix: int = 64) -> list[Insn]:
+    """Classic BPF that returns ``hash(client) % workers`` for a reuseport group.
+
+    IPv4: the whole source address. IPv6: the first ``min(v6_prefix, 64)`` bits of it, so
+    addresses that share a limiter key (a /prefix) share a worker. Loads are relative to the
+    network header (``SKF_NET_OFF``): the program runs on the SYN.
+    """
+    bits = min(max(v6_prefix, 0), 64)
+    hi = (0xFFFFFFFF << (32 - min(bits, 32))) & 0xFFFFFFFF if bits else 0
+    lo = (0xFFFFFFFF << (64 - bits)) & 0xFFFFFFFF if bits > 32 else 0
+    net = _SKF_NET_OFF & 0xFFFFFFFF
+    mix = [
+        (_TAX, 0, 0, 0),
+        (_RSH_K, 0, 0, 16),
+        (_XOR_X, 0, 0, 0),
+        (_MUL_K, 0, 0, 0x045D9F3B),
+        (_TAX, 0, 0, 0),
+        (_RSH_K, 0, 0, 16),
+        (_XOR_X, 0, 0, 0),
+        (_MOD_K, 0, 0, workers),
+        (_RET_A, 0, 0, 0),
+    ]
+    v6 = [
+        (_LD_W_ABS, 0, 0, net + 8),
+        (_AND_K, 0, 0, hi),
+        (_TAX, 0, 0, 0),
+        (_LD_W_ABS, 0, 0, net + 12),
+        (_AND_K, 0, 0, lo),
+        (_XOR_X, 0, 0, 0),
+    ]
+    v4 = [(_LD_W_ABS, 0, 0, net + 12), (_JA, 0, 0, len(v6))]
+    head = [
+        (_LD_B_ABS, 0, 0, net),
+        (_RSH_K, 0, 0, 4),
+        (_JEQ_K, len(v4), 0, 6),  # version 6: skip the IPv4 load
+    ]
+    return head + v4 + v6 + mix
+
+
+def attach_steering(sock: socket.socket, program: Sequence[Insn]) -> None:
+    """Attach ``program`` to the reuseport group of listening socket ``sock``."""
+    code = b"".join(struct.pack("HBBI", *insn) for insn in program)
+    buf = ctypes.create_string_buffer(code)
+    # struct sock_fprog { unsigned short len; struct sock_filter *filter; }
+    fprog = struct.pack("HL", len(program), ctypes.addressof(buf))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+
+
+# -- listening sockets ----------------------------------------------------------------------
+
+
+def open_listeners(config: Any, workers: int) -> list[dict[Address, socket.socket]]:
+    """For each worker, its own SO_REUSEPORT socket on every listener (raises OSError)."""
+    per_worker: list[dict[Address, socket.socket]] = [{} for _ in range(workers)]
+    try:
+        for listener in config.listeners:
+            host, port = listener.bind_addr
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            group = []
+            for i in range(workers):
+                s = socket.socket(family, socket.SOCK_STREAM)
+                per_worker[i][_key((host, port))] = s
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                try:
+                    s.bind((host, port))
+                except OSError as err:
+                    raise OSError(
+                        err.errno, f"listener {listener.name}: cannot bind {listener.bind}: {err}"
+                    ) from err
+                s.listen(4096)
+                s.setblocking(False)
+                group.append(s)
+            try:
+                attach_steering(group[0], steering_program(workers, listener.client_v6_prefix))
+            except OSError as err:
+                log.warning(
+                    "event=steering_unavailable listener=%s error=%r per_client_limits=per_worker",
+                    listener.name,
+                    str(err),
+                )
+    except BaseException:
+        for socks in per_worker:
+            for s in socks.values():
+                s.close()
+        raise
+    return per_worker
+
+
+# -- the supervisor -------------------------------------------------------------------------
+
+
+def _default_run_worker(config_path: str, config: Any, index: int) -> int:
+    """Run the single-worker balancer in this (forked) process."""
+    from l4lb.balancer import command
+
+    return int(command.run_single(config_path, config))
+
+
+@dataclass(slots=True)
+class _Worker:
+    index: int
+    pid: int = 0
+    started: float = 0.0
+    starts: int = 0
+    restart_at: float | None = None
+    backoff: float = 0.0
+
+
+class Supervisor:
+    """Forks, watches and stops the workers; see the module docstring."""
+
+    def __init__(
+        self,
+        config_path: str,
+        config: Any,
+        run_worker: RunWorker = _default_run_worker,
+    ) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.run_worker = run_worker
+        self.count = int(config.workers)
+        self.drain = float(getattr(config, "drain_timeout_s", 30.0))
+        self.workers = [_Worker(i) for i in range(self.count)]
+        self.sockets: list[dict[Address, socket.socket]] = []
+        self.stopping = False
+        self.status = 0
+
+    def run(self) -> int:
+        try:
+            self.sockets = open_listeners(self.config, self.count)
+        except OSError as err:
+            log.error("event=start_failed error=%r", err.strerror or str(err))
+            return 1
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        try:
+            log.info(
+                "event=workers_start workers=%d pid=%d listeners=%s",
+                self.count,
+                os.getpid(),
+                ",".join(lst.bind for lst in self.config.listeners),
+            )
+            for w in self.workers:
+                self._spawn(w, old_mask)
+            return self._loop(old_mask)
+        finally:
+            self._close_sockets()
+            for w in self.workers:  # never leave a worker behind, whatever happened
+                if w.pid:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(w.pid, signal.SIGKILL)
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(w.pid, 0)
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+    def _spawn(self, w: _Worker, old_mask: set[int | signal.Signals]) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                for sig in SIGNALS:
+                    signal.signal(sig, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+                for i, socks in enumerate(self.sockets):
+                    for addr, s in socks.items():
+                        if i == w.index:
+                            _INHERITED[addr] = s
+                        else:
+                            s.close()
+                code = self.run_worker(self.config_path, self.config, w.index)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:
+                log.exception("event=worker_failed index=%d", w.index)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        w.pid = pid
+        w.started = time.monotonic()
+        w.starts += 1
+        w.restart_at = None
+        log.info("event=worker_started index=%d pid=%d", w.index, pid)
+
+    def _loop(self, old_mask: set[int | signal.Signals]) -> int:
+        deadline: float | None = None
+        while True:
+            now = time.monotonic()
+            if self.stopping and not any(w.pid for w in self.workers):
+                return self.status
+            if deadline is not None and now >= deadline:
+                for w in self.workers:
+                    if w.pid:
+                        log.warning(
+                            "event=worker_killed index=%d pid=%d after=%.0fs",
+                            w.index,
+                            w.pid,
+                            self.drain + GRACE,
+                        )
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(w.pid, signal.SIGKILL)
+                deadline = now + GRACE  # reaped below; don't repeat the kill every loop
+                self.status = 1
+            for w in self.workers:
+                if w.restart_at is not None and now >= w.restart_at and not self.stopping:
+                    self._spawn(w, old_mask)
+            waits = [1.0]
+            waits += [w.restart_at - now for w in self.workers if w.restart_at is not None]
+            if deadline is not None:
+                waits.append(deadline - now)
+            info = signal.sigtimedwait(SIGNALS, max(0.01, min(waits)))
+            if info is not None:
+                sig = info.si_signo
+                if sig in (signal.SIGTERM, signal.SIGINT) and not self.stopping:
+                    deadline = time.monotonic() + self.drain + GRACE
+                    self._stop(sig)
+                elif sig == signal.SIGHUP:
+                    self._forward(signal.SIGHUP)
+                    log.info("event=reload_forwarded workers=%d", self.count)
+            self._reap()
+
+    def _stop(self, sig: int) -> None:
+        self.stopping = True
+        log.info(
+            "event=stopping signal=%s workers=%d drain_timeout=%.0fs",
+            signal.Signals(sig).name,
+            self.count,
+            self.drain,
+        )
+        # our copies first: once every worker has closed its own, the kernel stops queueing
+        self._close_sockets()
+        self._forward(signal.SIGTERM)
+
+    def _forward(self, sig: int) -> None:
+        for w in self.workers:
+            if w.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w.pid, sig)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            w = next((w for w in self.workers if w.pid == pid), None)
+            if w is None:
+                continue
+            w.pid = 0
+            lived = time.monotonic() - w.started
+            how = _describe(status)
+            if self.stopping:
+                log.info("event=worker_stopped index=%d pid=%d %s", w.index, pid, how)
+                if os.waitstatus_to_exitcode(status) != 0:
+                    self.status = 1
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if code > 0 and w.starts == 1 and lived < STARTUP:
+                log.error(
+                    "event=worker_start_failed index=%d pid=%d %s: stopping all workers",
+                    w.index,
+                    pid,
+                    how,
+                )
+                self.status = 1
+                self._stop(signal.SIGTERM)
+                continue
+            w.backoff = 0.0 if lived > 10 else min(5.0, max(0.1, w.backoff * 2))
+            w.restart_at = time.monotonic() + w.backoff
+            log.warning(
+                "event=worker_crashed index=%d pid=%d %s after=%.1fs restart_in=%.1fs",
+                w.index,
+                pid,
+                how,
+                lived,
+                w.backoff,
+            )
+
+    def _close_sockets(self) -> None:
+        for socks in self.sockets:
+            for s in socks.values():
+                s.close()
+        self.sockets = []
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"signal={signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit={os.waitstatus_to_exitcode(status)}"
+
+
+def supervise(config_path: str | Path, config: Any) -> int:
+    """Run ``config.workers`` worker processes until SIGTERM/SIGINT; the exit status."""
+    return Supervisor(str(config_path), config).run()
