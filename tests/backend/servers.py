@@ -101,6 +101,8 @@ def asyncio_greeter(
             while line := await reader.readline():
                 writer.write(b"ECHO " + line)
                 await writer.drain()
+        except ConnectionError:
+            pass
         finally:
             writer.close()
 
@@ -351,3 +353,42 @@ def http_get(
     assert head.startswith(b"HTTP/1.1 200"), head
     result: dict[str, Any] = json.loads(body[:length])
     return result
+
+
+# --- real HAProxy and nginx in front -------------------------------------------------------
+
+
+@contextlib.contextmanager
+def front_ends(workdir: Any, backend_port: int) -> Iterator[dict[str, int]]:
+    """Real HAProxy and nginx in front of ``127.0.0.1:backend_port``; yields name -> front port.
+
+    ``haproxy-v1`` (send-proxy), ``haproxy-v2`` (send-proxy-v2 with unique-id and authority;
+    the unique id is the client's ``ip:port``), ``haproxy-chain`` (accept-proxy in front, so a
+    client's own v2 header with an authority TLV is passed on) and ``nginx`` (stream,
+    ``proxy_protocol on``, v1). Both connect to the backend from 127.0.0.1.
+    """
+    from tests.support.peers import free_port, haproxy, nginx
+
+    ports = {name: free_port() for name in ("haproxy-v1", "haproxy-v2", "haproxy-chain", "nginx")}
+    server = f"127.0.0.1:{backend_port}"
+    v2 = "send-proxy-v2 proxy-v2-options unique-id,authority"
+    body = (
+        f"listen v1\n    bind 127.0.0.1:{ports['haproxy-v1']}\n"
+        f"    server app {server} send-proxy\n"
+        f"listen v2\n    bind 127.0.0.1:{ports['haproxy-v2']}\n"
+        "    unique-id-format %ci:%cp\n"
+        f"    server app {server} {v2}\n"
+        f"listen chain\n    bind 127.0.0.1:{ports['haproxy-chain']} accept-proxy\n"
+        "    unique-id-format %ci:%cp\n"
+        f"    server app {server} {v2}\n"
+    )
+    stream = (
+        f"server {{ listen 127.0.0.1:{ports['nginx']}; proxy_pass {server}; "
+        "proxy_protocol on; proxy_connect_timeout 5s; }"
+    )
+    hap_ports = [("127.0.0.1", ports[n]) for n in ("haproxy-v1", "haproxy-v2", "haproxy-chain")]
+    with (
+        haproxy(workdir / "haproxy", body, wait=hap_ports),
+        nginx(workdir / "nginx", stream=stream, wait=[("127.0.0.1", ports["nginx"])]),
+    ):
+        yield ports

@@ -1,0 +1,49 @@
+"""Real HAProxy and nginx in front of l4lb.backend.asyncio: each client's own address arrives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from l4lb.proxy_protocol import TLV, TLVType, build
+from l4lb.trust.policy import ProxyPolicy
+from tests.backend.servers import (
+    asyncio_greeter,
+    closed_by_peer,
+    front_ends,
+    parse_greeting,
+    recv_line,
+)
+from tests.support.peers import connect_from
+
+CLIENTS = ["127.0.0.7", "127.0.0.8"]
+
+
+def test_haproxy_and_nginx_in_front(tmp_path: Path) -> None:
+    policy = ProxyPolicy(mode="required", trusted=["127.0.0.1/32"], header_timeout=5)
+    with asyncio_greeter(policy) as (port, _seen, server), front_ends(tmp_path, port) as fronts:
+        for name in ("haproxy-v1", "haproxy-v2", "nginx"):
+            for ip in CLIENTS:
+                with connect_from(ip, "127.0.0.1", fronts[name]) as s:
+                    own = f"{ip}:{s.getsockname()[1]}"
+                    hello = parse_greeting(recv_line(s))
+                    assert hello["peer"] == own, name
+                    assert hello["sock"] == f"127.0.0.1:{fronts[name]}", name
+                    assert hello["via"].startswith("127.0.0.1:")
+                    assert hello["v"] == ("2" if name == "haproxy-v2" else "1")
+                    if name == "haproxy-v2":
+                        assert hello["uid"] == own  # unique-id-format %ci:%cp
+                    s.sendall(b"through " + name.encode() + b"\n")
+                    assert recv_line(s) == b"ECHO through " + name.encode() + b"\n"
+        # HAProxy with accept-proxy passes on the authority of the header it received.
+        with connect_from("127.0.0.7", "127.0.0.1", fronts["haproxy-chain"]) as s:
+            tlvs = [TLV(TLVType.AUTHORITY, b"shop.example")]
+            s.sendall(build(2, ("192.0.2.5", 1234), ("127.0.0.1", 443), tlvs=tlvs))
+            hello = parse_greeting(recv_line(s))
+            assert hello["peer"] == "192.0.2.5:1234"
+            assert hello["uid"] == "192.0.2.5:1234"
+            assert hello["auth"] == "shop.example"
+        # A forged header straight from an untrusted client is refused.
+        with connect_from("127.0.0.9", "127.0.0.1", port) as s:
+            s.sendall(build(1, ("198.51.100.42", 1), ("127.0.0.1", port)))
+            assert closed_by_peer(s)
+        assert server.proxy_factory.rejections["untrusted"] == 1
