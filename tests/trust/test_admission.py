@@ -494,3 +494,31 @@ def test_off_path_allocates_only_the_admitted_value() -> None:
         assert admission.rejections == {}
     finally:
         loop.close()
+
+
+def test_running_listener_config_is_read_not_guessed() -> None:
+    """The balancer passes its Listener (whose ``config`` is the ListenerConfig): the trust
+    keys come from there, never from defaults."""
+
+    class Listener:
+        def __init__(self, config: ListenerConfig) -> None:
+            self.config = config
+            self.name = config.name
+
+    config = ListenerConfig(
+        name="edge",
+        bind="127.0.0.1:1",
+        pool="p",
+        accept_proxy="required",
+        trusted_proxies=("10.0.0.0/8",),
+        deny=("192.0.2.0/24",),
+        max_conns_per_client=3,
+    )
+    loop = asyncio.new_event_loop()
+    try:
+        admission = Admission(Listener(config), loop=loop, on_reject=lambda r: None)
+    finally:
+        loop.close()
+    assert admission.policy is not None and admission.policy.is_trusted("10.1.2.3")
+    assert "192.0.2.9" in admission.deny
+    assert admission.limiter is not None and admission.limiter.max_conns == 3

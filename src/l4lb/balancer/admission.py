@@ -128,44 +128,46 @@ class Admission:
         loop: asyncio.AbstractEventLoop,
         on_reject: Callable[[Rejected], None],
     ) -> None:
-        """Compile ``listener`` (a ``ListenerConfig``): raises ValueError (a CidrError naming
+        """Compile the listener's policy: ``listener`` is a ``ListenerConfig``, or an object whose
+        ``config`` is one (the running listener). Raises ValueError (a CidrError naming
         ``file:line`` for ``deny_file``, or a PolicyError) for a policy that cannot be built."""
         self.listener = listener
         self.loop = loop
         self.on_reject = on_reject
         self.rejections: Counter[str] = Counter()
-        self.name: str = getattr(listener, "name", "?")
+        cfg = listener.config if hasattr(listener, "config") else listener
+        self.config = cfg
+        self.name: str = cfg.name
 
-        mode = Mode(getattr(listener, "accept_proxy", "off"))
+        mode = Mode(cfg.accept_proxy)
         self.policy: ProxyPolicy | None = None
         if mode is not Mode.OFF:
             self.policy = ProxyPolicy(
                 mode,
-                trusted=listener.trusted_proxies,
-                header_timeout=listener.proxy_header_timeout_s,
+                trusted=cfg.trusted_proxies,
+                header_timeout=cfg.proxy_header_timeout_s,
             )
-        self.max_pending: int = getattr(listener, "max_pending_headers", 1000)
-        self.pass_types: frozenset[int] = frozenset(getattr(listener, "pass_tlv_types", ()))
+        self.max_pending: int = cfg.max_pending_headers
+        self.pass_types: frozenset[int] = frozenset(cfg.pass_tlv_types)
 
         self.deny = CidrSet()
-        self.deny.update(getattr(listener, "deny", ()), where=f"listener {self.name}: deny")
-        deny_file = getattr(listener, "deny_file", None)
-        if deny_file:
-            self.deny.load(deny_file)
+        self.deny.update(cfg.deny, where=f"listener {self.name}: deny")
+        if cfg.deny_file:
+            self.deny.load(cfg.deny_file)
         self.allow = CidrSet()
-        self.allow.update(getattr(listener, "allow", ()), where=f"listener {self.name}: allow")
+        self.allow.update(cfg.allow, where=f"listener {self.name}: allow")
 
-        max_conns: int | None = getattr(listener, "max_conns_per_client", None)
-        per_second: float | None = getattr(listener, "new_conns_rate", None)
+        max_conns: int | None = cfg.max_conns_per_client
+        per_second: float | None = cfg.new_conns_rate
         self.limiter: ClientLimiter | None = None
         if max_conns is not None or per_second is not None:
             rate = None
             if per_second is not None:
-                rate = Rate(per_second, float(listener.new_conns_burst_size))
+                rate = Rate(per_second, float(cfg.new_conns_burst_size))
             self.limiter = ClientLimiter(
                 max_conns=max_conns,
                 rate=rate,
-                v6_prefix=getattr(listener, "client_v6_prefix", 64),
+                v6_prefix=cfg.client_v6_prefix,
             )
         self._checks_client = bool(self.deny or self.allow or self.limiter)
         self._counts_conns = self.limiter is not None and self.limiter.max_conns is not None
@@ -189,10 +191,12 @@ class Admission:
         """Take ownership of ``sock``; call ``done`` once if it is admitted, else close it."""
         policy = self.policy
         if policy is None:
-            client = (peer[0], peer[1])
+            # The hot path: (host, port) pairs as the listener passes them, no copies.
+            client = peer if len(peer) == 2 else (peer[0], peer[1])
             if self._checks_client and not self._client_passes(sock, client, client):
                 return
-            done(sock, Admitted(client=client, destination=(sockname[0], sockname[1])))
+            here = sockname if len(sockname) == 2 else (sockname[0], sockname[1])
+            done(sock, Admitted(client=client, destination=here))
             return
         gate = policy.start(peer, sockname)
         if gate.decision is not None:  # required, untrusted: not one byte is read
