@@ -327,10 +327,10 @@ def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
     return data == b""
 
 
-def http_get(
+def http_request(
     sock: socket.socket, path: str = "/", host: str = "x", timeout: float = 5.0
-) -> dict[str, Any]:
-    """One keep-alive HTTP/1.1 GET on ``sock``; the JSON body."""
+) -> tuple[int, bytes]:
+    """One keep-alive HTTP/1.1 GET on ``sock``: the status and the body."""
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
     sock.settimeout(timeout)
     buf = b""
@@ -350,8 +350,16 @@ def http_get(
         if not chunk:
             raise ConnectionError("closed in the middle of the body")
         body += chunk
-    assert head.startswith(b"HTTP/1.1 200"), head
-    result: dict[str, Any] = json.loads(body[:length])
+    return int(head.split(b" ", 2)[1]), body[:length]
+
+
+def http_get(
+    sock: socket.socket, path: str = "/", host: str = "x", timeout: float = 5.0
+) -> dict[str, Any]:
+    """One keep-alive HTTP/1.1 GET on ``sock`` that must answer 200; the JSON body."""
+    status, body = http_request(sock, path, host, timeout)
+    assert status == 200, (status, body)
+    result: dict[str, Any] = json.loads(body)
     return result
 
 
