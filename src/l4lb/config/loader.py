@@ -288,6 +288,13 @@ def _cross_checks(config: schema.Config) -> list[ConfigIssue]:
             )
         if lst.deny_file is not None and not os.path.isfile(lst.deny_file):
             issues.append(ConfigIssue(f"{where}.deny_file", f"no such file: {lst.deny_file}"))
+        elif lst.deny_file is not None:
+            from l4lb.trust.cidr import CidrError, CidrSet  # every line checked: file:line errors
+
+            try:
+                CidrSet.from_file(lst.deny_file)
+            except CidrError as err:
+                issues.append(ConfigIssue(f"{where}.deny_file", str(err)))
     if config.admin is not None and config.admin.bind_addr in binds:
         issues.append(ConfigIssue("admin.bind", f"{config.admin.bind!r} is also a listener's bind"))
     for name, pool in config.pools.items():
