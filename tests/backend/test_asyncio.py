@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from l4lb.backend.asyncio import ProxyProtocolFactory
+from l4lb.backend.asyncio import ProxyProtocolFactory, start_server
 from l4lb.proxy_protocol import TLV, TLVType, build, local_header
 from l4lb.trust.policy import ProxyPolicy
 from tests.backend.servers import (
@@ -254,5 +254,33 @@ def test_protocol_factory_wrapper(protocol_class: type) -> None:
             assert results[0][2][0] == "127.0.0.1"
             assert results[0][3] is None  # the raw socket would name the balancer
         server.close()
+    finally:
+        runner.close()
+
+
+def test_ipv6_listener_and_clients() -> None:
+    v6 = ProxyPolicy(mode="required", trusted=["::1"], header_timeout=5)
+    with (
+        asyncio_greeter(v6, host="::1") as (port, _seen, _server),
+        socket.create_connection(("::1", port)) as s,
+    ):
+        s.sendall(build(2, ("2001:db8::7", 443), ("2001:db8::1", 8443)) + b"x\n")
+        hello = parse_greeting(recv_line(s))
+        assert hello["peer"] == "2001:db8::7:443" and hello["sock"] == "2001:db8::1:8443"
+        assert hello["via"].startswith("::1:")
+        assert recv_line(s) == b"ECHO x\n"
+
+
+def test_ssl_is_refused_with_a_clear_error() -> None:
+    runner = LoopThread()
+    try:
+        import ssl
+
+        async def start() -> None:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            await start_server(lambda r, w: None, "127.0.0.1", 0, policy=policy(), ssl=ctx)
+
+        with pytest.raises(ValueError, match="terminate TLS at the balancer"):
+            runner.call(start())
     finally:
         runner.close()

@@ -303,6 +303,11 @@ async def start_server(
     to ``loop.create_server``. The factory is on the server as ``server.proxy_factory`` (for
     its ``rejections`` counter).
     """
+    if kwargs.get("ssl") is not None:
+        raise ValueError(
+            "start_server(ssl=...): the PROXY header comes before the TLS handshake; "
+            "terminate TLS at the balancer"
+        )
     loop = asyncio.get_running_loop()
 
     def stream_protocol() -> asyncio.StreamReaderProtocol:
