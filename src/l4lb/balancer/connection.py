@@ -1,0 +1,336 @@
+"""One client connection from admission to close: peek, pick, connect, PROXY header, relay.
+
+Everything here runs from event-loop callbacks (no Task per connection): a raw non-blocking
+``connect()`` watched with ``add_writer`` and one timer, then the relay. Client bytes are not read
+until a backend is connected (they wait in the kernel), so trying another backend after a failed
+connect loses nothing. With ``authority``/``alpn`` TLVs requested, the ClientHello is peeked
+(``MSG_PEEK``, nothing consumed) for up to ``tls_peek_timeout`` first.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import socket
+import time
+from typing import TYPE_CHECKING
+
+from l4lb.balancer import tls_peek
+from l4lb.balancer.admission import Admitted
+from l4lb.balancer.relay import Relay, reset_socket
+from l4lb.config.values import format_hostport
+from l4lb.proxy_protocol import TLV, ProxyProtocolError, TLVType, build
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from l4lb.balancer.listener import Listener
+    from l4lb.balancer.pool import Backend, Pool
+
+log = logging.getLogger("l4lb.conn")
+
+_UID_PREFIX = os.urandom(5).hex()
+_uid_counter = itertools.count(1)
+_T_UNIQUE_ID = int(TLVType.UNIQUE_ID)
+_PEEK_SIZE = 16384
+_PEEK_RETRY = 0.005
+_VERSIONS = ("off", "v1", "v2")
+
+
+def new_unique_id() -> str:
+    """A connection id unique across processes and restarts (random prefix + counter)."""
+    return f"{_UID_PREFIX}{next(_uid_counter):08x}"
+
+
+class Connection:
+    """An admitted client connection and everything the access log says about it."""
+
+    __slots__ = (
+        "admission",
+        "admitted",
+        "alpn",
+        "authority",
+        "backend",
+        "backend_sock",
+        "bytes_from_client",
+        "bytes_to_client",
+        "client_sock",
+        "connect_started",
+        "detail",
+        "ended",
+        "idle_since",
+        "listener",
+        "loop",
+        "pool",
+        "proxy_version",
+        "relay",
+        "seen",
+        "started",
+        "timer",
+        "tried",
+        "unique_id",
+        "wall_started",
+    )
+
+    def __init__(
+        self,
+        listener: Listener,
+        pool: Pool,
+        sock: socket.socket,
+        admitted: Admitted,
+    ) -> None:
+        self.listener = listener
+        self.loop: asyncio.AbstractEventLoop = listener.loop
+        self.pool = pool
+        self.client_sock = sock
+        self.admitted = admitted
+        self.admission = listener.admission
+        """The admission that let it in (a reload may give the listener a new one)."""
+        self.started = time.monotonic()
+        self.idle_since = self.loop.time()
+        self.wall_started = time.time()
+        self.backend: Backend | None = None
+        self.backend_sock: socket.socket | None = None
+        self.tried: tuple[Backend, ...] = ()
+        self.bytes_from_client = 0
+        self.bytes_to_client = 0
+        self.seen = 0
+        self.relay: Relay | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.proxy_version = 0
+        self.authority: str | None = None
+        self.alpn: bytes | None = None
+        self.detail = ""
+        self.ended = False
+        self.connect_started = 0.0
+        uid = None
+        for tlv in admitted.pass_tlvs:
+            if tlv.type == _T_UNIQUE_ID:
+                uid = tlv.value.decode("utf-8", "backslashreplace")
+                break
+        self.unique_id = uid if uid is not None else new_unique_id()
+
+    # -- the steps -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.pool.tls_peek_timeout > 0:
+            self.loop.add_reader(self.client_sock.fileno(), self._peek)
+            self.timer = self.loop.call_later(self.pool.tls_peek_timeout, self._peek_done)
+        else:
+            self.connect_next()
+
+    def _peek(self) -> None:
+        try:
+            data = self.client_sock.recv(_PEEK_SIZE, socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._peek_done()
+            return
+        if not data:
+            self._peek_done()
+            return
+        result = tls_peek.parse_client_hello(data)
+        if result is tls_peek.NEED_DATA and len(data) < _PEEK_SIZE:
+            # Level-triggered readiness would spin on the peeked bytes: look again shortly.
+            self.loop.remove_reader(self.client_sock.fileno())
+            self.loop.call_later(_PEEK_RETRY, self._peek_again)
+            return
+        if isinstance(result, tls_peek.ClientHello):
+            self.authority = result.server_name
+            self.alpn = result.alpn[0] if result.alpn else None
+        self._peek_done()
+
+    def _peek_again(self) -> None:
+        if self.timer is not None and not self.ended:
+            self.loop.add_reader(self.client_sock.fileno(), self._peek)
+
+    def _peek_done(self) -> None:
+        if self.timer is None or self.ended:
+            return
+        self.timer.cancel()
+        self.timer = None
+        self.loop.remove_reader(self.client_sock.fileno())
+        self.connect_next()
+
+    def connect_next(self) -> None:
+        """Pick a backend not tried yet and start connecting to it."""
+        pool = self.pool
+        backend = pool.pick(self.admitted.client[0], self.tried)
+        if backend is None:
+            if self.tried:
+                self.finish("connect_failed", self.detail or "every backend tried failed")
+            else:
+                self.finish("no_backend", f"no backend of pool {pool.name} is available")
+            return
+        self.tried += (backend,)
+        self.backend = backend
+        backend.active += 1
+        family = socket.AF_INET6 if ":" in backend.host else socket.AF_INET
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as err:
+            backend.active -= 1
+            self.backend = None
+            self.finish("connect_failed", f"socket(): {err.strerror}")
+            return
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.backend_sock = sock
+        self.connect_started = time.monotonic()
+        code = sock.connect_ex((backend.host, backend.port))
+        if code == 0:
+            self._connected()
+        elif code == errno.EINPROGRESS:
+            self.loop.add_writer(sock.fileno(), self._on_writable)
+            self.timer = self.loop.call_later(pool.connect_timeout, self._connect_timeout)
+        else:
+            self._connect_failed(os.strerror(code))
+
+    def _on_writable(self) -> None:
+        sock = self.backend_sock
+        assert sock is not None
+        self.loop.remove_writer(sock.fileno())
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._connect_failed(os.strerror(err))
+        else:
+            self._connected()
+
+    def _connect_timeout(self) -> None:
+        self.timer = None
+        sock = self.backend_sock
+        if sock is not None:
+            self.loop.remove_writer(sock.fileno())
+        self._connect_failed(f"connect timeout after {self.pool.connect_timeout:g}s")
+
+    def _connect_failed(self, why: str) -> None:
+        backend = self.backend
+        assert backend is not None
+        sock = self.backend_sock
+        if sock is not None:
+            sock.close()
+            self.backend_sock = None
+        backend.active -= 1
+        self.backend = None
+        self.detail = f"{backend.address}: {why}"
+        log.warning(
+            "event=connect_failed listener=%s pool=%s backend=%s client=%s error=%r attempt=%d",
+            self.listener.name,
+            self.pool.name,
+            backend.address,
+            format_hostport(*self.admitted.client[:2]),
+            why,
+            len(self.tried),
+        )
+        self.pool.connect_result(backend, False, why)
+        if self.ended:
+            return
+        if len(self.tried) <= self.pool.retries:
+            self.connect_next()
+        else:
+            self.finish("connect_failed", self.detail)
+
+    def _connected(self) -> None:
+        backend = self.backend
+        sock = self.backend_sock
+        assert backend is not None and sock is not None
+        backend.connected(time.monotonic() - self.connect_started)
+        self.pool.connect_result(backend, True)
+        try:
+            first = self.header(backend.proxy_version)
+        except ProxyProtocolError as err:
+            self.finish("header_error", str(err))
+            return
+        self.proxy_version = backend.proxy_version
+        listener = self.listener
+        self.relay = listener.start_relay(self.loop, self.client_sock, sock, first, self)
+
+    def header(self, version: int) -> bytes:
+        """The PROXY header for this connection, or b"" when the backend gets none."""
+        if version == 0:
+            return b""
+        admitted = self.admitted
+        if version == 1:
+            return build(1, admitted.client, admitted.destination)
+        pool = self.pool
+        tlvs: list[TLV] = list(admitted.pass_tlvs)
+        if pool.tlv_unique_id and not any(t.type == _T_UNIQUE_ID for t in tlvs):
+            tlvs.append(TLV(_T_UNIQUE_ID, self.unique_id.encode()))
+        if pool.tlv_authority and self.authority:
+            tlvs.append(TLV(TLVType.AUTHORITY, self.authority.encode()))
+        if pool.tlv_alpn and self.alpn:
+            tlvs.append(TLV(TLVType.ALPN, self.alpn))
+        if pool.tlv_noop:
+            tlvs.append(TLV(TLVType.NOOP, b""))
+        return build(2, admitted.client, admitted.destination, tlvs=tlvs, crc32c=pool.tlv_crc32c)
+
+    # -- the end -------------------------------------------------------------------------
+
+    def relay_closed(self, reason: str) -> None:
+        """Called once by the relay when both sockets are closed."""
+        self.finish(reason, self.detail if reason == "error" else "")
+
+    def close(self, reason: str) -> None:
+        """End now (idle timeout, shutdown), whatever stage the connection is in."""
+        if self.ended:
+            return
+        if self.relay is not None:
+            self.relay.close(reason)
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        with _suppress():
+            self.loop.remove_reader(self.client_sock.fileno())
+        sock = self.backend_sock
+        if sock is not None:
+            with _suppress():
+                self.loop.remove_writer(sock.fileno())
+        self.finish(reason)
+
+    def finish(self, reason: str, detail: str = "") -> None:
+        """Account for the connection's end, once: counters, admission slot, access log."""
+        if self.ended:
+            return
+        self.ended = True
+        if self.relay is None:
+            # Never relayed: the client socket is still ours to close (with a RST when refused).
+            if reason in ("no_backend", "connect_failed", "header_error"):
+                reset_socket(self.client_sock)
+            self.client_sock.close()
+            if reason in ("no_backend", "connect_failed"):
+                log.warning(
+                    "event=%s listener=%s pool=%s client=%s detail=%r",
+                    reason,
+                    self.listener.name,
+                    self.pool.name,
+                    format_hostport(*self.admitted.client[:2]),
+                    detail,
+                )
+        backend = self.backend
+        if backend is not None:
+            backend.active -= 1
+            backend.bytes_in += self.bytes_from_client
+            backend.bytes_out += self.bytes_to_client
+        if self.relay is None and self.backend_sock is not None:
+            self.backend_sock.close()
+            self.backend_sock = None
+        self.listener.connection_ended(self, reason, detail)
+
+
+class _suppress:
+    """``contextlib.suppress(OSError, ValueError)`` without the generator (cheap, on close)."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, tp: object, value: object, tb: object) -> bool:
+        return tp is not None and isinstance(value, OSError | ValueError)

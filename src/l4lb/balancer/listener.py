@@ -1,0 +1,205 @@
+"""A listening socket and its accept loop, feeding admitted connections to their pool.
+
+The socket is raw and non-blocking (``SO_REUSEADDR`` + ``SO_REUSEPORT``, so several worker
+processes can share the port); one ``add_reader`` callback accepts a batch per wake-up. At
+``max_conns`` the listener stops watching the socket instead of accepting and dropping: new
+clients wait in the kernel's backlog until a connection ends.
+
+Counters for readers: ``active`` (admitted connections open now), ``total`` (admitted since
+start), ``rejected`` (refused by admission), ``rejections`` (by reason, from admission).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections import Counter
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from l4lb.balancer.admission import Admission, Admitted, Rejected
+from l4lb.balancer.connection import Connection
+from l4lb.balancer.relay import StartRelay
+from l4lb.config.schema import ListenerConfig
+from l4lb.config.values import format_hostport
+
+if TYPE_CHECKING:
+    from l4lb.balancer.runtime import Balancer
+
+log = logging.getLogger("l4lb.listener")
+
+ACCEPT_BATCH = 64
+_EMFILE_PAUSE = 0.1
+
+
+class BindError(OSError):
+    """A listener could not bind its address (in use, not local, no permission)."""
+
+
+def open_listening_socket(host: str, port: int, backlog: int = 4096) -> socket.socket:
+    """A non-blocking listening socket with SO_REUSEADDR and SO_REUSEPORT."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as err:
+        sock.close()
+        raise BindError(
+            err.errno, f"cannot bind {format_hostport(host, port)}: {err.strerror}"
+        ) from err
+    return sock
+
+
+class Listener:
+    """One ``[[listeners]]`` entry at run time."""
+
+    __slots__ = (
+        "accepting",
+        "active",
+        "admission",
+        "balancer",
+        "config",
+        "loop",
+        "max_conns",
+        "name",
+        "rejected",
+        "rejections",
+        "running",
+        "sock",
+        "start_relay",
+        "total",
+    )
+
+    def __init__(
+        self,
+        balancer: Balancer,
+        config: ListenerConfig,
+        sock: socket.socket | None = None,
+    ) -> None:
+        self.balancer = balancer
+        self.loop: asyncio.AbstractEventLoop = balancer.loop
+        self.config = config
+        self.name = config.name
+        self.max_conns = config.max_conns
+        self.start_relay: StartRelay = balancer.start_relay
+        host, port = config.bind_addr
+        self.sock = sock if sock is not None else open_listening_socket(host, port)
+        self.active = 0
+        self.total = 0
+        self.rejected = 0
+        self.rejections: Counter[str] = Counter()
+        self.running = False
+        self.accepting = False
+        self.admission = Admission(self, loop=self.loop, on_reject=self.on_reject)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound address (the real port when the config says port 0)."""
+        name = self.sock.getsockname()
+        return name[0], name[1]
+
+    def start(self) -> None:
+        self.running = True
+        self._watch()
+
+    def _watch(self) -> None:
+        if self.running and not self.accepting and self.active < self.max_conns:
+            self.accepting = True
+            self.loop.add_reader(self.sock.fileno(), self._accept)
+
+    def _unwatch(self) -> None:
+        if self.accepting:
+            self.accepting = False
+            self.loop.remove_reader(self.sock.fileno())
+
+    def _accept(self) -> None:
+        lsock = self.sock
+        admit = self.admission.admit
+        for _ in range(ACCEPT_BATCH):
+            if self.active >= self.max_conns:
+                self._unwatch()
+                return
+            try:
+                sock, peer = lsock.accept()
+            except BlockingIOError:
+                return
+            except OSError as err:
+                # Out of descriptors (EMFILE/ENFILE) or buffers: back off instead of spinning.
+                log.error("event=accept_failed listener=%s error=%r", self.name, err.strerror)
+                self._unwatch()
+                self.loop.call_later(_EMFILE_PAUSE, self._watch)
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                here = sock.getsockname()
+            except OSError:
+                sock.close()
+                continue
+            admit(sock, (peer[0], peer[1]), (here[0], here[1]), self._admitted)
+
+    def _admitted(self, sock: socket.socket, admitted: Admitted) -> None:
+        balancer = self.balancer
+        pool = balancer.pools.get(self.config.pool)
+        if pool is None:
+            sock.close()
+            self.admission.release(admitted)
+            return
+        self.active += 1
+        self.total += 1
+        conn = Connection(self, pool, sock, admitted)
+        balancer.connections.add(conn)
+        if self.active >= self.max_conns:
+            self._unwatch()
+        conn.start()
+
+    def connection_ended(self, conn: Connection, reason: str, detail: str) -> None:
+        """The connection is over: free its slot, log it."""
+        self.active -= 1
+        balancer = self.balancer
+        balancer.connections.discard(conn)
+        conn.admission.release(conn.admitted)
+        if not self.accepting and self.running:
+            self._watch()
+        balancer.log_connection(conn, reason, detail)
+
+    def on_reject(self, rejected: Rejected) -> None:
+        """Admission refused a connection: count it by reason, log a line."""
+        self.rejected += 1
+        self.rejections[rejected.reason] += 1
+        self.balancer.log_rejection(self, rejected)
+
+    def reconfigure(self, config: ListenerConfig) -> None:
+        """Apply a reloaded config with the same bind; a changed trust policy gets a new Admission.
+
+        Connections still waiting for their header finish with the old one, which is closed
+        after its header timeout.
+        """
+        old = self.config
+        self.config = config
+        self.max_conns = config.max_conns
+        self.start_relay = self.balancer.start_relay
+        same = msgspec.structs.replace(config, pool=old.pool, max_conns=old.max_conns)
+        if same != old:
+            previous = self.admission
+            self.admission = Admission(self, loop=self.loop, on_reject=self.on_reject)
+            self.loop.call_later(old.proxy_header_timeout_s + 1.0, previous.close)
+        if self.running:
+            if self.active >= self.max_conns:
+                self._unwatch()
+            else:
+                self._watch()
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; admitted connections run on."""
+        self.running = False
+        self._unwatch()
+        self.sock.close()
+        self.admission.close()

@@ -1,0 +1,251 @@
+"""The runtime model of pools and backends: state, counters, and the choice of a backend.
+
+Everything an admin API, a metrics exporter or a health checker reads lives here as plain
+attributes (ints, floats, an Enum): the hot path only does ``+= 1``; readers copy what they need.
+
+A backend's :attr:`Backend.state` combines two inputs: health (``set_health``: up/down, from
+active checks or passive connect failures) and the admin's choice (``set_admin``: drain,
+disable, enable). Only ``UP`` backends with weight > 0 are in rotation; every algorithm also
+skips a backend at its ``max_conns``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import logging
+from collections.abc import Callable
+
+from l4lb.balancer.algorithms import ALGORITHMS, Algorithm
+from l4lb.config.schema import BackendConfig, PoolConfig
+from l4lb.config.values import parse_hostport
+
+log = logging.getLogger("l4lb.pool")
+
+CONNECT_BUCKETS: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0)
+"""Upper bounds (seconds) of the connect-latency histogram; a last bucket counts the rest."""
+
+PROXY_VERSIONS = {"off": 0, "v1": 1, "v2": 2}
+
+
+class BackendState(enum.Enum):
+    """What a backend may do: ``UP`` takes new connections, the others do not.
+
+    ``DRAIN`` (admin) keeps existing connections running; ``DISABLED`` (admin) also ignores health
+    checks until enabled; ``DOWN`` comes from health checks or consecutive connect failures.
+    """
+
+    UP = "up"
+    DOWN = "down"
+    DRAIN = "drain"
+    DISABLED = "disabled"
+
+
+class Backend:
+    """One backend of a pool, with its live counters.
+
+    Attributes for readers (the admin API, metrics):
+
+    - ``address`` (as in the config), ``host``, ``port``, ``weight``, ``max_conns``,
+      ``proxy_version`` (0 = none, 1, 2), ``state`` (:class:`BackendState`);
+    - ``active`` connections now, ``total`` connections relayed since start (counted when the
+      connect succeeds), ``bytes_in`` (client -> backend) and ``bytes_out`` (backend -> client),
+      added when each connection closes;
+    - ``connect_failures`` (all time) and ``consecutive_failures`` (reset by a success);
+    - ``last_check``: a short text of the last health-check result, or None;
+    - ``latency_counts`` / ``latency_sum``: connect latency histogram over
+      :data:`CONNECT_BUCKETS` (``latency_counts[i]`` = connects <= ``CONNECT_BUCKETS[i]``,
+      non-cumulative; the last entry counts the slower ones).
+    """
+
+    __slots__ = (
+        "active",
+        "address",
+        "admin",
+        "bytes_in",
+        "bytes_out",
+        "connect_failures",
+        "consecutive_failures",
+        "health_up",
+        "host",
+        "last_check",
+        "latency_counts",
+        "latency_sum",
+        "max_conns",
+        "port",
+        "proxy_version",
+        "total",
+        "weight",
+    )
+
+    def __init__(self, config: BackendConfig, proxy_version: int) -> None:
+        self.address = config.address
+        self.host, self.port = parse_hostport(config.address)
+        self.weight = config.weight
+        self.max_conns = config.max_conns
+        self.proxy_version = proxy_version
+        self.health_up = True
+        self.admin: BackendState | None = None
+        self.active = 0
+        self.total = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.connect_failures = 0
+        self.consecutive_failures = 0
+        self.last_check: str | None = None
+        self.latency_counts = [0] * (len(CONNECT_BUCKETS) + 1)
+        self.latency_sum = 0.0
+
+    @property
+    def state(self) -> BackendState:
+        if self.admin is not None:
+            return self.admin
+        return BackendState.UP if self.health_up else BackendState.DOWN
+
+    @property
+    def in_rotation(self) -> bool:
+        return self.admin is None and self.health_up and self.weight > 0
+
+    def connected(self, seconds: float) -> None:
+        """A connect succeeded after ``seconds``."""
+        self.latency_counts[bisect.bisect_left(CONNECT_BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
+        self.consecutive_failures = 0
+        self.total += 1
+
+    def __repr__(self) -> str:
+        return f"<Backend {self.address} {self.state.value} active={self.active}>"
+
+
+class Pool:
+    """A named set of backends, the algorithm choosing among them, and how to reach them.
+
+    The compiled settings (``connect_timeout`` etc. in seconds) are read per connection. A pool
+    object is replaced on reload when its config changes; backends with the same address carry
+    over (with their counters, health and admin state), so connections in flight keep counting.
+    """
+
+    __slots__ = (
+        "algorithm",
+        "backends",
+        "by_address",
+        "config",
+        "connect_timeout",
+        "idle_timeout",
+        "name",
+        "on_change",
+        "on_connect_result",
+        "retries",
+        "tls_peek_timeout",
+        "tlv_alpn",
+        "tlv_authority",
+        "tlv_crc32c",
+        "tlv_noop",
+        "tlv_unique_id",
+    )
+
+    def __init__(self, name: str, config: PoolConfig, previous: Pool | None = None) -> None:
+        self.name = name
+        self.config = config
+        self.connect_timeout = config.connect_timeout_s
+        self.idle_timeout = config.idle_timeout_s
+        self.tls_peek_timeout = config.tls_peek_timeout_s if config.peeks_tls else 0.0
+        self.retries = config.retries
+        tlvs = set(config.proxy_tlvs)
+        self.tlv_unique_id = "unique_id" in tlvs
+        self.tlv_authority = "authority" in tlvs
+        self.tlv_alpn = "alpn" in tlvs
+        self.tlv_crc32c = "crc32c" in tlvs
+        self.tlv_noop = "noop" in tlvs
+        self.backends: list[Backend] = []
+        old: dict[str, Backend] = previous.by_address if previous is not None else {}
+        for bc in config.backends:
+            version = PROXY_VERSIONS[config.backend_proxy(bc)]
+            backend = old.get(bc.address)
+            if backend is None:
+                backend = Backend(bc, version)
+            else:
+                backend.weight, backend.max_conns = bc.weight, bc.max_conns
+                backend.proxy_version = version
+            self.backends.append(backend)
+        self.by_address: dict[str, Backend] = {b.address: b for b in self.backends}
+        self.algorithm: Algorithm = ALGORITHMS[config.balance]()
+        self.on_change: list[Callable[[Pool, Backend], None]] = []
+        """Called after a backend's state changed (the admin, the metrics)."""
+        self.on_connect_result: Callable[[Backend, bool, str], None] | None = None
+        """Set by the health checker: told of every connect success/failure (passive checks)."""
+        self.rebuild()
+
+    def rebuild(self) -> None:
+        """Give the algorithm the backends now in rotation."""
+        self.algorithm.rebuild([b for b in self.backends if b.in_rotation])
+
+    def pick(self, client_ip: str, exclude: tuple[Backend, ...] = ()) -> Backend | None:
+        """The backend for a new connection from ``client_ip``, or None if none can take it."""
+        return self.algorithm.pick(client_ip, exclude)
+
+    def backend(self, address: str) -> Backend:
+        """The backend with this address (as in the config, or normalised); LookupError if none."""
+        b = self.by_address.get(address)
+        if b is None:
+            try:
+                host, port = parse_hostport(address)
+            except ValueError:
+                host, port = "", 0
+            for candidate in self.backends:
+                if (candidate.host, candidate.port) == (host, port):
+                    return candidate
+            raise LookupError(f"pool {self.name!r} has no backend {address!r}")
+        return b
+
+    def set_health(self, backend: Backend, up: bool, detail: str = "") -> None:
+        """Health checks' verdict: up (True) or down (False). Logged when the state changes."""
+        if detail:
+            backend.last_check = detail
+        if backend.health_up == up:
+            return
+        before = backend.state
+        backend.health_up = up
+        self._changed(backend, before, detail)
+
+    def set_admin(self, backend: Backend, action: str) -> BackendState:
+        """The admin's ``drain``, ``disable`` or ``enable``; returns the new state."""
+        states = {"drain": BackendState.DRAIN, "disable": BackendState.DISABLED, "enable": None}
+        if action not in states:
+            raise ValueError(f"unknown action {action!r}: expected drain, disable or enable")
+        before = backend.state
+        backend.admin = states[action]
+        if action == "enable":
+            backend.consecutive_failures = 0
+        self._changed(backend, before, f"admin {action}")
+        return backend.state
+
+    def connect_result(self, backend: Backend, ok: bool, detail: str = "") -> None:
+        """A connect to ``backend`` succeeded or failed (relayed to the passive health check)."""
+        if not ok:
+            backend.connect_failures += 1
+            backend.consecutive_failures += 1
+        hook = self.on_connect_result
+        if hook is not None:
+            hook(backend, ok, detail)
+
+    def _changed(self, backend: Backend, before: BackendState, detail: str) -> None:
+        after = backend.state
+        if after is not before:
+            log.warning(
+                "event=backend_state pool=%s backend=%s from=%s to=%s detail=%r",
+                self.name,
+                backend.address,
+                before.value,
+                after.value,
+                detail,
+            )
+        self.rebuild()
+        if not any(b.in_rotation for b in self.backends):
+            log.error("event=pool_empty pool=%s detail='no backend is up'", self.name)
+        for callback in self.on_change:
+            callback(self, backend)
+
+    @property
+    def active(self) -> int:
+        return sum(b.active for b in self.backends)

@@ -1,0 +1,274 @@
+"""The stream relay: two asyncio Protocols passing bytes between a client and a backend.
+
+The interface every relay implements (the splice relay too)::
+
+    start_relay(loop, client_sock, backend_sock, first, conn) -> Relay
+
+``first`` (the PROXY header, plus any client bytes already read) goes to the backend in one write
+before anything else. ``conn`` is a :class:`RelayConn`: the relay adds to its byte counters and
+calls ``conn.relay_closed(reason)`` once, when both sockets are closed. ``Relay.close(reason)``
+ends it early (idle timeout, shutdown).
+
+Rules kept here: byte-exact in both directions; half-close (a FIN one way becomes
+``shutdown(SHUT_WR)`` the other way while the opposite direction keeps flowing); a reset on one
+side resets the other at once; backpressure (above a side's write-buffer high-water mark, reading
+from the other side pauses until it drains, so memory stays bounded with a slow reader).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol, cast
+
+log = logging.getLogger("l4lb.relay")
+
+_LINGER_RST = struct.pack("ii", 1, 0)
+"""SO_LINGER on, 0 seconds: close() sends a RST instead of a FIN."""
+
+
+class RelayConn(Protocol):
+    """What a relay needs from the connection it serves."""
+
+    bytes_from_client: int
+    bytes_to_client: int
+
+    def relay_closed(self, reason: str) -> None:
+        """Both sides are closed; ``reason`` is the first thing that ended the connection."""
+
+
+class Relay(Protocol):
+    def close(self, reason: str) -> None:
+        """Close both sides now (idle timeout, shutdown), discarding buffered data."""
+
+
+StartRelay = Callable[
+    [asyncio.AbstractEventLoop, socket.socket, socket.socket, bytes, RelayConn], Relay
+]
+
+
+def drive(coro: Coroutine[Any, Any, Any], on_error: Callable[[BaseException], None]) -> None:
+    """Run a coroutine to completion from callbacks, without creating a Task for it.
+
+    ``connect_accepted_socket`` is a coroutine that only waits for its transport's
+    ``connection_made``; a Task per connection would cost more than the wait itself.
+    """
+    try:
+        fut = coro.send(None)
+    except StopIteration:
+        return
+    except BaseException as err:
+        on_error(err)
+        return
+    fut.add_done_callback(lambda _: drive(coro, on_error))
+
+
+def reset_socket(sock: socket.socket) -> None:
+    """Arrange for the next close of ``sock`` to send a RST."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+
+
+class _Side(asyncio.Protocol):
+    """One socket of the relay; ``peer`` is the other side."""
+
+    __slots__ = ("eof", "lost", "peer", "relay", "sock", "transport")
+
+    def __init__(self, relay: StreamRelay, sock: socket.socket) -> None:
+        self.relay = relay
+        self.sock = sock
+        self.transport: asyncio.Transport | None = None
+        self.peer: _Side
+        self.eof = False
+        self.lost = False
+
+    def pause_writing(self) -> None:
+        t = self.peer.transport
+        if t is not None and not t.is_closing():
+            t.pause_reading()
+
+    def resume_writing(self) -> None:
+        t = self.peer.transport
+        if t is not None and not t.is_closing():
+            t.resume_reading()
+
+    def eof_received(self) -> bool:
+        relay = self.relay
+        self.eof = True
+        if relay.reason is None:
+            relay.reason = self.closed_reason
+        peer = self.peer
+        if peer.eof:
+            # Both directions are finished: close both (close() still flushes what is buffered).
+            if peer.transport is not None:
+                peer.transport.close()
+            return False
+        if peer.transport is not None and not peer.transport.is_closing():
+            try:
+                peer.transport.write_eof()
+            except OSError:
+                peer.transport.close()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        relay = self.relay
+        peer = self.peer
+        if exc is not None and relay.reason is None:
+            relay.reason = "reset"
+        t = peer.transport
+        if not peer.lost and t is not None:
+            if exc is not None:
+                reset_socket(peer.sock)
+                t.abort()
+            elif not t.is_closing():
+                t.close()
+        if peer.lost or t is None:
+            relay.done()
+
+    closed_reason = "closed"
+
+
+class _ClientSide(_Side):
+    __slots__ = ()
+    closed_reason = "client_closed"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        relay = self.relay
+        peer = self.peer
+        if relay.pending:
+            self.transport.write(b"".join(relay.pending))
+            relay.pending = []
+        if peer.eof:
+            self.transport.write_eof()
+        if relay.aborted is not None:
+            relay.close(relay.aborted)
+
+    def data_received(self, data: bytes) -> None:
+        self.relay.conn.bytes_from_client += len(data)
+        self.peer.transport.write(data)  # type: ignore[union-attr]
+
+
+class _BackendSide(_Side):
+    __slots__ = ()
+    closed_reason = "backend_closed"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        relay = self.relay
+        if relay.first:
+            self.transport.write(relay.first)
+            relay.first = b""
+        loop = relay.loop
+        drive(
+            loop.connect_accepted_socket(lambda: self.peer, self.peer.sock),
+            relay.attach_failed,
+        )
+
+    def data_received(self, data: bytes) -> None:
+        self.relay.conn.bytes_to_client += len(data)
+        t = self.peer.transport
+        if t is None:  # the client transport is not attached yet (same loop iteration)
+            self.relay.pending.append(data)
+        else:
+            t.write(data)
+
+
+class StreamRelay:
+    """The two sides of one relayed connection."""
+
+    __slots__ = (
+        "aborted",
+        "backend",
+        "client",
+        "conn",
+        "finished",
+        "first",
+        "loop",
+        "pending",
+        "reason",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        client_sock: socket.socket,
+        backend_sock: socket.socket,
+        first: bytes,
+        conn: RelayConn,
+    ) -> None:
+        self.loop = loop
+        self.conn = conn
+        self.first = first
+        self.pending: list[bytes] = []
+        self.reason: str | None = None
+        self.aborted: str | None = None
+        self.finished = False
+        self.client = _ClientSide(self, client_sock)
+        self.backend = _BackendSide(self, backend_sock)
+        self.client.peer = self.backend
+        self.backend.peer = self.client
+
+    def start(self) -> None:
+        drive(
+            self.loop.connect_accepted_socket(lambda: self.backend, self.backend.sock),
+            self.attach_failed,
+        )
+
+    def attach_failed(self, err: BaseException) -> None:
+        log.error("event=relay_attach_failed error=%r", err)
+        for side in (self.client, self.backend):
+            if side.transport is None:
+                side.lost = True
+                side.sock.close()
+        self.close("error")
+        if self.client.lost and self.backend.lost:
+            self.done()
+
+    def close(self, reason: str) -> None:
+        """Close both sides now (idle timeout, shutdown), discarding buffered data."""
+        if self.reason is None or reason in ("idle_timeout", "shutdown"):
+            self.reason = reason
+        self.aborted = reason
+        for side in (self.client, self.backend):
+            t = side.transport
+            if t is not None and not side.lost:
+                t.abort()
+
+    def done(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.conn.relay_closed(self.reason or "closed")
+
+
+def start_relay(
+    loop: asyncio.AbstractEventLoop,
+    client_sock: socket.socket,
+    backend_sock: socket.socket,
+    first: bytes,
+    conn: RelayConn,
+) -> Relay:
+    """Relay between two connected non-blocking sockets; ``first`` goes to the backend first."""
+    relay = StreamRelay(loop, client_sock, backend_sock, first, conn)
+    relay.start()
+    return relay
+
+
+def get_relay(name: str) -> StartRelay:
+    """The relay implementation for the config's ``relay`` key (``stream`` or ``splice``)."""
+    if name == "splice":
+        try:
+            from l4lb.balancer import splice
+        except ImportError:
+            splice = None  # type: ignore[assignment]
+        if splice is None or not splice.available():
+            log.warning("event=relay_fallback wanted=splice using=stream detail='no os.splice'")
+            return start_relay
+        found: StartRelay = splice.start_splice_relay
+        return found
+    return start_relay

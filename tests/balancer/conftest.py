@@ -1,0 +1,6 @@
+"""Shared fixtures for the balancer tests."""
+
+from __future__ import annotations
+
+RELAY_MODES = ["stream"]
+"""Every relay implementation; relay tests run once per mode (``relay = MODE`` in the config)."""
