@@ -11,7 +11,8 @@ address and ``proxy_destination`` the original destination.
 
 The header is read with ``MSG_PEEK`` and then exactly its length is consumed, so not one
 application byte is taken from the socket the handler's ``rfile`` reads; ``header_timeout`` is
-enforced with socket timeouts.
+enforced with socket timeouts. Use a threading server (``ThreadingTCPServer``,
+``ThreadingHTTPServer``): a single-threaded one waits for each connection's header in turn.
 """
 
 from __future__ import annotations

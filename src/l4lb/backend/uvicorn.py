@@ -91,14 +91,14 @@ def _with_extension(app: ASGIApp, extension: dict[str, Any]) -> ASGIApp:
             extensions["proxy_protocol"] = extension
         await app(scope, receive, send)
 
-    proxied_app.__wrapped__ = app  # type: ignore[attr-defined]
+    proxied_app._l4lb_proxy_extension = extension  # type: ignore[attr-defined]
     return proxied_app
 
 
 def _add_extension(protocol: object, extension: dict[str, Any]) -> None:
     """uvicorn's HTTP and WebSocket protocols call ``self.app``; wrap it for this connection."""
     app = getattr(protocol, "app", None)
-    if callable(app) and getattr(app, "__wrapped__", None) is None:
+    if callable(app) and getattr(app, "_l4lb_proxy_extension", None) is None:
         protocol.app = _with_extension(app, extension)  # type: ignore[attr-defined]
 
 
@@ -141,6 +141,7 @@ def proxy_protocol_http(
 
         policy = chosen
         http_protocol_class = inner
+        warned = False
 
         def __init__(
             self,
@@ -155,6 +156,12 @@ def proxy_protocol_http(
             self.loop = _loop
             self.connections: set[Any] = server_state.connections
             self.header = HeaderProtocol(chosen, self._switch, self._reject, _loop)
+            if getattr(config, "proxy_headers", False) and not ProxyProtocolHTTP.warned:
+                ProxyProtocolHTTP.warned = True
+                log.warning(
+                    "uvicorn proxy_headers is on: X-Forwarded-For may override the client "
+                    "address of the PROXY header; pass proxy_headers=False"
+                )
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             # Counted as a connection (uvicorn's shutdown closes the ones still in their header).

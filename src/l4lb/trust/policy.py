@@ -45,6 +45,7 @@ from l4lb.proxy_protocol import (
     ProxyProtocolError,
     sniff,
 )
+from l4lb.trust.cidr import CidrSet
 
 __all__ = [
     "Address",
@@ -151,6 +152,7 @@ class ProxyPolicy:
     trusted: tuple[Network, ...] | Iterable[str | Network] = ()
     header_timeout: float = 5.0
     options: ParseOptions = field(default_factory=ParseOptions)
+    _matcher: CidrSet = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         try:
@@ -161,7 +163,10 @@ class ProxyPolicy:
         object.__setattr__(self, "mode", mode)
         if isinstance(self.trusted, str | ipaddress.IPv4Network | ipaddress.IPv6Network):
             raise PolicyError(f"trusted must be a list of CIDR blocks, not {self.trusted!r}")
-        object.__setattr__(self, "trusted", tuple(_network(item) for item in self.trusted))
+        networks = tuple(_network(item) for item in self.trusted)
+        object.__setattr__(self, "trusted", networks)
+        # The balancer's CIDR sets: one lookup per distinct prefix length, whatever the list size.
+        object.__setattr__(self, "_matcher", CidrSet(str(network) for network in networks))
         timeout = self.header_timeout
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
             raise PolicyError(
@@ -180,13 +185,7 @@ class ProxyPolicy:
         IPv4-mapped IPv6 peers (``::ffff:10.1.2.3``, a dual-stack socket's view of IPv4) are
         matched as IPv4; a zone suffix is ignored. Anything unparsable is untrusted.
         """
-        try:
-            address = ipaddress.ip_address(ip.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.networks)
+        return ip in self._matcher
 
     def start(self, peer: object, sockname: object) -> HeaderGate:
         """A gate for one new connection from ``peer`` accepted on ``sockname``.
