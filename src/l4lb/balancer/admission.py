@@ -360,7 +360,7 @@ class Admission:
         try:
             done(sock, admitted)
         except Exception:
-            log.exception("listener %s: handing over %s failed", self.name, _fmt(client))
+            log.exception("event=admit_failed listener=%s client=%s", self.name, _fmt(client))
             self.release(admitted)
             sock.close()
 
@@ -403,8 +403,14 @@ class Admission:
         sock.close()
         self.rejections[reason] += 1
         rejected = Rejected(peer=(peer[0], peer[1]), reason=reason, detail=detail, client=client)
-        via = f"{_fmt(client)} via {_fmt(peer)}" if client and client != peer else _fmt(peer)
-        log.info("listener %s: rejected %s: %s (%s)", self.name, via, reason, detail)
+        log.info(
+            "event=rejected listener=%s peer=%s client=%s reason=%s detail=%r",
+            self.name,
+            _fmt(peer),
+            _fmt(client),
+            reason,
+            detail,
+        )
         self.on_reject(rejected)
 
     # -- the rest of a connection's life ---------------------------------------------------
