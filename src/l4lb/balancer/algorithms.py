@@ -1,9 +1,9 @@
 """Balancing algorithms, in one registry by the name ``balance`` uses in the config.
 
-Every algorithm is given the backends *in rotation* (state up, weight > 0) by :meth:`rebuild`,
-called again whenever that set changes, and skips at pick time the ones that are full
-(``max_conns``) or excluded (already tried for this connection). ``pick`` gets the real client IP,
-which only Maglev uses.
+Every algorithm is given the backends *in rotation* (state up, weight > 0), and all the
+configured ones, by :meth:`rebuild`, called again whenever that set changes, and skips at pick
+time the ones that are full (``max_conns``) or excluded (already tried for this connection).
+``pick`` gets the real client IP, which only Maglev uses.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def _free(b: Backend, exclude: Collection[Backend]) -> bool:
 
 
 class Algorithm(Protocol):
-    def rebuild(self, members: Sequence[Backend]) -> None:
+    def rebuild(self, members: Sequence[Backend], configured: Sequence[Backend]) -> None:
         """The backends in rotation changed (order is the config's)."""
 
     def pick(self, client_ip: str, exclude: Collection[Backend]) -> Backend | None:
@@ -42,7 +42,7 @@ class SmoothRoundRobin:
         self.members: list[Backend] = []
         self.current: list[int] = []
 
-    def rebuild(self, members: Sequence[Backend]) -> None:
+    def rebuild(self, members: Sequence[Backend], configured: Sequence[Backend] = ()) -> None:
         self.members = list(members)
         self.current = [0] * len(self.members)
 
@@ -73,7 +73,7 @@ class LeastConn:
         self.members: list[Backend] = []
         self.turn = 0
 
-    def rebuild(self, members: Sequence[Backend]) -> None:
+    def rebuild(self, members: Sequence[Backend], configured: Sequence[Backend] = ()) -> None:
         self.members = list(members)
 
     def pick(self, client_ip: str, exclude: Collection[Backend]) -> Backend | None:
@@ -104,7 +104,7 @@ class RandomTwo:
         self.cum: list[int] = []
         self.rng = rng or random.Random()
 
-    def rebuild(self, members: Sequence[Backend]) -> None:
+    def rebuild(self, members: Sequence[Backend], configured: Sequence[Backend] = ()) -> None:
         self.members = list(members)
         total = 0
         self.cum = []
@@ -167,26 +167,31 @@ def maglev_table(members: Sequence[tuple[str, int]], size: int = MAGLEV_TABLE_SI
 class Maglev:
     """Maglev consistent hashing of the real client IP.
 
-    The same client reaches the same backend across restarts and across instances with the same
-    config; a backend leaving rotation moves only its own clients. A full or excluded backend is
-    passed over by probing the next slots, without rebuilding the table.
+    The table is built from every configured backend with weight > 0, whatever its state, so
+    it only changes when the config does: the same client reaches the same backend across
+    restarts and across instances with the same config, and removing one backend of N from the
+    config moves about 1/N of the clients. A backend that is down, drained, disabled, full or
+    excluded is passed over by probing the following slots, so exactly its own clients move
+    (spread over the others as the table is) and come back when it does.
     """
 
-    __slots__ = ("_cache", "members", "size", "table")
+    __slots__ = ("_cache", "any_free", "members", "size", "table")
 
     def __init__(self, size: int = MAGLEV_TABLE_SIZE) -> None:
         self.size = size
         self.members: list[Backend] = []
         self.table: list[int] = []
+        self.any_free = False
         self._cache: dict[tuple[tuple[str, int], ...], list[int]] = {}
 
-    def rebuild(self, members: Sequence[Backend]) -> None:
-        self.members = list(members)
+    def rebuild(self, members: Sequence[Backend], configured: Sequence[Backend] = ()) -> None:
+        self.any_free = bool(members)
+        self.members = [b for b in (configured or members) if b.weight > 0]
         key = tuple((b.address, b.weight) for b in self.members)
         table = self._cache.get(key)
         if table is None:
             table = maglev_table(key, self.size)
-            if len(self._cache) >= 8:  # a flapping backend switches between a few tables
+            if len(self._cache) >= 4:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[key] = table
         self.table = table
@@ -196,20 +201,20 @@ class Maglev:
         return _hash64(client_ip, _KEY_SALT) % self.size
 
     def pick(self, client_ip: str, exclude: Collection[Backend]) -> Backend | None:
-        members = self.members
-        if not members:
+        if not self.any_free:
             return None
+        members = self.members
         slot = self.lookup(client_ip)
         b = members[self.table[slot]]
-        if _free(b, exclude):
+        if b.in_rotation and _free(b, exclude):
             return b
-        if not any(_free(m, exclude) for m in members):
+        if not any(m.in_rotation and _free(m, exclude) for m in members):
             return None
         table, size = self.table, self.size
         while True:
             slot = (slot + 1) % size
             b = members[table[slot]]
-            if _free(b, exclude):
+            if b.in_rotation and _free(b, exclude):
                 return b
 
 

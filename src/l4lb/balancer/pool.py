@@ -178,7 +178,7 @@ class Pool:
 
     def rebuild(self) -> None:
         """Give the algorithm the backends now in rotation."""
-        self.algorithm.rebuild([b for b in self.backends if b.in_rotation])
+        self.algorithm.rebuild([b for b in self.backends if b.in_rotation], self.backends)
 
     def pick(self, client_ip: str, exclude: tuple[Backend, ...] = ()) -> Backend | None:
         """The backend for a new connection from ``client_ip``, or None if none can take it."""
