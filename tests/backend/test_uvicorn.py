@@ -168,6 +168,7 @@ def test_serve_asgi_command(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        (["--trusted", "127.0.0.1", "--http", "nosuch"], "--http 'nosuch'"),
         (["--trusted", "10.0.0.1/8"], "write 10.0.0.0/8"),
         (["--trusted", "nope"], "'nope' is not a CIDR block"),
         ([], "would refuse every connection"),
@@ -204,3 +205,24 @@ def test_parse_bind(text: str, expected: tuple[str, int]) -> None:
 def test_parse_bind_errors(text: str) -> None:
     with pytest.raises(ValueError, match="--bind"):
         parse_bind(text)
+
+
+@pytest.mark.parametrize(
+    ("app", "message"),
+    [
+        ("nosuch.module:app", "cannot load 'nosuch.module:app': ModuleNotFoundError"),
+        ("tests.backend.servers:nothing", "cannot load 'tests.backend.servers:nothing'"),
+        ("no_colon", "cannot load 'no_colon'"),
+    ],
+)
+def test_serve_asgi_app_that_cannot_load(app: str, message: str) -> None:
+    result = subprocess.run(
+        [*_l4lb(), "serve-asgi", app, "--trusted", "127.0.0.1", "--bind", "127.0.0.1:0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from websockets.sync.client import connect as ws_connect
 
-from l4lb.proxy_protocol import build
+from l4lb.proxy_protocol import TLV, TLVType, build
 from l4lb.trust.policy import ProxyPolicy
 from tests.backend.servers import closed_by_peer, front_ends, http_get, uvicorn_server
 from tests.support.peers import connect_from
@@ -29,6 +29,14 @@ def test_uvicorn_behind_haproxy_and_nginx(tmp_path: Path) -> None:
                         assert info["version"] == (2 if name == "haproxy-v2" else 1)
                     if name == "haproxy-v2":
                         assert info["unique_id"] == f"{ip}:{own[1]}"
+        # HAProxy (accept-proxy) passes the authority TLV on: it reaches the scope extension.
+        with connect_from("127.0.0.7", "127.0.0.1", fronts["haproxy-chain"]) as s:
+            tlvs = [TLV(TLVType.AUTHORITY, b"shop.example")]
+            s.sendall(build(2, ("192.0.2.5", 1234), ("127.0.0.1", 443), tlvs=tlvs))
+            info = http_get(s)
+            assert info["client"] == ["192.0.2.5", 1234]
+            assert info["authority"] == "shop.example"
+            assert info["unique_id"] == "192.0.2.5:1234"
         with connect_from("127.0.0.9", "127.0.0.1", port) as s:
             s.sendall(build(1, ("198.51.100.42", 1), ("127.0.0.1", port)))
             assert closed_by_peer(s)

@@ -101,8 +101,18 @@ def main(argv: list[str]) -> int:
     except Exception as err:  # uvicorn's import_from_string: an unknown --http name
         print(f"l4lb serve-asgi: --http {args.http!r}: {err}", file=sys.stderr)
         return 2
+    from uvicorn.importer import import_from_string
+
+    try:
+        app = import_from_string(args.app)
+    except Exception as err:  # a missing module, a typo in MODULE:APP, an error in the app
+        print(
+            f"l4lb serve-asgi: cannot load {args.app!r}: {type(err).__name__}: {err}",
+            file=sys.stderr,
+        )
+        return 2
     config = uvicorn.Config(
-        args.app,
+        app,
         host=host,
         port=port,
         http=http,
