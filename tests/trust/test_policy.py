@@ -8,6 +8,8 @@ import struct
 from dataclasses import dataclass
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from l4lb.trust.policy import Decision, HeaderGate, Mode, PolicyError, ProxyPolicy, Reason
 
@@ -450,3 +452,44 @@ def test_describe() -> None:
     ok = _policy("required").start(_peer(TRUSTED), SOCK).feed(v1())
     assert ok is not None
     assert ok.describe() == "accepted 198.51.100.42:40000 via 127.0.0.1:5555: header (v1)"
+
+
+# --- properties: any split of the same bytes decides the same way -------------------------
+
+_PREFIXES = [v1(), v2(), v2(local=True), b"PROXY UNKNOWN\r\n", b"PROXY ", V2_SIG, b"", b"GET "]
+
+
+def _decide(mode: str, peer: str, chunks: list[bytes]) -> tuple[object, ...]:
+    gate = _policy(mode).start(_peer(peer), SOCK)
+    decision = gate.decision
+    fed = b""
+    for chunk in chunks:
+        if decision is not None:
+            break
+        fed += chunk
+        decision = gate.feed(chunk)
+    if decision is None:
+        return ("undecided", gate.received)
+    header_end = decision.consumed
+    # What the caller holds after the decision: the header, then the trailing bytes, in order.
+    assert fed[header_end:] == decision.trailing or not decision.accepted
+    return (decision.reason, decision.accepted, decision.client, decision.consumed)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    mode=st.sampled_from(["required", "optional"]),
+    peer=st.sampled_from([TRUSTED, UNTRUSTED]),
+    prefix=st.sampled_from(_PREFIXES),
+    tail=st.binary(max_size=40),
+    cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=6),
+)
+def test_any_split_decides_like_whole(
+    mode: str, peer: str, prefix: bytes, tail: bytes, cuts: list[int]
+) -> None:
+    data = prefix + tail
+    points = sorted({c for c in cuts if 0 < c < len(data)})
+    chunks = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+    whole = _decide(mode, peer, [data] if data else [])
+    split = _decide(mode, peer, chunks if data else [])
+    assert whole == split
