@@ -38,9 +38,12 @@ try:
     if getattr(_g, "implementation", "c") != "c":  # its own fallback is slower than ours
         raise ImportError("google_crc32c has no C extension here")
     _extend = _g.extend
+    _value = _g.value
 
     def _crc32c_c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
-        return int(_extend(crc, bytes(data)))
+        if type(data) is not bytes:
+            data = bytes(data)  # the C extension wants read-only buffers
+        return int(_value(data) if crc == 0 else _extend(crc, data))
 
     crc32c_c = _crc32c_c
     IMPLEMENTATION = "google-crc32c"
@@ -51,6 +54,7 @@ except ImportError:
 
 def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
     """CRC32C of ``data`` continuing from ``crc``, with the fastest implementation available."""
-    if crc32c_c is not None:
-        return crc32c_c(data, crc)
+    fast = crc32c_c
+    if fast is not None:
+        return fast(data, crc)
     return crc32c_python(data, crc)

@@ -34,12 +34,12 @@ def parse(data: Buffer, options: ParseOptions = DEFAULT_OPTIONS) -> tuple[ProxyH
 
     Raises IncompleteHeader (a valid prefix), NotProxyProtocol (no signature) or InvalidHeader.
     """
-    if not isinstance(data, bytes):
+    if type(data) is not bytes:
         data = bytes(data)
-    if data[:5] == b"PROXY":
-        return parse_v1(data, options)
-    if data[:12] == V2_SIGNATURE:
+    if data.startswith(V2_SIGNATURE):
         return parse_v2(data, options)
+    if data.startswith(V1_SIGNATURE):
+        return parse_v1(data, options)
     version = sniff(data)
     if version is None:
         raise IncompleteHeader(f"{len(data)} bytes are a prefix of a signature")

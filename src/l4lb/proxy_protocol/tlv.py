@@ -7,16 +7,19 @@ from collections.abc import Iterable
 
 from l4lb.proxy_protocol.checksum import crc32c
 from l4lb.proxy_protocol.errors import InvalidHeader, Reason
-from l4lb.proxy_protocol.model import TLV, SSLInfo, TLVType
+from l4lb.proxy_protocol.model import TLV, SSLInfo, TLVType, _setter
 
 _TL = struct.Struct("!BH")
 _SSL_HEAD = struct.Struct("!BI")
-_CRC = struct.Struct("!I")
 
 MAX_UNIQUE_ID = 128
 _T_CRC32C = int(TLVType.CRC32C)
 _T_UNIQUE_ID = int(TLVType.UNIQUE_ID)
 _T_SSL = int(TLVType.SSL)
+_SPECIAL = frozenset((_T_CRC32C, _T_UNIQUE_ID, _T_SSL))
+_new = object.__new__
+_set_type = _setter(TLV, "type")
+_set_value = _setter(TLV, "value")
 
 TLVLike = TLV | tuple[int, bytes]
 
@@ -46,49 +49,62 @@ def parse_ssl(value: bytes) -> SSLInfo:
     return SSLInfo(client, verify, tuple(subs))
 
 
-def parse_tlvs(
-    data: bytes, start: int, end: int, max_tlvs: int, *, local: bool = False
-) -> tuple[TLV, ...]:
+def parse_tlvs(data: bytes, start: int, end: int, max_tlvs: int) -> tuple[TLV, ...]:
     """The TLVs in ``data[start:end]`` (``end`` is the header's end), checked and verified.
 
     Every record must fit and the last must end exactly at ``end``. A CRC32C TLV is verified
-    over ``data[:end]`` with its value zeroed (spec 2.2.3).
+    over ``data[:end]`` with its value zeroed (spec 2.2.3). This loop is the codec's hottest
+    code for TLV-carrying headers: checks of the rare types are kept out of its way.
     """
     tlvs: list[TLV] = []
+    append = tlvs.append
+    new = _new
+    set_type = _set_type
+    set_value = _set_value
+    special = _SPECIAL
     crc_at = -1
     pos = start
+    last = end - 3
     while pos < end:
-        if pos + 3 > end:
+        if pos > last:
             raise InvalidHeader(
                 Reason.TLV_OVERFLOW,
                 f"{end - pos} stray byte(s) at offset {pos}: a TLV needs at least 3",
             )
-        t, length = _TL.unpack_from(data, pos)
+        t = data[pos]
         vstart = pos + 3
-        pos = vstart + length
+        pos = vstart + ((data[pos + 1] << 8) | data[pos + 2])
         if pos > end:
             raise InvalidHeader(
                 Reason.TLV_OVERFLOW,
-                f"TLV 0x{t:02X} at offset {vstart - 3} declares {length} bytes, "
+                f"TLV 0x{t:02X} at offset {vstart - 3} declares {pos - vstart} bytes, "
                 f"only {end - vstart} left in the header",
             )
-        if len(tlvs) >= max_tlvs:
-            raise InvalidHeader(Reason.TLV_TOO_MANY, f"more than {max_tlvs} TLVs")
         value = data[vstart:pos]
-        if t == _T_CRC32C:
-            if length != 4:
-                raise InvalidHeader(Reason.BAD_TLV, f"CRC32C TLV is {length} bytes, must be 4")
-            if crc_at >= 0:
-                raise InvalidHeader(Reason.BAD_TLV, "more than one CRC32C TLV")
-            crc_at = vstart
-        elif t == _T_UNIQUE_ID:
-            if length > MAX_UNIQUE_ID:
-                raise InvalidHeader(
-                    Reason.UNIQUE_ID_TOO_LONG, f"UNIQUE_ID is {length} bytes, at most 128"
-                )
-        elif t == _T_SSL:
-            parse_ssl(value)
-        tlvs.append(TLV(t, value))
+        if t in special:
+            if t == _T_CRC32C:
+                if crc_at >= 0 or pos - vstart != 4:
+                    raise InvalidHeader(
+                        Reason.BAD_TLV,
+                        "more than one CRC32C TLV"
+                        if crc_at >= 0
+                        else f"CRC32C TLV is {pos - vstart} bytes, must be 4",
+                    )
+                crc_at = vstart
+            elif t == _T_UNIQUE_ID:
+                if pos - vstart > MAX_UNIQUE_ID:
+                    raise InvalidHeader(
+                        Reason.UNIQUE_ID_TOO_LONG,
+                        f"UNIQUE_ID is {pos - vstart} bytes, at most {MAX_UNIQUE_ID}",
+                    )
+            else:
+                parse_ssl(value)
+        tlv = new(TLV)
+        set_type(tlv, t)
+        set_value(tlv, value)
+        append(tlv)
+    if len(tlvs) > max_tlvs:
+        raise InvalidHeader(Reason.TLV_TOO_MANY, f"{len(tlvs)} TLVs, more than {max_tlvs}")
     if crc_at >= 0:
         verify_crc(data, crc_at, end)
     return tuple(tlvs)
@@ -96,12 +112,12 @@ def parse_tlvs(
 
 def verify_crc(data: bytes, crc_at: int, end: int) -> None:
     """Check the CRC32C stored at ``data[crc_at:crc_at+4]`` against ``data[:end]``."""
-    (expected,) = _CRC.unpack_from(data, crc_at)
-    actual = crc32c(data[crc_at + 4 : end], crc32c(b"\0\0\0\0", crc32c(data[:crc_at])))
-    if actual != expected:
+    expected = data[crc_at : crc_at + 4]
+    actual = crc32c(data[:crc_at] + b"\0\0\0\0" + data[crc_at + 4 : end])
+    if actual != int.from_bytes(expected, "big"):
         raise InvalidHeader(
             Reason.CRC_MISMATCH,
-            f"CRC32C is 0x{expected:08X} in the header but 0x{actual:08X} computed",
+            f"CRC32C is 0x{expected.hex()} in the header but 0x{actual:08x} computed",
         )
 
 

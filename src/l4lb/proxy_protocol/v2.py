@@ -21,8 +21,11 @@ _INET6 = struct.Struct("!16s16sHH")
 _COMMANDS = (Command.LOCAL, Command.PROXY)
 _FAMILIES = {k: (Family(k >> 4), Transport(k & 0xF)) for k in ADDRESS_SIZES}
 _PROXY_CMD = Command.PROXY
-_INET_STREAM = (Family.INET, Transport.STREAM)
-_INET6_STREAM = (Family.INET6, Transport.STREAM)
+_F_INET = Family.INET
+_F_INET6 = Family.INET6
+_T_STREAM = Transport.STREAM
+_TCP4_FIXED = b"\x21\x11\x00\x0c"
+_TCP6_FIXED = b"\x21\x21\x00\x24"
 
 
 def ipv6_text(packed: bytes) -> str:
@@ -65,6 +68,47 @@ def check_prefix(data: bytes | bytearray, max_size: int) -> int | None:
 
 def parse_v2(data: bytes, options: ParseOptions) -> tuple[ProxyHeader, int]:
     """The v2 header at the start of ``data`` (whose first 12 bytes are the signature)."""
+    # Fast paths for what balancers send most: PROXY TCP4/TCP6 without TLVs. These fixed parts
+    # are valid by construction, so only the size bound and the length remain to check.
+    fixed = data[12:16]
+    if fixed == _TCP4_FIXED and len(data) >= 28 and options.max_v2_size >= 28:
+        s, d, sp, dp = _INET.unpack_from(data, FIXED)
+        return ProxyHeader(
+            2,
+            _PROXY_CMD,
+            _F_INET,
+            _T_STREAM,
+            (inet_ntop(AF_INET, s), sp),
+            (inet_ntop(AF_INET, d), dp),
+        ), 28
+    if fixed == _TCP6_FIXED and len(data) >= 52 and options.max_v2_size >= 52:
+        s, d, sp, dp = _INET6.unpack_from(data, FIXED)
+        return ProxyHeader(
+            2, _PROXY_CMD, _F_INET6, _T_STREAM, (ipv6_text(s), sp), (ipv6_text(d), dp)
+        ), 52
+    # Next fastest: PROXY over TCP4/TCP6 followed by TLVs; anything unusual takes the slow path.
+    if len(data) >= FIXED and data[12] == 0x21:
+        fam = data[13]
+        if fam == 0x11 or fam == 0x21:
+            size = FIXED + ((data[14] << 8) | data[15])
+            start = 28 if fam == 0x11 else 52
+            if start <= size <= options.max_v2_size and len(data) >= size:
+                tlvs = parse_tlvs(data, start, size, options.max_tlvs) if size > start else ()
+                if fam == 0x11:
+                    s, d, sp, dp = _INET.unpack_from(data, FIXED)
+                    return ProxyHeader(
+                        2,
+                        _PROXY_CMD,
+                        _F_INET,
+                        _T_STREAM,
+                        (inet_ntop(AF_INET, s), sp),
+                        (inet_ntop(AF_INET, d), dp),
+                        tlvs,
+                    ), size
+                s, d, sp, dp = _INET6.unpack_from(data, FIXED)
+                return ProxyHeader(
+                    2, _PROXY_CMD, _F_INET6, _T_STREAM, (ipv6_text(s), sp), (ipv6_text(d), dp), tlvs
+                ), size
     total = check_prefix(data, options.max_v2_size)
     if total is None or len(data) < total:
         raise IncompleteHeader(f"v2 header needs {total or FIXED} bytes, have {len(data)}")

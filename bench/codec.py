@@ -1,0 +1,207 @@
+"""Codec benchmark: l4lb.proxy_protocol against the PyPI ``proxy-protocol`` package, same run.
+
+Rows: v1 TCP4, v2 TCP4, v2 TCP6, v2 with TLVs + CRC32C. For each, parses/s and encodes/s of
+both, and the ratio. Prints one table and writes bench/results/codec-<timestamp>.json.
+Runs in well under 60 s (each figure is the best of 3 timed runs of ~0.2 s).
+
+    .venv/bin/python bench/codec.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from l4lb.proxy_protocol import CRC32C_IMPLEMENTATION, TLV, TLVType, build, encode, parse
+
+try:
+    from ipaddress import IPv4Address, IPv6Address
+
+    import proxyprotocol
+    from proxyprotocol.result import ProxyResultIPv4, ProxyResultIPv6
+    from proxyprotocol.tlv import ProxyProtocolTLV
+    from proxyprotocol.v1 import ProxyProtocolV1
+    from proxyprotocol.v2 import ProxyProtocolV2
+
+    HAVE_THEIRS = True
+except ImportError:  # pragma: no cover - the dev extra installs it
+    HAVE_THEIRS = False
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SRC4, DST4 = ("192.0.2.1", 56324), ("198.51.100.2", 443)
+SRC6, DST6 = ("2001:db8::1", 56324), ("2001:db8:0:1::2", 443)
+TLVS = [
+    TLV(TLVType.ALPN, b"h2"),
+    TLV(TLVType.AUTHORITY, b"www.example.com"),
+    TLV(TLVType.UNIQUE_ID, b"0123456789abcdef"),
+]
+
+
+def best_rate(fn: Callable[[], object], target: float, repeats: int = 3) -> float:
+    """Calls per second: calibrate a loop count to ~target seconds, best of ``repeats``."""
+    n = 1
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        dt = time.perf_counter() - t0
+        if dt >= target / 10:
+            break
+        n *= 4
+    loops = max(1, int(n * target / dt))
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(loops):
+            fn()
+        best = max(best, loops / (time.perf_counter() - t0))
+    return best
+
+
+def rows() -> list[dict[str, Any]]:
+    """(name, wire bytes, our encode/build thunks, their parse/pack thunks)."""
+    v1 = build(1, SRC4, DST4)
+    v2_4 = build(2, SRC4, DST4)
+    v2_6 = build(2, SRC6, DST6)
+    v2_tlv = build(2, SRC4, DST4, tlvs=TLVS, crc32c=True)
+    out: list[dict[str, Any]] = []
+    for name, wire, src, dst, tlvs, crc in [
+        ("v1 TCP4", v1, SRC4, DST4, (), False),
+        ("v2 TCP4", v2_4, SRC4, DST4, (), False),
+        ("v2 TCP6", v2_6, SRC6, DST6, (), False),
+        ("v2 TCP4 + 3 TLVs + CRC32C", v2_tlv, SRC4, DST4, TLVS, True),
+    ]:
+        header, _ = parse(wire)
+        version = header.version
+        row: dict[str, Any] = {
+            "name": name,
+            "bytes": len(wire),
+            "ours_parse": lambda w=wire: parse(w),
+            "ours_encode": lambda h=header, c=crc: encode(h, crc32c=c),
+            "ours_build": lambda v=version, s=src, d=dst, t=tlvs, c=crc: build(
+                v, s, d, tlvs=t, crc32c=c
+            ),
+        }
+        if HAVE_THEIRS:
+            pp: Any = ProxyProtocolV1() if version == 1 else ProxyProtocolV2()
+            theirs = pp.unpack(wire)
+            assert str(theirs.source[0]) == str(src[0]) and theirs.source[1] == src[1]
+            if ":" in src[0]:
+                result: Any = ProxyResultIPv6(
+                    (IPv6Address(src[0]), src[1]), (IPv6Address(dst[0]), dst[1])
+                )
+            else:
+                tlv = (
+                    ProxyProtocolTLV(
+                        alpn=b"h2",
+                        authority="www.example.com",
+                        unique_id=b"0123456789abcdef",
+                        auto_crc32c=True,
+                    )
+                    if tlvs
+                    else ProxyProtocolTLV()
+                )
+                result = ProxyResultIPv4(
+                    (IPv4Address(src[0]), src[1]), (IPv4Address(dst[0]), dst[1]), tlv=tlv
+                )
+            pp.pack(result)
+            row["theirs_parse"] = lambda p=pp, w=wire: p.unpack(w)
+            row["theirs_encode"] = lambda p=pp, r=result: p.pack(r)
+        out.append(row)
+    return out
+
+
+def fmt_rate(r: float | None) -> str:
+    if r is None:
+        return "-"
+    return f"{r / 1e6:.2f} M/s" if r >= 1e6 else f"{r / 1e3:.0f} k/s"
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="shorter timings (noisier)")
+    ap.add_argument("--no-json", action="store_true", help="do not write bench/results/*.json")
+    args = ap.parse_args(argv)
+    target = 0.05 if args.quick else 0.2
+    started = time.perf_counter()
+    table: list[dict[str, Any]] = []
+    for row in rows():
+        res: dict[str, Any] = {"row": row["name"], "header_bytes": row["bytes"]}
+        for key in ("ours_parse", "theirs_parse", "ours_encode", "theirs_encode", "ours_build"):
+            res[key] = best_rate(row[key], target) if key in row else None
+        for op in ("parse", "encode"):
+            o, t = res[f"ours_{op}"], res[f"theirs_{op}"]
+            res[f"{op}_ratio"] = round(o / t, 2) if o and t else None
+        table.append(res)
+
+    head = (
+        f"{'row':<27} {'ours parse':>11} {'theirs':>10} {'ratio':>6}  "
+        f"{'ours encode':>11} {'theirs':>10} {'ratio':>6}  {'ours build':>10}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in table:
+        pr = f"{r['parse_ratio']:.1f}x" if r["parse_ratio"] else "-"
+        er = f"{r['encode_ratio']:.1f}x" if r["encode_ratio"] else "-"
+        print(
+            f"{r['row']:<27} {fmt_rate(r['ours_parse']):>11} {fmt_rate(r['theirs_parse']):>10} "
+            f"{pr:>6}  {fmt_rate(r['ours_encode']):>11} {fmt_rate(r['theirs_encode']):>10} "
+            f"{er:>6}  {fmt_rate(r['ours_build']):>10}"
+        )
+    version = getattr(proxyprotocol, "__version__", "?") if HAVE_THEIRS else "not installed"
+    if HAVE_THEIRS and version == "?":
+        from proxyprotocol import __about__
+
+        version = getattr(__about__, "__version__", "?")
+    notes = [
+        f"python {platform.python_version()}, crc32c: {CRC32C_IMPLEMENTATION}, "
+        f"proxy-protocol {version}",
+        "theirs skips CRC32C unless the optional 'crc32c' package is installed"
+        + ("" if _their_crc() else " (it is not: their TLV row neither checks nor writes it)"),
+    ]
+    for n in notes:
+        print("# " + n)
+    elapsed = time.perf_counter() - started
+    print(f"# {elapsed:.1f} s")
+    if not args.no_json:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        path = RESULTS / f"codec-{stamp}.json"
+        path.write_text(
+            json.dumps(
+                {
+                    "benchmark": "codec",
+                    "time": stamp,
+                    "python": platform.python_version(),
+                    "machine": platform.machine(),
+                    "crc32c": CRC32C_IMPLEMENTATION,
+                    "proxy_protocol_version": version,
+                    "unit": "operations per second (best of 3)",
+                    "rows": table,
+                    "notes": notes,
+                    "seconds": round(elapsed, 1),
+                },
+                indent=2,
+            )
+        )
+        print(f"# wrote {path.relative_to(RESULTS.parent.parent)}")
+    return 0
+
+
+def _their_crc() -> bool:
+    try:
+        from proxyprotocol.checksum import crc32c
+    except ImportError:
+        return False
+    return crc32c is not None
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
