@@ -1,0 +1,368 @@
+"""The relay end to end: a real ``l4lb run`` between real sockets, for every relay mode."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from l4lb.proxy_protocol import ProxyHeader, TLVType
+from tests.balancer.conftest import RELAY_MODES
+from tests.balancer.helpers import (
+    backend,
+    connect,
+    dead_port,
+    echo,
+    hash_until_eof,
+    hello,
+    recv_all,
+    reset,
+)
+from tests.support.l4lb import config_text, l4lb
+from tests.support.peers import free_port, wait_for
+
+pytestmark = pytest.mark.parametrize("mode", RELAY_MODES)
+
+MB = 1 << 20
+
+
+def blob(size: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def cfg(port: int, backends: list[str], mode: str, **pool: object) -> str:
+    return config_text(f"127.0.0.1:{port}", backends, top={"relay": mode}, pool=pool)
+
+
+def test_bulk_both_ways_byte_exact(tmp_path: Path, mode: str) -> None:
+    up, down = blob(24 * MB, 1), blob(24 * MB, 2)
+    got: dict[str, tuple[str, int]] = {}
+
+    def handler(sock: socket.socket, header: ProxyHeader | None, early: bytes) -> None:
+        sender = threading.Thread(target=lambda: (sock.sendall(down), sock.shutdown(1)))
+        sender.start()
+        h = hashlib.sha256(early)
+        n = len(early)
+        while chunk := sock.recv(1 << 18):
+            h.update(chunk)
+            n += len(chunk)
+        got["server"] = (h.hexdigest(), n)
+        sender.join()
+
+    port = free_port()
+    with backend(handler) as be, l4lb(tmp_path, cfg(port, [be.address], mode)) as lb:
+        client = connect(port, "127.0.0.3")
+        sender = threading.Thread(target=lambda: (client.sendall(up), client.shutdown(1)))
+        sender.start()
+        digest, n = hash_until_eof(client)
+        sender.join()
+        client.close()
+        assert (digest, n) == (hashlib.sha256(down).hexdigest(), len(down))
+        assert wait_for(lambda: "server" in got)
+        assert got["server"] == (hashlib.sha256(up).hexdigest(), len(up))
+        (line,) = lb.wait_access(1)
+        assert line["bytes_from_client"] == len(up)
+        assert line["bytes_to_client"] == len(down)
+        assert line["client"].startswith("127.0.0.3:")
+        assert line["end"] in ("client_closed", "backend_closed")
+
+
+def test_half_close_client_first(tmp_path: Path, mode: str) -> None:
+    def handler(sock: socket.socket, header: ProxyHeader | None, early: bytes) -> None:
+        request = early + recv_all(sock)  # until the client's FIN
+        time.sleep(0.3)  # the answer comes well after the FIN
+        sock.sendall(b"answer to " + request)
+
+    port = free_port()
+    with backend(handler) as be, l4lb(tmp_path, cfg(port, [be.address], mode)) as lb:
+        client = connect(port)
+        client.sendall(b"question")
+        client.shutdown(socket.SHUT_WR)
+        assert recv_all(client) == b"answer to question"
+        client.close()
+        (line,) = lb.wait_access(1)
+        assert line["end"] == "client_closed"
+
+
+def test_half_close_backend_first(tmp_path: Path, mode: str) -> None:
+    received: list[bytes] = []
+
+    def handler(sock: socket.socket, header: ProxyHeader | None, early: bytes) -> None:
+        sock.sendall(b"banner, then FIN")
+        sock.shutdown(socket.SHUT_WR)
+        received.append(early + recv_all(sock))
+
+    port = free_port()
+    with backend(handler) as be, l4lb(tmp_path, cfg(port, [be.address], mode)) as lb:
+        client = connect(port)
+        assert recv_all(client) == b"banner, then FIN"
+        time.sleep(0.2)
+        client.sendall(b"still talking " * 1000)
+        client.shutdown(socket.SHUT_WR)
+        assert wait_for(lambda: bool(received))
+        assert received[0] == b"still talking " * 1000
+        client.close()
+        (line,) = lb.wait_access(1)
+        assert line["end"] == "backend_closed"
+
+
+def test_backend_reset_closes_client_promptly(tmp_path: Path, mode: str) -> None:
+    def handler(sock: socket.socket, header: ProxyHeader | None, early: bytes) -> None:
+        sock.sendall(b"partial")
+        time.sleep(0.2)
+        reset(sock)
+
+    port = free_port()
+    with backend(handler) as be, l4lb(tmp_path, cfg(port, [be.address], mode)) as lb:
+        client = connect(port)
+        client.settimeout(5)
+        start = time.monotonic()
+        data = b""
+        with pytest.raises(ConnectionResetError):
+            while True:
+                chunk = client.recv(100)
+                if not chunk:
+                    break
+                data += chunk
+        assert data == b"partial"
+        assert time.monotonic() - start < 4
+        (line,) = lb.wait_access(1)
+        assert line["end"] == "reset"
+
+
+def test_client_reset_closes_backend_promptly(tmp_path: Path, mode: str) -> None:
+    outcome: list[str] = []
+
+    def handler(sock: socket.socket, header: ProxyHeader | None, early: bytes) -> None:
+        sock.settimeout(5)
+        try:
+            while sock.recv(100):
+                pass
+            outcome.append("eof")
+        except ConnectionResetError:
+            outcome.append("reset")
+        except TimeoutError:
+            outcome.append("timeout")
+
+    port = free_port()
+    with backend(handler) as be, l4lb(tmp_path, cfg(port, [be.address], mode)) as lb:
+        client = connect(port)
+        client.sendall(b"hello")
+        time.sleep(0.2)
+        reset(client)
+        assert wait_for(lambda: bool(outcome), 6)
+        assert outcome == ["reset"]
+        (line,) = lb.wait_access(1)
+        assert line["end"] == "reset"
+
+
+def test_slow_reader_keeps_memory_bounded(tmp_path: Path, mode: str) -> None:
+    total = 96 * MB
+    chunk = os.urandom(MB)
+
+    def handler(sock: socket.socket, header: ProxyHeader | None, early: bytes) -> None:
+        for _ in range(total // MB):
+            sock.sendall(chunk)
+        sock.shutdown(socket.SHUT_WR)
+        recv_all(sock)
+
+    port = free_port()
+    with backend(handler) as be, l4lb(tmp_path, cfg(port, [be.address], mode)) as lb:
+        client = connect(port)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        client.sendall(b"go")
+        time.sleep(0.5)
+        before = lb.rss_kib()
+        time.sleep(2.0)  # the backend keeps pushing; the client reads nothing
+        during = lb.rss_kib()
+        assert during - before < 16 * 1024, (before, during)
+        got = 0
+        while True:  # read slowly at first, then all of it
+            data = client.recv(1 << 16)
+            if not data:
+                break
+            got += len(data)
+            if got < 2 * MB:
+                time.sleep(0.001)
+        assert got == total
+        assert lb.rss_kib() - before < 24 * 1024
+        client.close()
+
+
+def test_dead_backends_are_retried(tmp_path: Path, mode: str) -> None:
+    dead = [f"127.0.0.1:{dead_port()}", f"127.0.0.1:{dead_port()}"]
+    port = free_port()
+    with backend(hello) as be:
+        text = cfg(port, [*dead, be.address], mode, retries=2, connect_timeout="1s")
+        with l4lb(tmp_path, text) as lb:
+            for i in range(6):
+                client = connect(port, f"127.0.0.{10 + i}")
+                client.sendall(b"ping")
+                client.shutdown(socket.SHUT_WR)
+                assert (
+                    recv_all(client)
+                    == f"client=('127.0.0.{10 + i}', {client.getsockname()[1]})\nping".encode()
+                )
+                client.close()
+            lines = lb.wait_access(6)
+            assert all(line["backend"] == be.address for line in lines)
+            assert "event=connect_failed" in lb.log_text()
+
+
+def test_all_backends_dead_closes_client_with_reason(tmp_path: Path, mode: str) -> None:
+    dead = [f"127.0.0.1:{dead_port()}", f"127.0.0.1:{dead_port()}"]
+    port = free_port()
+    with l4lb(tmp_path, cfg(port, dead, mode, retries=5)) as lb:
+        client = connect(port)
+        client.settimeout(5)
+        client.sendall(b"anyone?")
+        with pytest.raises(ConnectionResetError):
+            client.recv(10)
+        (line,) = lb.wait_access(1)
+        assert line["end"] == "connect_failed"
+        assert "Connection refused" in line["detail"]
+        assert "event=connect_failed" in lb.log_text()
+
+
+def test_early_client_bytes_survive_failed_connects(tmp_path: Path, mode: str) -> None:
+    # A black-holed connect would need a non-loopback address; a slow accept queue is enough:
+    # the client's bytes wait while a dead backend is tried first.
+    dead = f"127.0.0.1:{dead_port()}"
+    port = free_port()
+    with backend(echo) as be, l4lb(tmp_path, cfg(port, [dead, be.address], mode)) as lb:
+        payload = blob(256 * 1024, 5)
+        for _ in range(2):
+            client = connect(port)
+            client.sendall(payload)
+            client.shutdown(socket.SHUT_WR)
+            assert recv_all(client) == payload
+            client.close()
+        assert len(lb.wait_access(2)) == 2
+
+
+def test_idle_timeout(tmp_path: Path, mode: str) -> None:
+    port = free_port()
+    with (
+        backend(echo) as be,
+        l4lb(tmp_path, cfg(port, [be.address], mode, idle_timeout="600ms")) as lb,
+    ):
+        client = connect(port)
+        client.sendall(b"x")
+        assert client.recv(1) == b"x"
+        start = time.monotonic()
+        assert client.recv(1) == b""  # closed by the balancer
+        assert 0.4 < time.monotonic() - start < 5
+        (line,) = lb.wait_access(1)
+        assert line["end"] == "idle_timeout"
+
+
+def test_listener_max_conns_stops_accepting(tmp_path: Path, mode: str) -> None:
+    port = free_port()
+    with backend(echo) as be:
+        text = config_text(
+            f"127.0.0.1:{port}", [be.address], top={"relay": mode}, listener={"max_conns": 2}
+        )
+        with l4lb(tmp_path, text):
+            held = [connect(port) for _ in range(2)]
+            for c in held:
+                c.sendall(b"a")
+                assert c.recv(1) == b"a"
+            waiting = connect(port)  # completes in the kernel backlog, not accepted
+            waiting.sendall(b"b")
+            time.sleep(0.5)
+            assert len(be.seen) == 2
+            held[0].close()
+            assert waiting.recv(1) == b"b"  # accepted once a slot was free
+            assert len(be.seen) == 3
+            for c in [*held[1:], waiting]:
+                c.close()
+
+
+def test_graceful_stop_finishes_transfers(tmp_path: Path, mode: str) -> None:
+    size = 16 * MB
+    data = blob(size, 9)
+
+    def handler(sock: socket.socket, header: ProxyHeader | None, early: bytes) -> None:
+        view = memoryview(data)
+        for i in range(0, size, 256 * 1024):  # paced: about 2 s per transfer
+            sock.sendall(view[i : i + 256 * 1024])
+            time.sleep(0.03)
+        sock.shutdown(socket.SHUT_WR)
+        recv_all(sock)
+
+    port = free_port()
+    results: list[tuple[str, int]] = []
+    with backend(handler) as be:
+        lb_ctx = l4lb(tmp_path, cfg(port, [be.address], mode))
+        with lb_ctx as lb:
+            clients = [connect(port) for _ in range(3)]
+            threads = [
+                threading.Thread(target=lambda c=c: results.append(hash_until_eof(c)))
+                for c in clients
+            ]
+            for t in threads:
+                t.start()
+            time.sleep(0.5)
+            stopper = threading.Thread(target=lambda: results.append(("exit", lb.stop(20))))
+            stopper.start()
+            time.sleep(0.3)
+            with pytest.raises(OSError):
+                connect(port).recv(1)  # no longer accepting
+            for t in threads:
+                t.join(30)
+            stopper.join(30)
+            code = next(r for r in results if r[0] == "exit")[1]
+            assert code == 0
+            transfers = [r for r in results if r[0] != "exit"]
+            assert transfers == [(hashlib.sha256(data).hexdigest(), size)] * 3
+
+
+def test_drain_timeout_closes_leftovers(tmp_path: Path, mode: str) -> None:
+    port = free_port()
+    with backend(echo) as be:
+        text = config_text(
+            f"127.0.0.1:{port}", [be.address], top={"relay": mode, "drain_timeout": "500ms"}
+        )
+        with l4lb(tmp_path, text) as lb:
+            client = connect(port)
+            client.sendall(b"x")
+            assert client.recv(1) == b"x"
+            start = time.monotonic()
+            assert lb.stop(10) == 0
+            assert time.monotonic() - start < 8
+            assert recv_all(client) == b""
+            (line,) = lb.access_lines()
+            assert line["end"] == "shutdown"
+
+
+def test_access_log_line(tmp_path: Path, mode: str) -> None:
+    port = free_port()
+    with backend(echo) as be:
+        text = cfg(port, [be.address], mode, proxy_tlvs=["unique_id"])
+        with l4lb(tmp_path, text) as lb:
+            client = connect(port, "127.0.0.42")
+            client.sendall(b"12345")
+            client.shutdown(socket.SHUT_WR)
+            assert recv_all(client) == b"12345"
+            cport = client.getsockname()[1]
+            client.close()
+            (line,) = lb.wait_access(1)
+            header = be.seen[0].header
+            assert header is not None
+            uid = header.tlv(TLVType.UNIQUE_ID)
+            assert uid is not None
+            assert line["unique_id"] == uid.decode()
+            assert line["client"] == f"127.0.0.42:{cport}"
+            assert line["backend"] == be.address
+            assert line["proxy"] == "v2"
+            assert line["listener"] == "main"
+            assert line["upstream"] is None
+            assert (line["bytes_from_client"], line["bytes_to_client"]) == (5, 5)
+            assert line["end"] == "client_closed"
+            assert line["duration"] >= 0 and line["time"].endswith("Z")
