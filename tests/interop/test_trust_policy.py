@@ -3,7 +3,9 @@ distinct 127.x source (and, behind a trusted proxy, the real client the header n
 
 from __future__ import annotations
 
+import re
 import socket
+import urllib.request
 from pathlib import Path
 
 from tests.support.echo_backend import EchoBackend
@@ -16,6 +18,9 @@ def config(backend: str, ports: dict[str, int], deny_file: Path) -> str:
 workers = 1
 [log]
 access = "access.log"
+
+[admin]
+bind = "127.0.0.1:{ports["admin"]}"
 
 [[listeners]]
 name = "acl"
@@ -74,7 +79,7 @@ def attempt(source: str, port: int, first: bytes = b"") -> bool:
 def test_allow_deny_and_limits_on_real_connections(tmp_path: Path) -> None:
     deny_file = tmp_path / "deny.txt"
     deny_file.write_text("# from a feed\n127.0.0.77\n10.0.0.0/8\n")
-    ports = {name: free_port() for name in ("acl", "edge", "conns", "rate")}
+    ports = {name: free_port() for name in ("acl", "edge", "conns", "rate", "admin")}
     with (
         EchoBackend("echo") as backend,
         l4lb(tmp_path / "lb", config(backend.address, ports, deny_file)) as lb,
@@ -131,3 +136,23 @@ def test_allow_deny_and_limits_on_real_connections(tmp_path: Path) -> None:
             if line["listener"] == "edge" and line["event"] == "rejected"
         ]
         assert edge[0]["peer"].startswith("127.0.0.1:")  # the proxy it came through
+
+        # the counters, as the admin endpoint exports them
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports['admin']}/metrics", timeout=10) as r:
+            metrics = r.read().decode()
+        exported = {
+            (m[0], m[1]): float(m[2])
+            for m in re.findall(
+                r'^l4lb_rejections_total\{listener="(\w+)",reason="(\w+)"\} (\S+)$',
+                metrics,
+                re.M,
+            )
+        }
+        over_conn = exported.pop(("conns", "over_conn_limit"))
+        assert over_conn >= 1  # and more if a retry above came before the close was seen
+        assert exported == {
+            ("acl", "denied"): 2,
+            ("acl", "not_allowed"): 1,
+            ("edge", "denied"): 1,
+            ("rate", "over_rate_limit"): 1,
+        }
