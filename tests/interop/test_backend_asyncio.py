@@ -47,3 +47,31 @@ def test_haproxy_and_nginx_in_front(tmp_path: Path) -> None:
             s.sendall(build(1, ("198.51.100.42", 1), ("127.0.0.1", port)))
             assert closed_by_peer(s)
         assert server.proxy_factory.rejections["untrusted"] == 1
+
+
+def test_haproxy_health_checks_send_local_and_are_accepted(tmp_path: Path) -> None:
+    """HAProxy's checks with check-send-proxy: v2 sends LOCAL (v1 its own addresses); accepted."""
+    from tests.support.peers import free_port, haproxy, wait_for
+
+    policy = ProxyPolicy(mode="required", trusted=["127.0.0.1/32"], header_timeout=5)
+    with asyncio_greeter(policy) as (port, seen, server):
+        body = (
+            f"listen checked\n    bind 127.0.0.1:{free_port()}\n"
+            f"    server v2 127.0.0.1:{port} send-proxy-v2 check check-send-proxy inter 100ms\n"
+            f"    server v1 127.0.0.1:{port} send-proxy check check-send-proxy inter 100ms\n"
+        )
+        with haproxy(tmp_path, body):
+
+            def versions_seen() -> set[tuple[int, str]]:
+                with seen.lock:
+                    return {
+                        (c["header"].version, c["header"].command.name)
+                        for c in seen.connections
+                        if c["header"] is not None
+                    }
+
+            assert wait_for(lambda: versions_seen() == {(1, "PROXY"), (2, "LOCAL")}, timeout=10)
+        with seen.lock:
+            for conn in seen.connections:
+                assert conn["peername"][0] == "127.0.0.1"  # the connection's own address
+        assert not server.proxy_factory.rejections

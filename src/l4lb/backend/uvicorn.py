@@ -156,12 +156,18 @@ def proxy_protocol_http(
             self.loop = _loop
             self.connections: set[Any] = server_state.connections
             self.header = HeaderProtocol(chosen, self._switch, self._reject, _loop)
-            if getattr(config, "proxy_headers", False) and not ProxyProtocolHTTP.warned:
+            if not ProxyProtocolHTTP.warned:
                 ProxyProtocolHTTP.warned = True
-                log.warning(
-                    "uvicorn proxy_headers is on: X-Forwarded-For may override the client "
-                    "address of the PROXY header; pass proxy_headers=False"
-                )
+                if getattr(config, "proxy_headers", False):
+                    log.warning(
+                        "uvicorn proxy_headers is on: X-Forwarded-For may override the client "
+                        "address of the PROXY header; pass proxy_headers=False"
+                    )
+                if getattr(config, "is_ssl", False):
+                    log.warning(
+                        "uvicorn TLS is on, but the PROXY header comes before the TLS handshake: "
+                        "terminate TLS at the balancer instead"
+                    )
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             # Counted as a connection (uvicorn's shutdown closes the ones still in their header).
