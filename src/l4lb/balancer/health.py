@@ -27,6 +27,7 @@ import contextlib
 import logging
 import os
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,7 @@ from l4lb.proxy_protocol import local_header
 
 if TYPE_CHECKING:
     from l4lb.balancer.pool import Pool
+    from l4lb.balancer.runtime import Balancer
 
 log = logging.getLogger("l4lb.health")
 
@@ -155,6 +157,8 @@ async def _read_until(reader: asyncio.StreamReader, done: Callable[[bytes], bool
         try:
             chunk = await reader.read(_MAX_READ - len(data))
         except OSError as err:
+            if data:  # e.g. reset after answering: judge what did arrive
+                break
             raise CheckFailed(f"read failed: {_why(err)}") from err
         if not chunk:
             break
@@ -415,3 +419,21 @@ class HealthChecks:
             self._set_up(target, up, result)
         except Exception:  # the runtime's callback must not kill the checker task
             log.exception("marking backend %s of pool %s failed", target.address, plan.name)
+
+
+_ATTACHED: weakref.WeakKeyDictionary[Balancer, HealthChecks] = weakref.WeakKeyDictionary()
+
+
+def checks_of(balancer: Balancer) -> HealthChecks | None:
+    """The health checks attached to ``balancer`` (for /status and /metrics), if any."""
+    return _ATTACHED.get(balancer)
+
+
+def attach(balancer: Balancer) -> HealthChecks:
+    """Runtime extension hook: check the balancer's pools, follow its reloads, stop with it."""
+    checks = HealthChecks()
+    checks.attach(balancer.pools.values())
+    balancer.on_reload.append(lambda b: checks.attach(b.pools.values()))
+    balancer.on_stop.append(lambda b: checks.stop())
+    _ATTACHED[balancer] = checks
+    return checks

@@ -26,13 +26,16 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 from prometheus_client import CollectorRegistry
 
 from l4lb.observe import metrics, status_page
-from l4lb.observe.snapshot import Snapshot
+from l4lb.observe.snapshot import Snapshot, snapshot_of
+
+if TYPE_CHECKING:
+    from l4lb.balancer.runtime import Balancer
 
 log = logging.getLogger("l4lb.admin")
 
@@ -110,6 +113,7 @@ class AdminServer:
     ) -> None:
         self.control = control
         self.host, self.port = split_bind(bind)
+        self.requested_port = self.port
         self.token = token or None
         self.registry = registry or metrics.make_registry(control.snapshot)
         self._server: asyncio.Server | None = None
@@ -128,13 +132,17 @@ class AdminServer:
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("admin API listening on http://%s/", self.address)
 
-    async def aclose(self) -> None:
-        """Stop accepting and close open admin connections."""
+    def close(self) -> None:
+        """Stop accepting and cancel open admin connections (without waiting)."""
         if self._server is not None:
             self._server.close()
             self._server = None
         for task in list(self._clients):
             task.cancel()
+
+    async def aclose(self) -> None:
+        """Stop accepting, close open admin connections and wait for them."""
+        self.close()
         for task in list(self._clients):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -343,3 +351,88 @@ def split_bind(bind: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise ValueError(f"admin bind {bind!r} must be HOST:PORT (IPv6 as [::1]:9100)")
     return host.strip("[]"), int(port)
+
+
+class BalancerControl:
+    """The :class:`Control` of a running :class:`~l4lb.balancer.runtime.Balancer`."""
+
+    def __init__(self, balancer: Balancer) -> None:
+        self.balancer = balancer
+
+    def snapshot(self) -> Snapshot:
+        return snapshot_of(self.balancer)
+
+    def backend_action(self, pool: str, address: str, action: str) -> str:
+        found = self.balancer.pools.get(pool)
+        if found is None:
+            known = ", ".join(sorted(self.balancer.pools)) or "none"
+            raise LookupError(f"no pool {pool!r} (pools: {known})")
+        backend = found.backend(address)  # LookupError naming the backend
+        return found.set_admin(backend, action).value
+
+    async def reload(self) -> ReloadOutcome:
+        errors = self.balancer.reload_file()
+        if errors:
+            return ReloadOutcome(False, tuple(errors))
+        config = self.balancer.config
+        summary = f"{len(config.listeners)} listener(s), pools: {', '.join(sorted(config.pools))}"
+        return ReloadOutcome(True, summary=summary)
+
+
+async def attach(balancer: Balancer) -> AdminServer | None:
+    """Runtime extension hook: serve the admin API when the config has an ``[admin]`` table.
+
+    Follows reloads: a new token applies at once; a new bind (or an added or removed
+    ``[admin]`` table) restarts the server. A bind that fails is logged, not fatal: the
+    balancer keeps serving traffic.
+    """
+    control = BalancerControl(balancer)
+    current: list[AdminServer] = []
+
+    async def start(bind: str, token: str | None) -> None:
+        server = AdminServer(control, bind, token)
+        try:
+            await server.start()
+        except OSError as err:
+            log.error("event=admin_bind_failed bind=%s error=%r", bind, err.strerror or str(err))
+            return
+        current.append(server)
+
+    async def follow(config: Any) -> None:
+        wanted = config.admin
+        server = current[0] if current else None
+        if (
+            server is not None
+            and wanted is not None
+            and split_bind(wanted.bind)
+            == (
+                server.host,
+                server.requested_port,
+            )
+        ):
+            server.token = wanted.token or None
+            return
+        if server is not None:
+            current.clear()
+            await server.aclose()
+        if wanted is not None:
+            await start(wanted.bind, wanted.token)
+
+    def on_reload(b: Balancer) -> None:
+        task = asyncio.get_running_loop().create_task(follow(b.config))
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+    def on_stop(b: Balancer) -> None:
+        for server in current:
+            server.close()
+        current.clear()
+
+    if balancer.config.admin is not None:
+        await start(balancer.config.admin.bind, balancer.config.admin.token)
+    balancer.on_reload.append(on_reload)
+    balancer.on_stop.append(on_stop)
+    return current[0] if current else None
+
+
+_background: set[asyncio.Task[None]] = set()

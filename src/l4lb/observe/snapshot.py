@@ -8,8 +8,12 @@ always agree with each other.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from l4lb.balancer.runtime import Balancer
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,3 +107,81 @@ class Snapshot:
                         backend[f"{name}_count"] = sum(counts)
                         backend[f"{name}_sum_seconds"] = round(hist["sum"], 6)
         return doc
+
+
+def snapshot_of(balancer: Balancer) -> Snapshot:
+    """Read every counter of a running balancer (and its health checks) once."""
+    from l4lb import __version__
+    from l4lb.balancer.health import CHECK_BUCKETS, checks_of
+    from l4lb.balancer.pool import CONNECT_BUCKETS
+
+    checks = checks_of(balancer)
+    listeners = []
+    header_errors: dict[str, int] = {}
+    for listener in balancer.listeners.values():
+        rejections = dict(listener.rejections)
+        for reason, count in rejections.items():
+            if reason.startswith("bad_header:"):
+                key = reason.split(":", 1)[1]
+                header_errors[key] = header_errors.get(key, 0) + count
+        host, port = listener.address
+        listeners.append(
+            ListenerStatus(
+                name=listener.name,
+                bind=f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+                pool=listener.config.pool,
+                active=listener.active,
+                total=listener.total,
+                rejected=listener.rejected,
+                rejections=rejections,
+            )
+        )
+    pools = []
+    for pool in balancer.pools.values():
+        health = pool.config.health
+        backends = []
+        for b in pool.backends:
+            record = checks.health(pool.name, b.address) if checks is not None else None
+            check = check_latency = None
+            if record is not None:
+                if record.last is not None:
+                    r = record.last
+                    check = CheckStatus(r.ok, r.detail, round(r.duration, 6), r.at, r.source)
+                check_latency = Histogram(
+                    CHECK_BUCKETS, tuple(record.check_buckets), record.check_seconds
+                )
+            backends.append(
+                BackendStatus(
+                    address=b.address,
+                    weight=b.weight,
+                    state=b.state.value,
+                    active=b.active,
+                    total=b.total,
+                    bytes_in=b.bytes_in,
+                    bytes_out=b.bytes_out,
+                    connect_failures=b.connect_failures,
+                    check=check,
+                    connect_latency=Histogram(
+                        CONNECT_BUCKETS, tuple(b.latency_counts), b.latency_sum
+                    ),
+                    check_latency=check_latency,
+                )
+            )
+        pools.append(
+            PoolStatus(
+                name=pool.name,
+                balance=pool.config.balance,
+                check=health.check if health is not None else None,
+                backends=tuple(backends),
+            )
+        )
+    return Snapshot(
+        version=__version__,
+        started=balancer.started,
+        now=time.time(),
+        listeners=tuple(listeners),
+        pools=tuple(pools),
+        reloads=balancer.reloads,
+        last_reload=balancer.last_reload,
+        proxy_header_errors=header_errors,
+    )

@@ -12,6 +12,10 @@ import logging
 import os
 import socket
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from l4lb.balancer.runtime import Balancer
 
 log = logging.getLogger("l4lb.systemd")
 
@@ -50,3 +54,21 @@ def reloading() -> bool:
 def stopping() -> bool:
     """A graceful stop begins: no new connections, the ones in flight may finish."""
     return notify("STOPPING=1")
+
+
+def attach(balancer: Balancer) -> None:
+    """Runtime extension hook: READY once the listeners are up, then reloads and the stop."""
+    if not os.environ.get("NOTIFY_SOCKET"):
+        return
+    listeners = ", ".join(balancer.listeners)
+    ready(f"serving {listeners}")
+
+    def on_reload(b: Balancer) -> None:
+        reloading()
+        ready(f"reloaded ({b.reloads}); serving {', '.join(b.listeners)}")
+
+    def on_stop(b: Balancer) -> None:
+        stopping()
+
+    balancer.on_reload.append(on_reload)
+    balancer.on_stop.append(on_stop)

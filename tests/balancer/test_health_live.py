@@ -1,0 +1,206 @@
+"""Health checks in a real ``l4lb run``: backends go down and come back, traffic follows.
+
+Backends are real servers: restartable echo servers (tests/support/echo_backend.py) and real
+nginx with ``proxy_protocol`` for the checks that speak to a PROXY-requiring backend.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from pathlib import Path
+
+import pytest
+
+from tests.observe.live import eventually, l4lb_run
+from tests.support.echo_backend import EchoBackend, echo_through
+from tests.support.peers import NGINX_STREAM_MODULE, free_port, have, nginx
+
+HEALTH = """
+[pools.web.health]
+check = "{check}"
+interval = "{interval}"
+timeout = "500ms"
+rise = 2
+fall = 2
+"""
+
+
+def config(front: int, admin: int, backends: list[str], check: str, interval: str) -> str:
+    listed = ", ".join(f'{{ address = "{b}" }}' for b in backends)
+    return f"""
+workers = 1
+drain_timeout = "2s"
+
+[[listeners]]
+name = "front"
+bind = "127.0.0.1:{front}"
+pool = "web"
+
+[pools.web]
+send_proxy = "v2"
+connect_timeout = "1s"
+retries = 1
+backends = [{listed}]
+{HEALTH.format(check=check, interval=interval)}
+[log]
+access = "off"
+
+[admin]
+bind = "127.0.0.1:{admin}"
+"""
+
+
+def names_seen(port: int, n: int) -> list[str]:
+    seen = []
+    for i in range(n):
+        payload = os.urandom(64) + str(i).encode()
+        name, echoed = echo_through("127.0.0.1", port, payload)
+        assert echoed == payload
+        seen.append(name)
+    return seen
+
+
+def test_backend_down_traffic_moves_then_rejoins(tmp_path: Path) -> None:
+    a, b = EchoBackend("a").start(), EchoBackend("b").start()
+    front, admin = free_port(), free_port()
+    try:
+        cfg = config(front, admin, [a.address, b.address], "proxy-local", "200ms")
+        with l4lb_run(tmp_path, cfg, f"127.0.0.1:{admin}", [("127.0.0.1", front)]) as lb:
+            assert set(names_seen(front, 10)) == {"a", "b"}
+            # every check sent a v2 LOCAL header first, and the echo server consumed it
+            assert b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00" in a.headers
+
+            b.stop()
+            lb.wait_state("web", b.address, "down", timeout=15)
+            check = lb.backend("web", b.address)["check"]
+            assert check["ok"] is False and "refused" in check["detail"].lower()
+            assert "event=health_down pool=web backend=" + b.address in lb.log_text()
+            assert names_seen(front, 10) == ["a"] * 10
+
+            b.start()
+            lb.wait_state("web", b.address, "up", timeout=15)
+            assert "event=health_up pool=web backend=" + b.address in lb.log_text()
+            assert set(names_seen(front, 10)) == {"a", "b"}
+
+            # every backend down: clients are refused promptly, and the log says why
+            a.stop()
+            b.stop()
+            lb.wait_state("web", a.address, "down", timeout=15)
+            lb.wait_state("web", b.address, "down", timeout=15)
+            # (a client left waiting would hit the socket timeout and fail the test)
+            try:
+                with socket.create_connection(("127.0.0.1", front), timeout=10) as sock:
+                    sock.sendall(b"hello?")
+                    data = sock.recv(100)
+            except ConnectionResetError:  # closed with a reset, even during the handshake
+                data = b""
+            assert data == b"", data
+            assert "pool_empty pool=web" in lb.log_text()
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_passive_failures_mark_down_before_the_next_check(tmp_path: Path) -> None:
+    """With checks an hour apart, only failed connects can take the backend down."""
+    a, b = EchoBackend("a").start(), EchoBackend("b").start()
+    front, admin = free_port(), free_port()
+    try:
+        cfg = config(front, admin, [a.address, b.address], "tcp", "1h")
+        with l4lb_run(tmp_path, cfg, f"127.0.0.1:{admin}", [("127.0.0.1", front)]) as lb:
+            eventually(lambda: lb.backend("web", b.address)["check"] is not None, what="1st check")
+            b.stop()
+            # Each connect to b fails, is retried on a: clients never notice.
+            names = names_seen(front, 8)
+            assert names.count("a") == 8
+            lb.wait_state("web", b.address, "down", timeout=5)
+            status = lb.backend("web", b.address)
+            assert status["check"]["source"] == "passive"
+            assert status["connect_failures"] == 2
+            assert f"event=health_down pool=web backend={b.address} check=passive" in lb.log_text()
+    finally:
+        a.stop()
+        b.stop()
+
+
+CHECKS = {
+    # pool: (check settings, which nginx server, expected state, detail fragment)
+    "tcp": ('check = "tcp"', "echo", "up", "connected"),
+    "plocal": ('check = "proxy-local"', "stream_ok", "up", "PROXY v2 LOCAL"),
+    "http2": ('check = "http"\nhttp_path = "/healthz"', "http", "up", "HTTP 200"),
+    "http404": ('check = "http"\nhttp_path = "/missing"', "http", "down", "HTTP 404"),
+    "sendexp": (
+        'check = "send-expect"\nsend = "PING\\r\\n"\nexpect = "PONG"',
+        "stream_pong",
+        "up",
+        "got 'PONG'",
+    ),
+    "sendbad": (
+        'check = "send-expect"\nsend = "PING\\r\\n"\nexpect = "NOPE"',
+        "stream_pong",
+        "down",
+        "expected 'NOPE'",
+    ),
+}
+
+
+@pytest.mark.skipif(not have("nginx") or not os.path.exists(NGINX_STREAM_MODULE), reason="nginx")
+def test_each_check_type_against_real_backends(tmp_path: Path) -> None:
+    ports = {name: free_port() for name in ("stream_ok", "stream_pong", "http")}
+    echo = EchoBackend("echo").start()
+    stream = (
+        f'server {{ listen 127.0.0.1:{ports["stream_ok"]} proxy_protocol; return "hi\\n"; }}\n'
+        f"server {{ listen 127.0.0.1:{ports['stream_pong']} proxy_protocol; "
+        'return "+PONG\\r\\n"; }'
+    )
+    http = (
+        f"server {{ listen 127.0.0.1:{ports['http']} proxy_protocol; "
+        'location = /healthz { return 200 "ok\\n"; } }'
+    )
+    parts = ["workers = 1", '[log]\naccess = "off"']
+    admin = free_port()
+    fronts = []
+    addresses = {}
+    for pool, (settings, server, _, _) in CHECKS.items():
+        front = free_port()
+        fronts.append(("127.0.0.1", front))
+        addresses[pool] = echo.address if server == "echo" else f"127.0.0.1:{ports[server]}"
+        # http2 sends v2 LOCAL, http404 v1 UNKNOWN: nginx accepts both before the request
+        version = "v1" if pool == "http404" else "v2"
+        parts.append(
+            f'[[listeners]]\nname = "{pool}"\nbind = "127.0.0.1:{front}"\npool = "{pool}"\n'
+        )
+        parts.append(
+            f'[pools.{pool}]\nsend_proxy = "{version}"\n'
+            f'backends = [{{ address = "{addresses[pool]}" }}]\n'
+            f'[pools.{pool}.health]\n{settings}\ninterval = "200ms"\ntimeout = "1s"\n'
+            "rise = 1\nfall = 1\n"
+        )
+    parts.insert(1, f'[admin]\nbind = "127.0.0.1:{admin}"\n')
+    cfg = "\n".join(parts)
+    waits = [("127.0.0.1", p) for p in ports.values()]
+    try:
+        with (
+            nginx(tmp_path / "nginx", stream=stream, http=http, wait=waits) as ngx,
+            l4lb_run(tmp_path / "l4lb", cfg, f"127.0.0.1:{admin}", fronts) as lb,
+        ):
+
+            def detail_of(pool: str) -> str:
+                check = lb.backend(pool, addresses[pool])["check"] or {}
+                return str(check.get("detail", ""))
+
+            for pool, (_, _, state, detail) in CHECKS.items():
+                lb.wait_state(pool, addresses[pool], state, timeout=15)
+                eventually(lambda p=pool, d=detail: d in detail_of(p), what=f"{pool}: {detail}")
+            error_log = (tmp_path / "nginx" / "error.log").read_text()
+            # ('broken header: ""' is the harness's own port probe, which sends nothing)
+            assert not re.search(r'broken header: "[^"]', error_log), error_log
+            ngx.terminate()
+            ngx.wait(10)
+            for pool in ("plocal", "http2", "sendexp"):
+                lb.wait_state(pool, addresses[pool], "down", timeout=15)
+                assert "refused" in detail_of(pool).lower()
+    finally:
+        echo.stop()

@@ -1,0 +1,209 @@
+"""Hot reload and the admin API's state changes in a real ``l4lb run`` under steady traffic.
+
+Client threads loop short connections through l4lb, each checking its echoed payload, while
+the config alternates 20 times between two valid versions (weights change, a listener comes
+and goes), by ``POST /reload`` and by SIGHUP. Not one connection may fail or be truncated.
+An invalid config is refused with its errors and the old one keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import socket
+import threading
+from pathlib import Path
+
+from tests.observe.live import Running, eventually, l4lb_run
+from tests.support.echo_backend import EchoBackend, echo_through
+from tests.support.peers import free_port
+
+TOKEN = "s3cret-token"
+
+
+def config(front: int, extra: int | None, admin: int, a: str, b: str, weight_a: int) -> str:
+    extra_listener = (
+        f'[[listeners]]\nname = "extra"\nbind = "127.0.0.1:{extra}"\npool = "web"\n'
+        if extra
+        else ""
+    )
+    return f"""
+workers = 1
+drain_timeout = "5s"
+
+[[listeners]]
+name = "front"
+bind = "127.0.0.1:{front}"
+pool = "web"
+
+{extra_listener}
+[pools.web]
+send_proxy = "v2"
+backends = [{{ address = "{a}", weight = {weight_a} }}, {{ address = "{b}", weight = 1 }}]
+
+[pools.web.health]
+check = "proxy-local"
+interval = "500ms"
+
+[log]
+access = "off"
+
+[admin]
+bind = "127.0.0.1:{admin}"
+token = "{TOKEN}"
+"""
+
+
+class Traffic:
+    """Client threads looping connections with random payloads, recording every failure."""
+
+    def __init__(self, port: int, threads: int = 3) -> None:
+        self.port = port
+        self.stop = threading.Event()
+        self.ok = 0
+        self.failures: list[str] = []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self.loop, args=(i,)) for i in range(threads)]
+
+    def loop(self, seed: int) -> None:
+        rng = random.Random(seed)
+        while not self.stop.is_set():
+            payload = rng.randbytes(rng.randint(1, 32768))
+            try:
+                name, echoed = echo_through("127.0.0.1", self.port, payload, timeout=15)
+                error = "" if echoed == payload else f"{name}: {len(echoed)}/{len(payload)} bytes"
+            except OSError as err:
+                error = repr(err)
+            with self.lock:
+                if error:
+                    self.failures.append(error)
+                else:
+                    self.ok += 1
+
+    def __enter__(self) -> Traffic:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+
+
+def reloads(lb: Running) -> int:
+    return int(lb.status()["reloads"])
+
+
+def accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def test_twenty_reloads_under_traffic(tmp_path: Path) -> None:
+    a, b = EchoBackend("a").start(), EchoBackend("b").start()
+    front, extra, admin = free_port(), free_port(), free_port()
+    version_a = config(front, None, admin, a.address, b.address, 1)
+    version_b = config(front, extra, admin, a.address, b.address, 3)
+    try:
+        with l4lb_run(tmp_path, version_a, f"127.0.0.1:{admin}", [("127.0.0.1", front)]) as lb:
+            with Traffic(front) as traffic:
+                for i in range(20):
+                    lb.config.write_text(version_b if i % 2 == 0 else version_a)
+                    before = reloads(lb)
+                    if i % 4 < 2:
+                        code, body = lb.post("/reload", TOKEN)
+                        assert code == 200, body
+                        assert json.loads(body)["reloaded"] is True
+                    else:
+                        lb.proc.send_signal(signal.SIGHUP)
+                    eventually(lambda n=before: reloads(lb) == n + 1, what=f"reload {i}")
+                    weights = [x["weight"] for x in lb.status()["pools"][0]["backends"]]
+                    listeners = [x["name"] for x in lb.status()["listeners"]]
+                    if i % 2 == 0:
+                        assert weights == [3, 1] and listeners == ["front", "extra"]
+                        eventually(lambda: accepts(extra), what="extra listener bound")
+                        assert echo_through("127.0.0.1", extra, b"via extra")[1] == b"via extra"
+                    else:
+                        assert weights == [1, 1] and listeners == ["front"]
+                        eventually(lambda: not accepts(extra), what="extra listener closed")
+
+                # an invalid config is refused, with its errors; the running one keeps serving
+                lb.config.write_text(version_a.replace('send_proxy = "v2"', 'send_proxy = "v9"'))
+                code, body = lb.post("/reload", TOKEN)
+                doc = json.loads(body)
+                assert code == 422 and doc["reloaded"] is False
+                assert any("pools.web.send_proxy" in e for e in doc["errors"]), doc
+                lb.proc.send_signal(signal.SIGHUP)
+                eventually(
+                    lambda: lb.log_text().count("pools.web.send_proxy") >= 2, what="SIGHUP error"
+                )
+                assert reloads(lb) == 20
+                assert echo_through("127.0.0.1", front, b"still here")[1] == b"still here"
+                ok_before = traffic.ok
+                eventually(lambda: traffic.ok > ok_before + 10, what="traffic keeps flowing")
+            assert lb.proc.poll() is None
+    finally:
+        a.stop()
+        b.stop()
+    assert traffic.failures == []
+    assert traffic.ok > 50
+
+
+def test_admin_state_changes_need_the_token(tmp_path: Path) -> None:
+    a, b = EchoBackend("a").start(), EchoBackend("b").start()
+    front, admin = free_port(), free_port()
+    cfg = config(front, None, admin, a.address, b.address, 1)
+    path = f"/pools/web/backends/{b.address}"
+    try:
+        with l4lb_run(tmp_path, cfg, f"127.0.0.1:{admin}", [("127.0.0.1", front)]) as lb:
+            status = lb.status()
+            assert [x["name"] for x in status["listeners"]] == ["front"]
+            assert status["pools"][0]["check"] == "proxy-local"
+            for action in ("drain", "disable", "enable"):
+                code, body = lb.post(f"{path}/{action}")
+                assert code == 401 and b"Bearer" in body
+                code, _ = lb.post(f"{path}/{action}", "wrong")
+                assert code == 401
+                assert lb.backend("web", b.address)["state"] == "up"
+                assert lb.post("/reload")[0] == 401
+
+            # drain: no new connections for b, a connection already open runs on
+            held = socket.create_connection(("127.0.0.1", front), timeout=10)
+            held_name = held.recv(2).decode()[0]
+            if held_name == "a":  # make sure the held connection is on b
+                held.close()
+                held = socket.create_connection(("127.0.0.1", front), timeout=10)
+                held_name = held.recv(2).decode()[0]
+            assert held_name == "b"
+            code, body = lb.post(f"{path}/drain", TOKEN)
+            assert code == 200 and json.loads(body)["state"] == "drain"
+            assert lb.backend("web", b.address)["state"] == "drain"
+            names = {echo_through("127.0.0.1", front, b"x")[0] for _ in range(6)}
+            assert names == {"a"}
+            held.sendall(b"still open")
+            held.shutdown(socket.SHUT_WR)
+            data = b""
+            while chunk := held.recv(100):
+                data += chunk
+            assert data == b"still open"
+            held.close()
+
+            code, body = lb.post(f"{path}/disable", TOKEN)
+            assert code == 200 and json.loads(body)["state"] == "disabled"
+            assert {echo_through("127.0.0.1", front, b"x")[0] for _ in range(6)} == {"a"}
+            code, body = lb.post(f"{path}/enable", TOKEN)
+            assert code == 200 and json.loads(body)["state"] == "up"
+            assert {echo_through("127.0.0.1", front, b"x")[0] for _ in range(6)} == {"a", "b"}
+
+            assert lb.post("/pools/web/backends/127.0.0.1:1/drain", TOKEN)[0] == 404
+            assert lb.post("/pools/nope/backends/127.0.0.1:1/drain", TOKEN)[0] == 404
+            assert lb.get("/reload")[0] == 405
+            assert "event=backend_state pool=web backend=" + b.address in lb.log_text()
+    finally:
+        a.stop()
+        b.stop()

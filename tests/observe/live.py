@@ -1,0 +1,119 @@
+"""Helpers for tests that run a real ``l4lb run`` and talk to its admin API."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.support.peers import stop_process, wait_port
+
+L4LB = str(Path(sys.executable).parent / "l4lb")
+
+
+@dataclass
+class Running:
+    proc: subprocess.Popen[bytes]
+    config: Path
+    log: Path
+    admin: str
+    """host:port of the admin API."""
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        return http(f"http://{self.admin}{path}")
+
+    def post(self, path: str, token: str | None = None) -> tuple[int, bytes]:
+        return http(f"http://{self.admin}{path}", "POST", token)
+
+    def status(self) -> dict[str, Any]:
+        code, body = self.get("/status")
+        assert code == 200, body
+        doc: dict[str, Any] = json.loads(body)
+        return doc
+
+    def backend(self, pool: str, address: str) -> dict[str, Any]:
+        for p in self.status()["pools"]:
+            if p["name"] == pool:
+                for b in p["backends"]:
+                    if b["address"] == address:
+                        return dict(b)
+        raise KeyError((pool, address))
+
+    def wait_state(self, pool: str, address: str, state: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            last = self.backend(pool, address)
+            if last["state"] == state:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{pool}/{address} not {state} after {timeout}s: {last}")
+
+
+def http(url: str, method: str = "GET", token: str | None = None) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, method=method)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+@contextlib.contextmanager
+def l4lb_run(
+    workdir: Path,
+    config: str,
+    admin: str,
+    wait: list[tuple[str, int]],
+    env: dict[str, str] | None = None,
+) -> Iterator[Running]:
+    """Run ``l4lb run --config`` with ``config`` until the block ends (stopped by PID)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "l4lb.toml"
+    path.write_text(config)
+    log = workdir / "l4lb.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [L4LB, "run", "--config", str(path)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+    try:
+        # The admin API starts once every listener is bound; probing the listeners themselves
+        # would add connections to the counters the tests check.
+        host, port = admin.rsplit(":", 1)
+        wait_port(host.strip("[]"), int(port), timeout=20, proc=proc)
+        for h, p in wait:
+            with socket.socket(socket.AF_INET6 if ":" in h else socket.AF_INET) as probe:
+                try:
+                    probe.bind((h, p))  # fails (EADDRINUSE) exactly when l4lb holds the port
+                except OSError:
+                    continue
+                raise AssertionError(f"l4lb does not listen on {h}:{p}")
+        yield Running(proc, path, log, admin)
+    finally:
+        stop_process(proc, timeout=15)
+
+
+def eventually(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {timeout}s: {what}")
+        time.sleep(0.05)
