@@ -239,6 +239,7 @@ async def asgi_app(
         "unique_id": ext["unique_id"].decode() if ext.get("unique_id") else None,
         "upstream": list(ext["upstream"]) if ext.get("upstream") else None,
         "tlv_types": [t for t, _ in ext.get("tlvs", [])],
+        "ssl": ext.get("ssl"),
     }
     if scope["type"] == "websocket":
         await receive()  # websocket.connect
@@ -264,7 +265,7 @@ async def asgi_app(
 
 
 @contextlib.contextmanager
-def uvicorn_server(policy: ProxyPolicy, http: str = "auto") -> Iterator[int]:
+def uvicorn_server(policy: ProxyPolicy, http: str = "auto", ws: str = "auto") -> Iterator[int]:
     """uvicorn serving :func:`asgi_app` with ``proxy_protocol_http(policy=...)``, in a thread."""
     import uvicorn
 
@@ -277,6 +278,7 @@ def uvicorn_server(policy: ProxyPolicy, http: str = "auto") -> Iterator[int]:
         host="127.0.0.1",
         port=port,
         http=proxy_protocol_http(policy=policy, http=http),
+        ws=ws,
         proxy_headers=False,
         log_level="warning",
         lifespan="off",

@@ -70,10 +70,13 @@ def test_tlvs_reach_the_scope_extension() -> None:
         assert info["authority"] == "shop.example"
         assert info["unique_id"] == "req-42"
         assert info["tlv_types"] == [TLVType.AUTHORITY, TLVType.UNIQUE_ID, TLVType.SSL]
+        assert info["ssl"]["ssl"] is True and info["ssl"]["version"] == "TLSv1.3"
 
 
-def test_websocket_upgrade_keeps_the_real_address() -> None:
-    with uvicorn_server(policy()) as port:
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # uvicorn's legacy websockets impl
+@pytest.mark.parametrize("ws", ["websockets-sansio", "websockets"])
+def test_websocket_upgrade_keeps_the_real_address(ws: str) -> None:
+    with uvicorn_server(policy(), ws=ws) as port:
         s = connect_from("127.0.0.1", "127.0.0.1", port)
         s.sendall(build(2, CLIENT, DEST, tlvs=[TLV(TLVType.UNIQUE_ID, b"ws-1")]))
         with ws_connect(f"ws://127.0.0.1:{port}/ws", sock=s, open_timeout=5) as ws:
