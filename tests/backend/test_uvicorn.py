@@ -74,6 +74,7 @@ def test_tlvs_reach_the_scope_extension() -> None:
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # uvicorn's legacy websockets impl
+@pytest.mark.filterwarnings("ignore:The `websockets` implementation is deprecated")
 @pytest.mark.parametrize("ws", ["websockets-sansio", "websockets"])
 def test_websocket_upgrade_keeps_the_real_address(ws: str) -> None:
     with uvicorn_server(policy(), ws=ws) as port:
