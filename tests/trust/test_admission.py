@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import random
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -522,3 +523,39 @@ def test_running_listener_config_is_read_not_guessed() -> None:
     assert admission.policy is not None and admission.policy.is_trusted("10.1.2.3")
     assert "192.0.2.9" in admission.deny
     assert admission.limiter is not None and admission.limiter.max_conns == 3
+
+
+@in_loop
+async def test_random_first_bytes_are_admitted_or_rejected_never_raise() -> None:
+    """Garbage, truncated and valid headers in random chunks from a trusted peer: every
+    connection ends admitted (header) or rejected with a reason, and nothing else happens."""
+    rng = random.Random(44)
+    samples = [V1, V2, V6, local_header(2), b"PROXY UNKNOWN\r\n"]
+    payloads = []
+    for i in range(40):
+        base = rng.choice(samples)
+        if i % 3 == 0:  # flip a byte
+            j = rng.randrange(len(base))
+            base = base[:j] + bytes([rng.randrange(256)]) + base[j + 1 :]
+        elif i % 3 == 1:  # random bytes after a valid prefix
+            base = base[: rng.randrange(len(base))] + rng.randbytes(rng.randrange(1, 40))
+        payloads.append(base + APP)
+    async with Harness(accept_proxy="required", proxy_header_timeout="1s").run() as h:
+        for n, payload in enumerate(payloads, 1):
+            c = await h.connect("127.0.0.1")
+            cut = sorted(rng.sample(range(1, len(payload)), 3))
+            for a, b in zip([0, *cut], [*cut, len(payload)], strict=True):
+                try:
+                    await h.send(c, payload[a:b])
+                except OSError:  # already rejected and closed
+                    break
+                await asyncio.sleep(0.001)
+            await h.outcomes(n)
+        assert len(h.admitted) + len(h.rejected) == len(payloads)
+        for r in h.rejected:
+            assert r.reason.startswith("bad_header:") or r.reason == "header_timeout", r
+        for sock, admitted in h.admitted:
+            assert admitted.header is not None
+            # whatever was accepted, the bytes after the header are still in the socket
+            assert len(await read_exactly(h.loop, sock, 1)) == 1
+        assert len(h.admitted) >= 10

@@ -231,7 +231,7 @@ class Admission:
     def _on_readable(self, waiting: _Waiting) -> None:
         waiting.poll = None
         if not self._advance(waiting):
-            self._waiting.pop(waiting.fd, None)
+            self._forget(waiting)
 
     def _advance(self, waiting: _Waiting) -> bool:
         """Peek what is new and feed it; True while the header is still awaited."""
@@ -293,10 +293,15 @@ class Admission:
                 waiting.taken += len(got)
         except OSError as err:
             self._stop_waiting(waiting)
-            self._waiting.pop(waiting.fd, None)
+            self._forget(waiting)
             self._reject(sock, waiting.peer, "eof", f"{err.strerror or err} inside the header")
             return False
         return True
+
+    def _forget(self, waiting: _Waiting) -> None:
+        # By identity: once a socket is closed its descriptor number may belong to a newer one.
+        if self._waiting.get(waiting.fd) is waiting:
+            del self._waiting[waiting.fd]
 
     def _poll_later(self, waiting: _Waiting) -> None:
         if waiting.reading:
