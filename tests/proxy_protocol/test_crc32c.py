@@ -49,10 +49,18 @@ def test_parser_verifies_with_python_fallback(monkeypatch: pytest.MonkeyPatch) -
     """With the C extension absent the check still runs (it is never skipped)."""
     from l4lb.proxy_protocol import InvalidHeader, Reason, build, parse
 
+    calls: list[int] = []
+
+    def python_only(data: bytes) -> int:
+        calls.append(len(data))
+        return crc32c_python(data)
+
     monkeypatch.setattr(crc_module, "crc32c_c", None)
+    monkeypatch.setattr(crc_module, "crc32c_bytes", python_only)
     wire = build(2, ("10.0.0.1", 1), ("10.0.0.2", 2), crc32c=True)
     header, _ = parse(wire)
     assert header.crc32c == crc32c_python(wire[:-4] + bytes(4))
     with pytest.raises(InvalidHeader) as info:
         parse(wire[:-1] + bytes([wire[-1] ^ 1]))
     assert info.value.reason is Reason.CRC_MISMATCH
+    assert calls == [len(wire), len(wire)]  # both checks ran through the Python fallback

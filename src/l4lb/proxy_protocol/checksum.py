@@ -32,6 +32,9 @@ def crc32c_python(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
 
 
 crc32c_c: Callable[[bytes | bytearray | memoryview, int], int] | None
+#: ``crc32c_bytes(data)``: CRC32C of a ``bytes`` object with no wrapper in between; the
+#: parser's verification calls it through this module so tests can swap the implementation.
+crc32c_bytes: Callable[[bytes], int]
 try:
     import google_crc32c as _g
 
@@ -46,9 +49,11 @@ try:
         return int(_value(data) if crc == 0 else _extend(crc, data))
 
     crc32c_c = _crc32c_c
+    crc32c_bytes = _value
     IMPLEMENTATION = "google-crc32c"
 except ImportError:
     crc32c_c = None
+    crc32c_bytes = crc32c_python
     IMPLEMENTATION = "python"
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 
-from l4lb.proxy_protocol.checksum import crc32c
+from l4lb.proxy_protocol import checksum
 from l4lb.proxy_protocol.errors import InvalidHeader, Reason
-from l4lb.proxy_protocol.model import TLV, SSLInfo, TLVType, _setter
+from l4lb.proxy_protocol.model import TLV, SSLInfo, TLVType
 
 _TL = struct.Struct("!BH")
 _SSL_HEAD = struct.Struct("!BI")
@@ -17,9 +17,7 @@ _T_CRC32C = int(TLVType.CRC32C)
 _T_UNIQUE_ID = int(TLVType.UNIQUE_ID)
 _T_SSL = int(TLVType.SSL)
 _SPECIAL = frozenset((_T_CRC32C, _T_UNIQUE_ID, _T_SSL))
-_new = object.__new__
-_set_type = _setter(TLV, "type")
-_set_value = _setter(TLV, "value")
+_tuple_new = tuple.__new__
 
 TLVLike = TLV | tuple[int, bytes]
 
@@ -58,9 +56,7 @@ def parse_tlvs(data: bytes, start: int, end: int, max_tlvs: int) -> tuple[TLV, .
     """
     tlvs: list[TLV] = []
     append = tlvs.append
-    new = _new
-    set_type = _set_type
-    set_value = _set_value
+    new = _tuple_new
     special = _SPECIAL
     crc_at = -1
     pos = start
@@ -99,10 +95,7 @@ def parse_tlvs(data: bytes, start: int, end: int, max_tlvs: int) -> tuple[TLV, .
                     )
             else:
                 parse_ssl(value)
-        tlv = new(TLV)
-        set_type(tlv, t)
-        set_value(tlv, value)
-        append(tlv)
+        append(new(TLV, (t, value)))
     if len(tlvs) > max_tlvs:
         raise InvalidHeader(Reason.TLV_TOO_MANY, f"{len(tlvs)} TLVs, more than {max_tlvs}")
     if crc_at >= 0:
@@ -113,7 +106,7 @@ def parse_tlvs(data: bytes, start: int, end: int, max_tlvs: int) -> tuple[TLV, .
 def verify_crc(data: bytes, crc_at: int, end: int) -> None:
     """Check the CRC32C stored at ``data[crc_at:crc_at+4]`` against ``data[:end]``."""
     expected = data[crc_at : crc_at + 4]
-    actual = crc32c(data[:crc_at] + b"\0\0\0\0" + data[crc_at + 4 : end])
+    actual = checksum.crc32c_bytes(data[:crc_at] + b"\0\0\0\0" + data[crc_at + 4 : end])
     if actual != int.from_bytes(expected, "big"):
         raise InvalidHeader(
             Reason.CRC_MISMATCH,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from socket import AF_INET, AF_INET6, inet_ntop, inet_pton
 
 from l4lb.proxy_protocol.errors import IncompleteHeader, InvalidHeader, Reason
-from l4lb.proxy_protocol.model import Command, Family, ProxyHeader, Transport
+from l4lb.proxy_protocol.model import Command, Family, ProxyHeader, Transport, make_header
 from l4lb.proxy_protocol.options import ParseOptions
 from l4lb.proxy_protocol.v2 import ipv6_text
 
@@ -103,7 +103,7 @@ def parse_line(line: bytes, options: ParseOptions, end: int = -2) -> ProxyHeader
     proto = parts[0]
     if len(parts) == 5:
         if proto == b"TCP4":
-            return ProxyHeader(
+            return make_header(
                 1,
                 _PROXY,
                 _INET,
@@ -112,7 +112,7 @@ def parse_line(line: bytes, options: ParseOptions, end: int = -2) -> ProxyHeader
                 (_ipv4(parts[2]), _port(parts[4])),
             )
         if proto == b"TCP6":
-            return ProxyHeader(
+            return make_header(
                 1,
                 _PROXY,
                 _INET6,
@@ -125,7 +125,7 @@ def parse_line(line: bytes, options: ParseOptions, end: int = -2) -> ProxyHeader
             raise InvalidHeader(
                 Reason.BAD_SYNTAX, "addresses after UNKNOWN are not allowed by the options"
             )
-        return ProxyHeader(1, _PROXY, Family.UNSPEC, Transport.UNSPEC, None, None)
+        return make_header(1, _PROXY, Family.UNSPEC, Transport.UNSPEC, None, None)
     if proto in (b"TCP4", b"TCP6"):
         raise InvalidHeader(
             Reason.BAD_SYNTAX,
@@ -175,13 +175,13 @@ def _fast_tcp(data: bytes, end: int) -> ProxyHeader | None:
             d = dst.decode()
             inet_pton(AF_INET, s)
             inet_pton(AF_INET, d)
-            return ProxyHeader(1, _PROXY, _INET, _STREAM, (s, sp), (d, dp))
+            return make_header(1, _PROXY, _INET, _STREAM, (s, sp), (d, dp))
         if proto == b"TCP6":
             s = inet_ntop(AF_INET6, inet_pton(AF_INET6, src.decode()))
             d = inet_ntop(AF_INET6, inet_pton(AF_INET6, dst.decode()))
             if "." in s or "." in d:
                 return None  # v4-mapped/compatible: canonical text needs ipaddress
-            return ProxyHeader(1, _PROXY, _INET6, _STREAM, (s, sp), (d, dp))
+            return make_header(1, _PROXY, _INET6, _STREAM, (s, sp), (d, dp))
     except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
         return None
     return None

@@ -7,7 +7,14 @@ import struct
 from socket import AF_INET, AF_INET6, inet_ntop
 
 from l4lb.proxy_protocol.errors import IncompleteHeader, InvalidHeader, Reason
-from l4lb.proxy_protocol.model import ADDRESS_SIZES, Command, Family, ProxyHeader, Transport
+from l4lb.proxy_protocol.model import (
+    ADDRESS_SIZES,
+    Command,
+    Family,
+    ProxyHeader,
+    Transport,
+    make_header,
+)
 from l4lb.proxy_protocol.options import ParseOptions
 from l4lb.proxy_protocol.tlv import parse_tlvs
 
@@ -73,7 +80,7 @@ def parse_v2(data: bytes, options: ParseOptions) -> tuple[ProxyHeader, int]:
     fixed = data[12:16]
     if fixed == _TCP4_FIXED and len(data) >= 28 and options.max_v2_size >= 28:
         s, d, sp, dp = _INET.unpack_from(data, FIXED)
-        return ProxyHeader(
+        return make_header(
             2,
             _PROXY_CMD,
             _F_INET,
@@ -83,7 +90,7 @@ def parse_v2(data: bytes, options: ParseOptions) -> tuple[ProxyHeader, int]:
         ), 28
     if fixed == _TCP6_FIXED and len(data) >= 52 and options.max_v2_size >= 52:
         s, d, sp, dp = _INET6.unpack_from(data, FIXED)
-        return ProxyHeader(
+        return make_header(
             2, _PROXY_CMD, _F_INET6, _T_STREAM, (ipv6_text(s), sp), (ipv6_text(d), dp)
         ), 52
     # Next fastest: PROXY over TCP4/TCP6 followed by TLVs; anything unusual takes the slow path.
@@ -96,7 +103,7 @@ def parse_v2(data: bytes, options: ParseOptions) -> tuple[ProxyHeader, int]:
                 tlvs = parse_tlvs(data, start, size, options.max_tlvs) if size > start else ()
                 if fam == 0x11:
                     s, d, sp, dp = _INET.unpack_from(data, FIXED)
-                    return ProxyHeader(
+                    return make_header(
                         2,
                         _PROXY_CMD,
                         _F_INET,
@@ -106,7 +113,7 @@ def parse_v2(data: bytes, options: ParseOptions) -> tuple[ProxyHeader, int]:
                         tlvs,
                     ), size
                 s, d, sp, dp = _INET6.unpack_from(data, FIXED)
-                return ProxyHeader(
+                return make_header(
                     2, _PROXY_CMD, _F_INET6, _T_STREAM, (ipv6_text(s), sp), (ipv6_text(d), dp), tlvs
                 ), size
     total = check_prefix(data, options.max_v2_size)
@@ -120,7 +127,7 @@ def parse_v2(data: bytes, options: ParseOptions) -> tuple[ProxyHeader, int]:
         if command is not _PROXY_CMD:
             # LOCAL: addresses are to be ignored; a short block carries nothing we can use.
             family, transport = _FAMILIES[fam]
-            return ProxyHeader(2, command, family, transport, None, None, ()), total
+            return make_header(2, command, family, transport, None, None, ()), total
         raise InvalidHeader(
             Reason.BAD_ADDRESS,
             f"address block is {body} bytes, family 0x{fam:02X} needs {addr_len}",
@@ -130,7 +137,7 @@ def parse_v2(data: bytes, options: ParseOptions) -> tuple[ProxyHeader, int]:
     if command is _PROXY_CMD:
         if fam == 0x11:
             s, d, sp, dp = _INET.unpack_from(data, FIXED)
-            return ProxyHeader(
+            return make_header(
                 2,
                 command,
                 Family.INET,
@@ -141,7 +148,7 @@ def parse_v2(data: bytes, options: ParseOptions) -> tuple[ProxyHeader, int]:
             ), total
         if fam == 0x21:
             s, d, sp, dp = _INET6.unpack_from(data, FIXED)
-            return ProxyHeader(
+            return make_header(
                 2,
                 command,
                 Family.INET6,
@@ -153,7 +160,7 @@ def parse_v2(data: bytes, options: ParseOptions) -> tuple[ProxyHeader, int]:
         family, transport = _FAMILIES[fam]
         if family is Family.INET:
             s, d, sp, dp = _INET.unpack_from(data, FIXED)
-            return ProxyHeader(
+            return make_header(
                 2,
                 command,
                 family,
@@ -164,16 +171,16 @@ def parse_v2(data: bytes, options: ParseOptions) -> tuple[ProxyHeader, int]:
             ), total
         if family is Family.INET6:
             s, d, sp, dp = _INET6.unpack_from(data, FIXED)
-            return ProxyHeader(
+            return make_header(
                 2, command, family, transport, (ipv6_text(s), sp), (ipv6_text(d), dp), tlvs
             ), total
         if family is Family.UNIX:
             src = unix_path(data[FIXED : FIXED + 108])
             dst = unix_path(data[FIXED + 108 : FIXED + 216])
-            return ProxyHeader(2, command, family, transport, src, dst, tlvs), total
-        return ProxyHeader(2, command, family, transport, None, None, tlvs), total
+            return make_header(2, command, family, transport, src, dst, tlvs), total
+        return make_header(2, command, family, transport, None, None, tlvs), total
     family, transport = _FAMILIES[fam]
-    return ProxyHeader(2, command, family, transport, None, None, tlvs), total
+    return make_header(2, command, family, transport, None, None, tlvs), total
 
 
 def unix_path(raw: bytes) -> str:
