@@ -322,7 +322,8 @@ class Admission:
     def _expire(self) -> None:
         """The one timer: close (or, per the policy, decide) every connection past its deadline."""
         self._timer = None
-        now = self.loop.time()
+        # A timer may fire a little early (uvloop rounds to milliseconds): don't re-arm for that.
+        now = self.loop.time() + 0.002
         while self._waiting:
             fd, waiting = next(iter(self._waiting.items()))
             if waiting.deadline > now:
