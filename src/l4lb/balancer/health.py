@@ -302,6 +302,10 @@ class HealthChecks:
         for pool in pools:
             plan = plan_for(pool)
             if plan is None:
+                # no checks (any more, after a reload): nothing may keep a backend down
+                for backend in pool.backends:
+                    if not backend.health_up:
+                        pool.set_health(backend, True, "health checks removed")
                 continue
             self._pools[pool.name] = pool
             pool.on_connect_result = self.connect_result
@@ -418,7 +422,7 @@ class HealthChecks:
         try:
             self._set_up(target, up, result)
         except Exception:  # the runtime's callback must not kill the checker task
-            log.exception("marking backend %s of pool %s failed", target.address, plan.name)
+            log.exception("event=health_mark_failed pool=%s backend=%s", plan.name, target.address)
 
 
 _ATTACHED: weakref.WeakKeyDictionary[Balancer, HealthChecks] = weakref.WeakKeyDictionary()

@@ -130,7 +130,7 @@ class AdminServer:
             self._serve, self.host, self.port, limit=_MAX_HEAD, reuse_address=True
         )
         self.port = self._server.sockets[0].getsockname()[1]
-        log.info("admin API listening on http://%s/", self.address)
+        log.info("event=admin_listening url=http://%s/", self.address)
 
     def close(self) -> None:
         """Stop accepting and cancel open admin connections (without waiting)."""
@@ -214,7 +214,7 @@ class AdminServer:
                 err.status, str(err), extra if err.status == HTTPStatus.UNAUTHORIZED else ()
             )
         except Exception:
-            log.exception("admin API: %s %s failed", method, target)
+            log.exception("event=admin_request_failed method=%s target=%r", method, target)
             response = _error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error, see the log")
         await self._send(writer, response, keep, head_only=method == "HEAD")
         return keep
@@ -299,7 +299,7 @@ class AdminServer:
         return Response(HTTPStatus.OK, metrics.render(self.registry), metrics.CONTENT_TYPE)
 
     async def _reload(self) -> Response:
-        log.info("reload requested through the admin API")
+        log.info("event=reload_requested source=admin_api")
         outcome = await self.control.reload()
         if outcome.ok:
             return _json(HTTPStatus.OK, {"reloaded": True, "summary": outcome.summary})
@@ -317,7 +317,9 @@ class AdminServer:
             state = self.control.backend_action(pool, address, action)
         except LookupError as err:
             raise AdminError(HTTPStatus.NOT_FOUND, str(err.args[0] if err.args else err)) from err
-        log.warning("admin API: %s backend %s of pool %s -> %s", action, address, pool, state)
+        log.warning(
+            "event=admin_action action=%s pool=%s backend=%s state=%s", action, pool, address, state
+        )
         return _json(HTTPStatus.OK, {"pool": pool, "backend": address, "state": state})
 
 

@@ -35,7 +35,7 @@ def notify(state: str, environ: dict[str, str] | None = None) -> bool:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.sendto(state.encode(), address)
     except OSError as err:
-        log.warning("sd_notify to NOTIFY_SOCKET=%s failed: %s", path, err)
+        log.warning("event=sd_notify_failed socket=%s error=%r", path, str(err))
         return False
     return True
 
