@@ -559,3 +559,33 @@ async def test_random_first_bytes_are_admitted_or_rejected_never_raise() -> None
             # whatever was accepted, the bytes after the header are still in the socket
             assert len(await read_exactly(h.loop, sock, 1)) == 1
         assert len(h.admitted) >= 10
+
+
+def test_reload_keeps_per_client_counts_when_limits_are_unchanged() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        keys: dict[str, Any] = {"name": "t", "bind": "127.0.0.1:1", "pool": "p"}
+        before = Admission(
+            ListenerConfig(**keys, max_conns_per_client=1), loop=loop, on_reject=lambda r: None
+        )
+        assert before.limiter is not None
+        assert before.limiter.acquire("127.0.0.7") is None  # an open connection
+        before.rejections["denied"] += 2
+        # a reload that changes the deny list but not the limits
+        after = Admission(
+            ListenerConfig(**keys, max_conns_per_client=1, deny=("192.0.2.0/24",)),
+            loop=loop,
+            on_reject=lambda r: None,
+        )
+        after.adopt(before)
+        assert after.limiter is before.limiter
+        assert after.limiter.acquire("127.0.0.7") == "over_conn_limit"
+        assert after.rejections["denied"] == 2
+        # changed limits start afresh
+        changed = Admission(
+            ListenerConfig(**keys, max_conns_per_client=5), loop=loop, on_reject=lambda r: None
+        )
+        changed.adopt(after)
+        assert changed.limiter is not before.limiter
+    finally:
+        loop.close()

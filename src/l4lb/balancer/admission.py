@@ -421,6 +421,19 @@ class Admission:
 
     # -- the rest of a connection's life ---------------------------------------------------
 
+    def adopt(self, previous: Admission) -> None:
+        """Take over a reloaded listener's state: the rejection counters, and the per-client
+        limiter when its settings are unchanged, so connections still open from before the
+        reload keep counting against their clients (they release into the same limiter)."""
+        self.rejections.update(previous.rejections)
+        old, new = previous.limiter, self.limiter
+        if (
+            old is not None
+            and new is not None
+            and (old.max_conns, old.rate, old.v6_prefix) == (new.max_conns, new.rate, new.v6_prefix)
+        ):
+            self.limiter = old
+
     def release(self, admitted: Admitted) -> None:
         """The admitted connection has closed: give back its per-client slots."""
         if self._counts_conns:

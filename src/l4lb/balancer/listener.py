@@ -190,6 +190,7 @@ class Listener:
         if same != old:
             previous = self.admission
             self.admission = Admission(self, loop=self.loop, on_reject=self.on_reject)
+            self.admission.adopt(previous)  # per-client counts survive the reload
             self.loop.call_later(old.proxy_header_timeout_s + 1.0, previous.close)
         if self.running:
             if self.active >= self.max_conns:

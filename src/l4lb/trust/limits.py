@@ -59,6 +59,7 @@ class ClientLimiter:
         "max_buckets",
         "max_conns",
         "rate",
+        "v6_prefix",
     )
 
     def __init__(
@@ -78,6 +79,7 @@ class ClientLimiter:
         self.rate = rate
         self.max_buckets = max_buckets
         self.evictions = 0
+        self.v6_prefix = v6_prefix
         self._v6_shift = 128 - v6_prefix
         self._clock = clock
         self._active: dict[int, int] = {}
