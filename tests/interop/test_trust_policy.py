@@ -156,3 +156,23 @@ def test_allow_deny_and_limits_on_real_connections(tmp_path: Path) -> None:
             ("edge", "denied"): 1,
             ("rate", "over_rate_limit"): 1,
         }
+
+
+def test_reload_rereads_the_deny_file(tmp_path: Path) -> None:
+    deny_file = tmp_path / "deny.txt"
+    deny_file.write_text("127.0.0.66\n")
+    ports = {name: free_port() for name in ("acl", "edge", "conns", "rate", "admin")}
+    with (
+        EchoBackend("echo") as backend,
+        l4lb(tmp_path / "lb", config(backend.address, ports, deny_file)) as lb,
+    ):
+        assert attempt("127.0.0.88", ports["acl"])
+        deny_file.write_text("127.0.0.66\n127.0.0.88/32  # added later\n")
+        lb.reload()
+        assert not attempt("127.0.0.88", ports["acl"])
+        assert attempt("127.0.0.89", ports["acl"])
+        # a broken deny file is refused by the reload; the running policy stays
+        deny_file.write_text("127.0.0.300\n")
+        lb.reload()
+        assert "deny.txt:1" in lb.log_text()
+        assert not attempt("127.0.0.88", ports["acl"])

@@ -187,7 +187,7 @@ class Listener:
         self.max_conns = config.max_conns
         self.start_relay = self.balancer.start_relay
         same = msgspec.structs.replace(config, pool=old.pool, max_conns=old.max_conns)
-        if same != old:
+        if same != old or config.deny_file:  # a deny_file's contents are re-read on reload
             previous = self.admission
             self.admission = Admission(self, loop=self.loop, on_reject=self.on_reject)
             self.admission.adopt(previous)  # per-client counts survive the reload
