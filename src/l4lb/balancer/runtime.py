@@ -190,7 +190,14 @@ class Balancer:
             current = self.listeners.get(lc.name)
             if current is None or current.config.bind_addr != lc.bind_addr:
                 fresh.append(lc)
-        socks = self._bind(fresh)
+        reopen = new.log != self.config.log or new.log.access not in ("off", "stdout")
+        new_log = AccessLog(new.log.access) if reopen else None  # reopened: logrotate-friendly
+        try:
+            socks = self._bind(fresh)
+        except BindError:
+            if new_log is not None:
+                new_log.close(wait=False)
+            raise
         pools: dict[str, Pool] = {}
         for name, pc in new.pools.items():
             old = self.pools.get(name)
@@ -223,9 +230,9 @@ class Balancer:
             else:
                 self.listeners[lc.name].reconfigure(lc)
         self.listeners = {lc.name: self.listeners[lc.name] for lc in new.listeners}
-        if new.log != self.config.log or new.log.access not in ("off", "stdout"):
+        if new_log is not None:
             old_log = self.access_log
-            self.access_log = AccessLog(new.log.access)  # reopened: works with logrotate
+            self.access_log = new_log
             old_log.close(wait=False)
         self.config = new
         self.reloads += 1
