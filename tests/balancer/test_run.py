@@ -266,3 +266,35 @@ def test_sigterm_exit_0_and_started_line(tmp_path: Path) -> None:
         assert "Traceback" not in lb.log_text()
     finally:
         lb.stop()
+
+
+def test_backend_max_conns_and_no_backend(tmp_path: Path) -> None:
+    port = free_port()
+    with backend(echo) as a, backend(echo) as b:
+        text = config_text(
+            f"127.0.0.1:{port}",
+            [{"address": a.address, "max_conns": 1}, b.address],
+        )
+        with l4lb(tmp_path, text) as lb:
+            held = connect(port)  # round robin: the first goes to a
+            held.sendall(b"x")
+            assert held.recv(1) == b"x"
+            others = []
+            for _ in range(3):
+                c = connect(port)
+                c.sendall(b"y")
+                assert c.recv(1) == b"y"
+                others.append(c)
+            assert (len(a.seen), len(b.seen)) == (1, 3)  # a is full: skipped
+            for c in [held, *others]:
+                c.close()
+            lb.wait_access(4)
+        text = config_text(f"127.0.0.1:{port}", [{"address": a.address, "weight": 0}])
+        with l4lb(tmp_path / "none", text) as lb:
+            c = connect(port)
+            c.settimeout(5)
+            with pytest.raises(ConnectionResetError):
+                c.recv(1)
+            (line,) = lb.wait_access(1)
+            assert line["end"] == "no_backend"
+            assert "event=no_backend" in lb.log_text()
