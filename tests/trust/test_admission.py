@@ -12,18 +12,30 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+import uvloop
 
 from l4lb.balancer.admission import Admission, Admitted, Rejected
 from l4lb.config.schema import ListenerConfig
 from l4lb.proxy_protocol import TLV, TLVType, build, local_header
 
+LOOPS: list[tuple[str, Callable[[], asyncio.AbstractEventLoop]]] = [
+    ("asyncio", asyncio.new_event_loop),
+    ("uvloop", uvloop.new_event_loop),  # what `l4lb run` uses
+]
+
 
 def in_loop(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
-    """Run an async test in a fresh event loop (pytest's own; no plugin needed)."""
+    """Run an async test once on each event loop the balancer may run on (no plugin needed)."""
 
     @functools.wraps(test)
     def run(*args: Any, **kwargs: Any) -> None:
-        asyncio.run(test(*args, **kwargs))  # type: ignore[arg-type]
+        for name, factory in LOOPS:
+            with asyncio.Runner(loop_factory=factory) as runner:
+                try:
+                    runner.run(test(*args, **kwargs))  # type: ignore[arg-type]
+                except BaseException as err:
+                    err.add_note(f"on the {name} event loop")
+                    raise
 
     return run
 
