@@ -7,10 +7,10 @@ that followed the header.
 
 from __future__ import annotations
 
-from l4lb.proxy_protocol.errors import NotProxyProtocol, ProxyProtocolError
+from l4lb.proxy_protocol.errors import IncompleteHeader, NotProxyProtocol, ProxyProtocolError
 from l4lb.proxy_protocol.model import ProxyHeader
 from l4lb.proxy_protocol.options import DEFAULT_OPTIONS, ParseOptions
-from l4lb.proxy_protocol.parse import Buffer, sniff
+from l4lb.proxy_protocol.parse import Buffer, parse, sniff
 from l4lb.proxy_protocol.v1 import parse_line
 from l4lb.proxy_protocol.v1 import scan as v1_scan
 from l4lb.proxy_protocol.v2 import FIXED, check_prefix, parse_v2
@@ -77,6 +77,22 @@ class HeaderReader:
             return self.header
         if self._error is not None:
             raise self._error
+        if self._version is None and not self._buf and len(chunk) >= _MIN_ANY:
+            # Usual case: the whole header arrives in the first read. Parse it in one go; only
+            # a partial header falls through to the incremental path below (which then scans
+            # these bytes once more, and never again).
+            try:
+                header, length = parse(chunk, self._options)
+            except IncompleteHeader:
+                pass
+            except ProxyProtocolError as err:
+                self._error = err
+                raise
+            else:
+                self.trailing = bytes(chunk[length:])
+                self.consumed = length
+                self.header = header
+                return header
         try:
             return self._feed(chunk)
         except ProxyProtocolError as err:
