@@ -136,3 +136,36 @@ def test_pending_overflow_drops_the_oldest_not_the_established(tmp_path: Path) -
             established.close()
             for sock in waiting:
                 sock.close()
+
+
+def test_slowloris_flood_leaves_a_transfer_untouched(tmp_path: Path) -> None:
+    """300 silent connections from 30 distinct sources against max_pending_headers = 100, while
+    an established connection keeps echoing: it loses nothing, and the balancer keeps at most
+    100 waiting (the rest dropped oldest first, then the survivors closed at the timeout)."""
+    with balancer(
+        tmp_path,
+        proxy_header_timeout="2s",
+        max_pending_headers=100,
+        trusted_proxies=["127.0.0.0/8"],  # trusted sources (untrusted ones are closed at once)
+    ) as (lb, _):
+        established = connect_from("127.0.0.1", "127.0.0.1", lb.port)
+        established.sendall(V1 + b"start")
+        assert read_echo(established, b"start") == b"echo\nstart"
+        flood: list[socket.socket] = []
+        try:
+            for i in range(300):
+                flood.append(connect_from(f"127.0.1.{i % 30 + 1}", "127.0.0.1", lb.port))
+                if i % 50 == 0:  # the transfer goes on during the flood
+                    chunk = b"%d;" % i
+                    established.sendall(chunk)
+                    assert established.recv(100) == chunk
+            lines = lb.wait_access(300, timeout=20)
+            reasons = [line["reason"] for line in lines if line["event"] == "rejected"]
+            assert reasons.count("pending_overflow") == 200
+            assert reasons.count("header_timeout") == 100
+            established.sendall(b"end")
+            assert established.recv(100) == b"end"
+        finally:
+            established.close()
+            for sock in flood:
+                sock.close()

@@ -58,7 +58,10 @@ APP = b"GET / HTTP/1.0\r\n\r\n"
 class Harness:
     """A listening socket on 127.0.0.1 whose accepted sockets go through one Admission."""
 
-    def __init__(self, admission_cls: type[Admission] = Admission, **keys: Any) -> None:
+    def __init__(
+        self, admission_cls: type[Admission] = Admission, host: str = "127.0.0.1", **keys: Any
+    ) -> None:
+        self.host = host
         keys.setdefault("accept_proxy", "required")
         if keys["accept_proxy"] != "off":
             keys.setdefault("trusted_proxies", ("127.0.0.1/32",))
@@ -73,7 +76,8 @@ class Harness:
     async def run(self) -> AsyncIterator[Harness]:
         self.loop = asyncio.get_running_loop()
         self.admission = self.admission_cls(self.config, loop=self.loop, on_reject=self._rejected)
-        self.listener = socket.create_server(("127.0.0.1", 0), backlog=2000)
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        self.listener = socket.create_server((self.host, 0), family=family, backlog=2000)
         self.listener.setblocking(False)
         self.port = self.listener.getsockname()[1]
         self.loop.add_reader(self.listener.fileno(), self._accept)
@@ -106,11 +110,11 @@ class Harness:
         self.changed.set()
 
     async def connect(self, source: str = "127.0.0.1") -> socket.socket:
-        client = socket.socket()
+        client = socket.socket(socket.AF_INET6 if ":" in source else socket.AF_INET)
         client.setblocking(False)
         client.bind((source, 0))
         self.clients.append(client)
-        await self.loop.sock_connect(client, ("127.0.0.1", self.port))
+        await self.loop.sock_connect(client, (self.host, self.port))
         return client
 
     async def outcomes(self, count: int, timeout: float = 5.0) -> None:
@@ -601,3 +605,22 @@ def test_reload_keeps_per_client_counts_when_limits_are_unchanged() -> None:
         assert changed.limiter is not before.limiter
     finally:
         loop.close()
+
+
+@in_loop
+async def test_ipv6_upstream_and_ipv6_client_limits_per_prefix() -> None:
+    """An IPv6 upstream (::1) is trusted by its /128; the real clients it names are limited per
+    client_v6_prefix: two addresses in one /64 share one budget, the next /64 has its own."""
+    h = Harness(
+        host="::1", accept_proxy="required", trusted_proxies=("::1/128",), max_conns_per_client=1
+    )
+    async with h.run():
+        for n, ip in enumerate(["2001:db8:1:1::1", "2001:db8:1:1::2", "2001:db8:1:2::1"], 1):
+            c = await h.connect("::1")
+            await h.send(c, f"PROXY TCP6 {ip} 2001:db8::443 40000 443\r\n".encode())
+            await h.outcomes(n)
+        assert [a.client[0] for _, a in h.admitted] == ["2001:db8:1:1::1", "2001:db8:1:2::1"]
+        assert [(r.reason, r.client) for r in h.rejected] == [
+            ("over_conn_limit", ("2001:db8:1:1::2", 40000))
+        ]
+        assert h.admitted[0][1].upstream is not None and h.admitted[0][1].upstream[0] == "::1"
