@@ -21,7 +21,6 @@ _PROXY = Command.PROXY
 _INET = Family.INET
 _INET6 = Family.INET6
 _STREAM = Transport.STREAM
-_UNKNOWN_HEADER_CACHE: dict[int, ProxyHeader] = {}
 
 
 def scan(data: bytes | bytearray, start: int = 0) -> int | None:

@@ -135,28 +135,6 @@ def parse_v2(data: bytes, options: ParseOptions) -> tuple[ProxyHeader, int]:
     start = FIXED + addr_len
     tlvs = () if start == total else parse_tlvs(data, start, total, options.max_tlvs)
     if command is _PROXY_CMD:
-        if fam == 0x11:
-            s, d, sp, dp = _INET.unpack_from(data, FIXED)
-            return make_header(
-                2,
-                command,
-                Family.INET,
-                Transport.STREAM,
-                (inet_ntop(AF_INET, s), sp),
-                (inet_ntop(AF_INET, d), dp),
-                tlvs,
-            ), total
-        if fam == 0x21:
-            s, d, sp, dp = _INET6.unpack_from(data, FIXED)
-            return make_header(
-                2,
-                command,
-                Family.INET6,
-                Transport.STREAM,
-                (ipv6_text(s), sp),
-                (ipv6_text(d), dp),
-                tlvs,
-            ), total
         family, transport = _FAMILIES[fam]
         if family is Family.INET:
             s, d, sp, dp = _INET.unpack_from(data, FIXED)
