@@ -178,10 +178,18 @@ def open_listeners(config: Any, workers: int) -> list[dict[Address, socket.socke
 
 
 def _default_run_worker(config_path: str, config: Any, index: int) -> int:
-    """Run the single-worker balancer in this (forked) process."""
-    from l4lb.balancer import command
+    """Run the single-worker balancer in this (forked) process, on the inherited sockets."""
+    from l4lb.balancer import listener, runtime
 
-    return int(command.run_single(config_path, config))
+    bind_fresh = listener.open_listening_socket
+
+    def open_inherited(host: str, port: int, backlog: int = 4096) -> socket.socket:
+        sock = inherited_socket((host, port))
+        return sock if sock is not None else bind_fresh(host, port, backlog)
+
+    # the runtime binds through this name; in this worker process it serves our sockets first
+    runtime.open_listening_socket = open_inherited  # type: ignore[attr-defined]
+    return int(runtime.run(config, config_path))
 
 
 @dataclass(slots=True)
@@ -353,7 +361,7 @@ class Supervisor:
                     pid,
                     how,
                 )
-                self.status = 1
+                self.status = code
                 self._stop(signal.SIGTERM)
                 continue
             w.backoff = 0.0 if lived > 10 else min(5.0, max(0.1, w.backoff * 2))
