@@ -138,49 +138,39 @@ def parse_v1(data: bytes, options: ParseOptions) -> tuple[ProxyHeader, int]:
     """The v1 header at the start of ``data`` (which starts with ``PROXY``)."""
     end = data.find(b"\r\n", 0, MAX_LENGTH)
     if end > 0:
-        fast = _fast_tcp(data, end)
-        if fast is not None:
-            return fast, end + 2
+        # Fast path: the common well-formed TCP4/TCP6 line, validated field by field in one go.
+        # A line accepted here has no stray CR/LF (each field matched its strict syntax); any
+        # failure goes to the careful path below, which also names the error.
+        parts = data[6:end].split(b" ")
+        if len(parts) == 5 and data[5] == 0x20:
+            proto, src, dst, sport, dport = parts
+            if (
+                0 < len(sport) <= 5
+                and 0 < len(dport) <= 5
+                and sport.isdigit()
+                and dport.isdigit()
+                and (sport[0] != 0x30 or len(sport) == 1)
+                and (dport[0] != 0x30 or len(dport) == 1)
+            ):
+                sp = int(sport)
+                dp = int(dport)
+                if sp <= 65535 and dp <= 65535:
+                    try:
+                        if proto == b"TCP4":
+                            s = src.decode()
+                            d = dst.decode()
+                            inet_pton(AF_INET, s)  # glibc's is strict: no leading zeros
+                            inet_pton(AF_INET, d)
+                            return make_header(1, _PROXY, _INET, _STREAM, (s, sp), (d, dp)), end + 2
+                        if proto == b"TCP6":
+                            s = inet_ntop(AF_INET6, inet_pton(AF_INET6, src.decode()))
+                            d = inet_ntop(AF_INET6, inet_pton(AF_INET6, dst.decode()))
+                            if "." not in s and "." not in d:  # else: ipaddress's text, below
+                                header = make_header(1, _PROXY, _INET6, _STREAM, (s, sp), (d, dp))
+                                return header, end + 2
+                    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+                        pass
     length = scan(data)
     if length is None:
         raise IncompleteHeader(f"v1 header has no CRLF yet ({len(data)} bytes)")
     return parse_line(data, options, length - 2), length
-
-
-def _fast_tcp(data: bytes, end: int) -> ProxyHeader | None:
-    """The common well-formed TCP4/TCP6 line, validated in one pass; None sends it to the
-    careful path (which also names the error). A line accepted here has no stray CR/LF: every
-    field was checked against its strict syntax."""
-    parts = data[6:end].split(b" ")
-    if len(parts) != 5 or data[5] != 0x20:
-        return None
-    proto, src, dst, sport, dport = parts
-    if not (
-        0 < len(sport) <= 5
-        and 0 < len(dport) <= 5
-        and sport.isdigit()
-        and dport.isdigit()
-        and (sport[0] != 0x30 or len(sport) == 1)
-        and (dport[0] != 0x30 or len(dport) == 1)
-    ):
-        return None
-    sp = int(sport)
-    dp = int(dport)
-    if sp > 65535 or dp > 65535:
-        return None
-    try:
-        if proto == b"TCP4":
-            s = src.decode()
-            d = dst.decode()
-            inet_pton(AF_INET, s)
-            inet_pton(AF_INET, d)
-            return make_header(1, _PROXY, _INET, _STREAM, (s, sp), (d, dp))
-        if proto == b"TCP6":
-            s = inet_ntop(AF_INET6, inet_pton(AF_INET6, src.decode()))
-            d = inet_ntop(AF_INET6, inet_pton(AF_INET6, dst.decode()))
-            if "." in s or "." in d:
-                return None  # v4-mapped/compatible: canonical text needs ipaddress
-            return make_header(1, _PROXY, _INET6, _STREAM, (s, sp), (d, dp))
-    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
-        return None
-    return None

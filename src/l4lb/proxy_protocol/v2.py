@@ -90,9 +90,11 @@ def parse_v2(data: bytes, options: ParseOptions) -> tuple[ProxyHeader, int]:
         ), 28
     if fixed == _TCP6_FIXED and len(data) >= 52 and options.max_v2_size >= 52:
         s, d, sp, dp = _INET6.unpack_from(data, FIXED)
-        return make_header(
-            2, _PROXY_CMD, _F_INET6, _T_STREAM, (ipv6_text(s), sp), (ipv6_text(d), dp)
-        ), 52
+        src = inet_ntop(AF_INET6, s)
+        dst = inet_ntop(AF_INET6, d)
+        if "." in src or "." in dst:  # v4-mapped: see ipv6_text
+            src, dst = ipv6_text(s), ipv6_text(d)
+        return make_header(2, _PROXY_CMD, _F_INET6, _T_STREAM, (src, sp), (dst, dp)), 52
     # Next fastest: PROXY over TCP4/TCP6 followed by TLVs; anything unusual takes the slow path.
     if len(data) >= FIXED and data[12] == 0x21:
         fam = data[13]
