@@ -143,9 +143,14 @@ def _through_haproxy(
         client_addr = client.getsockname()[:2]
         client.sendall(prefix + PAYLOAD)
         client.shutdown(socket.SHUT_WR)
-        conn, _ = rig.listeners[listener].accept()
-        with conn:
-            received = _read_all(conn)
+        # Skip any late connection HAProxy relays for the fixture's readiness probes: ours is
+        # the one that carries PAYLOAD.
+        for _ in range(10):
+            conn, _ = rig.listeners[listener].accept()
+            with conn:
+                received = _read_all(conn)
+            if received.endswith(PAYLOAD):
+                break
     finally:
         client.close()
     reader = HeaderReader()
@@ -207,9 +212,12 @@ def _accept_and_log(rig: Rig, header: bytes) -> bytes:
     try:
         client.sendall(header + b"ping\r\n")
         client.shutdown(socket.SHUT_WR)
-        conn, _ = rig.listeners["sink"].accept()
-        with conn:
-            got = _read_all(conn)
+        for _ in range(10):  # skip late connections from the readiness probes
+            conn, _ = rig.listeners["sink"].accept()
+            with conn:
+                got = _read_all(conn)
+            if got:
+                break
         client.settimeout(10)
         while client.recv(4096):
             pass
@@ -257,9 +265,14 @@ def test_our_local_header_uses_the_real_address(rig: Rig) -> None:
     try:
         client.sendall(local_header() + b"ping\r\n")
         client.shutdown(socket.SHUT_WR)
-        conn, _ = rig.listeners["sink"].accept()
-        with conn:
-            assert _read_all(conn) == b"ping\r\n"
+        got = b""
+        for _ in range(10):  # skip late connections from the readiness probes
+            conn, _ = rig.listeners["sink"].accept()
+            with conn:
+                got = _read_all(conn)
+            if got:
+                break
+        assert got == b"ping\r\n"
     finally:
         client.close()
     assert wait_for(lambda: f"PPLOG 127.0.0.11:{port} " in rig.log(), timeout=10)
