@@ -1,0 +1,51 @@
+"""`make bench` itself works: the harness in --quick mode, against real HAProxy, nginx and l4lb.
+
+Durations and sizes are tiny (one second of wrk, an 8 MiB file, 100 held connections); this checks
+that every figure is produced without errors and lands in the JSON and the table, not any speed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.peers import have
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.skipif(
+    not (have("haproxy") and have("nginx") and have("wrk") and have("curl")),
+    reason="the bench needs haproxy, nginx, wrk and curl (make sysdeps)",
+)
+
+
+def test_quick_run_produces_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    contenders = ["haproxy", "l4lb-stream"]
+    figures = ["newconn", "bulk1", "paced", "idle"]
+    proc = subprocess.run(
+        [
+            sys.executable, str(ROOT / "bench" / "run.py"), "--quick",
+            "--contenders", ",".join(contenders), "--figures", ",".join(figures),
+            "--workdir", str(tmp_path), "--out", str(out),
+        ],
+        capture_output=True, text=True, timeout=90, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(out.read_text())
+    assert doc["quick"] is True
+    for name in contenders:
+        res = doc["results"][name]
+        assert "error" not in res, res
+        assert res["newconn"]["rate"] > 0 and res["newconn"]["errors"] == 0
+        assert res["bulk1"]["errors"] == 0 and res["bulk1"]["bytes"] == 8 << 20
+        assert res["paced"]["ok"] == res["paced"]["requests"] > 0
+        assert res["idle"]["connections"] == 100 and res["idle"]["errors"] == 0
+        assert res["idle"]["backend_connections"] >= 100
+    # the table: a row per figure, l4lb's values as a ratio to HAProxy's
+    assert "| new conn/s" in proc.stdout
+    assert "x)" in proc.stdout
