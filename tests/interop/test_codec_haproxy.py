@@ -10,6 +10,8 @@ Us -> HAProxy: headers from ``encode``/``build`` go to ``bind ... accept-proxy``
 from __future__ import annotations
 
 import socket
+import ssl
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,3 +300,92 @@ def test_haproxy_rejects_our_header_with_corrupted_crc(rig: Rig) -> None:
         rig.listeners["sink"].settimeout(10)
     assert wait_for(lambda: "invalid PROXY protocol header" in rig.log(), timeout=10)
     assert "PPLOG 127.0.0.9:4199" not in rig.log()
+
+
+# ---- TLS: HAProxy's SSL TLV (send-proxy-v2-ssl-cn and proxy-v2-options) parsed by us
+
+
+def _openssl(workdir: Path, name: str, cn: str) -> None:
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={cn}",
+            "-keyout",
+            str(workdir / f"{name}.key"),
+            "-out",
+            str(workdir / f"{name}.crt"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    pem = (workdir / f"{name}.crt").read_bytes() + (workdir / f"{name}.key").read_bytes()
+    (workdir / f"{name}.pem").write_bytes(pem)
+
+
+@pytest.mark.skipif(not have("openssl"), reason="the openssl command makes the test certificates")
+def test_haproxy_ssl_tlv_from_a_tls_client(tmp_path: Path) -> None:
+    _openssl(tmp_path, "server", "l4lb.test")
+    _openssl(tmp_path, "client", "client.l4lb.test")
+    capture = _listener()
+    fe = free_port()
+    body = f"""
+frontend fe_tls
+    bind 127.0.0.1:{fe} ssl crt {tmp_path}/server.pem alpn h2,http/1.1 verify optional ca-file {tmp_path}/client.crt
+    default_backend be_tls
+backend be_tls
+    server s 127.0.0.1:{capture.getsockname()[1]} send-proxy-v2-ssl-cn proxy-v2-options ssl,cert-cn,ssl-cipher,cert-sig,cert-key,authority,crc32c
+"""  # noqa: E501 - HAProxy config lines
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.load_cert_chain(str(tmp_path / "client.pem"))
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        with haproxy(tmp_path / "haproxy", body, wait=[("127.0.0.1", fe)]):
+            _drain_pending(capture)
+            raw = connect_from(CLIENT_IP, "127.0.0.1", fe)
+            client_port = raw.getsockname()[1]
+            with ctx.wrap_socket(raw, server_hostname="app.l4lb.test") as tls:
+                tls.sendall(PAYLOAD)
+                tls_version = tls.version()
+                for _ in range(10):  # skip late connections from the readiness probe
+                    conn, _ = capture.accept()
+                    with conn:
+                        conn.settimeout(10)
+                        received = b""
+                        while not received.endswith(PAYLOAD):
+                            chunk = conn.recv(65536)
+                            if not chunk:
+                                break
+                            received += chunk
+                    if received.endswith(PAYLOAD):
+                        break
+    finally:
+        capture.close()
+    reader = HeaderReader()
+    assert reader.feed(received) is not None, received
+    h = reader.header
+    assert h is not None
+    assert h.source == (CLIENT_IP, client_port)
+    assert h.authority == "app.l4lb.test"  # the SNI
+    assert h.alpn == b"h2"
+    assert h.crc32c is not None  # and verified
+    info = h.ssl
+    assert info is not None, h.tlvs
+    assert info.ssl and info.cert_conn
+    assert info.verify == 0 and info.verified
+    assert info.version == tls_version
+    assert info.cn == "client.l4lb.test"
+    assert info.cipher  # e.g. TLS_AES_256_GCM_SHA384
+    assert info.sig_alg == "RSA-SHA256"
+    assert info.key_alg == "RSA2048"
+    assert reader.trailing == PAYLOAD
