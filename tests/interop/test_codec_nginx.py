@@ -13,8 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from l4lb.proxy_protocol import TLV, Command, Family, ProxyHeader, TLVType, Transport, build, encode
-from tests.support.peers import NGINX_STREAM_MODULE, free_port, have, nginx, wait_for
+from l4lb.proxy_protocol import (
+    TLV,
+    Command,
+    Family,
+    HeaderReader,
+    ProxyHeader,
+    TLVType,
+    Transport,
+    build,
+    encode,
+)
+from tests.support.peers import NGINX_STREAM_MODULE, connect_from, free_port, have, nginx, wait_for
 
 pytestmark = pytest.mark.skipif(not have("nginx"), reason="nginx is not installed")
 HAVE_STREAM = Path(NGINX_STREAM_MODULE).exists()
@@ -25,6 +35,8 @@ class Rig:
     workdir: Path
     stream_port: int
     http_port: int
+    send_port: int  # nginx stream -> capture listener with "proxy_protocol on"
+    capture: socket.socket
 
     def log(self, name: str) -> str:
         path = self.workdir / name
@@ -34,8 +46,17 @@ class Rig:
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     workdir = tmp_path_factory.mktemp("nginx-codec")
-    stream_port, http_port = free_port(), free_port()
+    stream_port, http_port, send_port = free_port(), free_port(), free_port()
+    capture = socket.socket()
+    capture.bind(("127.0.0.1", 0))
+    capture.listen(8)
+    capture.settimeout(10)
     stream = f"""
+  server {{
+    listen 127.0.0.1:{send_port};
+    proxy_pass 127.0.0.1:{capture.getsockname()[1]};
+    proxy_protocol on;
+  }}
   log_format pp 'PPLOG $proxy_protocol_addr:$proxy_protocol_port $remote_addr';
   server {{
     listen 127.0.0.1:{stream_port} proxy_protocol;
@@ -51,9 +72,14 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     location / {{ return 200 "$proxy_protocol_addr:$proxy_protocol_port\\n"; }}
   }}
 """
-    waits = [("127.0.0.1", http_port)] + ([("127.0.0.1", stream_port)] if HAVE_STREAM else [])
-    with nginx(workdir, stream=stream if HAVE_STREAM else "", http=http, wait=waits):
-        yield Rig(workdir, stream_port, http_port)
+    waits = [("127.0.0.1", http_port)]
+    if HAVE_STREAM:
+        waits += [("127.0.0.1", stream_port), ("127.0.0.1", send_port)]
+    try:
+        with nginx(workdir, stream=stream if HAVE_STREAM else "", http=http, wait=waits):
+            yield Rig(workdir, stream_port, http_port, send_port, capture)
+    finally:
+        capture.close()
 
 
 def _exchange(port: int, data: bytes) -> bytes:
@@ -131,3 +157,34 @@ def test_http_rejects_malformed_header(rig: Rig) -> None:
     )
     assert b"127.0.0.9:5107" not in reply
     assert wait_for(lambda: "broken header" in rig.log("error.log"), timeout=10)
+
+
+@pytest.mark.skipif(not HAVE_STREAM, reason="nginx stream module is not installed")
+def test_nginx_sends_v1_we_parse(rig: Rig) -> None:
+    """The other direction: nginx's ``proxy_protocol on`` (v1) into our HeaderReader."""
+    client = connect_from("127.0.0.7", "127.0.0.1", rig.send_port)
+    port = client.getsockname()[1]
+    payload = b"hello from behind nginx\r\n"
+    try:
+        client.sendall(payload)
+        client.shutdown(socket.SHUT_WR)
+        for _ in range(10):  # skip the connection nginx relayed for the readiness probe
+            conn, _ = rig.capture.accept()
+            reader = HeaderReader()
+            with conn:
+                conn.settimeout(10)
+                while reader.header is None or not reader.trailing.endswith(payload):
+                    chunk = conn.recv(7)  # small reads: the header arrives in pieces
+                    if not chunk:
+                        break
+                    reader.feed(chunk)
+            if reader.header is not None and reader.header.source == ("127.0.0.7", port):
+                break
+    finally:
+        client.close()
+    h = reader.header
+    assert h is not None
+    assert (h.version, h.family) == (1, Family.INET)
+    assert h.source == ("127.0.0.7", port)
+    assert h.destination == ("127.0.0.1", rig.send_port)
+    assert reader.trailing == payload
