@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.observe.live import eventually, l4lb_run
+from tests.observe.live import Ports, eventually, l4lb_run
 from tests.support.echo_backend import EchoBackend, echo_through
-from tests.support.peers import NGINX_STREAM_MODULE, free_port, have, nginx
+from tests.support.peers import NGINX_STREAM_MODULE, have, nginx
 
 HEALTH = """
 [pools.web.health]
@@ -27,7 +27,7 @@ fall = 2
 """
 
 
-def config(front: int, admin: int, backends: list[str], check: str, interval: str) -> str:
+def config(ports: Ports, backends: list[str], check: str, interval: str) -> str:
     listed = ", ".join(f'{{ address = "{b}" }}' for b in backends)
     return f"""
 workers = 1
@@ -35,7 +35,7 @@ drain_timeout = "2s"
 
 [[listeners]]
 name = "front"
-bind = "127.0.0.1:{front}"
+bind = "127.0.0.1:{ports["front"]}"
 pool = "web"
 
 [pools.web]
@@ -48,7 +48,7 @@ backends = [{listed}]
 access = "off"
 
 [admin]
-bind = "127.0.0.1:{admin}"
+bind = "127.0.0.1:{ports["admin"]}"
 """
 
 
@@ -64,10 +64,10 @@ def names_seen(port: int, n: int) -> list[str]:
 
 def test_backend_down_traffic_moves_then_rejoins(tmp_path: Path) -> None:
     a, b = EchoBackend("a").start(), EchoBackend("b").start()
-    front, admin = free_port(), free_port()
     try:
-        cfg = config(front, admin, [a.address, b.address], "proxy-local", "200ms")
-        with l4lb_run(tmp_path, cfg, f"127.0.0.1:{admin}", [("127.0.0.1", front)]) as lb:
+        cfg = config(Ports(), [a.address, b.address], "proxy-local", "200ms")
+        with l4lb_run(tmp_path, cfg) as lb:
+            front = lb.port("front")
             assert set(names_seen(front, 10)) == {"a", "b"}
             # every check sent a v2 LOCAL header first, and the echo server consumed it
             assert b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00" in a.headers
@@ -106,10 +106,10 @@ def test_backend_down_traffic_moves_then_rejoins(tmp_path: Path) -> None:
 def test_passive_failures_mark_down_before_the_next_check(tmp_path: Path) -> None:
     """With checks an hour apart, only failed connects can take the backend down."""
     a, b = EchoBackend("a").start(), EchoBackend("b").start()
-    front, admin = free_port(), free_port()
     try:
-        cfg = config(front, admin, [a.address, b.address], "tcp", "1h")
-        with l4lb_run(tmp_path, cfg, f"127.0.0.1:{admin}", [("127.0.0.1", front)]) as lb:
+        cfg = config(Ports(), [a.address, b.address], "tcp", "1h")
+        with l4lb_run(tmp_path, cfg) as lb:
+            front = lb.port("front")
             eventually(lambda: lb.backend("web", b.address)["check"] is not None, what="1st check")
             b.stop()
             # Each connect to b fails, is retried on a: clients never notice.
@@ -148,7 +148,7 @@ CHECKS = {
 
 @pytest.mark.skipif(not have("nginx") or not os.path.exists(NGINX_STREAM_MODULE), reason="nginx")
 def test_each_check_type_against_real_backends(tmp_path: Path) -> None:
-    ports = {name: free_port() for name in ("stream_ok", "stream_pong", "http")}
+    ports = Ports()  # nginx's ports, l4lb's listeners and its admin API
     echo = EchoBackend("echo").start()
     stream = (
         f'server {{ listen 127.0.0.1:{ports["stream_ok"]} proxy_protocol; return "hi\\n"; }}\n'
@@ -160,17 +160,13 @@ def test_each_check_type_against_real_backends(tmp_path: Path) -> None:
         'location = /healthz { return 200 "ok\\n"; } }'
     )
     parts = ["workers = 1", '[log]\naccess = "off"']
-    admin = free_port()
-    fronts = []
     addresses = {}
     for pool, (settings, server, _, _) in CHECKS.items():
-        front = free_port()
-        fronts.append(("127.0.0.1", front))
         addresses[pool] = echo.address if server == "echo" else f"127.0.0.1:{ports[server]}"
         # http2 sends v2 LOCAL, http404 v1 UNKNOWN: nginx accepts both before the request
         version = "v1" if pool == "http404" else "v2"
         parts.append(
-            f'[[listeners]]\nname = "{pool}"\nbind = "127.0.0.1:{front}"\npool = "{pool}"\n'
+            f'[[listeners]]\nname = "{pool}"\nbind = "127.0.0.1:{ports[pool]}"\npool = "{pool}"\n'
         )
         parts.append(
             f'[pools.{pool}]\nsend_proxy = "{version}"\n'
@@ -178,13 +174,13 @@ def test_each_check_type_against_real_backends(tmp_path: Path) -> None:
             f'[pools.{pool}.health]\n{settings}\ninterval = "200ms"\ntimeout = "1s"\n'
             "rise = 1\nfall = 1\n"
         )
-    parts.insert(1, f'[admin]\nbind = "127.0.0.1:{admin}"\n')
+    parts.insert(1, f'[admin]\nbind = "127.0.0.1:{ports["admin"]}"\n')
     cfg = "\n".join(parts)
-    waits = [("127.0.0.1", p) for p in ports.values()]
+    waits = [("127.0.0.1", ports[name]) for name in ("stream_ok", "stream_pong", "http")]
     try:
         with (
             nginx(tmp_path / "nginx", stream=stream, http=http, wait=waits) as ngx,
-            l4lb_run(tmp_path / "l4lb", cfg, f"127.0.0.1:{admin}", fronts) as lb,
+            l4lb_run(tmp_path / "l4lb", cfg) as lb,
         ):
 
             def detail_of(pool: str) -> str:

@@ -15,16 +15,15 @@ import socket
 import threading
 from pathlib import Path
 
-from tests.observe.live import Running, eventually, l4lb_run
+from tests.observe.live import Ports, Running, eventually, l4lb_run
 from tests.support.echo_backend import EchoBackend, echo_through
-from tests.support.peers import free_port
 
 TOKEN = "s3cret-token"
 
 
-def config(front: int, extra: int | None, admin: int, a: str, b: str, weight_a: int) -> str:
+def config(ports: Ports, extra: bool, a: str, b: str, weight_a: int) -> str:
     extra_listener = (
-        f'[[listeners]]\nname = "extra"\nbind = "127.0.0.1:{extra}"\npool = "web"\n'
+        f'[[listeners]]\nname = "extra"\nbind = "127.0.0.1:{ports["extra"]}"\npool = "web"\n'
         if extra
         else ""
     )
@@ -34,7 +33,7 @@ drain_timeout = "5s"
 
 [[listeners]]
 name = "front"
-bind = "127.0.0.1:{front}"
+bind = "127.0.0.1:{ports["front"]}"
 pool = "web"
 
 {extra_listener}
@@ -50,7 +49,7 @@ interval = "500ms"
 access = "off"
 
 [admin]
-bind = "127.0.0.1:{admin}"
+bind = "127.0.0.1:{ports["admin"]}"
 token = "{TOKEN}"
 """
 
@@ -106,11 +105,13 @@ def accepts(port: int) -> bool:
 
 def test_twenty_reloads_under_traffic(tmp_path: Path) -> None:
     a, b = EchoBackend("a").start(), EchoBackend("b").start()
-    front, extra, admin = free_port(), free_port(), free_port()
-    version_a = config(front, None, admin, a.address, b.address, 1)
-    version_b = config(front, extra, admin, a.address, b.address, 3)
+    ports = Ports()
+    version_a = config(ports, False, a.address, b.address, 1)
+    version_b = config(ports, True, a.address, b.address, 3)
     try:
-        with l4lb_run(tmp_path, version_a, f"127.0.0.1:{admin}", [("127.0.0.1", front)]) as lb:
+        with l4lb_run(tmp_path, version_a) as lb:
+            front = lb.port("front")
+            extra = 0
             with Traffic(front) as traffic:
                 for i in range(20):
                     lb.config.write_text(version_b if i % 2 == 0 else version_a)
@@ -122,15 +123,20 @@ def test_twenty_reloads_under_traffic(tmp_path: Path) -> None:
                     else:
                         lb.proc.send_signal(signal.SIGHUP)
                     eventually(lambda n=before: reloads(lb) == n + 1, what=f"reload {i}")
+                    # interleave: some connections complete between any two reloads
+                    done = traffic.ok
+                    eventually(lambda n=done: traffic.ok >= n + 3, what="traffic between reloads")
                     weights = [x["weight"] for x in lb.status()["pools"][0]["backends"]]
                     listeners = [x["name"] for x in lb.status()["listeners"]]
+                    assert lb.port("front") == front
                     if i % 2 == 0:
                         assert weights == [3, 1] and listeners == ["front", "extra"]
-                        eventually(lambda: accepts(extra), what="extra listener bound")
+                        extra = lb.port("extra")
+                        assert extra == ports["extra"]
                         assert echo_through("127.0.0.1", extra, b"via extra")[1] == b"via extra"
                     else:
                         assert weights == [1, 1] and listeners == ["front"]
-                        eventually(lambda: not accepts(extra), what="extra listener closed")
+                        eventually(lambda p=extra: not accepts(p), what="extra listener closed")
 
                 # an invalid config is refused, with its errors; the running one keeps serving
                 lb.config.write_text(version_a.replace('send_proxy = "v2"', 'send_proxy = "v9"'))
@@ -156,11 +162,11 @@ def test_twenty_reloads_under_traffic(tmp_path: Path) -> None:
 
 def test_admin_state_changes_need_the_token(tmp_path: Path) -> None:
     a, b = EchoBackend("a").start(), EchoBackend("b").start()
-    front, admin = free_port(), free_port()
-    cfg = config(front, None, admin, a.address, b.address, 1)
+    cfg = config(Ports(), False, a.address, b.address, 1)
     path = f"/pools/web/backends/{b.address}"
     try:
-        with l4lb_run(tmp_path, cfg, f"127.0.0.1:{admin}", [("127.0.0.1", front)]) as lb:
+        with l4lb_run(tmp_path, cfg) as lb:
+            front = lb.port("front")
             status = lb.status()
             assert [x["name"] for x in status["listeners"]] == ["front"]
             assert status["pools"][0]["check"] == "proxy-local"

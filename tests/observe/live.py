@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
+import re
 import socket
 import subprocess
 import sys
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.support.peers import stop_process, wait_port
+from tests.support.peers import stop_process
 
 L4LB = str(Path(sys.executable).parent / "l4lb")
 
@@ -37,6 +39,13 @@ class Running:
 
     def post(self, path: str, token: str | None = None) -> tuple[int, bytes]:
         return http(f"http://{self.admin}{path}", "POST", token)
+
+    def port(self, listener: str) -> int:
+        """The port a listener is bound to."""
+        for lst in self.status()["listeners"]:
+            if lst["name"] == listener:
+                return int(lst["bind"].rsplit(":", 1)[1])
+        raise KeyError(listener)
 
     def status(self) -> dict[str, Any]:
         code, body = self.get("/status")
@@ -75,14 +84,13 @@ def http(url: str, method: str = "GET", token: str | None = None) -> tuple[int, 
 
 
 @contextlib.contextmanager
-def l4lb_run(
-    workdir: Path,
-    config: str,
-    admin: str,
-    wait: list[tuple[str, int]],
-    env: dict[str, str] | None = None,
-) -> Iterator[Running]:
-    """Run ``l4lb run --config`` with ``config`` until the block ends (stopped by PID)."""
+def l4lb_run(workdir: Path, config: str, env: dict[str, str] | None = None) -> Iterator[Running]:
+    """Run ``l4lb run --config`` with ``config`` until the block ends (stopped by PID).
+
+    Configs bind port 0 (listeners and ``[admin]``), so no other process can take a port
+    between choosing and binding it: the admin port is read from the log, listener ports from
+    /status (``Running.port(name)``).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "l4lb.toml"
     path.write_text(config)
@@ -95,20 +103,40 @@ def l4lb_run(
             env={**os.environ, **(env or {})},
         )
     try:
-        # The admin API starts once every listener is bound; probing the listeners themselves
-        # would add connections to the counters the tests check.
-        host, port = admin.rsplit(":", 1)
-        wait_port(host.strip("[]"), int(port), timeout=20, proc=proc)
-        for h, p in wait:
-            with socket.socket(socket.AF_INET6 if ":" in h else socket.AF_INET) as probe:
-                try:
-                    probe.bind((h, p))  # fails (EADDRINUSE) exactly when l4lb holds the port
-                except OSError:
-                    continue
-                raise AssertionError(f"l4lb does not listen on {h}:{p}")
+        deadline = time.monotonic() + 20
+        admin = None
+        while admin is None:
+            found = re.search(r"event=admin_listening url=http://([^/]+)/", log.read_text())
+            if found:
+                admin = found.group(1)
+            elif proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"l4lb did not start its admin API:\n{log.read_text()}")
+            else:
+                time.sleep(0.02)
         yield Running(proc, path, log, admin)
     finally:
         stop_process(proc, timeout=15)
+
+
+class Ports(dict[str, int]):
+    """Free loopback ports by name, chosen below the ephemeral range (32768+).
+
+    Ports that ``bind(0)`` hands out (free_port, every client socket) come from the ephemeral
+    range, so a port picked there can be taken by another test between choosing and binding.
+    """
+
+    def __missing__(self, name: str) -> int:
+        while True:
+            port = random.randrange(20000, 32000)
+            if port in self.values():
+                continue
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            self[name] = port
+            return port
 
 
 def eventually(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:

@@ -19,7 +19,8 @@ from dataclasses import replace
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from l4lb.observe.admin import AdminServer, ReloadOutcome
+from l4lb.observe.admin import AdminServer
+from l4lb.observe.control import ReloadOutcome
 from l4lb.observe.snapshot import (
     BackendStatus,
     CheckStatus,

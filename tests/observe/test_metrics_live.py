@@ -8,9 +8,9 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.observe.live import eventually, l4lb_run
+from tests.observe.live import Ports, eventually, l4lb_run
 from tests.support.echo_backend import EchoBackend, echo_through
-from tests.support.peers import connect_from, free_port
+from tests.support.peers import connect_from
 
 NAMES = [
     "l4lb_connections_total",
@@ -56,7 +56,8 @@ def closed_without_data(sock: socket.socket) -> bool:
 
 def test_metrics_after_real_connections(tmp_path: Path) -> None:
     a, b = EchoBackend("a").start(), EchoBackend("b").start()
-    front, edge, admin = free_port(), free_port(), free_port()
+    ports = Ports()
+    front, edge, admin = ports["front"], ports["edge"], ports["admin"]
     config = f"""
 workers = 1
 
@@ -88,7 +89,7 @@ access = "off"
 bind = "127.0.0.1:{admin}"
 """
     try:
-        with l4lb_run(tmp_path, config, f"127.0.0.1:{admin}", [("127.0.0.1", front)]) as lb:
+        with l4lb_run(tmp_path, config) as lb:
             sent = received = 0
             for i in range(6):
                 payload = os.urandom(1000 * (i + 1))

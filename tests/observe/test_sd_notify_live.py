@@ -6,14 +6,14 @@ import signal
 import socket
 from pathlib import Path
 
-from tests.observe.live import l4lb_run
+from tests.observe.live import Ports, l4lb_run
 from tests.support.echo_backend import EchoBackend, echo_through
-from tests.support.peers import free_port
 
 
 def test_ready_and_stopping(tmp_path: Path) -> None:
     a = EchoBackend("a").start()
-    front, admin = free_port(), free_port()
+    ports = Ports()
+    front, admin = ports["front"], ports["admin"]
     config = f"""
 workers = 1
 drain_timeout = "2s"
@@ -38,9 +38,7 @@ bind = "127.0.0.1:{admin}"
         notify.settimeout(20)
         try:
             env = {"NOTIFY_SOCKET": str(path)}
-            with l4lb_run(
-                tmp_path, config, f"127.0.0.1:{admin}", [("127.0.0.1", front)], env
-            ) as lb:
+            with l4lb_run(tmp_path, config, env) as lb:
                 messages = notify.recv(4096).decode().split("\n")
                 assert "READY=1" in messages
                 # READY came once the listener was bound: traffic flows

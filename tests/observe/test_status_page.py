@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.observe.chromium import CHROMIUM, dump_dom, screenshot
-from tests.observe.live import l4lb_run
+from tests.observe.live import Ports, l4lb_run
 from tests.support.echo_backend import EchoBackend, echo_through
-from tests.support.peers import free_port
 
 RESULTS = Path(__file__).parents[2] / "bench" / "results"
 
@@ -30,7 +29,8 @@ def rows(dom: str) -> dict[str, str]:
 @pytest.mark.skipif(shutil.which(CHROMIUM) is None, reason="chromium is not installed")
 def test_status_page_in_chromium(tmp_path: Path) -> None:
     a, b = EchoBackend("a").start(), EchoBackend("b").start()
-    front, admin = free_port(), free_port()
+    ports = Ports()
+    front, admin = ports["front"], ports["admin"]
     config = f"""
 workers = 1
 
@@ -60,9 +60,7 @@ bind = "127.0.0.1:{admin}"
     url = f"http://127.0.0.1:{admin}/"
     profile = tmp_path / "chromium-profile"
     try:
-        with l4lb_run(
-            tmp_path / "l4lb", config, f"127.0.0.1:{admin}", [("127.0.0.1", front)]
-        ) as lb:
+        with l4lb_run(tmp_path / "l4lb", config) as lb:
             for _ in range(6):
                 echo_through("127.0.0.1", front, b"x" * 1000)
             lb.wait_state("web", a.address, "up")

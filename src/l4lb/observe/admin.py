@@ -20,19 +20,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
+import inspect
 import json
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import asdict, dataclass
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from prometheus_client import CollectorRegistry
 
-from l4lb.observe import metrics, status_page
-from l4lb.observe.snapshot import Snapshot, snapshot_of
+from l4lb.observe import cluster, metrics, status_page
+from l4lb.observe.control import BalancerControl, ClusterControl, Control
+from l4lb.observe.snapshot import Snapshot
 
 if TYPE_CHECKING:
     from l4lb.balancer.runtime import Balancer
@@ -51,34 +57,6 @@ class AdminError(Exception):
     def __init__(self, status: HTTPStatus, message: str) -> None:
         super().__init__(message)
         self.status = status
-
-
-@dataclass(frozen=True, slots=True)
-class ReloadOutcome:
-    """What ``POST /reload`` (and SIGHUP) did: applied, or refused with the config's errors."""
-
-    ok: bool
-    errors: tuple[str, ...] = ()
-    summary: str = ""
-
-
-class Control(Protocol):
-    """What the admin API needs from the running balancer."""
-
-    def snapshot(self) -> Snapshot:
-        """A fresh reading of every counter."""
-        ...
-
-    def backend_action(self, pool: str, address: str, action: str) -> str:
-        """Drain, disable or enable one backend; return its new state.
-
-        Raises LookupError naming what was not found (pool or backend).
-        """
-        ...
-
-    def reload(self) -> Awaitable[ReloadOutcome]:
-        """Re-read the config file and apply it, or keep the running one if it is invalid."""
-        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +80,12 @@ def _error(status: HTTPStatus, message: str, headers: tuple[tuple[str, str], ...
 
 
 class AdminServer:
-    """Serves the admin API for one balancer until :meth:`aclose`."""
+    """Serves the admin API for one balancer until :meth:`aclose`.
+
+    With ``unix`` (an abstract socket name starting with NUL) it serves on that Unix socket
+    instead of ``bind``, to clients running as the same user (or root) only: how the worker
+    processes of one balancer reach each other (:mod:`l4lb.observe.cluster`).
+    """
 
     def __init__(
         self,
@@ -110,12 +93,15 @@ class AdminServer:
         bind: str = "127.0.0.1:9100",
         token: str | None = None,
         registry: CollectorRegistry | None = None,
+        unix: str | None = None,
     ) -> None:
         self.control = control
         self.host, self.port = split_bind(bind)
         self.requested_port = self.port
         self.token = token or None
-        self.registry = registry or metrics.make_registry(control.snapshot)
+        self.unix = unix
+        self._snap: Snapshot | None = None
+        self.registry = registry or metrics.make_registry(self._latest)
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.Task[None]] = set()
 
@@ -126,11 +112,24 @@ class AdminServer:
 
     async def start(self) -> None:
         """Bind and start serving; raises OSError if the address cannot be bound."""
+        if self.unix is not None:
+            self._server = await asyncio.start_unix_server(self._serve, self.unix, limit=_MAX_HEAD)
+            return
         self._server = await asyncio.start_server(
             self._serve, self.host, self.port, limit=_MAX_HEAD, reuse_address=True
         )
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("event=admin_listening url=http://%s/", self.address)
+
+    def _latest(self) -> Snapshot:
+        assert self._snap is not None, "metrics rendered before a snapshot was taken"
+        return self._snap
+
+    async def snapshot(self) -> Snapshot:
+        """A fresh snapshot from the control (kept for the metrics collector)."""
+        result = self.control.snapshot()
+        self._snap = await result if inspect.isawaitable(result) else result
+        return self._snap
 
     def close(self) -> None:
         """Stop accepting and cancel open admin connections (without waiting)."""
@@ -152,6 +151,9 @@ class AdminServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        if self.unix is not None and not _same_user(writer):
+            writer.close()
+            return
         self._clients.add(task)
         try:
             while await self._one_request(reader, writer):
@@ -248,6 +250,7 @@ class AdminServer:
             (parts == [""], get, self._page),
             (parts == ["status"], get, self._status),
             (parts == ["metrics"], get, self._metrics),
+            (parts == ["snapshot"], get, self._raw_snapshot),
             (parts == ["reload"], ("POST",), self._reload),
         ]
         if len(parts) == 5 and parts[0] == "pools" and parts[2] == "backends":
@@ -293,9 +296,13 @@ class AdminServer:
         return Response(HTTPStatus.OK, status_page.render(), "text/html; charset=utf-8")
 
     async def _status(self) -> Response:
-        return _json(HTTPStatus.OK, self.control.snapshot().to_json())
+        return _json(HTTPStatus.OK, (await self.snapshot()).to_json())
+
+    async def _raw_snapshot(self) -> Response:
+        return _json(HTTPStatus.OK, asdict(await self.snapshot()))
 
     async def _metrics(self) -> Response:
+        await self.snapshot()
         return Response(HTTPStatus.OK, metrics.render(self.registry), metrics.CONTENT_TYPE)
 
     async def _reload(self) -> Response:
@@ -314,13 +321,24 @@ class AdminServer:
 
     async def _backend(self, pool: str, address: str, action: str) -> Response:
         try:
-            state = self.control.backend_action(pool, address, action)
+            result = self.control.backend_action(pool, address, action)
+            state = await result if inspect.isawaitable(result) else result
         except LookupError as err:
             raise AdminError(HTTPStatus.NOT_FOUND, str(err.args[0] if err.args else err)) from err
         log.warning(
             "event=admin_action action=%s pool=%s backend=%s state=%s", action, pool, address, state
         )
         return _json(HTTPStatus.OK, {"pool": pool, "backend": address, "state": state})
+
+
+def _same_user(writer: asyncio.StreamWriter) -> bool:
+    """True when the Unix-socket peer runs as our user or as root (SO_PEERCRED)."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return False
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid in (0, os.getuid())
 
 
 def parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
@@ -355,86 +373,118 @@ def split_bind(bind: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-class BalancerControl:
-    """The :class:`Control` of a running :class:`~l4lb.balancer.runtime.Balancer`."""
+class AdminRuntime:
+    """The admin API of one worker: started by :func:`attach`, following reloads and the stop.
+
+    With one worker it serves ``[admin] bind`` with this worker's :class:`BalancerControl`.
+    With ``workers = N`` each worker also serves a private socket, and whichever worker binds
+    ``[admin] bind`` first answers for all (:class:`ClusterControl`); the others retry the
+    bind every few seconds, so the API comes back if that worker is restarted.
+    """
+
+    RETRY = 2.0
 
     def __init__(self, balancer: Balancer) -> None:
         self.balancer = balancer
+        self.local = BalancerControl(balancer)
+        self.multi = balancer.config.workers > 1
+        self.pid = os.getpid()
+        self.supervisor = os.getppid()
+        self.control: Control = (
+            ClusterControl(self.local, self.supervisor, self.pid) if self.multi else self.local
+        )
+        self.public: AdminServer | None = None
+        self.peer: AdminServer | None = None
+        self._retry: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.stopped = False
 
-    def snapshot(self) -> Snapshot:
-        return snapshot_of(self.balancer)
+    async def start(self) -> None:
+        if self.multi:
+            name = cluster.socket_name(self.supervisor, self.pid)
+            self.peer = AdminServer(self.local, unix=name)
+            try:
+                await self.peer.start()
+            except OSError as err:
+                log.error("event=admin_peer_failed error=%r", err.strerror or str(err))
+                self.peer = None
+        await self.follow()
+        self.balancer.on_reload.append(self._on_reload)
+        self.balancer.on_stop.append(self._on_stop)
 
-    def backend_action(self, pool: str, address: str, action: str) -> str:
-        found = self.balancer.pools.get(pool)
-        if found is None:
-            known = ", ".join(sorted(self.balancer.pools)) or "none"
-            raise LookupError(f"no pool {pool!r} (pools: {known})")
-        backend = found.backend(address)  # LookupError naming the backend
-        return found.set_admin(backend, action).value
-
-    async def reload(self) -> ReloadOutcome:
-        errors = self.balancer.reload_file()
-        if errors:
-            return ReloadOutcome(False, tuple(errors))
-        config = self.balancer.config
-        summary = f"{len(config.listeners)} listener(s), pools: {', '.join(sorted(config.pools))}"
-        return ReloadOutcome(True, summary=summary)
-
-
-async def attach(balancer: Balancer) -> AdminServer | None:
-    """Runtime extension hook: serve the admin API when the config has an ``[admin]`` table.
-
-    Follows reloads: a new token applies at once; a new bind (or an added or removed
-    ``[admin]`` table) restarts the server. A bind that fails is logged, not fatal: the
-    balancer keeps serving traffic.
-    """
-    control = BalancerControl(balancer)
-    current: list[AdminServer] = []
-
-    async def start(bind: str, token: str | None) -> None:
-        server = AdminServer(control, bind, token)
-        try:
-            await server.start()
-        except OSError as err:
-            log.error("event=admin_bind_failed bind=%s error=%r", bind, err.strerror or str(err))
-            return
-        current.append(server)
-
-    async def follow(config: Any) -> None:
-        wanted = config.admin
-        server = current[0] if current else None
+    async def follow(self) -> None:
+        """Serve what ``[admin]`` says now (a new token applies in place)."""
+        wanted = self.balancer.config.admin
+        server = self.public
         if (
-            server is not None
-            and wanted is not None
-            and split_bind(wanted.bind)
-            == (
-                server.host,
-                server.requested_port,
-            )
+            wanted is not None
+            and server is not None
+            and split_bind(wanted.bind) == (server.host, server.requested_port)
         ):
             server.token = wanted.token or None
             return
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         if server is not None:
-            current.clear()
+            self.public = None
             await server.aclose()
-        if wanted is not None:
-            await start(wanted.bind, wanted.token)
+        if wanted is not None and not self.stopped:
+            await self._bind(quiet=False)
 
-    def on_reload(b: Balancer) -> None:
-        task = asyncio.get_running_loop().create_task(follow(b.config))
-        _background.add(task)
-        task.add_done_callback(_background.discard)
+    async def _bind(self, quiet: bool) -> bool:
+        wanted = self.balancer.config.admin
+        if wanted is None or self.stopped:
+            return True
+        server = AdminServer(self.control, wanted.bind, wanted.token)
+        try:
+            await server.start()
+        except OSError as err:
+            if self.multi and err.errno == errno.EADDRINUSE:
+                if not quiet:
+                    log.info("event=admin_served_by_other_worker bind=%s", wanted.bind)
+                if self._retry is None:
+                    self._retry = self._spawn(self._retry_bind())
+                return False
+            log.error(
+                "event=admin_bind_failed bind=%s error=%r", wanted.bind, err.strerror or str(err)
+            )
+            return True
+        self.public = server
+        return True
 
-    def on_stop(b: Balancer) -> None:
-        for server in current:
-            server.close()
-        current.clear()
+    async def _retry_bind(self) -> None:
+        while not self.stopped:
+            await asyncio.sleep(self.RETRY)
+            if await self._bind(quiet=True):
+                self._retry = None
+                return
 
-    if balancer.config.admin is not None:
-        await start(balancer.config.admin.bind, balancer.config.admin.token)
-    balancer.on_reload.append(on_reload)
-    balancer.on_stop.append(on_stop)
-    return current[0] if current else None
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _on_reload(self, balancer: Balancer) -> None:
+        self._spawn(self.follow())
+
+    def _on_stop(self, balancer: Balancer) -> None:
+        self.stopped = True
+        if self._retry is not None:
+            self._retry.cancel()
+        for server in (self.public, self.peer):
+            if server is not None:
+                server.close()
+        self.public = self.peer = None
 
 
-_background: set[asyncio.Task[None]] = set()
+async def attach(balancer: Balancer) -> AdminRuntime:
+    """Runtime extension hook: serve the admin API when the config has an ``[admin]`` table.
+
+    Follows reloads (an added, changed or removed ``[admin]`` table). A bind that fails is
+    logged, not fatal: the balancer keeps serving traffic.
+    """
+    runtime = AdminRuntime(balancer)
+    await runtime.start()
+    return runtime

@@ -9,7 +9,7 @@ always agree with each other.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -93,6 +93,46 @@ class Snapshot:
     last_reload: dict[str, Any] | None = None
     proxy_header_errors: dict[str, int] = field(default_factory=dict)
     """Bad PROXY headers received, by reason, over all listeners."""
+    workers: int = 1
+    """How many worker processes the counters add up."""
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> Snapshot:
+        """The inverse of ``dataclasses.asdict`` (what a worker sends its peers)."""
+
+        def hist(h: dict[str, Any] | None) -> Histogram | None:
+            if h is None:
+                return None
+            return Histogram(tuple(h["bounds"]), tuple(h["counts"]), h["sum"])
+
+        def backend(b: dict[str, Any]) -> BackendStatus:
+            check = CheckStatus(**b["check"]) if b["check"] is not None else None
+            rest = {
+                k: v for k, v in b.items() if k not in ("check", "connect_latency", "check_latency")
+            }
+            return BackendStatus(
+                **rest,
+                check=check,
+                connect_latency=hist(b["connect_latency"]),
+                check_latency=hist(b["check_latency"]),
+            )
+
+        return cls(
+            version=doc["version"],
+            started=doc["started"],
+            now=doc["now"],
+            listeners=tuple(ListenerStatus(**lst) for lst in doc["listeners"]),
+            pools=tuple(
+                PoolStatus(
+                    p["name"], p["balance"], p["check"], tuple(backend(b) for b in p["backends"])
+                )
+                for p in doc["pools"]
+            ),
+            reloads=doc["reloads"],
+            last_reload=doc["last_reload"],
+            proxy_header_errors=dict(doc["proxy_header_errors"]),
+            workers=doc.get("workers", 1),
+        )
 
     def to_json(self) -> dict[str, Any]:
         """The /status document (plain JSON types)."""
@@ -184,4 +224,67 @@ def snapshot_of(balancer: Balancer) -> Snapshot:
         reloads=balancer.reloads,
         last_reload=balancer.last_reload,
         proxy_header_errors=header_errors,
+    )
+
+
+def _add(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = out.get(key, 0) + value
+    return out
+
+
+def _add_hist(a: Histogram | None, b: Histogram | None) -> Histogram | None:
+    if a is None or b is None or a.bounds != b.bounds:
+        return a if a is not None else b
+    return Histogram(
+        a.bounds, tuple(x + y for x, y in zip(a.counts, b.counts, strict=True)), a.sum + b.sum
+    )
+
+
+def merge(own: Snapshot, others: list[Snapshot]) -> Snapshot:
+    """Add up the counters of several workers; states, checks and settings are ``own``'s.
+
+    Listeners and backends are matched by name and address; one that a worker does not know
+    (a reload still in progress there) adds nothing.
+    """
+    listeners = {lst.name: lst for lst in own.listeners}
+    backends = {(p.name, b.address): b for p in own.pools for b in p.backends}
+    header_errors = own.proxy_header_errors
+    for other in others:
+        header_errors = _add(header_errors, other.proxy_header_errors)
+        for lst in other.listeners:
+            mine = listeners.get(lst.name)
+            if mine is not None:
+                listeners[lst.name] = replace(
+                    mine,
+                    active=mine.active + lst.active,
+                    total=mine.total + lst.total,
+                    rejected=mine.rejected + lst.rejected,
+                    rejections=_add(mine.rejections, lst.rejections),
+                )
+        for pool in other.pools:
+            for b in pool.backends:
+                found = backends.get((pool.name, b.address))
+                if found is not None:
+                    backends[(pool.name, b.address)] = replace(
+                        found,
+                        active=found.active + b.active,
+                        total=found.total + b.total,
+                        bytes_in=found.bytes_in + b.bytes_in,
+                        bytes_out=found.bytes_out + b.bytes_out,
+                        connect_failures=found.connect_failures + b.connect_failures,
+                        connect_latency=_add_hist(found.connect_latency, b.connect_latency),
+                        check_latency=_add_hist(found.check_latency, b.check_latency),
+                    )
+    return replace(
+        own,
+        listeners=tuple(listeners[lst.name] for lst in own.listeners),
+        pools=tuple(
+            replace(p, backends=tuple(backends[(p.name, b.address)] for b in p.backends))
+            for p in own.pools
+        ),
+        proxy_header_errors=header_errors,
+        started=min([own.started, *(o.started for o in others)]),
+        workers=own.workers + sum(o.workers for o in others),
     )
