@@ -11,7 +11,6 @@ from l4lb.proxy_protocol.checksum import crc32c as _crc32c
 from l4lb.proxy_protocol.errors import InvalidHeader, Reason
 from l4lb.proxy_protocol.model import (
     ADDRESS_SIZES,
-    TLV,
     Address,
     Command,
     Family,
@@ -45,6 +44,8 @@ def local_header(version: int = 2) -> bytes:
 
 def _pack_host(host: str) -> tuple[int, bytes]:
     """(4 or 6, packed address) for socket-style host text, cached (listener addresses repeat)."""
+    if type(host) is not str:
+        raise InvalidHeader(Reason.UNENCODABLE, f"host must be str, not {type(host).__name__}")
     hit = _packed_cache.get(host)
     if hit is not None:
         return hit
@@ -129,11 +130,12 @@ def build(
 def _assemble(ver_cmd: int, fam: int, addr: bytes, tlvs: Iterable[TLVLike], crc: bool) -> bytes:
     """Fixed part + addresses + TLVs, with any CRC32C TLV (re)computed."""
     items = list(tlvs)
-    has_crc = any((t.type if isinstance(t, TLV) else t[0]) == _T_CRC for t in items)
+    encoded = encode_tlvs(items)  # validates every item first
+    has_crc = any(t[0] == _T_CRC for t in items)
     if crc and not has_crc:
-        items.append((_T_CRC, b"\0\0\0\0"))
+        encoded += _CRC_PLACEHOLDER
         has_crc = True
-    body = addr + encode_tlvs(items)
+    body = addr + encoded
     if len(body) > 0xFFFF:
         raise InvalidHeader(Reason.UNENCODABLE, f"v2 header body is {len(body)} bytes, max 65535")
     out = bytearray(_FIXED.pack(SIGNATURE, ver_cmd, fam, len(body)) + body)

@@ -118,9 +118,20 @@ def encode_tlvs(tlvs: Iterable[TLVLike]) -> bytes:
     """The wire form of ``tlvs`` (TLV records or ``(type, value)`` pairs)."""
     out = bytearray()
     for item in tlvs:
-        t, value = (item.type, item.value) if isinstance(item, TLV) else item
-        if not 0 <= t <= 0xFF:
-            raise InvalidHeader(Reason.UNENCODABLE, f"TLV type {t} is not a byte")
+        try:
+            t, value = item
+        except (TypeError, ValueError) as err:
+            raise InvalidHeader(
+                Reason.UNENCODABLE, f"{item!r} is not a TLV or a (type, value) pair"
+            ) from err
+        if type(value) is not bytes:
+            if not isinstance(value, bytes | bytearray | memoryview):
+                raise InvalidHeader(
+                    Reason.UNENCODABLE, f"TLV value must be bytes, not {type(value).__name__}"
+                )
+            value = bytes(value)
+        if not (isinstance(t, int) and 0 <= t <= 0xFF):
+            raise InvalidHeader(Reason.UNENCODABLE, f"TLV type {t!r} is not a byte")
         if len(value) > 0xFFFF:
             raise InvalidHeader(Reason.UNENCODABLE, f"TLV 0x{t:02X} value exceeds 65535 bytes")
         out += _TL.pack(t, len(value))
