@@ -16,6 +16,7 @@ from typing import Any
 
 from l4lb.proxy_protocol import (
     CRC32C_IMPLEMENTATION,
+    TLV,
     ParseOptions,
     ProxyHeader,
     ProxyProtocolError,
@@ -23,6 +24,7 @@ from l4lb.proxy_protocol import (
     parse,
 )
 from l4lb.proxy_protocol.options import V2_MAX_POSSIBLE
+from l4lb.proxy_protocol.tlv import parse_ssl
 
 _HEX_TEXT = set(string.hexdigits + string.whitespace + ":")
 
@@ -158,6 +160,14 @@ def _fmt_endpoint(value: object) -> str:
     return repr(value)
 
 
+def _tlv_line(t: TLV) -> str:
+    text = _text(t.value)
+    shown = repr(text) if text is not None else t.value[:64].hex()
+    if text is None and len(t.value) > 64:
+        shown += "..."
+    return f"0x{t.type:02X} {_tlv_name(t.type):<16} {len(t.value):>5} B  {shown}"
+
+
 def to_text(header: ProxyHeader, length: int, trailing: int) -> str:
     """A human-readable description of ``header``."""
     lines = [
@@ -170,11 +180,13 @@ def to_text(header: ProxyHeader, length: int, trailing: int) -> str:
     if header.tlvs:
         lines.append(f"  TLVs         {len(header.tlvs)}")
         for t in header.tlvs:
-            text = _text(t.value)
-            shown = repr(text) if text is not None else t.value[:64].hex()
-            if text is None and len(t.value) > 64:
-                shown += "..."
-            lines.append(f"    0x{t.type:02X} {_tlv_name(t.type):<16} {len(t.value):>5} B  {shown}")
+            if t.type == TLVType.SSL:
+                info = parse_ssl(t.value)  # validated by parse already
+                shown = f"client=0x{info.client:02x} verify={info.verify}"
+                lines.append(f"    0x{t.type:02X} {'SSL':<16} {len(t.value):>5} B  {shown}")
+                lines += [f"      {_tlv_line(sub)}" for sub in info.tlvs]
+                continue
+            lines.append(f"    {_tlv_line(t)}")
     if header.crc32c is not None:
         lines.append(f"  crc32c       0x{header.crc32c:08x} (verified, {CRC32C_IMPLEMENTATION})")
     ssl = header.ssl

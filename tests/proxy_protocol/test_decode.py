@@ -49,7 +49,13 @@ def test_hex_argument_text(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "PROXY protocol v2 header" in out
     assert "192.0.2.1:56324" in out and "198.51.100.2:443" in out
-    assert "SSL_VERSION" not in out  # sub-TLVs are summarised in the ssl line
+    assert "client=0x07 verify=0" in out
+    for name, value in [
+        ("SSL_VERSION", "TLSv1.3"),
+        ("SSL_CN", "client.example"),
+        ("SSL_GROUP", "X25519"),
+    ]:
+        assert any(name in line and repr(value) in line for line in out.splitlines()), name
     assert "version=TLSv1.3" in out and "cn=client.example" in out
 
 
@@ -69,6 +75,18 @@ def test_hex_text_on_stdin(
     assert doc["aws_vpce_id"] == "vpce-08d2bf15fac5001c9"
     assert doc["azure_link_id"] == 0x12345678
     assert doc["gcp_psc_id"] == 0x0102030405060708
+
+
+def test_header_survives_pickle_replace_asdict() -> None:
+    import pickle
+    from dataclasses import asdict, replace
+
+    from l4lb.proxy_protocol import parse
+
+    header, _ = parse(BY_ID["v2-ssl-all-subtypes"].data)
+    assert pickle.loads(pickle.dumps(header)) == header
+    assert replace(header, tlvs=()).tlvs == () and replace(header, tlvs=()).source == header.source
+    assert asdict(header)["source"] == ("192.0.2.1", 56324)
 
 
 def test_json_fields(capsys: pytest.CaptureFixture[str]) -> None:
