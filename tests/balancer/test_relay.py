@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -336,7 +337,9 @@ def test_drain_timeout_closes_leftovers(tmp_path: Path, mode: str) -> None:
             start = time.monotonic()
             assert lb.stop(10) == 0
             assert time.monotonic() - start < 8
-            assert recv_all(client) == b""
+            # closed by the balancer: a FIN, or a RST if bytes were still unread
+            with contextlib.suppress(ConnectionResetError):
+                assert recv_all(client) == b""
             (line,) = lb.access_lines()
             assert line["end"] == "shutdown"
 

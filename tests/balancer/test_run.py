@@ -261,9 +261,9 @@ def test_sigterm_exit_0_and_started_line(tmp_path: Path) -> None:
     try:
         assert "event=started" in lb.log_text()
         lb.proc.send_signal(signal.SIGINT)
-        assert lb.proc.wait(15) == 0
-        assert "event=stopped" in lb.log_text()
-        assert "Traceback" not in lb.log_text()
+        assert lb.proc.wait(15) == 0, lb.log_text()
+        assert "event=stopped" in lb.log_text(), lb.log_text()
+        assert "Traceback" not in lb.log_text(), lb.log_text()
     finally:
         lb.stop()
 

@@ -36,7 +36,7 @@ _uid_counter = itertools.count(1)
 _T_UNIQUE_ID = int(TLVType.UNIQUE_ID)
 _PEEK_SIZE = 16384
 _PEEK_RETRY = 0.005
-_VERSIONS = ("off", "v1", "v2")
+_STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 
 
 def new_unique_id() -> str:
@@ -170,13 +170,12 @@ class Connection:
         backend.active += 1
         family = socket.AF_INET6 if ":" in backend.host else socket.AF_INET
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock = socket.socket(family, _STREAM_NONBLOCK)
         except OSError as err:
             backend.active -= 1
             self.backend = None
             self.finish("connect_failed", f"socket(): {err.strerror}")
             return
-        sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.backend_sock = sock
         self.connect_started = time.monotonic()

@@ -34,6 +34,10 @@ ACCEPT_BATCH = 64
 _EMFILE_PAUSE = 0.1
 
 
+def _is_wildcard(host: str) -> bool:
+    return host in ("0.0.0.0", "::")
+
+
 class BindError(OSError):
     """A listener could not bind its address (in use, not local, no permission)."""
 
@@ -66,6 +70,7 @@ class Listener:
         "admission",
         "balancer",
         "config",
+        "local",
         "loop",
         "max_conns",
         "name",
@@ -97,6 +102,9 @@ class Listener:
         self.rejections: Counter[str] = Counter()
         self.running = False
         self.accepting = False
+        bound = self.address
+        self.local: tuple[str, int] | None = None if _is_wildcard(bound[0]) else bound
+        """The listener's own address when every accepted socket shares it (a specific IP)."""
         self.admission = Admission(self, loop=self.loop, on_reject=self.on_reject)
 
     @property
@@ -122,6 +130,7 @@ class Listener:
     def _accept(self) -> None:
         lsock = self.sock
         admit = self.admission.admit
+        local = self.local
         for _ in range(ACCEPT_BATCH):
             if self.active >= self.max_conns:
                 self._unwatch()
@@ -138,12 +147,15 @@ class Listener:
                 return
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
-                here = sock.getsockname()
-            except OSError:
-                sock.close()
-                continue
-            admit(sock, (peer[0], peer[1]), (here[0], here[1]), self._admitted)
+            here = local
+            if here is None:  # a wildcard bind: the address the client reached is per socket
+                try:
+                    name = sock.getsockname()
+                except OSError:
+                    sock.close()
+                    continue
+                here = (name[0], name[1])
+            admit(sock, (peer[0], peer[1]), here, self._admitted)
 
     def _admitted(self, sock: socket.socket, admitted: Admitted) -> None:
         balancer = self.balancer
