@@ -158,7 +158,10 @@ class Connection:
     def connect_next(self) -> None:
         """Pick a backend not tried yet and start connecting to it."""
         pool = self.pool
-        backend = pool.pick(self.admitted.client[0], self.tried)
+        ip = self.admitted.client[0]
+        if ip.startswith("::ffff:") and "." in ip:
+            ip = ip[7:]  # an IPv4 client on a dual-stack listener hashes as itself
+        backend = pool.pick(ip, self.tried)
         if backend is None:
             if self.tried:
                 self.finish("connect_failed", self.detail or "every backend tried failed")
