@@ -113,13 +113,14 @@ class AdminServer:
     async def start(self) -> None:
         """Bind and start serving; raises OSError if the address cannot be bound."""
         if self.unix is not None:
-            self._server = await asyncio.start_unix_server(self._serve, self.unix, limit=_MAX_HEAD)
+            sock = cluster.listening_socket(self.unix)  # uvloop takes no abstract path
+            self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=_MAX_HEAD)
             return
         self._server = await asyncio.start_server(
             self._serve, self.host, self.port, limit=_MAX_HEAD, reuse_address=True
         )
         self.port = self._server.sockets[0].getsockname()[1]
-        log.info("event=admin_listening url=http://%s/", self.address)
+        log.info("event=admin_listening url=http://%s/ pid=%d", self.address, os.getpid())
 
     def _latest(self) -> Snapshot:
         assert self._snap is not None, "metrics rendered before a snapshot was taken"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 
 log = logging.getLogger("l4lb.admin")
 
@@ -55,7 +56,15 @@ def peer_sockets(supervisor: int, own_pid: int) -> list[str]:
 async def request(name: str, method: str, target: str) -> tuple[int, bytes]:
     """One HTTP/1.1 request to a worker's private admin socket: (status, body)."""
     async with asyncio.timeout(_TIMEOUT):
-        reader, writer = await asyncio.open_unix_connection(name)
+        # a socket of our own: uvloop does not take abstract names as a path
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, name)
+        except BaseException:
+            sock.close()
+            raise
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
         try:
             writer.write(
                 f"{method} {target} HTTP/1.1\r\nHost: worker\r\nConnection: close\r\n"
@@ -69,3 +78,16 @@ async def request(name: str, method: str, target: str) -> tuple[int, bytes]:
     if len(parts) < 2 or not parts[1].isdigit():
         raise ConnectionError(f"no HTTP answer from worker {name[1:]!r}")
     return int(parts[1]), body
+
+
+def listening_socket(name: str) -> socket.socket:
+    """A listening Unix socket bound to the abstract ``name`` (for ``start_unix_server``)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(name)
+        sock.listen(64)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
