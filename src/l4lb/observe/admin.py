@@ -5,6 +5,7 @@ Routes::
     GET  /                                              the live status page (HTML)
     GET  /status                                        JSON: listeners, pools, backends
     GET  /metrics                                       Prometheus text format
+    GET  /snapshot                                      raw counters and histograms (JSON)
     POST /pools/{pool}/backends/{address}/drain          no new connections, existing ones run on
     POST /pools/{pool}/backends/{address}/disable        out of rotation (and health checks ignored)
     POST /pools/{pool}/backends/{address}/enable         back in rotation
