@@ -128,7 +128,8 @@ class Listener:
             self.loop.remove_reader(self.sock.fileno())
 
     def _accept(self) -> None:
-        lsock = self.sock
+        accept = self.sock._accept  # type: ignore[attr-defined]
+        family = self.sock.family
         admit = self.admission.admit
         local = self.local
         for _ in range(ACCEPT_BATCH):
@@ -136,7 +137,8 @@ class Listener:
                 self._unwatch()
                 return
             try:
-                sock, peer = lsock.accept()
+                # _accept(): socket.accept() without its per-call IntEnum conversions
+                fd, peer = accept()
             except BlockingIOError:
                 return
             except OSError as err:
@@ -145,7 +147,8 @@ class Listener:
                 self._unwatch()
                 self.loop.call_later(_EMFILE_PAUSE, self._watch)
                 return
-            sock.setblocking(False)
+            sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+            sock.setblocking(False)  # accept() gave a blocking descriptor
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             here = local
             if here is None:  # a wildcard bind: the address the client reached is per socket

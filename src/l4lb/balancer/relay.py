@@ -76,12 +76,15 @@ def reset_socket(sock: socket.socket) -> None:
 class _Side(asyncio.Protocol):
     """One socket of the relay; ``peer`` is the other side."""
 
-    __slots__ = ("eof", "lost", "peer", "relay", "sock", "transport")
+    __slots__ = ("conn", "eof", "lost", "out", "peer", "relay", "sock", "transport")
 
     def __init__(self, relay: StreamRelay, sock: socket.socket) -> None:
         self.relay = relay
+        self.conn = relay.conn
         self.sock = sock
         self.transport: asyncio.Transport | None = None
+        self.out: asyncio.Transport | None = None
+        """The peer's transport, where this side's bytes go (None until it is attached)."""
         self.peer: _Side
         self.eof = False
         self.lost = False
@@ -141,6 +144,8 @@ class _ClientSide(_Side):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         relay = self.relay
         peer = self.peer
+        self.out = peer.transport
+        peer.out = self.transport
         if relay.pending:
             self.transport.write(b"".join(relay.pending))
             relay.pending = []
@@ -150,8 +155,8 @@ class _ClientSide(_Side):
             relay.close(relay.aborted)
 
     def data_received(self, data: bytes) -> None:
-        self.relay.conn.bytes_from_client += len(data)
-        self.peer.transport.write(data)  # type: ignore[union-attr]
+        self.conn.bytes_from_client += len(data)
+        self.out.write(data)  # type: ignore[union-attr]
 
 
 class _BackendSide(_Side):
@@ -171,12 +176,12 @@ class _BackendSide(_Side):
         )
 
     def data_received(self, data: bytes) -> None:
-        self.relay.conn.bytes_to_client += len(data)
-        t = self.peer.transport
-        if t is None:  # the client transport is not attached yet (same loop iteration)
+        self.conn.bytes_to_client += len(data)
+        out = self.out
+        if out is None:  # the client transport is not attached yet (same loop iteration)
             self.relay.pending.append(data)
         else:
-            t.write(data)
+            out.write(data)
 
 
 class StreamRelay:
