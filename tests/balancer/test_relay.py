@@ -369,3 +369,23 @@ def test_access_log_line(tmp_path: Path, mode: str) -> None:
             assert (line["bytes_from_client"], line["bytes_to_client"]) == (5, 5)
             assert line["end"] == "client_closed"
             assert line["duration"] >= 0 and line["time"].endswith("Z")
+
+
+def test_backend_resetting_at_once_never_leaks_the_client(tmp_path: Path, mode: str) -> None:
+    def handler(sock: socket.socket, header: ProxyHeader | None, early: bytes) -> None:
+        reset(sock)
+
+    port = free_port()
+    with (
+        backend(handler, proxy=False) as be,
+        l4lb(tmp_path, cfg(port, [be.address], mode)) as lb,
+    ):
+        for _ in range(5):
+            client = connect(port)
+            client.settimeout(5)
+            with contextlib.suppress(ConnectionResetError):
+                assert recv_all(client) == b""
+            client.close()
+        lines = lb.wait_access(5)
+        assert len(lines) == 5
+        assert {line["end"] for line in lines} <= {"reset", "backend_closed"}

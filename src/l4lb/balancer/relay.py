@@ -123,15 +123,19 @@ class _Side(asyncio.Protocol):
         peer = self.peer
         if exc is not None and relay.reason is None:
             relay.reason = "reset"
-        t = peer.transport
-        if not peer.lost and t is not None:
-            if exc is not None:
-                reset_socket(peer.sock)
-                t.abort()
-            elif not t.is_closing():
-                t.close()
-        if peer.lost or t is None:
+        if peer.lost:
             relay.done()
+            return
+        t = peer.transport
+        if t is None:
+            # The peer is still being attached: it closes itself as soon as it is.
+            relay.aborted = relay.reason or "closed"
+            return
+        if exc is not None:
+            reset_socket(peer.sock)
+            t.abort()
+        elif not t.is_closing():
+            t.close()
 
     closed_reason = "closed"
 
