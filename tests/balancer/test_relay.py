@@ -390,3 +390,37 @@ def test_backend_resetting_at_once_never_leaks_the_client(tmp_path: Path, mode: 
         assert len(lines) == 5
         # the RST can beat the connect check: then it counts as a failed connect
         assert {line["end"] for line in lines} <= {"reset", "backend_closed", "connect_failed"}
+
+
+def test_connect_timeout_then_next_backend_keeps_early_bytes(tmp_path: Path, mode: str) -> None:
+    # A listener whose accept queue is full drops SYNs: connects to it hang until the timeout.
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    fillers = []
+    for _ in range(4):
+        f = socket.socket()
+        f.setblocking(False)
+        f.connect_ex(hole.getsockname())
+        fillers.append(f)
+    time.sleep(0.2)
+    black = f"127.0.0.1:{hole.getsockname()[1]}"
+    port = free_port()
+    try:
+        with backend(echo) as be:
+            text = cfg(port, [black, be.address], mode, connect_timeout="300ms", retries=1)
+            with l4lb(tmp_path, text) as lb:
+                payload = blob(64 * 1024, 3)
+                client = connect(port)
+                client.sendall(payload)  # sent while the balancer waits on the black hole
+                client.shutdown(socket.SHUT_WR)
+                start = time.monotonic()
+                assert recv_all(client) == payload
+                assert time.monotonic() - start >= 0.25
+                (line,) = lb.wait_access(1)
+                assert line["backend"] == be.address
+                assert "connect timeout after 0.3s" in lb.log_text()
+    finally:
+        for f in fillers:
+            f.close()
+        hole.close()
