@@ -298,3 +298,16 @@ def test_backend_max_conns_and_no_backend(tmp_path: Path) -> None:
             (line,) = lb.wait_access(1)
             assert line["end"] == "no_backend"
             assert "event=no_backend" in lb.log_text()
+
+
+def test_unwritable_access_log_exits_1(tmp_path: Path) -> None:
+    path = tmp_path / "l4lb.toml"
+    path.write_text(
+        config_text(
+            f"127.0.0.1:{free_port()}", ["127.0.0.1:9"], access_log="/nonexistent/dir/access.log"
+        )
+    )
+    result = run(["--config", str(path)])
+    assert result.returncode == 1
+    assert "/nonexistent/dir/access.log" in result.stderr
+    assert "Traceback" not in result.stderr
