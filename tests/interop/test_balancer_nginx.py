@@ -98,3 +98,21 @@ def test_ipv6_client_to_ipv4_backend(tmp_path: Path) -> None:
             assert wait_for(lambda: len(logged(ndir)) >= 1)
             port = client.rpartition(":")[2]
             assert logged(ndir) == [f"::1:{port} -> ::1:{lport} via 127.0.0.1"]
+
+
+def test_ipv4_client_on_ipv6_listener_is_sent_as_v4_mapped_tcp6(tmp_path: Path) -> None:
+    # A v4-mapped bind is an IPv6 socket that only takes IPv4 connections to 127.0.0.1.
+    nport, lport = free_port(), free_port()
+    ndir = tmp_path / "nginx"
+    with nginx(ndir, stream=stream_server(f"127.0.0.1:{nport}"), wait=[("127.0.0.1", nport)]):
+        text = config_text(
+            f"[::ffff:127.0.0.1]:{lport}", [f"127.0.0.1:{nport}"], pool={"send_proxy": "v2"}
+        )
+        with l4lb(tmp_path / "lb", text):
+            client, answer = ask("127.0.0.1", lport, "127.0.0.15")
+            assert answer == b"ok ::ffff:127.0.0.15\n"
+            assert wait_for(lambda: len(logged(ndir)) >= 1)
+            port = client.rpartition(":")[2]
+            assert logged(ndir) == [
+                f"::ffff:127.0.0.15:{port} -> ::ffff:127.0.0.1:{lport} via 127.0.0.1"
+            ]
