@@ -87,15 +87,17 @@ class Seen:
 
 @contextlib.contextmanager
 def asyncio_greeter(
-    policy: ProxyPolicy, host: str = "127.0.0.1"
+    policy: ProxyPolicy, host: str = "127.0.0.1", ssl: Any = None
 ) -> Iterator[tuple[int, Seen, Any]]:
     """``start_server`` with a greeting callback; yields (port, seen, server)."""
     seen = Seen()
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        info = {k: writer.get_extra_info(k) for k in ("peername", "sockname", "proxy_peer")}
+        names = ("peername", "sockname", "proxy_peer", "ssl_object")
+        info = {k: writer.get_extra_info(k) for k in names}
+        tls = info.pop("ssl_object")
         header = writer.get_extra_info("proxy_header")
-        seen.add(header=header, **info)
+        seen.add(header=header, tls=tls.version() if tls is not None else None, **info)
         writer.write(greeting(info["peername"], info["sockname"], info["proxy_peer"], header))
         try:
             while line := await reader.readline():
@@ -109,7 +111,7 @@ def asyncio_greeter(
     runner = LoopThread()
 
     async def start() -> asyncio.Server:
-        return await start_server(on_client, host, 0, policy=policy)
+        return await start_server(on_client, host, 0, policy=policy, ssl=ssl)
 
     server = runner.call(start())
     try:
@@ -171,11 +173,12 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
 
 
 @contextlib.contextmanager
-def http_server(policy: ProxyPolicy) -> Iterator[tuple[int, _HTTPServer]]:
+def http_server(policy: ProxyPolicy, ssl: Any = None) -> Iterator[tuple[int, _HTTPServer]]:
     """An ``http.server`` handler with ``ProxyProtocolMixin``, answering with the client in JSON."""
 
     class Handler(ProxyProtocolMixin, http.server.BaseHTTPRequestHandler):
         proxy_policy = policy
+        proxy_ssl_context = ssl
         protocol_version = "HTTP/1.1"
 
         def do_GET(self) -> None:
@@ -188,6 +191,7 @@ def http_server(policy: ProxyPolicy) -> Iterator[tuple[int, _HTTPServer]]:
                     "version": header.version if header else None,
                     "unique_id": header.unique_id.decode() if header and header.unique_id else None,
                     "path": self.path,
+                    "tls": self.request.version() if hasattr(self.request, "version") else None,
                 }
             ).encode()
             self.send_response(200)
@@ -240,6 +244,7 @@ async def asgi_app(
         "upstream": list(ext["upstream"]) if ext.get("upstream") else None,
         "tlv_types": [t for t, _ in ext.get("tlvs", [])],
         "ssl": ext.get("ssl"),
+        "scheme": scope.get("scheme"),
     }
     if scope["type"] == "websocket":
         await receive()  # websocket.connect
@@ -265,7 +270,9 @@ async def asgi_app(
 
 
 @contextlib.contextmanager
-def uvicorn_server(policy: ProxyPolicy, http: str = "auto", ws: str = "auto") -> Iterator[int]:
+def uvicorn_server(
+    policy: ProxyPolicy, http: str = "auto", ws: str = "auto", ssl: Any = None
+) -> Iterator[int]:
     """uvicorn serving :func:`asgi_app` with ``proxy_protocol_http(policy=...)``, in a thread."""
     import uvicorn
 
@@ -277,7 +284,7 @@ def uvicorn_server(policy: ProxyPolicy, http: str = "auto", ws: str = "auto") ->
         asgi_app,
         host="127.0.0.1",
         port=port,
-        http=proxy_protocol_http(policy=policy, http=http),
+        http=proxy_protocol_http(policy=policy, http=http, ssl=ssl),
         ws=ws,
         proxy_headers=False,
         log_level="warning",
@@ -302,7 +309,7 @@ def uvicorn_server(policy: ProxyPolicy, http: str = "auto", ws: str = "auto") ->
 # --- clients -------------------------------------------------------------------------------
 
 
-def recv_line(sock: socket.socket, timeout: float = 5.0) -> bytes:
+def recv_line(sock: socket.socket, timeout: float = 10.0) -> bytes:
     """One line (up to LF) from a blocking socket; b"" if the peer closes first."""
     sock.settimeout(timeout)
     buf = b""
@@ -317,7 +324,7 @@ def recv_line(sock: socket.socket, timeout: float = 5.0) -> bytes:
     return buf
 
 
-def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
+def closed_by_peer(sock: socket.socket, timeout: float = 10.0) -> bool:
     """True if the peer closes (FIN or RST) within ``timeout`` without sending a byte."""
     sock.settimeout(timeout)
     try:
@@ -330,7 +337,7 @@ def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
 
 
 def http_request(
-    sock: socket.socket, path: str = "/", host: str = "x", timeout: float = 5.0
+    sock: socket.socket, path: str = "/", host: str = "x", timeout: float = 10.0
 ) -> tuple[int, bytes]:
     """One keep-alive HTTP/1.1 GET on ``sock``: the status and the body."""
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
@@ -356,13 +363,119 @@ def http_request(
 
 
 def http_get(
-    sock: socket.socket, path: str = "/", host: str = "x", timeout: float = 5.0
+    sock: socket.socket, path: str = "/", host: str = "x", timeout: float = 10.0
 ) -> dict[str, Any]:
     """One keep-alive HTTP/1.1 GET on ``sock`` that must answer 200; the JSON body."""
     status, body = http_request(sock, path, host, timeout)
     assert status == 200, (status, body)
     result: dict[str, Any] = json.loads(body)
     return result
+
+
+# --- TLS -------------------------------------------------------------------------------------
+
+
+def make_cert(workdir: Any) -> tuple[str, str]:
+    """A throwaway self-signed certificate for 127.0.0.1 and localhost: (cert, key) paths."""
+    import subprocess
+
+    cert, key = str(workdir / "cert.pem"), str(workdir / "key.pem")
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return cert, key
+
+
+def server_context(cert: str, key: str) -> Any:
+    import ssl
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def tls_client(sock: socket.socket, cert: str) -> Any:
+    """Wrap a connected socket (after its PROXY header was sent) in TLS, trusting ``cert``."""
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=cert)
+    return ctx.wrap_socket(sock, server_hostname="localhost")
+
+
+class TLSInOneSegment:
+    """A TLS client whose ClientHello goes out in the same segment as the PROXY header.
+
+    The hard case for a server that starts TLS after the header: it must not have read any of
+    the ClientHello with the header.
+    """
+
+    def __init__(self, sock: socket.socket, cert: str, header: bytes) -> None:
+        import ssl
+
+        self.sock = sock
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        ctx = ssl.create_default_context(cafile=cert)
+        self.tls = ctx.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+        with contextlib.suppress(ssl.SSLWantReadError):
+            self.tls.do_handshake()
+        sock.sendall(header + self.outgoing.read())
+        sock.settimeout(10)
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                data = sock.recv(65536)
+                if not data:
+                    raise ConnectionError("closed during the TLS handshake") from None
+                self.incoming.write(data)
+        self._flush()
+
+    def _flush(self) -> None:
+        pending = self.outgoing.read()
+        if pending:
+            self.sock.sendall(pending)
+
+    def sendall(self, data: bytes) -> None:
+        self.tls.write(data)
+        self._flush()
+
+    def recv_until(self, marker: bytes) -> bytes:
+        import ssl
+
+        buf = b""
+        while marker not in buf:
+            try:
+                buf += self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                data = self.sock.recv(65536)
+                if not data:
+                    break
+                self.incoming.write(data)
+        return buf
 
 
 # --- real HAProxy and nginx in front -------------------------------------------------------

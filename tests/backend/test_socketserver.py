@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -14,9 +15,12 @@ from tests.backend.servers import (
     closed_by_peer,
     http_get,
     http_server,
+    make_cert,
     parse_greeting,
     recv_line,
+    server_context,
     socketserver_greeter,
+    tls_client,
 )
 from tests.support.peers import connect_from, wait_for
 
@@ -111,8 +115,8 @@ def test_silent_and_trickling_peers_closed_at_the_timeout() -> None:
             connect_from("127.0.0.1", "127.0.0.1", port) as partial,
         ):
             partial.sendall(b"\r\n\r\n\x00")
-            assert closed_by_peer(silent, timeout=5)
-            assert closed_by_peer(partial, timeout=5)
+            assert closed_by_peer(silent, timeout=10)
+            assert closed_by_peer(partial, timeout=10)
         assert wait_for(lambda: server.proxy_rejections.get("header_timeout") == 2)
         assert len(server.seen) == 0
 
@@ -162,3 +166,20 @@ def test_http_server_sees_and_logs_the_real_client() -> None:
             s.sendall(build(1, ("192.0.2.1", 1), ("127.0.0.1", port)) + b"GET / HTTP/1.1\r\n\r\n")
             assert closed_by_peer(s)
         assert server.proxy_rejections == {"untrusted": 1}
+
+
+@pytest.mark.parametrize("mode", ["required", "optional"])
+def test_http_server_with_tls_after_the_header(tmp_path: Path, mode: str) -> None:
+    cert, key = make_cert(tmp_path)
+    with http_server(policy(mode), ssl=server_context(cert, key)) as (port, _server):
+        s = connect_from("127.0.0.1", "127.0.0.1", port)
+        s.sendall(build(2, ("192.0.2.77", 5555), ("127.0.0.1", port)))
+        with tls_client(s, cert) as t:
+            info = http_get(t)
+            assert info["client"] == ["192.0.2.77", 5555] and info["tls"] == "TLSv1.3"
+        if mode == "optional":  # a direct TLS client: nothing of its ClientHello was consumed
+            with tls_client(connect_from("127.0.0.9", "127.0.0.1", port), cert) as t:
+                assert http_get(t)["client"][0] == "127.0.0.9"
+        with connect_from("127.0.0.1", "127.0.0.1", port) as s:
+            s.sendall(build(1, ("192.0.2.1", 1), ("127.0.0.1", port)) + b"GET / HTTP/1.1\r\n\r\n")
+            assert closed_by_peer(s)  # plain text where TLS was due: handshake fails, closed

@@ -16,7 +16,15 @@ from websockets.sync.client import connect as ws_connect
 from l4lb.backend.serve import parse_bind
 from l4lb.proxy_protocol import TLV, SSLInfo, TLVType, build, local_header
 from l4lb.trust.policy import ProxyPolicy
-from tests.backend.servers import closed_by_peer, http_get, uvicorn_server
+from tests.backend.servers import (
+    TLSInOneSegment,
+    closed_by_peer,
+    http_get,
+    make_cert,
+    server_context,
+    tls_client,
+    uvicorn_server,
+)
 from tests.support.peers import connect_from, free_port, stop_process, wait_port
 
 CLIENT = ("198.51.100.42", 40000)
@@ -80,14 +88,14 @@ def test_websocket_upgrade_keeps_the_real_address(ws: str) -> None:
     with uvicorn_server(policy(), ws=ws) as port:
         s = connect_from("127.0.0.1", "127.0.0.1", port)
         s.sendall(build(2, CLIENT, DEST, tlvs=[TLV(TLVType.UNIQUE_ID, b"ws-1")]))
-        with ws_connect(f"ws://127.0.0.1:{port}/ws", sock=s, open_timeout=5) as ws:
-            info = json.loads(ws.recv(timeout=5))
+        with ws_connect(f"ws://127.0.0.1:{port}/ws", sock=s, open_timeout=10) as ws:
+            info = json.loads(ws.recv(timeout=10))
             assert info["client"] == list(CLIENT)
             assert info["server"] == list(DEST)
             assert info["unique_id"] == "ws-1"
             assert info["version"] == 2
             ws.send("hi")
-            assert ws.recv(timeout=5) == "echo hi"
+            assert ws.recv(timeout=10) == "echo hi"
 
 
 def test_local_header_uses_the_socket_addresses() -> None:
@@ -122,6 +130,39 @@ def test_optional_mode_direct_client() -> None:
             assert closed_by_peer(s)
 
 
+def test_tls_terminated_after_the_header(tmp_path: Path) -> None:
+    cert, key = make_cert(tmp_path)
+    with uvicorn_server(policy(), ssl=server_context(cert, key)) as port:
+        s = connect_from("127.0.0.1", "127.0.0.1", port)
+        s.sendall(build(2, CLIENT, DEST, tlvs=[TLV(TLVType.UNIQUE_ID, b"tls-1")]))
+        with tls_client(s, cert) as t:
+            for _ in range(2):
+                info = http_get(t)
+                assert info["client"] == list(CLIENT) and info["server"] == list(DEST)
+                assert info["scheme"] == "https" and info["unique_id"] == "tls-1"
+        # A WebSocket over that TLS (wss) keeps the real address too.
+        s = connect_from("127.0.0.1", "127.0.0.1", port)
+        s.sendall(build(1, CLIENT, DEST))
+        t = tls_client(s, cert)
+        with ws_connect(f"ws://localhost:{port}/ws", sock=t, open_timeout=10) as ws:
+            info = json.loads(ws.recv(timeout=10))
+            assert info["client"] == list(CLIENT) and info["scheme"] == "wss"
+
+
+def test_tls_client_hello_in_the_same_segment_as_the_header(tmp_path: Path) -> None:
+    cert, key = make_cert(tmp_path)
+    with (
+        uvicorn_server(policy(), ssl=server_context(cert, key)) as port,
+        connect_from("127.0.0.1", "127.0.0.1", port) as s,
+    ):
+        client = TLSInOneSegment(s, cert, build(1, CLIENT, DEST))
+        client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = client.recv_until(b"}")
+        assert response.startswith(b"HTTP/1.1 200")
+        body = json.loads(response.partition(b"\r\n\r\n")[2])
+        assert body["client"] == list(CLIENT) and body["scheme"] == "https"
+
+
 # --- l4lb serve-asgi -------------------------------------------------------------------------
 
 
@@ -130,6 +171,7 @@ def _l4lb() -> list[str]:
 
 
 def test_serve_asgi_command(tmp_path: Path) -> None:
+    cert, key = make_cert(tmp_path)
     port = free_port()
     log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
@@ -145,6 +187,10 @@ def test_serve_asgi_command(tmp_path: Path) -> None:
             "127.0.0.1/32",
             "--header-timeout",
             "2",
+            "--ssl-certfile",
+            cert,
+            "--ssl-keyfile",
+            key,
         ],
         cwd=ROOT,
         stdout=log,
@@ -153,11 +199,13 @@ def test_serve_asgi_command(tmp_path: Path) -> None:
     )
     try:
         wait_port("127.0.0.1", port, proc=proc)
-        with connect_from("127.0.0.1", "127.0.0.1", port) as s:
-            s.sendall(build(1, CLIENT, DEST))
-            info = http_get(s)
+        s = connect_from("127.0.0.1", "127.0.0.1", port)
+        s.sendall(build(1, CLIENT, DEST))
+        with tls_client(s, cert) as t:
+            info = http_get(t)
             assert info["client"] == list(CLIENT)
             assert info["server"] == list(DEST)
+            assert info["scheme"] == "https"
         with connect_from("127.0.0.9", "127.0.0.1", port) as s:
             s.sendall(build(1, CLIENT, DEST))
             assert closed_by_peer(s)
@@ -178,6 +226,12 @@ def test_serve_asgi_command(tmp_path: Path) -> None:
         ([], "would refuse every connection"),
         (["--bind", "localhost"], "expected HOST:PORT"),
         (["--trusted", "127.0.0.1", "--header-timeout", "0"], "header_timeout must be a positive"),
+        (["--trusted", "127.0.0.1", "--ssl-certfile", "/nonexistent.pem"], "no such file"),
+        (["--trusted", "127.0.0.1", "--ssl-keyfile", "k.pem"], "--ssl-keyfile needs"),
+        (
+            ["--trusted", "127.0.0.1", "--accept-proxy", "optional", "--ssl-certfile", __file__],
+            "not a usable certificate",
+        ),
     ],
 )
 def test_serve_asgi_bad_arguments(args: list[str], message: str) -> None:

@@ -75,3 +75,23 @@ def test_haproxy_health_checks_send_local_and_are_accepted(tmp_path: Path) -> No
             for conn in seen.connections:
                 assert conn["peername"][0] == "127.0.0.1"  # the connection's own address
         assert not server.proxy_factory.rejections
+
+
+def test_tls_passed_through_haproxy_and_nginx(tmp_path: Path) -> None:
+    """The balancers pass TLS through untouched; TLS ends here, after their PROXY header."""
+    from tests.backend.servers import make_cert, server_context, tls_client
+
+    cert, key = make_cert(tmp_path)
+    policy = ProxyPolicy(mode="required", trusted=["127.0.0.1/32"], header_timeout=5)
+    with (
+        asyncio_greeter(policy, ssl=server_context(cert, key)) as (port, _seen, _),
+        front_ends(tmp_path, port) as fronts,
+    ):
+        for name in ("haproxy-v1", "haproxy-v2", "nginx"):
+            s = connect_from("127.0.0.8", "127.0.0.1", fronts[name])
+            own = f"127.0.0.8:{s.getsockname()[1]}"
+            with tls_client(s, cert) as t:
+                t.sendall(b"over tls\n")
+                hello = parse_greeting(recv_line(t))
+                assert hello["peer"] == own, name
+                assert recv_line(t) == b"ECHO over tls\n"

@@ -47,9 +47,26 @@ def test_websocket_through_haproxy_and_nginx(tmp_path: Path) -> None:
         for name in ("haproxy-v2", "nginx"):
             s = connect_from("127.0.0.7", "127.0.0.1", fronts[name])
             own = ["127.0.0.7", s.getsockname()[1]]
-            with ws_connect(f"ws://127.0.0.1:{fronts[name]}/ws", sock=s, open_timeout=5) as ws:
-                info = json.loads(ws.recv(timeout=5))
+            with ws_connect(f"ws://127.0.0.1:{fronts[name]}/ws", sock=s, open_timeout=10) as ws:
+                info = json.loads(ws.recv(timeout=10))
                 assert info["client"] == own, name
                 assert info["server"] == ["127.0.0.1", fronts[name]]
                 ws.send("x")
-                assert ws.recv(timeout=5) == "echo x"
+                assert ws.recv(timeout=10) == "echo x"
+
+
+def test_uvicorn_tls_passed_through_haproxy_and_nginx(tmp_path: Path) -> None:
+    from tests.backend.servers import make_cert, server_context, tls_client
+
+    cert, key = make_cert(tmp_path)
+    with (
+        uvicorn_server(POLICY, ssl=server_context(cert, key)) as port,
+        front_ends(tmp_path, port) as fronts,
+    ):
+        for name in ("haproxy-v1", "haproxy-v2", "nginx"):
+            s = connect_from("127.0.0.7", "127.0.0.1", fronts[name])
+            own = ["127.0.0.7", s.getsockname()[1]]
+            with tls_client(s, cert) as t:
+                info = http_get(t)
+                assert info["client"] == own, name
+                assert info["scheme"] == "https"

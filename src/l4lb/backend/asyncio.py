@@ -18,17 +18,23 @@ The application's protocol is created only after the decision, so a server-speak
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import ssl as ssl_module
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
-from l4lb.trust.policy import Decision, HeaderGate, ProxyPolicy
+from l4lb.trust.policy import Decision, HeaderGate, Mode, ProxyPolicy
 
 __all__ = [
+    "ExactHeaderProtocol",
+    "HeaderProtocol",
     "ProxiedTransport",
     "ProxyProtocolFactory",
+    "check_tls_policy",
     "deliver",
+    "hand_over",
     "start_server",
 ]
 
@@ -155,10 +161,137 @@ def deliver(protocol: asyncio.BaseProtocol, data: bytes) -> None:
         protocol.data_received(data)
 
 
-Switch = Callable[[asyncio.Transport, Decision], None]
+# Switches an accepted connection over; returns the application's protocol (None while a TLS
+# handshake is still to come).
+Switch = Callable[[asyncio.Transport, Decision], asyncio.BaseProtocol | None]
+ProtocolFactory = Callable[[], asyncio.BaseProtocol]
+OnSetProtocol = Callable[[asyncio.BaseProtocol], None]
+
+# Handshakes in progress: the loop keeps only weak references to tasks.
+_handshakes: set[asyncio.Task[None]] = set()
 
 
-class HeaderProtocol(asyncio.Protocol):
+def hand_over(
+    transport: asyncio.Transport,
+    decision: Decision,
+    protocol_factory: ProtocolFactory,
+    *,
+    ssl: ssl_module.SSLContext | None = None,
+    ssl_handshake_timeout: float | None = None,
+    on_set_protocol: OnSetProtocol | None = None,
+    logger: logging.Logger | None = None,
+) -> asyncio.BaseProtocol | None:
+    """Give an accepted connection to the application's protocol, with the real addresses.
+
+    Without ``ssl``: switch the transport to a new protocol at once, then hand it the bytes that
+    followed the header. With ``ssl``: run the TLS handshake on the transport first (the header
+    was read without reading past it), then give the protocol the TLS transport. Returns the
+    protocol, or None while the handshake is still to come.
+    """
+    if ssl is None:
+        protocol = protocol_factory()
+        transport.set_protocol(protocol)
+        protocol.connection_made(ProxiedTransport(transport, decision, on_set_protocol))
+        deliver(protocol, decision.trailing)
+        return protocol
+    if decision.trailing:
+        raise RuntimeError("TLS after the PROXY header needs a header read without over-reading")
+    # Not one more read until the TLS layer owns the transport: the ClientHello is its.
+    transport.pause_reading()
+    task = asyncio.get_running_loop().create_task(
+        _start_tls(
+            transport,
+            decision,
+            protocol_factory,
+            ssl,
+            ssl_handshake_timeout,
+            on_set_protocol,
+            logger or log,
+        )
+    )
+    _handshakes.add(task)
+    task.add_done_callback(_handshakes.discard)
+    return None
+
+
+class _Pending(asyncio.Protocol):
+    """Holds what the TLS layer delivers between the handshake and the app's connection_made."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.eof = False
+        self.lost = False
+        self.exc: Exception | None = None
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True  # the application decides once it is connected
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost, self.exc = True, exc
+
+
+async def _start_tls(
+    transport: asyncio.Transport,
+    decision: Decision,
+    protocol_factory: ProtocolFactory,
+    ssl: ssl_module.SSLContext,
+    ssl_handshake_timeout: float | None,
+    on_set_protocol: OnSetProtocol | None,
+    logger: logging.Logger,
+) -> None:
+    loop = asyncio.get_running_loop()
+    pending = _Pending()
+    try:
+        tls = await loop.start_tls(
+            transport,
+            pending,
+            ssl,
+            server_side=True,
+            ssl_handshake_timeout=ssl_handshake_timeout,
+        )
+    except OSError as err:  # SSLError, ConnectionError and TimeoutError are OSErrors
+        logger.warning(
+            "TLS handshake with %s via %s failed: %s",
+            _fmt(decision.client),
+            _fmt(decision.upstream),
+            err or type(err).__name__,
+        )
+        transport.abort()
+        return
+    if tls is None:  # closed during the handshake
+        transport.abort()
+        return
+    try:
+        protocol = protocol_factory()
+        tls.set_protocol(protocol)
+        protocol.connection_made(ProxiedTransport(tls, decision, on_set_protocol))
+        for chunk in pending.chunks:
+            deliver(protocol, chunk)
+        if (
+            pending.eof
+            and isinstance(protocol, asyncio.Protocol | asyncio.BufferedProtocol)
+            and not protocol.eof_received()
+        ):
+            tls.close()
+        if pending.lost:
+            protocol.connection_lost(pending.exc)
+    except Exception:
+        logger.exception("backend: the application protocol failed to start; closing")
+        transport.abort()
+
+
+def _fmt(address: tuple[str, int] | None) -> str:
+    if address is None:
+        return "-"
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _HeaderReading(asyncio.BaseProtocol):
     """Reads one connection's PROXY header through a :class:`HeaderGate`, then hands over.
 
     On acceptance ``on_accept(transport, decision)`` switches the transport to the real protocol;
@@ -181,6 +314,7 @@ class HeaderProtocol(asyncio.Protocol):
         self.gate: HeaderGate | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._handed_over = False
+        self._app: asyncio.BaseProtocol | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Duck-typed: uvloop's transports are not subclasses of asyncio.Transport.
@@ -195,7 +329,7 @@ class HeaderProtocol(asyncio.Protocol):
         loop = self.loop or asyncio.get_running_loop()
         self._timer = loop.call_later(self.policy.header_timeout, self._expire)
 
-    def data_received(self, data: bytes) -> None:
+    def _received(self, data: bytes) -> None:
         gate = self.gate
         if gate is None or gate.decision is not None:
             return  # rejected and closing: drop what the peer still sends
@@ -207,12 +341,10 @@ class HeaderProtocol(asyncio.Protocol):
         gate = self.gate
         if gate is None or gate.decision is not None:
             return None
-        decision = gate.eof()
-        self._decided(decision)
-        if decision.accepted and self.transport is not None:
-            app = self.transport.get_protocol()
-            if isinstance(app, asyncio.Protocol | asyncio.BufferedProtocol) and app is not self:
-                return app.eof_received()
+        self._decided(gate.eof())
+        app = self._app
+        if isinstance(app, asyncio.Protocol | asyncio.BufferedProtocol):
+            return app.eof_received()  # accepted (optional, nothing sent): the app's answer
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -245,10 +377,53 @@ class HeaderProtocol(asyncio.Protocol):
             return
         self._handed_over = True
         try:
-            self.on_accept(transport, decision)
+            self._app = self.on_accept(transport, decision)
         except Exception:
             log.exception("backend: the application protocol failed to start; closing")
             transport.abort()
+
+
+class HeaderProtocol(_HeaderReading, asyncio.Protocol):
+    """Reads the PROXY header from whatever the transport reads; hands over the leftover bytes."""
+
+    def data_received(self, data: bytes) -> None:
+        self._received(data)
+
+
+class ExactHeaderProtocol(_HeaderReading, asyncio.BufferedProtocol):
+    """Reads the PROXY header and never past it (TLS follows on the socket).
+
+    It asks the transport for at most ``HeaderGate.next_read_size()`` bytes per read, so the
+    first byte after the header (a TLS ClientHello) is still in the socket for the handshake.
+    Deliberately not an ``asyncio.Protocol``: uvloop prefers ``data_received`` when both exist.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._buffer = bytearray(0)
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        gate = self.gate
+        size = gate.next_read_size() if gate is not None and gate.decision is None else 0
+        # After a decision the transport is closing or switched: take what comes and drop it.
+        self._buffer = bytearray(size or 256)
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._received(bytes(self._buffer[:nbytes]))
+
+
+def check_tls_policy(policy: ProxyPolicy) -> None:
+    """TLS after the header works with ``required`` and ``off``; ``optional`` cannot.
+
+    Under ``optional`` the first bytes of a direct client must be read to see that they are not
+    a PROXY signature, and a TLS handshake cannot be started on bytes already read.
+    """
+    if policy.mode is Mode.OPTIONAL:
+        raise ValueError(
+            "TLS after the PROXY header needs accept_proxy 'required' (or 'off'): under "
+            "'optional' a direct client's first TLS bytes would be read to look for a header"
+        )
 
 
 class ProxyProtocolFactory:
@@ -258,32 +433,49 @@ class ProxyProtocolFactory:
     protocol; once the policy accepts, ``MyProtocol()`` is created, switched in with
     ``transport.set_protocol()``, given a :class:`ProxiedTransport` in ``connection_made`` and
     then the bytes that followed the header. ``rejections`` counts refused connections by reason.
+
+    With ``ssl`` (an ``SSLContext``; do not also pass it to ``create_server``), TLS is terminated
+    here after the header, as the balancer passed the client's TLS through untouched; the
+    protocol gets the TLS transport (``get_extra_info("ssl_object")`` and ``"peercert"`` work).
     """
 
     def __init__(
         self,
-        protocol_factory: Callable[[], asyncio.BaseProtocol],
+        protocol_factory: ProtocolFactory,
         policy: ProxyPolicy,
         *,
+        ssl: ssl_module.SSLContext | None = None,
+        ssl_handshake_timeout: float | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
+        if ssl is not None:
+            check_tls_policy(policy)
         self.protocol_factory = protocol_factory
         self.policy = policy
+        self.ssl = ssl
+        self.ssl_handshake_timeout = ssl_handshake_timeout
         self.logger = logger or log
         self.rejections: Counter[str] = Counter()
 
-    def __call__(self) -> asyncio.Protocol:
-        return HeaderProtocol(self.policy, self._switch, self._reject)
+    def __call__(self) -> asyncio.BaseProtocol:
+        cls = HeaderProtocol if self.ssl is None else ExactHeaderProtocol
+        return cls(self.policy, self._switch, self._reject)
 
     def _reject(self, decision: Decision) -> None:
         self.rejections[decision.reason.value] += 1
         self.logger.warning("PROXY %s", decision.describe())
 
-    def _switch(self, transport: asyncio.Transport, decision: Decision) -> None:
-        protocol = self.protocol_factory()
-        transport.set_protocol(protocol)
-        protocol.connection_made(ProxiedTransport(transport, decision))
-        deliver(protocol, decision.trailing)
+    def _switch(
+        self, transport: asyncio.Transport, decision: Decision
+    ) -> asyncio.BaseProtocol | None:
+        return hand_over(
+            transport,
+            decision,
+            self.protocol_factory,
+            ssl=self.ssl,
+            ssl_handshake_timeout=self.ssl_handshake_timeout,
+            logger=self.logger,
+        )
 
 
 async def start_server(
@@ -293,6 +485,8 @@ async def start_server(
     *,
     policy: ProxyPolicy,
     limit: int = 2**16,
+    ssl: ssl_module.SSLContext | None = None,
+    ssl_handshake_timeout: float | None = None,
     logger: logging.Logger | None = None,
     **kwargs: Any,
 ) -> asyncio.Server:
@@ -301,20 +495,26 @@ async def start_server(
     ``client_connected_cb(reader, writer)`` runs once the policy accepts the connection; the
     bytes that followed the header are the first the reader returns. Other keyword arguments go
     to ``loop.create_server``. The factory is on the server as ``server.proxy_factory`` (for
-    its ``rejections`` counter).
+    its ``rejections`` counter; not under uvloop, whose servers take no attributes).
+
+    ``ssl``: terminate TLS here, after the PROXY header (the balancer passes TLS through, as
+    HAProxy ``mode tcp`` with ``send-proxy`` does). Needs ``policy.mode`` ``required`` or ``off``.
     """
-    if kwargs.get("ssl") is not None:
-        raise ValueError(
-            "start_server(ssl=...): the PROXY header comes before the TLS handshake; "
-            "terminate TLS at the balancer"
-        )
     loop = asyncio.get_running_loop()
 
     def stream_protocol() -> asyncio.StreamReaderProtocol:
         reader = asyncio.StreamReader(limit=limit, loop=loop)
         return asyncio.StreamReaderProtocol(reader, client_connected_cb, loop=loop)
 
-    factory = ProxyProtocolFactory(stream_protocol, policy, logger=logger)
+    factory = ProxyProtocolFactory(
+        stream_protocol,
+        policy,
+        ssl=ssl,
+        ssl_handshake_timeout=ssl_handshake_timeout,
+        logger=logger,
+    )
     server = await loop.create_server(factory, host, port, **kwargs)
-    server.proxy_factory = factory  # type: ignore[attr-defined]
+    # uvloop's Server takes no new attributes; there, use ProxyProtocolFactory directly.
+    with contextlib.suppress(AttributeError):
+        server.proxy_factory = factory  # type: ignore[attr-defined]
     return server

@@ -4,14 +4,19 @@
         --accept-proxy required --trusted 127.0.0.1/32
 
 uvicorn's own ``proxy_headers`` are off: the client address comes from the PROXY header of a
-trusted peer only. TLS is not terminated here; terminate it at the balancer.
+trusted peer only. TLS: terminate it at the balancer, or here after the header with
+``--ssl-certfile``/``--ssl-keyfile`` when the balancer passes TLS through.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import ssl
 import sys
+from typing import cast
 
+from l4lb.backend.asyncio import check_tls_policy
 from l4lb.trust.policy import Mode, PolicyError, ProxyPolicy
 
 __all__ = ["main", "parse_bind"]
@@ -29,6 +34,25 @@ def parse_bind(text: str) -> tuple[str, int]:
     if not port_text.isascii() or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"--bind {text!r}: the port must be a number from 0 to 65535")
     return host, int(port_text)
+
+
+def _ssl_context(certfile: str | None, keyfile: str | None) -> ssl.SSLContext | None:
+    """A server context for ``--ssl-certfile``/``--ssl-keyfile``; errors name the file."""
+    if certfile is None:
+        if keyfile is not None:
+            raise ValueError("--ssl-keyfile needs --ssl-certfile")
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.set_alpn_protocols(["http/1.1"])
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except FileNotFoundError as err:
+        raise ValueError(f"--ssl-certfile/--ssl-keyfile: no such file: {err.filename}") from None
+    except ssl.SSLError as err:
+        raise ValueError(
+            f"--ssl-certfile {certfile!r}: not a usable certificate and key ({err.reason or err})"
+        ) from None
+    return context
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,6 +85,12 @@ def _parser() -> argparse.ArgumentParser:
         "--http", default="auto", help="uvicorn HTTP implementation: auto, h11 or httptools"
     )
     parser.add_argument("--ws", default="auto", help="uvicorn WebSocket implementation")
+    parser.add_argument(
+        "--ssl-certfile",
+        metavar="PEM",
+        help="terminate TLS here, after the PROXY header (the balancer passes TLS through)",
+    )
+    parser.add_argument("--ssl-keyfile", metavar="PEM", help="the certificate's private key")
     parser.add_argument("--log-level", default="info", help="uvicorn log level")
     parser.add_argument("--no-access-log", action="store_true", help="disable the access log")
     parser.add_argument("--app-dir", default=".", help="directory added to sys.path for the app")
@@ -94,10 +124,17 @@ def main(argv: list[str]) -> int:
 
     from l4lb.backend.uvicorn import proxy_protocol_http
 
+    try:
+        context = _ssl_context(args.ssl_certfile, args.ssl_keyfile)
+        if context is not None:
+            check_tls_policy(policy)
+    except (OSError, ValueError) as err:
+        print(f"l4lb serve-asgi: {err}", file=sys.stderr)
+        return 2
     if args.app_dir and args.app_dir not in sys.path:
         sys.path.insert(0, args.app_dir)
     try:
-        http = proxy_protocol_http(policy=policy, http=args.http)
+        http = proxy_protocol_http(policy=policy, http=args.http, ssl=context)
     except Exception as err:  # uvicorn's import_from_string: an unknown --http name
         print(f"l4lb serve-asgi: --http {args.http!r}: {err}", file=sys.stderr)
         return 2
@@ -115,7 +152,7 @@ def main(argv: list[str]) -> int:
         app,
         host=host,
         port=port,
-        http=http,
+        http=cast("type[asyncio.Protocol]", http),  # a BufferedProtocol when TLS is ours
         ws=args.ws,
         proxy_headers=False,
         log_level=args.log_level,

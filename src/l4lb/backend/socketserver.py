@@ -11,8 +11,10 @@ address and ``proxy_destination`` the original destination.
 
 The header is read with ``MSG_PEEK`` and then exactly its length is consumed, so not one
 application byte is taken from the socket the handler's ``rfile`` reads; ``header_timeout`` is
-enforced with socket timeouts. Use a threading server (``ThreadingTCPServer``,
-``ThreadingHTTPServer``): a single-threaded one waits for each connection's header in turn.
+enforced with socket timeouts. With ``proxy_ssl_context`` set, TLS starts right after the
+header (in all three modes: nothing past the header has been read). Use a threading server
+(``ThreadingTCPServer``, ``ThreadingHTTPServer``): a single-threaded one waits for each
+connection's header in turn.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import contextlib
 import logging
 import select
 import socket
+import ssl
 import time
 from typing import Any, ClassVar
 
@@ -101,6 +104,30 @@ def _consume(sock: socket.socket, count: int) -> None:
         count -= len(chunk)
 
 
+def _tls_handshake(
+    sock: socket.socket,
+    context: ssl.SSLContext,
+    timeout: float,
+    decision: Decision,
+    logger: logging.Logger,
+) -> ssl.SSLSocket | None:
+    """TLS on a socket whose PROXY header has been consumed; None (logged) if it fails."""
+    previous = sock.gettimeout()
+    try:
+        sock.settimeout(timeout)
+        tls = context.wrap_socket(sock, server_side=True)
+        tls.settimeout(previous)
+        return tls
+    except OSError as err:  # SSLError, timeouts and resets are all OSErrors
+        logger.warning(
+            "TLS handshake with %s via %s failed: %s",
+            decision.client,
+            decision.upstream,
+            err or type(err).__name__,
+        )
+        return None
+
+
 class ProxyProtocolMixin:
     """Put before ``StreamRequestHandler`` (or ``BaseHTTPRequestHandler``) in the bases.
 
@@ -110,6 +137,8 @@ class ProxyProtocolMixin:
 
     proxy_policy: ClassVar[ProxyPolicy]
     proxy_logger: ClassVar[logging.Logger] = log
+    proxy_ssl_context: ClassVar[ssl.SSLContext | None] = None
+    """Set to terminate TLS here, after the header (the balancer passes TLS through)."""
 
     proxy_header: Any
     proxy_peer: Address
@@ -135,4 +164,14 @@ class ProxyProtocolMixin:
         self.proxy_header = decision.header
         self.proxy_peer = decision.upstream
         self.proxy_destination = decision.destination
-        super().__init__(request, decision.client, server)  # type: ignore[call-arg]
+        context = self.proxy_ssl_context
+        if context is None:
+            super().__init__(request, decision.client, server)  # type: ignore[call-arg]
+            return
+        tls = _tls_handshake(request, context, policy.header_timeout, decision, self.proxy_logger)
+        if tls is None:
+            return
+        try:
+            super().__init__(tls, decision.client, server)  # type: ignore[call-arg]
+        finally:
+            tls.close()

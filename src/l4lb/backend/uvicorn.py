@@ -12,20 +12,34 @@ transport to its WebSocket protocol), sees the real client and the original dest
 ``scope["extensions"]["proxy_protocol"]`` carries the header's version and TLVs.
 
 uvicorn's own ``proxy_headers`` (X-Forwarded-For) must be off behind this: the PROXY header
-already names the client, and a forwarded header from the client would override it.
+already names the client, and a forwarded header from the client would override it. uvicorn's
+own TLS settings must be off too (the header comes before the handshake): terminate TLS at the
+balancer, or pass ``ssl=`` here to terminate it after the header.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl as ssl_module
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from typing import Any
+from typing import Any, ClassVar, cast
 
-from l4lb.backend.asyncio import HeaderProtocol, ProxiedTransport, deliver, log
+from l4lb.backend.asyncio import (
+    ExactHeaderProtocol,
+    HeaderProtocol,
+    check_tls_policy,
+    hand_over,
+    log,
+)
 from l4lb.proxy_protocol import ParseOptions, ProxyHeader
 from l4lb.trust.policy import Decision, Mode, ProxyPolicy
 
-__all__ = ["proxy_extension", "proxy_protocol_http"]
+__all__ = [
+    "BufferedProxyProtocolHTTP",
+    "ProxyProtocolHTTP",
+    "proxy_extension",
+    "proxy_protocol_http",
+]
 
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Any, Any], Awaitable[None]]
@@ -112,6 +126,111 @@ def _resolve_http(http: str | type[asyncio.Protocol]) -> type[asyncio.Protocol]:
     return cls
 
 
+class _ProxyHTTP(asyncio.BaseProtocol):
+    """Reads the PROXY header, then becomes uvicorn's HTTP protocol for this connection.
+
+    Not used directly: :func:`proxy_protocol_http` makes a subclass with the policy set.
+    """
+
+    policy: ClassVar[ProxyPolicy]
+    http_protocol_class: ClassVar[type[asyncio.Protocol]]
+    ssl: ClassVar[ssl_module.SSLContext | None] = None
+    ssl_handshake_timeout: ClassVar[float | None] = None
+    warned: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        config: Any,
+        server_state: Any,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.config = config
+        self.server_state = server_state
+        self.app_state = app_state
+        self.loop = _loop
+        self.connections: set[Any] = server_state.connections
+        header_class = HeaderProtocol if self.ssl is None else ExactHeaderProtocol
+        self.header: HeaderProtocol | ExactHeaderProtocol = header_class(
+            self.policy, self._switch, self._reject, _loop
+        )
+        cls = type(self)
+        if not cls.warned:
+            cls.warned = True
+            if getattr(config, "proxy_headers", False):
+                log.warning(
+                    "uvicorn proxy_headers is on: X-Forwarded-For may override the client "
+                    "address of the PROXY header; pass proxy_headers=False"
+                )
+            if getattr(config, "is_ssl", False):
+                log.warning(
+                    "uvicorn's own TLS is on, but the PROXY header comes before the TLS "
+                    "handshake: give the SSLContext to proxy_protocol_http(ssl=...) instead"
+                )
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Counted as a connection (uvicorn's shutdown closes the ones still in their header).
+        self.connections.add(self)
+        self.header.connection_made(transport)
+
+    def eof_received(self) -> bool | None:
+        return self.header.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.connections.discard(self)
+        self.header.connection_lost(exc)
+
+    def shutdown(self) -> None:
+        self.header.shutdown()
+
+    def _reject(self, decision: Decision) -> None:
+        self.connections.discard(self)
+        log.warning("PROXY %s", decision.describe())
+
+    def _switch(
+        self, transport: asyncio.Transport, decision: Decision
+    ) -> asyncio.BaseProtocol | None:
+        self.connections.discard(self)
+        extension = proxy_extension(decision)
+
+        def make_protocol() -> asyncio.Protocol:
+            protocol = self.http_protocol_class(  # type: ignore[call-arg]
+                config=self.config,
+                server_state=self.server_state,
+                app_state=self.app_state,
+                _loop=self.loop,
+            )
+            _add_extension(protocol, extension)
+            return protocol
+
+        return hand_over(
+            transport,
+            decision,
+            make_protocol,
+            ssl=self.ssl,
+            ssl_handshake_timeout=self.ssl_handshake_timeout,
+            on_set_protocol=lambda new: _add_extension(new, extension),
+        )
+
+
+class ProxyProtocolHTTP(_ProxyHTTP, asyncio.Protocol):
+    """The header-reading protocol when TLS, if any, was terminated before us."""
+
+    def data_received(self, data: bytes) -> None:
+        cast(HeaderProtocol, self.header).data_received(data)
+
+
+class BufferedProxyProtocolHTTP(_ProxyHTTP, asyncio.BufferedProtocol):
+    """Reads never past the header, for TLS terminated here (not an ``asyncio.Protocol``:
+    uvloop would prefer ``data_received``)."""
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return cast(ExactHeaderProtocol, self.header).get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        cast(ExactHeaderProtocol, self.header).buffer_updated(nbytes)
+
+
 def proxy_protocol_http(
     mode: Mode | str = Mode.REQUIRED,
     trusted: Iterable[str] = (),
@@ -120,11 +239,17 @@ def proxy_protocol_http(
     *,
     options: ParseOptions | None = None,
     policy: ProxyPolicy | None = None,
-) -> type[asyncio.Protocol]:
+    ssl: ssl_module.SSLContext | None = None,
+    ssl_handshake_timeout: float | None = None,
+) -> type[asyncio.BaseProtocol]:
     """A uvicorn HTTP protocol class that reads a PROXY header first (see the module docstring).
 
     Pass either ``mode``/``trusted``/``header_timeout`` or a ready ``policy``. Bad CIDRs or modes
     raise :class:`~l4lb.trust.policy.PolicyError` here, before the server starts.
+
+    ``ssl``: terminate TLS here, after the header, when the balancer passes the client's TLS
+    through (HAProxy ``mode tcp`` + ``send-proxy``); do not also give uvicorn ``ssl_*``
+    settings. ``scope["scheme"]`` is then ``https``. Needs mode ``required`` or ``off``.
     """
     if policy is None:
         policy = ProxyPolicy(
@@ -133,80 +258,19 @@ def proxy_protocol_http(
             header_timeout=header_timeout,
             options=options or ParseOptions(),
         )
+    if ssl is not None:
+        check_tls_policy(policy)
     inner = _resolve_http(http)
-    chosen = policy
-
-    class ProxyProtocolHTTP(asyncio.Protocol):
-        """Reads the PROXY header, then becomes uvicorn's HTTP protocol for this connection."""
-
-        policy = chosen
-        http_protocol_class = inner
-        warned = False
-
-        def __init__(
-            self,
-            config: Any,
-            server_state: Any,
-            app_state: dict[str, Any],
-            _loop: asyncio.AbstractEventLoop | None = None,
-        ) -> None:
-            self.config = config
-            self.server_state = server_state
-            self.app_state = app_state
-            self.loop = _loop
-            self.connections: set[Any] = server_state.connections
-            self.header = HeaderProtocol(chosen, self._switch, self._reject, _loop)
-            if not ProxyProtocolHTTP.warned:
-                ProxyProtocolHTTP.warned = True
-                if getattr(config, "proxy_headers", False):
-                    log.warning(
-                        "uvicorn proxy_headers is on: X-Forwarded-For may override the client "
-                        "address of the PROXY header; pass proxy_headers=False"
-                    )
-                if getattr(config, "is_ssl", False):
-                    log.warning(
-                        "uvicorn TLS is on, but the PROXY header comes before the TLS handshake: "
-                        "terminate TLS at the balancer instead"
-                    )
-
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            # Counted as a connection (uvicorn's shutdown closes the ones still in their header).
-            self.connections.add(self)
-            self.header.connection_made(transport)
-
-        def data_received(self, data: bytes) -> None:
-            self.header.data_received(data)
-
-        def eof_received(self) -> bool | None:
-            return self.header.eof_received()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self.connections.discard(self)
-            self.header.connection_lost(exc)
-
-        def shutdown(self) -> None:
-            self.header.shutdown()
-
-        def _reject(self, decision: Decision) -> None:
-            self.connections.discard(self)
-            log.warning("PROXY %s", decision.describe())
-
-        def _switch(self, transport: asyncio.Transport, decision: Decision) -> None:
-            self.connections.discard(self)
-            extension = proxy_extension(decision)
-            protocol = inner(  # type: ignore[call-arg]
-                config=self.config,
-                server_state=self.server_state,
-                app_state=self.app_state,
-                _loop=self.loop,
-            )
-            _add_extension(protocol, extension)
-            proxied = ProxiedTransport(
-                transport, decision, lambda new: _add_extension(new, extension)
-            )
-            transport.set_protocol(protocol)
-            protocol.connection_made(proxied)
-            deliver(protocol, decision.trailing)
-
-    ProxyProtocolHTTP.__qualname__ = f"ProxyProtocolHTTP[{inner.__name__}]"
-    return ProxyProtocolHTTP
+    parent: type[_ProxyHTTP] = ProxyProtocolHTTP if ssl is None else BufferedProxyProtocolHTTP
+    cls: type[_ProxyHTTP] = type(
+        f"ProxyProtocolHTTP[{inner.__name__}]",
+        (parent,),
+        {
+            "policy": policy,
+            "http_protocol_class": inner,
+            "ssl": ssl,
+            "ssl_handshake_timeout": ssl_handshake_timeout,
+            "warned": False,
+        },
+    )
+    return cls
