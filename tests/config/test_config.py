@@ -258,3 +258,11 @@ def test_check_command(tmp_path: Path) -> None:
         [sys.executable, "-m", "l4lb", "check"], capture_output=True, text=True, timeout=60
     )
     assert usage.returncode == 2
+
+
+def test_references_reported_alongside_key_errors() -> None:
+    text = _with("workers = 0").replace('pool = "web"', 'pool = "wbe"', 1)
+    with pytest.raises(ConfigError) as info:
+        parse_config(text)
+    paths = {i.path for i in info.value.issues}
+    assert {"workers", "listeners[0].pool"} <= paths

@@ -71,7 +71,7 @@ def parse_config(
     issues: list[ConfigIssue] = []
     _walk(raw, schema.Config, "", issues)
     if issues:
-        raise ConfigError(source, issues)
+        raise ConfigError(source, issues + _raw_cross_checks(raw))
     config = msgspec.convert(raw, schema.Config)
     config = _resolve_paths(config, base_dir)
     issues += _cross_checks(config)
@@ -256,6 +256,39 @@ def _resolve_paths(config: schema.Config, base_dir: Path | None) -> schema.Confi
     if log.access not in ("stdout", "off"):
         log = msgspec.structs.replace(log, access=resolve(log.access))
     return msgspec.structs.replace(config, listeners=listeners, log=log)
+
+
+def _raw_cross_checks(raw: dict[str, Any]) -> list[ConfigIssue]:
+    """The references between tables, checked on a document that has other errors too.
+
+    So one run of ``l4lb check`` also reports a listener naming a missing pool, or two
+    listeners with one name, next to the per-key errors.
+    """
+    issues: list[ConfigIssue] = []
+    pools = raw.get("pools")
+    listeners = raw.get("listeners")
+    if not isinstance(pools, dict) or not isinstance(listeners, list):
+        return issues
+    names: dict[str, int] = {}
+    for i, lst in enumerate(listeners):
+        if not isinstance(lst, dict):
+            continue
+        name, pool = lst.get("name"), lst.get("pool")
+        if isinstance(name, str):
+            if name in names:
+                issues.append(
+                    ConfigIssue(
+                        f"listeners[{i}].name",
+                        f"duplicate name {name!r} (also listeners[{names[name]}])",
+                    )
+                )
+            names.setdefault(name, i)
+        if isinstance(pool, str) and pool not in pools:
+            valid = ", ".join(repr(p) for p in sorted(pools)) or "none are defined"
+            issues.append(
+                ConfigIssue(f"listeners[{i}].pool", f"no pool {pool!r}; defined pools: {valid}")
+            )
+    return issues
 
 
 def _cross_checks(config: schema.Config) -> list[ConfigIssue]:
