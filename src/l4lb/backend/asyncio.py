@@ -253,7 +253,7 @@ async def _start_tls(
             server_side=True,
             ssl_handshake_timeout=ssl_handshake_timeout,
         )
-    except OSError as err:  # SSLError, ConnectionError and TimeoutError are OSErrors
+    except Exception as err:  # SSLError, resets, the handshake timeout: all end the same way
         logger.warning(
             "TLS handshake with %s via %s failed: %s",
             _fmt(decision.client),
