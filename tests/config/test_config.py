@@ -248,6 +248,7 @@ def test_check_command(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     assert str(bad) in result.stderr
     assert "workers: invalid value 0" in result.stderr
+    assert "Expected `int` >= 1 (line 1)" in result.stderr  # the file line of the key
     assert "pools.web.balance: invalid value 'rr'" in result.stderr
 
     result = _check(tmp_path / "missing.toml")
@@ -266,3 +267,15 @@ def test_references_reported_alongside_key_errors() -> None:
         parse_config(text)
     paths = {i.path for i in info.value.issues}
     assert {"workers", "listeners[0].pool"} <= paths
+
+
+def test_issues_carry_file_lines() -> None:
+    text = FULL.replace('balance = "maglev"', 'balance = "rr"').replace("rise = 2", "rise = 0")
+    text = text.replace('bind = "[::1]:8443"', 'bind = "nowhere"')
+    with pytest.raises(ConfigError) as info:
+        parse_config(text)
+    lines = text.splitlines()
+    for issue in info.value.issues:
+        assert issue.line is not None, issue
+        key = issue.path.rpartition(".")[2]
+        assert lines[issue.line - 1].startswith(key), (issue, lines[issue.line - 1])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import tomllib
 import types
 import typing
@@ -27,13 +28,18 @@ __all__ = ["ConfigError", "ConfigIssue", "load_config", "parse_config"]
 
 @dataclass(frozen=True, slots=True)
 class ConfigIssue:
-    """One problem: the key path (``listeners[0].bind``, empty for the whole file) and a message."""
+    """One problem: the key path (``listeners[0].bind``, empty for the whole file) and a message.
+
+    ``line`` is where the key (or its table) is in the file, when it could be found.
+    """
 
     path: str
     message: str
+    line: int | None = None
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.message}" if self.path else self.message
+        text = f"{self.path}: {self.message}" if self.path else self.message
+        return text if self.line is None else f"{text} (line {self.line})"
 
 
 class ConfigError(Exception):
@@ -71,13 +77,70 @@ def parse_config(
     issues: list[ConfigIssue] = []
     _walk(raw, schema.Config, "", issues)
     if issues:
-        raise ConfigError(source, issues + _raw_cross_checks(raw))
+        raise ConfigError(source, _with_lines(text, issues + _raw_cross_checks(raw)))
     config = msgspec.convert(raw, schema.Config)
     config = _resolve_paths(config, base_dir)
     issues += _cross_checks(config)
     if issues:
-        raise ConfigError(source, issues)
+        raise ConfigError(source, _with_lines(text, issues))
     return config
+
+
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(?:#.*)?$")
+_PATH_TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def _with_lines(text: str, issues: list[ConfigIssue]) -> list[ConfigIssue]:
+    """Add the file line of each issue's key (or of its table) where it can be found."""
+    lines = text.splitlines()
+    headers: list[tuple[int, bool, str]] = []  # (0-based line, is array of tables, name)
+    for n, line in enumerate(lines):
+        m = _HEADER.match(line)
+        if m:
+            name = ".".join(part.strip().strip("\"'") for part in m.group(2).split("."))
+            headers.append((n, m.group(1) == "[[", name))
+    return [
+        ConfigIssue(i.path, i.message, _locate(lines, headers, i.path)) if i.path else i
+        for i in issues
+    ]
+
+
+def _locate(lines: list[str], headers: list[tuple[int, bool, str]], path: str) -> int | None:
+    tokens: list[str | int] = [
+        int(index) if index else name for name, index in _PATH_TOKEN.findall(path)
+    ]
+    for cut in range(len(tokens), -1, -1):
+        start = _table_start(headers, tokens[:cut])
+        if start is None:
+            continue
+        rest = tokens[cut:]
+        if not rest or isinstance(rest[0], int):
+            return start + 1 if cut else None
+        end = next((h for h, _, _ in headers if h > start), len(lines))
+        key = re.compile(rf"^\s*[\"']?{re.escape(rest[0])}[\"']?\s*=")
+        first = start + 1 if cut else 0
+        for n in range(first, end):
+            if key.match(lines[n]):
+                return n + 1
+        return start + 1 if cut else None
+    return None
+
+
+def _table_start(headers: list[tuple[int, bool, str]], prefix: list[str | int]) -> int | None:
+    """The 0-based line of the header for this path prefix (-1 for the top level), or None."""
+    if not prefix:
+        return -1
+    if isinstance(prefix[-1], int):
+        name = ".".join(str(t) for t in prefix[:-1])
+        found = [h for h, is_array, hname in headers if is_array and hname == name]
+        return found[prefix[-1]] if prefix[-1] < len(found) else None
+    if any(isinstance(t, int) for t in prefix):
+        return None
+    name = ".".join(str(t) for t in prefix)
+    for h, is_array, hname in headers:
+        if not is_array and hname == name:
+            return h
+    return None
 
 
 def _join(path: str, key: str) -> str:
