@@ -252,3 +252,17 @@ def test_pool_reuses_empty_pipes_and_caps_spares() -> None:
         os.fstat(b[0])
     pool.give(a)
     pool.clear()
+
+
+def test_bytes_sent_before_a_reset_are_delivered_first() -> None:
+    with rig() as r:
+        r.backend.sendall(b"last answer")
+        r.backend.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        r.backend.close()
+        got = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := r.client.recv(100):
+                got += chunk
+        assert got == b"last answer"
+        assert r.conn.done.wait(5)
+        assert r.conn.reasons == ["reset"]

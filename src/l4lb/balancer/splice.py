@@ -1,20 +1,26 @@
 """Zero-copy relay: bytes go socket -> pipe -> socket with ``os.splice`` and never enter Python.
 
-For connections whose bytes need no inspection (``relay = "splice"``). Each direction is driven
-by ``loop.add_reader``/``add_writer`` on the raw non-blocking sockets and keeps the relay rules of
-the stream relay:
+For connections whose bytes need no inspection (``relay = "splice"``). It keeps the relay rules
+of the stream relay:
 
 - **Half-close**: a FIN from one side becomes ``shutdown(SHUT_WR)`` on the other once everything
   before it has been delivered; the other direction keeps flowing until it ends too.
 - **Reset**: an error from either socket resets and closes both at once (reason ``reset``).
-- **Backpressure**: a direction splices at most one pipe's worth, then pushes it on; if the
-  destination would block, it stops watching the source and watches the destination instead until
-  the pipe is empty. Memory is bounded by one pipe per direction, in the kernel.
+- **Backpressure**: a direction splices at most one pipe's worth, then pushes it on; while the
+  destination would block it reads nothing more, so memory is bounded by one pipe per direction,
+  in the kernel.
 - **Idle timeout**: one timer per connection, re-armed lazily from the time of the last progress.
 
 Pipes come from a process-wide pool and go back as soon as they are empty, so an idle connection
 holds no pipe (HAProxy does the same): four descriptors only while bytes are in flight, not per
 connection. A pipe that still holds bytes when its connection dies is closed, never reused.
+
+Readiness comes from one edge-triggered epoll set per event loop (:class:`_Poller`), itself
+watched by the loop with a single ``add_reader``. Each socket is added once, for input and output,
+and never modified: an edge-triggered direction simply moves bytes until the kernel says
+``EAGAIN``, and closing a socket removes it from the set. This costs two ``epoll_ctl`` calls per
+connection, where ``add_reader``/``remove_reader`` on uvloop cost about five system calls per
+change (libuv's checks, ``FIONBIO`` and io_uring submissions), measured with ``strace -c``.
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ import contextlib
 import errno
 import fcntl
 import os
+import select
 import socket
 import struct
+import weakref
 from typing import Protocol
 
 __all__ = ["PIPE_SIZE", "PipePool", "SpliceRelay", "available", "start_splice_relay"]
@@ -37,6 +45,12 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _splice = getattr(os, "splice", None)
 _LINGER_RST = struct.pack("ii", 1, 0)
+_EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+_IN = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP
+_OUT = select.EPOLLOUT | select.EPOLLHUP
+_ERR = select.EPOLLERR
+_BUDGET = 16
+"""Pipes' worth one direction moves per wake-up before letting other connections run."""
 """SO_LINGER on, 0 seconds: close() sends a RST instead of a FIN."""
 
 
@@ -95,104 +109,141 @@ class Connection(Protocol):
     def relay_closed(self, reason: str) -> None: ...
 
 
+class _Poller:
+    """One edge-triggered epoll set for every splice relay of an event loop."""
+
+    __slots__ = ("__weakref__", "ep", "fds", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.ep = select.epoll()
+        self.fds: dict[int, SpliceRelay] = {}
+        loop.add_reader(self.ep.fileno(), self._dispatch)
+
+    def register(self, fd: int, relay: SpliceRelay) -> None:
+        self.fds[fd] = relay
+        self.ep.register(fd, _EVENTS)
+
+    def _dispatch(self) -> None:
+        fds = self.fds
+        for fd, events in self.ep.poll(0):
+            relay = fds.get(fd)
+            if relay is not None:
+                relay.event(fd, events)
+
+
+_POLLERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Poller] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _poller(loop: asyncio.AbstractEventLoop) -> _Poller:
+    poller = _POLLERS.get(loop)
+    if poller is None:
+        poller = _POLLERS[loop] = _Poller(loop)
+    return poller
+
+
 class _Direction:
     """One way through the relay: ``src`` -> pipe -> ``dst``."""
 
-    __slots__ = ("dst", "dst_fd", "eof", "pending", "pipe", "relay", "src", "src_fd", "to_client")
+    __slots__ = ("dst", "dst_fd", "eof", "head", "pending", "pipe", "relay", "src_fd", "to_client")
 
     def __init__(
         self, relay: SpliceRelay, src: socket.socket, dst: socket.socket, to_client: bool
     ) -> None:
         self.relay = relay
-        self.src = src
-        self.dst = dst
         self.src_fd = src.fileno()
+        self.dst = dst
         self.dst_fd = dst.fileno()
         self.to_client = to_client
+        self.head = b""
+        """Bytes to send before any spliced byte (the PROXY header's unsent rest)."""
         self.pipe: tuple[int, int] | None = None
         self.pending = 0
-        """Bytes in the pipe not yet delivered; while > 0 the source is not watched."""
+        """Bytes in the pipe not yet delivered; while > 0 nothing more is read from ``src``."""
         self.eof = False
 
-    def readable(self) -> None:
-        if self.relay.closed:
+    def pump(self) -> None:
+        """Move bytes until the source is drained, the destination is full, or the budget ends.
+
+        Edge-triggered: stopping early without ``EAGAIN`` would wait for an edge that may never
+        come, so the budget's end schedules the rest with ``call_soon``.
+        """
+        relay = self.relay
+        if self.head and not self._send_head():
             return
-        pipe = self.pipe
-        if pipe is None:
-            pipe = self.pipe = self.relay.pool.take()
+        budget = _BUDGET
+        while True:
+            pipe = self.pipe
+            if self.pending:
+                assert pipe is not None
+                try:
+                    m = _splice(pipe[0], self.dst_fd, self.pending, flags=_FLAGS)  # type: ignore[misc]
+                except BlockingIOError:
+                    return  # the destination's EPOLLOUT edge resumes us
+                except OSError as err:
+                    relay.failed(err)
+                    return
+                self.pending -= m
+                relay.progress(m, self.to_client)
+                continue
+            if self.eof:
+                return
+            budget -= 1
+            if budget < 0:
+                relay.loop.call_soon(self.resume)
+                return
+            if pipe is None:
+                pipe = self.pipe = relay.pool.take()
+            try:
+                n = _splice(self.src_fd, pipe[1], relay.pool.size, flags=_FLAGS)  # type: ignore[misc]
+            except BlockingIOError:
+                self.pipe = None
+                relay.pool.give(pipe)
+                return
+            except OSError as err:
+                relay.failed(err)
+                return
+            if n == 0:
+                self.pipe = None
+                relay.pool.give(pipe)
+                self._ended()
+                return
+            self.pending = n
+
+    def resume(self) -> None:
+        if not self.relay.closed:
+            self.pump()
+
+    def _send_head(self) -> bool:
+        """Send what is left of ``head``; True once all of it is out."""
         try:
-            n = _splice(self.src_fd, pipe[1], PIPE_SIZE, flags=_FLAGS)  # type: ignore[misc]
+            sent = self.dst.send(self.head)
         except BlockingIOError:
-            return
+            return False
         except OSError as err:
             self.relay.failed(err)
-            return
-        if n == 0:
-            self._ended()
-            return
-        self.pending = n
-        self._push(True)
-
-    def writable(self) -> None:
-        if not self.relay.closed:
-            self._push(False)
-
-    def _push(self, watching_src: bool) -> None:
-        """Move the pipe's bytes to ``dst``; swap which socket is watched when it would block."""
-        pipe = self.pipe
-        assert pipe is not None
-        relay = self.relay
-        try:
-            m = _splice(pipe[0], self.dst_fd, self.pending, flags=_FLAGS)  # type: ignore[misc]
-        except BlockingIOError:
-            m = 0
-        except OSError as err:
-            relay.failed(err)
-            return
-        if m:
-            self.pending -= m
-            relay.progress(m, self.to_client)
-        loop = relay.loop
-        if self.pending:
-            if watching_src:
-                loop.remove_reader(self.src_fd)
-                loop.add_writer(self.dst_fd, self.writable)
-            return
-        self.pipe = None
-        relay.pool.give(pipe)
-        if not watching_src:
-            loop.remove_writer(self.dst_fd)
-            if self.eof:
-                self._shutdown_dst()
-            else:
-                loop.add_reader(self.src_fd, self.readable)
+            return False
+        self.head = self.head[sent:]
+        return not self.head
 
     def _ended(self) -> None:
-        """``src`` sent FIN (the pipe is empty: we only read into an empty pipe)."""
-        relay = self.relay
-        relay.loop.remove_reader(self.src_fd)
-        if self.pipe is not None:
-            relay.pool.give(self.pipe)
-            self.pipe = None
+        """``src`` sent FIN and everything before it is delivered: pass the FIN on."""
         self.eof = True
-        self._shutdown_dst()
-
-    def _shutdown_dst(self) -> None:
         # if the other side is already gone, its own read or write will say so
         with contextlib.suppress(OSError):
             self.dst.shutdown(socket.SHUT_WR)
         self.relay.half_closed(self.to_client)
 
     def stop(self) -> None:
-        loop = self.relay.loop
-        loop.remove_reader(self.src_fd)
-        loop.remove_writer(self.dst_fd)
         if self.pipe is not None:
             if self.pending:
                 self.relay.pool.discard(self.pipe)
             else:
                 self.relay.pool.give(self.pipe)
             self.pipe = None
+            self.pending = 0
 
 
 class SpliceRelay:
@@ -206,17 +257,18 @@ class SpliceRelay:
     __slots__ = (
         "backend",
         "client",
+        "client_fd",
         "closed",
         "conn",
         "first_reason",
         "idle_timeout",
         "last",
         "loop",
+        "poller",
         "pool",
         "timer",
         "to_backend",
         "to_client",
-        "unsent",
     )
 
     def __init__(
@@ -231,12 +283,13 @@ class SpliceRelay:
         self.loop = loop
         self.client = client
         self.backend = backend
+        self.client_fd = client.fileno()
         self.conn = conn
         self.pool = pool
+        self.poller = _poller(loop)
         self.idle_timeout = idle_timeout
         self.to_backend = _Direction(self, client, backend, to_client=False)
         self.to_client = _Direction(self, backend, client, to_client=True)
-        self.unsent = b""
         self.first_reason: str | None = None
         self.closed = False
         self.last = 0.0
@@ -244,37 +297,42 @@ class SpliceRelay:
 
     def start(self, first: bytes = b"") -> None:
         """Send ``first`` (PROXY header + early client bytes) in one write, then relay."""
-        loop = self.loop
         if first:
-            try:
-                sent = self.backend.send(first)
-            except BlockingIOError:
-                sent = 0
-            except OSError as err:
-                self.failed(err)
+            self.to_backend.head = first
+            self.to_backend._send_head()
+            if self.closed:
                 return
-            if sent < len(first):
-                self.unsent = first[sent:]
-                loop.add_writer(self.backend.fileno(), self._send_first)
-        if not self.unsent:
-            loop.add_reader(self.client.fileno(), self.to_backend.readable)
-        loop.add_reader(self.backend.fileno(), self.to_client.readable)
+        poller = self.poller
+        # registering reports what is already pending (edge-triggered sets start "ready")
+        poller.register(self.client_fd, self)
+        poller.register(self.to_client.src_fd, self)
         if self.idle_timeout:
-            self.last = loop.time()
-            self.timer = loop.call_at(self.last + self.idle_timeout, self._check_idle)
+            self.last = self.loop.time()
+            self.timer = self.loop.call_at(self.last + self.idle_timeout, self._check_idle)
 
-    def _send_first(self) -> None:
-        try:
-            sent = self.backend.send(self.unsent)
-        except BlockingIOError:
+    def event(self, fd: int, events: int) -> None:
+        """Readiness of one of our sockets, from the poller."""
+        if self.closed:
             return
-        except OSError as err:
-            self.failed(err)
+        if fd == self.client_fd:
+            reader, writer = self.to_backend, self.to_client
+        else:
+            reader, writer = self.to_client, self.to_backend
+        if events & _ERR:
+            # a reset: deliver what arrived before it (the read then meets the error itself)
+            if not reader.pending and not reader.eof:
+                reader.pump()
+            if not self.closed:
+                sock = self.client if fd == self.client_fd else self.backend
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNRESET
+                self.failed(OSError(code, os.strerror(code)))
             return
-        self.unsent = self.unsent[sent:]
-        if not self.unsent:
-            self.loop.remove_writer(self.backend.fileno())
-            self.loop.add_reader(self.client.fileno(), self.to_backend.readable)
+        if events & _OUT and (writer.pending or writer.head):
+            writer.pump()
+            if self.closed:
+                return
+        if events & _IN and not reader.pending:
+            reader.pump()
 
     def progress(self, n: int, to_client: bool) -> None:
         if to_client:
@@ -292,7 +350,7 @@ class SpliceRelay:
             self.close(self.first_reason)
 
     def failed(self, err: OSError) -> None:
-        """A socket error (reset, broken pipe): close both sides now."""
+        """A socket error (reset, broken pipe): reset and close both sides now."""
         # like the stream relay: the other side is reset too, not given a clean FIN
         for sock in (self.client, self.backend):
             with contextlib.suppress(OSError):
@@ -319,11 +377,12 @@ class SpliceRelay:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        if self.unsent:
-            self.loop.remove_writer(self.backend.fileno())
-            self.unsent = b""
+        fds = self.poller.fds
+        fds.pop(self.client_fd, None)
+        fds.pop(self.to_client.src_fd, None)
         self.to_backend.stop()
         self.to_client.stop()
+        # closing removes them from the epoll set
         self.client.close()
         self.backend.close()
         self.conn.relay_closed(reason)
@@ -337,9 +396,15 @@ def start_splice_relay(
     conn: Connection,
     idle_timeout: float | None = None,
 ) -> SpliceRelay:
-    """Relay ``client_sock`` <-> ``backend_sock`` by splice; same shape as the stream relay."""
-    client_sock.setblocking(False)
-    backend_sock.setblocking(False)
+    """Relay ``client_sock`` <-> ``backend_sock`` by splice; same shape as the stream relay.
+
+    Edge-triggered reads go on until ``EAGAIN``, so both sockets must be non-blocking; the
+    listener and the connector already make them so, which ``gettimeout()`` tells without a
+    system call.
+    """
+    for sock in (client_sock, backend_sock):
+        if sock.gettimeout() != 0.0:
+            sock.setblocking(False)
     relay = SpliceRelay(loop, client_sock, backend_sock, conn, idle_timeout)
     relay.start(first)
     return relay
