@@ -10,7 +10,8 @@ or directly (same thing, from Python)::
     python examples/asgi_ratelimit.py --bind 127.0.0.1:8000 --trusted 127.0.0.1/32
 
 Put HAProxy (``server app 127.0.0.1:8000 send-proxy-v2``), nginx (``proxy_protocol on;``) or
-``l4lb run`` in front. Each client gets ``RATE`` requests a second with bursts of ``BURST``;
+``l4lb run`` in front, or let curl play the balancer: ``curl --haproxy-protocol
+http://127.0.0.1:8000/``. Each client gets ``RATE`` requests a second with bursts of ``BURST``;
 over that it gets ``429 Too Many Requests``. Without the PROXY header every request would seem to
 come from the balancer and share one budget; with it, each real client has its own.
 """

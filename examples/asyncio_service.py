@@ -4,9 +4,12 @@ Run it (the balancer connects from 127.0.0.1 and must send a PROXY header)::
 
     python examples/asyncio_service.py --bind 127.0.0.1:9000 --trusted 127.0.0.1/32
 
-Try it without a balancer by sending a header yourself::
+Try it without a balancer by sending a header yourself (bash)::
 
-    printf 'PROXY TCP4 192.0.2.7 127.0.0.1 5555 9000\\r\\nhello\\n' | nc -q1 127.0.0.1 9000
+    exec 3<>/dev/tcp/127.0.0.1/9000
+    printf 'PROXY TCP4 192.0.2.7 127.0.0.1 5555 9000\\r\\nhello\\n' >&3; head -2 <&3
+
+which prints ``220 hello 192.0.2.7:5555`` and ``echo hello``.
 
 It speaks first (like SMTP or FTP): the greeting goes out only once the header has been read and
 accepted, and names the real client; then every line is echoed.

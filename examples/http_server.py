@@ -4,12 +4,12 @@ Run it::
 
     python examples/http_server.py --bind 127.0.0.1:8080 --trusted 127.0.0.1/32
 
-and put a balancer that sends the PROXY header in front, or send one yourself::
+and put a balancer that sends the PROXY header in front, or let curl send one (naming itself)::
 
-    printf 'PROXY TCP4 192.0.2.7 127.0.0.1 5555 8080\\r\\nGET / HTTP/1.0\\r\\n\\r\\n' \\
-        | nc -q1 127.0.0.1 8080
+    curl --haproxy-protocol http://127.0.0.1:8080/
 
-The log line reads ``192.0.2.7 - - [...] "GET / HTTP/1.0" 200 -``: the client, not the balancer.
+A log line reads ``127.0.0.1 - - [...] "GET / HTTP/1.1" 200 -`` with the address the header
+gave: behind HAProxy or nginx, the client's, not the balancer's.
 """
 
 from __future__ import annotations
