@@ -71,7 +71,6 @@ class Connection:
         "timer",
         "tried",
         "unique_id",
-        "wall_started",
     )
 
     def __init__(
@@ -90,7 +89,6 @@ class Connection:
         """The admission that let it in (a reload may give the listener a new one)."""
         self.started = time.monotonic()
         self.idle_since = self.loop.time()
-        self.wall_started = time.time()
         self.backend: Backend | None = None
         self.backend_sock: socket.socket | None = None
         self.tried: tuple[Backend, ...] = ()
