@@ -12,11 +12,13 @@ import json
 import random
 import signal
 import socket
+import subprocess
 import threading
 from pathlib import Path
 
-from tests.observe.live import Ports, Running, eventually, l4lb_run
+from tests.observe.live import L4LB, Ports, Running, eventually, http, l4lb_run
 from tests.support.echo_backend import EchoBackend, echo_through
+from tests.support.peers import stop_process
 
 TOKEN = "s3cret-token"
 
@@ -211,5 +213,37 @@ def test_admin_state_changes_need_the_token(tmp_path: Path) -> None:
             assert lb.get("/reload")[0] == 405
             assert "event=backend_state pool=web backend=" + b.address in lb.log_text()
     finally:
+        a.stop()
+        b.stop()
+
+
+def test_admin_bind_failure_is_logged_and_a_reload_moves_it(tmp_path: Path) -> None:
+    """A taken admin port is logged, traffic still flows; a reload to a free port brings it up."""
+    a, b = EchoBackend("a").start(), EchoBackend("b").start()
+    ports = Ports()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", ports["admin"]))
+    taken.listen()
+    cfg = config(ports, False, a.address, b.address, 1)
+    path = tmp_path / "l4lb.toml"
+    path.write_text(cfg)
+    log = tmp_path / "l4lb.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([L4LB, "run", "--config", str(path)], stdout=out, stderr=out)
+    try:
+        eventually(lambda: "event=admin_bind_failed" in log.read_text(), what="bind error logged")
+        assert f"bind=127.0.0.1:{ports['admin']}" in log.read_text()
+        assert echo_through("127.0.0.1", ports["front"], b"still serving")[1] == b"still serving"
+        moved = Ports()
+        path.write_text(cfg.replace(str(ports["admin"]), str(moved["admin"])))
+        proc.send_signal(signal.SIGHUP)
+        eventually(lambda: f"url=http://127.0.0.1:{moved['admin']}/" in log.read_text())
+        code, body = http(f"http://127.0.0.1:{moved['admin']}/status")
+        assert code == 200 and json.loads(body)["reloads"] == 1
+        code, _ = http(f"http://127.0.0.1:{moved['admin']}/status", "HEAD")
+        assert code == 200
+    finally:
+        stop_process(proc)
+        taken.close()
         a.stop()
         b.stop()
