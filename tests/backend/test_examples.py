@@ -65,6 +65,13 @@ def test_asyncio_service_example(tmp_path: Path) -> None:
         with connect_from("127.0.0.9", "127.0.0.1", port) as s:
             s.sendall(b"PROXY TCP4 192.0.2.7 127.0.0.1 5555 9000\r\nhello\n")
             assert closed_by_peer(s)
+        # The docstring's bash recipe, as written.
+        recipe = (
+            f"exec 3<>/dev/tcp/127.0.0.1/{port}\n"
+            "printf 'PROXY TCP4 192.0.2.7 127.0.0.1 5555 9000\\r\\nhello\\n' >&3; head -2 <&3"
+        )
+        out = subprocess.run(["bash", "-c", recipe], capture_output=True, text=True, timeout=20)
+        assert out.stdout.splitlines() == ["220 hello 192.0.2.7:5555", "echo hello"]
     finally:
         stop_process(proc)
     log = (tmp_path / "example.log").read_text()
@@ -81,6 +88,14 @@ def test_http_server_example(tmp_path: Path) -> None:
             s.sendall(b"PROXY TCP4 192.0.2.7 127.0.0.1 5555 8080\r\n")
             info = http_get(s)
             assert info["client"] == ["192.0.2.7", 5555] and info["version"] == 1
+        # The docstring's curl, which sends a v1 header naming its own address.
+        out = subprocess.run(
+            ["curl", "-s", "--max-time", "10", "--haproxy-protocol", f"http://127.0.0.1:{port}/"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        assert '"version": 1' in out.stdout and '"client": ["127.0.0.1"' in out.stdout
     finally:
         stop_process(proc)
     log = (tmp_path / "example.log").read_text()
