@@ -18,7 +18,7 @@ def frontend(port: int) -> str:
 frontend fe
     bind 127.0.0.1:{port} accept-proxy
     mode http
-    log-format "client=%ci:%cp frontend=%fi:%fp"
+    log-format "client=%ci:%cp frontend=%fi:%fp uid=%[fc_pp_unique_id]"
     http-request return status 200 content-type text/plain lf-string "src=%[src]:%[src_port]\\n"
 """
 
@@ -36,17 +36,22 @@ def get(port: int, source: str) -> tuple[int, bytes]:
     return sport, data
 
 
-@pytest.mark.parametrize("version", ["v1", "v2"])
-def test_haproxy_sees_each_client(tmp_path: Path, version: str) -> None:
+@pytest.mark.parametrize(
+    ("version", "tlvs"),
+    [("v1", []), ("v2", []), ("v2", ["unique_id", "crc32c", "noop"])],
+)
+def test_haproxy_sees_each_client(tmp_path: Path, version: str, tlvs: list[str]) -> None:
     hport, lport = free_port(), free_port()
     hdir = tmp_path / "haproxy"
     with haproxy(hdir, frontend(hport), wait=[("127.0.0.1", hport)]):
         log = hdir / "haproxy.log"
         before = log.read_text().count("client=")
         text = config_text(
-            f"127.0.0.1:{lport}", [f"127.0.0.1:{hport}"], pool={"send_proxy": version}
+            f"127.0.0.1:{lport}",
+            [f"127.0.0.1:{hport}"],
+            pool={"send_proxy": version, "proxy_tlvs": tlvs},
         )
-        with l4lb(tmp_path / "lb", text):
+        with l4lb(tmp_path / "lb", text) as lb:
             seen = []
             for i in range(3):
                 source = f"127.0.0.{21 + i}"
@@ -56,4 +61,10 @@ def test_haproxy_sees_each_client(tmp_path: Path, version: str) -> None:
                 seen.append(f"client={source}:{sport} frontend=127.0.0.1:{lport}")
             assert wait_for(lambda: log.read_text().count("client=") >= before + 3)
             lines = [ln for ln in log.read_text().splitlines() if "client=" in ln]
-            assert lines[before:] == seen
+            assert [ln.partition(" uid=")[0] for ln in lines[before:]] == seen
+            # HAProxy checked the CRC32C and saw the same unique id as our access log
+            uids = [ln.partition(" uid=")[2] for ln in lines[before:]]
+            if "unique_id" in tlvs:
+                assert uids == [line["unique_id"] for line in lb.wait_access(3)]
+            else:
+                assert uids == ["-"] * 3
