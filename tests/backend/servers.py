@@ -126,6 +126,10 @@ class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
+
+class _DualStackServer(_Server):
+    address_family = socket.AF_INET6  # "::" also accepts IPv4, as ::ffff:a.b.c.d
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.proxy_rejections: dict[str, int] = {}
@@ -133,7 +137,9 @@ class _Server(socketserver.ThreadingTCPServer):
 
 
 @contextlib.contextmanager
-def socketserver_greeter(policy: ProxyPolicy) -> Iterator[tuple[int, _Server]]:
+def socketserver_greeter(
+    policy: ProxyPolicy, dual_stack: bool = False
+) -> Iterator[tuple[int, _Server]]:
     """A ``StreamRequestHandler`` greeting server with ``ProxyProtocolMixin``."""
 
     class Handler(ProxyProtocolMixin, socketserver.StreamRequestHandler):
@@ -150,7 +156,9 @@ def socketserver_greeter(policy: ProxyPolicy) -> Iterator[tuple[int, _Server]]:
             for line in self.rfile:
                 self.wfile.write(b"ECHO " + line)
 
-    server = _Server(("127.0.0.1", 0), Handler)
+    server = (
+        _DualStackServer(("::", 0), Handler) if dual_stack else _Server(("127.0.0.1", 0), Handler)
+    )
     thread = threading.Thread(
         target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
     )

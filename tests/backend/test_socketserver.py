@@ -183,3 +183,17 @@ def test_http_server_with_tls_after_the_header(tmp_path: Path, mode: str) -> Non
         with connect_from("127.0.0.1", "127.0.0.1", port) as s:
             s.sendall(build(1, ("192.0.2.1", 1), ("127.0.0.1", port)) + b"GET / HTTP/1.1\r\n\r\n")
             assert closed_by_peer(s)  # plain text where TLS was due: handshake fails, closed
+
+
+def test_dual_stack_listener_matches_mapped_ipv4_peers() -> None:
+    """An IPv4 balancer reaching a "::" listener is ::ffff:127.0.0.1, trusted as 127.0.0.1/32."""
+    with socketserver_greeter(policy(), dual_stack=True) as (port, server):
+        with connect_from("127.0.0.1", "127.0.0.1", port) as s:
+            s.sendall(build(1, CLIENT, DEST))
+            hello = parse_greeting(recv_line(s))
+            assert hello["peer"] == "198.51.100.42:40000"
+            assert hello["via"].startswith("::ffff:127.0.0.1:")
+        with connect_from("127.0.0.9", "127.0.0.1", port) as s:  # ::ffff:127.0.0.9: untrusted
+            s.sendall(build(1, CLIENT, DEST))
+            assert closed_by_peer(s)
+        assert server.proxy_rejections == {"untrusted": 1}
