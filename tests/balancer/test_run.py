@@ -311,3 +311,35 @@ def test_unwritable_access_log_exits_1(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "/nonexistent/dir/access.log" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_client_hello_split_across_segments_is_waited_for(tmp_path: Path) -> None:
+    from tests.balancer.test_tls_peek import client_hello
+
+    hello_bytes = client_hello("split.example.test", ["h2"])
+    got: list[bytes] = []
+
+    def handler(sock: socket.socket, header: ProxyHeader | None, early: bytes) -> None:
+        got.append(early + recv_all(sock))
+
+    port = free_port()
+    with backend(handler) as be:
+        text = config_text(
+            f"127.0.0.1:{port}",
+            [be.address],
+            pool={"proxy_tlvs": ["authority", "alpn"], "tls_peek_timeout": "3s"},
+        )
+        with l4lb(tmp_path, text):
+            client = connect(port)
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client.sendall(hello_bytes[:40])
+            time.sleep(0.3)
+            client.sendall(hello_bytes[40:])
+            client.shutdown(socket.SHUT_WR)
+            assert wait_for(lambda: bool(got))
+            header = be.seen[0].header
+            assert header is not None
+            assert header.authority == "split.example.test"
+            assert header.alpn == b"h2"
+            assert got[0] == hello_bytes
+            client.close()
