@@ -126,14 +126,14 @@ class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-
-class _DualStackServer(_Server):
-    address_family = socket.AF_INET6  # "::" also accepts IPv4, as ::ffff:a.b.c.d
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.proxy_rejections: dict[str, int] = {}
         self.seen = Seen()
+
+
+class _DualStackServer(_Server):
+    address_family = socket.AF_INET6  # "::" also accepts IPv4, as ::ffff:a.b.c.d
 
 
 @contextlib.contextmanager
