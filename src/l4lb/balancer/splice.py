@@ -231,10 +231,14 @@ class _Direction:
     def _ended(self) -> None:
         """``src`` sent FIN and everything before it is delivered: pass the FIN on."""
         self.eof = True
-        # if the other side is already gone, its own read or write will say so
-        with contextlib.suppress(OSError):
-            self.dst.shutdown(socket.SHUT_WR)
-        self.relay.half_closed(self.to_client)
+        relay = self.relay
+        other = relay.to_backend if self.to_client else relay.to_client
+        if not other.eof:
+            # if the other side is already gone, its own read or write will say so
+            with contextlib.suppress(OSError):
+                self.dst.shutdown(socket.SHUT_WR)
+        # else both ways are done: the close that follows sends this FIN (one syscall fewer)
+        relay.half_closed(self.to_client)
 
     def stop(self) -> None:
         if self.pipe is not None:
