@@ -31,7 +31,7 @@ from harness.figures import MEASUREMENTS, Settings
 from harness.report import table
 
 BENCH = Path(__file__).resolve().parent
-ALL = ["direct", "haproxy", "nginx", "l4lb-stream", "l4lb-splice"]
+ALL = ["direct", "haproxy", "haproxy-splice", "nginx", "l4lb-stream", "l4lb-splice"]
 
 
 def _git_commit() -> str:

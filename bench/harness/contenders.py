@@ -20,7 +20,7 @@ from harness import procs
 
 NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 IDLE = "300s"  # every idle timeout on the path, so held connections stay up while measured
-MAX_CONNS = 9800  # per contender; each proxied connection takes two descriptors of 20,000
+MAX_CONNS = 9500  # per contender; each proxied connection takes two descriptors of 20,000
 
 
 def _nginx_bin() -> str:
@@ -139,7 +139,11 @@ class Direct(Contender):
         return None
 
 
+@dataclass
 class HAProxy(Contender):
+    splice: bool = False
+    """``option splice-auto`` (off by default in HAProxy): the fair match for l4lb's splice."""
+
     def argv(self) -> list[str] | None:
         self.port = procs.free_port()
         cfg = self.workdir / "haproxy.cfg"
@@ -147,11 +151,13 @@ class HAProxy(Contender):
             f"""global
     nbthread 1
     maxconn {MAX_CONNS}
+    maxpipes 200
 defaults
     mode tcp
     timeout connect 5s
     timeout client {IDLE}
     timeout server {IDLE}
+{"    option splice-auto" if self.splice else ""}
 listen bench
     bind 127.0.0.1:{self.port}
     server b 127.0.0.1:{self.backend.proxy_port} send-proxy-v2
@@ -211,8 +217,8 @@ def make(name: str, workdir: Path, backend: Backend, core: int | None) -> Conten
     d = workdir / name
     if name == "direct":
         return Direct(name, d, backend, core)
-    if name == "haproxy":
-        return HAProxy(name, d, backend, core)
+    if name in ("haproxy", "haproxy-splice"):
+        return HAProxy(name, d, backend, core, splice=name == "haproxy-splice")
     if name == "nginx":
         return NginxStream(name, d, backend, core)
     if name.startswith("l4lb-"):
