@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import contenders as cont
-from harness.figures import MEASUREMENTS, Settings
+from harness.figures import MEASUREMENTS, SINGLE_ROUND, Settings, merge_rounds
 from harness.report import table
 
 BENCH = Path(__file__).resolve().parent
@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="JSON file (default bench/results/<time>.json)")
     ap.add_argument("--workdir", type=Path, default=BENCH / "work")
     ap.add_argument("--no-pin", action="store_true", help="do not pin to cores (taskset)")
+    ap.add_argument(
+        "--rounds", type=int, help="rounds per figure, median kept (default 3; quick 1)"
+    )
     args = ap.parse_args(argv)
 
     names = [n for n in args.contenders.split(",") if n]
@@ -63,14 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     gen_core, bal_core = (0, 1) if pin else (None, None)
     if args.quick:
         settings = Settings(
-            generator_core=gen_core, balancer_core=bal_core, wrk_seconds=1,
-            wrk_connections=8, bulk_bytes=8 << 20, bulk_streams=2, paced_rate=200,
+            generator_core=gen_core, balancer_core=bal_core, wrk_seconds=1, wrk_connections=8,
+            bulk_bytes=8 << 20, bulk_many_bytes=4 << 20, bulk_streams=2, paced_rate=200,
             paced_seconds=0.5, hold_count=100, warmup_seconds=0,
         )  # fmt: skip
         data = args.workdir / "quick-data"
     else:
         settings = Settings(generator_core=gen_core, balancer_core=bal_core)
         data = BENCH / "data"
+    rounds = args.rounds or (1 if args.quick else 3)
 
     # every process we start inherits this: the holder and the balancers need ~20,000 fds
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -97,18 +101,27 @@ def main(argv: list[str] | None = None) -> int:
                 results[c.name]["error"] = c.error
         live = [c for c in running if c.error is None]
         for fig in figures:
+            n = 1 if fig in SINGLE_ROUND else rounds
+            taken: dict[str, list[dict[str, Any]]] = {c.name: [] for c in live}
+            for r in range(n):
+                for c in live:  # contenders alternate within every round
+                    t = time.monotonic()
+                    try:
+                        res = MEASUREMENTS[fig](c, settings)
+                    except Exception as err:  # one failed figure must not lose the rest
+                        traceback.print_exc()
+                        res = {"failed": f"{type(err).__name__}: {err}"}
+                    if c.proc is not None and c.proc.poll() is not None:
+                        res["failed"] = f"balancer exited with {c.proc.returncode}"
+                    taken[c.name].append(res)
+                    brief = {k: v for k, v in res.items() if k != "core_busy"}
+                    label = f"{fig}#{r + 1}" if n > 1 else fig
+                    print(
+                        f"  {label:<11} {c.name:<14} {time.monotonic() - t:5.1f}s {brief}",
+                        flush=True,
+                    )
             for c in live:
-                t = time.monotonic()
-                try:
-                    res = MEASUREMENTS[fig](c, settings)
-                except Exception as err:  # one failed figure must not lose the rest of the run
-                    traceback.print_exc()
-                    res = {"failed": f"{type(err).__name__}: {err}"}
-                if c.proc is not None and c.proc.poll() is not None:
-                    res["failed"] = f"balancer exited with {c.proc.returncode}"
-                results[c.name][fig] = res
-                brief = {k: v for k, v in res.items() if k != "core_busy"}
-                print(f"  {fig:<9} {c.name:<12} {time.monotonic() - t:5.1f}s {brief}", flush=True)
+                results[c.name][fig] = merge_rounds(taken[c.name])
     finally:
         for c in running:
             c.stop()
@@ -127,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
         },
         "settings": {k: getattr(settings, k) for k in settings.__slots__},
+        "rounds": rounds,
         "results": results,
     }
     out = args.out or (work / "results.json" if args.quick else BENCH / "results" / f"{stamp}.json")
