@@ -15,7 +15,7 @@ import pytest
 
 from tests.observe.live import Ports, eventually, l4lb_run
 from tests.support.echo_backend import EchoBackend, echo_through
-from tests.support.peers import NGINX_STREAM_MODULE, have, nginx
+from tests.support.peers import NGINX_STREAM_MODULE, connect_from, have, nginx
 
 HEALTH = """
 [pools.web.health]
@@ -200,3 +200,42 @@ def test_each_check_type_against_real_backends(tmp_path: Path) -> None:
                 assert "refused" in detail_of(pool).lower()
     finally:
         echo.stop()
+
+
+def test_maglev_moves_only_the_down_backends_clients(tmp_path: Path) -> None:
+    """With maglev, a backend going down moves its clients only; back up, they return."""
+    backends = [EchoBackend(name).start() for name in ("a", "b", "c")]
+    ports = Ports()
+    cfg = config(ports, [x.address for x in backends], "tcp", "200ms").replace(
+        'send_proxy = "v2"', 'balance = "maglev"\nsend_proxy = "v2"'
+    )
+    clients = [f"127.0.{i}.{j}" for i in range(1, 7) for j in range(2, 7)]  # 30 addresses
+
+    def mapping() -> dict[str, str]:
+        seen = {}
+        for source in clients:
+            with connect_from(source, "127.0.0.1", ports["front"], timeout=10) as sock:
+                sock.shutdown(socket.SHUT_WR)
+                seen[source] = sock.recv(2).decode()[0]
+        return seen
+
+    try:
+        with l4lb_run(tmp_path, cfg) as lb:
+            before = mapping()
+            assert set(before.values()) == {"a", "b", "c"}
+            assert mapping() == before  # the same client always reaches the same backend
+            c = backends[2]
+            c.stop()
+            lb.wait_state("web", c.address, "down", timeout=15)
+            during = mapping()
+            for source, name in before.items():
+                if name == "c":
+                    assert during[source] in ("a", "b")
+                else:
+                    assert during[source] == name, source
+            c.start()
+            lb.wait_state("web", c.address, "up", timeout=15)
+            assert mapping() == before
+    finally:
+        for x in backends:
+            x.stop()
