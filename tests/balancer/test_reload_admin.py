@@ -105,6 +105,32 @@ def accepts(port: int) -> bool:
         return False
 
 
+class Held:
+    """A long-lived connection through l4lb that must keep working across reloads."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.name = self.read(2).decode()  # "a\n" or "b\n": the backend's greeting
+
+    def read(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            assert chunk, f"held connection closed after {data!r}"
+            data += chunk
+        return data
+
+    def ping(self, text: str) -> None:
+        self.sock.sendall(text.encode())
+        assert self.read(len(text)) == text.encode()
+
+    def finish(self) -> None:
+        self.ping("last")
+        self.sock.shutdown(socket.SHUT_WR)
+        assert self.sock.recv(10) == b""  # a clean end, no reset
+        self.sock.close()
+
+
 def test_twenty_reloads_under_traffic(tmp_path: Path) -> None:
     a, b = EchoBackend("a").start(), EchoBackend("b").start()
     ports = Ports()
@@ -114,6 +140,7 @@ def test_twenty_reloads_under_traffic(tmp_path: Path) -> None:
         with l4lb_run(tmp_path, version_a) as lb:
             front = lb.port("front")
             extra = 0
+            held = [Held(front)]  # opened before the reloads, used after each one
             with Traffic(front) as traffic:
                 for i in range(20):
                     lb.config.write_text(version_b if i % 2 == 0 else version_a)
@@ -136,9 +163,13 @@ def test_twenty_reloads_under_traffic(tmp_path: Path) -> None:
                         extra = lb.port("extra")
                         assert extra == ports["extra"]
                         assert echo_through("127.0.0.1", extra, b"via extra")[1] == b"via extra"
+                        if i == 0:  # accepted by a listener that the next reload removes
+                            held.append(Held(extra))
                     else:
                         assert weights == [1, 1] and listeners == ["front"]
                         eventually(lambda p=extra: not accepts(p), what="extra listener closed")
+                    for h in held:
+                        h.ping(f"after reload {i};")
 
                 # an invalid config is refused, with its errors; the running one keeps serving
                 lb.config.write_text(version_a.replace('send_proxy = "v2"', 'send_proxy = "v9"'))
@@ -154,6 +185,8 @@ def test_twenty_reloads_under_traffic(tmp_path: Path) -> None:
                 assert echo_through("127.0.0.1", front, b"still here")[1] == b"still here"
                 ok_before = traffic.ok
                 eventually(lambda: traffic.ok > ok_before + 10, what="traffic keeps flowing")
+                for h in held:
+                    h.finish()
             assert lb.proc.poll() is None
     finally:
         a.stop()
