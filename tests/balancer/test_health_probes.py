@@ -271,3 +271,22 @@ def test_passive_failures_mark_down_before_next_check() -> None:
                 await checks.aclose()
 
     asyncio.run(main())
+
+
+def test_ipv6_backend_http_check() -> None:
+    seen: list[bytes] = []
+
+    async def main() -> CheckResult:
+        server = await asyncio.start_server(
+            lambda r, w: http_server(b"HTTP/1.1 200 OK", V2_LOCAL, seen)(r, w), "::1", 0
+        )
+        port = server.sockets[0].getsockname()[1]
+        try:
+            target = Target("p", f"[::1]:{port}", "::1", port, 2)
+            return await run_probe(target, CheckSettings("http", http_path="/v6"))
+        finally:
+            server.close()
+
+    result = asyncio.run(main())
+    assert result.ok and result.detail == "HTTP 200"
+    assert b"Host: [::1]:" in seen[0]
