@@ -30,12 +30,10 @@ import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
-
-from prometheus_client import CollectorRegistry
 
 from l4lb.observe import cluster, metrics, status_page
 from l4lb.observe.control import BalancerControl, ClusterControl, Control
@@ -72,6 +70,10 @@ def _json(status: HTTPStatus, doc: Any) -> Response:
     return Response(status, json.dumps(doc, indent=2).encode() + b"\n")
 
 
+def _encode(doc: Any) -> bytes:
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
 def _error(status: HTTPStatus, message: str, headers: tuple[tuple[str, str], ...] = ()) -> Response:
     return Response(
         status,
@@ -93,7 +95,6 @@ class AdminServer:
         control: Control,
         bind: str = "127.0.0.1:9100",
         token: str | None = None,
-        registry: CollectorRegistry | None = None,
         unix: str | None = None,
     ) -> None:
         self.control = control
@@ -101,8 +102,6 @@ class AdminServer:
         self.requested_port = self.port
         self.token = token or None
         self.unix = unix
-        self._snap: Snapshot | None = None
-        self.registry = registry or metrics.make_registry(self._latest)
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.Task[None]] = set()
 
@@ -123,15 +122,10 @@ class AdminServer:
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("event=admin_listening url=http://%s/ pid=%d", self.address, os.getpid())
 
-    def _latest(self) -> Snapshot:
-        assert self._snap is not None, "metrics rendered before a snapshot was taken"
-        return self._snap
-
     async def snapshot(self) -> Snapshot:
-        """A fresh snapshot from the control (kept for the metrics collector)."""
+        """A fresh snapshot from the control."""
         result = self.control.snapshot()
-        self._snap = await result if inspect.isawaitable(result) else result
-        return self._snap
+        return await result if inspect.isawaitable(result) else result
 
     def close(self) -> None:
         """Stop accepting and cancel open admin connections (without waiting)."""
@@ -297,15 +291,21 @@ class AdminServer:
     async def _page(self) -> Response:
         return Response(HTTPStatus.OK, status_page.render(), "text/html; charset=utf-8")
 
+    # The snapshot is taken on the event loop (a consistent reading); turning it into text,
+    # which takes milliseconds per hundred backends, runs in a thread so the relay goes on.
+
     async def _status(self) -> Response:
-        return _json(HTTPStatus.OK, (await self.snapshot()).to_json())
+        doc = (await self.snapshot()).to_json()
+        return Response(HTTPStatus.OK, await asyncio.to_thread(_encode, doc))
 
     async def _raw_snapshot(self) -> Response:
-        return _json(HTTPStatus.OK, asdict(await self.snapshot()))
+        doc = (await self.snapshot()).to_dict()
+        return Response(HTTPStatus.OK, await asyncio.to_thread(_encode, doc))
 
     async def _metrics(self) -> Response:
-        await self.snapshot()
-        return Response(HTTPStatus.OK, metrics.render(self.registry), metrics.CONTENT_TYPE)
+        snap = await self.snapshot()
+        body = await asyncio.to_thread(metrics.render_snapshot, snap)
+        return Response(HTTPStatus.OK, body, metrics.CONTENT_TYPE)
 
     async def _reload(self) -> Response:
         log.info("event=reload_requested source=admin_api")

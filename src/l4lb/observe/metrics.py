@@ -164,5 +164,10 @@ def make_registry(snapshot: Callable[[], Snapshot], process: bool = True) -> Col
 
 
 def render(registry: CollectorRegistry) -> bytes:
-    """The text exposition format served at ``GET /metrics``."""
+    """The text exposition format of ``registry``."""
     return generate_latest(registry)
+
+
+def render_snapshot(snapshot: Snapshot, process: bool = True) -> bytes:
+    """``GET /metrics`` for one snapshot (a registry per scrape: nothing shared between them)."""
+    return generate_latest(make_registry(lambda: snapshot, process))
