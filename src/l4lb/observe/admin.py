@@ -425,6 +425,8 @@ class AdminRuntime:
         ):
             server.token = wanted.token or None
             return
+        if server is None and self._retry is not None and wanted is not None:
+            return  # another worker serves it; the retry loop reads the new [admin] itself
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
