@@ -112,9 +112,15 @@ def admin(request: pytest.FixtureRequest) -> Iterator[tuple[AdminServer, MemoryC
 
 
 def call(
-    server: AdminServer, method: str, path: str, token: str | None = None
+    server: AdminServer,
+    method: str,
+    path: str,
+    token: str | None = None,
+    origin: str | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
     req = urllib.request.Request(f"http://{server.address}{path}", method=method)
+    if origin is not None:
+        req.add_header("Origin", origin)
     if token is not None:
         req.add_header("Authorization", f"Bearer {token}")
     try:
@@ -262,3 +268,16 @@ def test_keep_alive(admin: tuple[AdminServer, MemoryControl]) -> None:
 def test_snapshot_json_is_plain() -> None:
     snap = replace(MemoryControl().snapshot(), last_reload={"ok": True})
     json.dumps(snap.to_json())
+
+
+def test_cross_origin_posts_are_refused(admin: tuple[AdminServer, MemoryControl]) -> None:
+    """A page elsewhere cannot make the operator's browser drain a backend or reload."""
+    server, control = admin
+    path = "/pools/web/backends/127.0.0.1:9001/drain"
+    status, _, body = call(server, "POST", path, server.token, origin="http://evil.example")
+    assert status == 403 and b"cross-origin" in body
+    assert call(server, "POST", "/reload", server.token, origin="http://evil.example")[0] == 403
+    assert control.states[("web", "127.0.0.1:9001")] == "up" and control.reloads == 0
+    # the admin's own origin, and curl (no Origin), may
+    status, _, _ = call(server, "POST", path, server.token, origin=f"http://{server.address}")
+    assert status == 200 and control.states[("web", "127.0.0.1:9001")] == "drain"

@@ -275,6 +275,15 @@ class AdminServer:
         )
 
     def _authorize(self, headers: dict[str, str]) -> None:
+        # A web page the operator happens to visit may POST to a loopback address; browsers
+        # name that page in Origin. Only the admin's own origin (or none: curl) may change state.
+        origin = headers.get("origin")
+        if origin is not None and urlsplit(origin).netloc != headers.get("host", ""):
+            raise AdminError(
+                HTTPStatus.FORBIDDEN,
+                f"cross-origin request from {origin!r} refused: state changes come from "
+                "curl or the admin's own origin",
+            )
         if self.token is None:
             return
         given = headers.get("authorization", "")
