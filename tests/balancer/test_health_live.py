@@ -98,6 +98,10 @@ def test_backend_down_traffic_moves_then_rejoins(tmp_path: Path) -> None:
                 data = b""
             assert data == b"", data
             assert "pool_empty pool=web" in lb.log_text()
+            eventually(
+                lambda: "event=no_backend listener=front pool=web" in lb.log_text(),
+                what="the refused client's log line",
+            )
     finally:
         a.stop()
         b.stop()
