@@ -193,6 +193,7 @@ def test_twenty_reloads_under_traffic(tmp_path: Path) -> None:
         b.stop()
     assert traffic.failures == []
     assert traffic.ok > 50
+    print(f"{traffic.ok} connections through 20 reloads and 2 refused ones, none failed")
 
 
 def test_admin_state_changes_need_the_token(tmp_path: Path) -> None:
