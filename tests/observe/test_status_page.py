@@ -79,6 +79,11 @@ bind = "127.0.0.1:{admin}"
             assert '<b id="sum-backends">1/2</b>' in dom
             assert "refused" in dom.lower()  # the last check's detail
 
+            # the page refreshes itself: 7 s of (virtual) time fetch /status at least 3 times
+            dom = dump_dom(url, profile, budget_ms=7000)
+            refreshes = re.search(r'data-refreshes="(\d+)"', dom)
+            assert refreshes is not None and int(refreshes.group(1)) >= 3, refreshes
+
             shots = [
                 screenshot(url, profile, tmp_path / "status_page.png", "1200,700"),
                 screenshot(url, profile, tmp_path / "status_page_phone.png", "390,844"),
