@@ -380,10 +380,14 @@ class HealthChecks:
         interval = plan.settings.interval
         while True:
             started = time.monotonic()
-            results = await asyncio.gather(*(run_probe(t, plan.settings) for t in plan.targets))
-            for target, result in zip(plan.targets, results, strict=True):
-                self._health[(plan.name, target.address)].observe(result.duration)
-                self._apply(plan, target, result)
+            try:
+                probes = (run_probe(t, plan.settings) for t in plan.targets)
+                results = await asyncio.gather(*probes)
+                for target, result in zip(plan.targets, results, strict=True):
+                    self._health[(plan.name, target.address)].observe(result.duration)
+                    self._apply(plan, target, result)
+            except Exception:  # a bug must not end this pool's checks for good
+                log.exception("event=health_round_failed pool=%s", plan.name)
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
     def _apply(self, plan: PoolPlan, target: Target, result: CheckResult) -> None:
