@@ -281,3 +281,22 @@ def test_cross_origin_posts_are_refused(admin: tuple[AdminServer, MemoryControl]
     # the admin's own origin, and curl (no Origin), may
     status, _, _ = call(server, "POST", path, server.token, origin=f"http://{server.address}")
     assert status == 200 and control.states[("web", "127.0.0.1:9001")] == "drain"
+
+
+def test_idle_connections_are_capped(admin: tuple[AdminServer, MemoryControl]) -> None:
+    """64 silent connections are held; the 65th is closed at once; the API still answers after."""
+    server, _ = admin
+    idle = [socket.create_connection((server.host, server.port), timeout=10) for _ in range(64)]
+    try:
+        time.sleep(0.2)
+        with socket.create_connection((server.host, server.port), timeout=10) as extra:
+            try:
+                extra.sendall(b"GET /status HTTP/1.1\r\n\r\n")
+                assert extra.recv(100) == b""
+            except ConnectionResetError:
+                pass  # closed at once, with the request unread
+    finally:
+        for sock in idle:
+            sock.close()
+    time.sleep(0.2)
+    assert call(server, "GET", "/status")[0] == 200

@@ -48,6 +48,7 @@ ACTIONS = ("drain", "disable", "enable")
 _MAX_HEAD = 16384
 _MAX_BODY = 65536
 _IDLE_TIMEOUT = 30.0
+_MAX_CLIENTS = 64
 
 
 class AdminError(Exception):
@@ -103,7 +104,7 @@ class AdminServer:
         self.token = token or None
         self.unix = unix
         self._server: asyncio.Server | None = None
-        self._clients: set[asyncio.Task[None]] = set()
+        self._clients: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
 
     @property
     def address(self) -> str:
@@ -128,36 +129,38 @@ class AdminServer:
         return await result if inspect.isawaitable(result) else result
 
     def close(self) -> None:
-        """Stop accepting and cancel open admin connections (without waiting)."""
+        """Stop accepting and close open admin connections (their tasks then end by themselves)."""
         if self._server is not None:
             self._server.close()
             self._server = None
-        for task in list(self._clients):
-            task.cancel()
+        for writer in list(self._clients.values()):
+            writer.close()
 
     async def aclose(self) -> None:
-        """Stop accepting, close open admin connections and wait for them."""
+        """Stop accepting, close open admin connections and wait for their tasks."""
         self.close()
-        for task in list(self._clients):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        tasks = list(self._clients)
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=5.0)
+            for task in late:
+                task.cancel()
 
     # -- connection handling ---------------------------------------------------------------
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        if self.unix is not None and not _same_user(writer):
-            writer.close()
+        if len(self._clients) >= _MAX_CLIENTS or (self.unix is not None and not _same_user(writer)):
+            writer.close()  # a flood of idle admin connections must not take every fd
             return
-        self._clients.add(task)
+        self._clients[task] = writer
         try:
             while await self._one_request(reader, writer):
                 pass
         except (OSError, asyncio.IncompleteReadError, TimeoutError):
             pass
         finally:
-            self._clients.discard(task)
+            self._clients.pop(task, None)
             writer.close()
             with contextlib.suppress(OSError, asyncio.CancelledError):
                 await writer.wait_closed()
