@@ -266,3 +266,44 @@ def test_bytes_sent_before_a_reset_are_delivered_first() -> None:
         assert got == b"last answer"
         assert r.conn.done.wait(5)
         assert r.conn.reasons == ["reset"]
+
+
+def test_small_messages_are_copied_and_bulk_is_spliced() -> None:
+    with rig() as r:
+        for _ in range(3):
+            r.client.sendall(b"small request")
+            assert r.backend.recv(100) == b"small request"
+        assert r.relay.to_backend.copy  # never a full read: still copying
+        payload = os.urandom(8 << 20)
+        sender = threading.Thread(target=r.backend.sendall, args=(payload,))
+        sender.start()
+        got = bytearray()
+        while len(got) < len(payload):
+            got += r.client.recv(1 << 20)
+        sender.join(10)
+        assert bytes(got) == payload
+        assert not r.relay.to_client.copy  # switched to splice on the first full read
+        assert r.conn.bytes_to_client == len(payload)
+        assert r.conn.bytes_from_client == 3 * len(b"small request")
+
+
+def test_many_tiny_writes_then_fin_arrive_whole() -> None:
+    """Short reads end a wake-up early: a FIN arriving with the last bytes must not be missed."""
+    with rig() as r:
+        r.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        expected = b"".join(b"m%05d;" % i for i in range(3000))
+
+        def send() -> None:
+            for i in range(0, len(expected), 7):
+                r.client.send(expected[i : i + 7])
+            r.client.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        assert _recv_all(r.backend) == expected
+        sender.join(10)
+        r.backend.sendall(b"bye")
+        r.backend.shutdown(socket.SHUT_WR)
+        assert _recv_all(r.client) == b"bye"
+        assert r.conn.done.wait(5)
+        assert r.conn.reasons == ["client_closed"]

@@ -15,6 +15,10 @@ Pipes come from a process-wide pool and go back as soon as they are empty, so an
 holds no pipe (HAProxy does the same): four descriptors only while bytes are in flight, not per
 connection. A pipe that still holds bytes when its connection dies is closed, never reused.
 
+Small messages do not pay for the pipe: each direction starts by copying through one 64 KiB
+buffer per event loop (``recv_into`` + ``send``, nothing kept unless the destination is full) and
+switches to splice for good on its first full read, as HAProxy's ``splice-auto`` does.
+
 Readiness comes from one edge-triggered epoll set per event loop (:class:`_Poller`), itself
 watched by the loop with a single ``add_reader``. Each socket is added once, for input and output,
 and never modified: an edge-triggered direction simply moves bytes until the kernel says
@@ -41,6 +45,9 @@ __all__ = ["PIPE_SIZE", "PipePool", "SpliceRelay", "available", "start_splice_re
 PIPE_SIZE = 1 << 18
 """Bytes a pipe holds (F_SETPIPE_SZ; the kernel default is 64 KiB): one splice moves up to this."""
 
+COPY_SIZE = 1 << 16
+"""A read of this many bytes marks a direction as bulk: it is spliced from then on."""
+
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _splice = getattr(os, "splice", None)
@@ -49,6 +56,7 @@ _EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _IN = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP
 _OUT = select.EPOLLOUT | select.EPOLLHUP
 _ERR = select.EPOLLERR
+_HUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _BUDGET = 16
 """Pipes' worth one direction moves per wake-up before letting other connections run."""
 """SO_LINGER on, 0 seconds: close() sends a RST instead of a FIN."""
@@ -112,10 +120,12 @@ class Connection(Protocol):
 class _Poller:
     """One edge-triggered epoll set for every splice relay of an event loop."""
 
-    __slots__ = ("__weakref__", "ep", "fds", "loop")
+    __slots__ = ("__weakref__", "buf", "ep", "fds", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self.buf = memoryview(bytearray(COPY_SIZE))
+        """The copy buffer of every relay on this loop: filled and sent within one callback."""
         self.ep = select.epoll()
         self.fds: dict[int, SpliceRelay] = {}
         loop.add_reader(self.ep.fileno(), self._dispatch)
@@ -147,28 +157,48 @@ def _poller(loop: asyncio.AbstractEventLoop) -> _Poller:
 class _Direction:
     """One way through the relay: ``src`` -> pipe -> ``dst``."""
 
-    __slots__ = ("dst", "dst_fd", "eof", "head", "pending", "pipe", "relay", "src_fd", "to_client")
+    __slots__ = (
+        "copy",
+        "dst",
+        "dst_fd",
+        "eof",
+        "head",
+        "head_counts",
+        "pending",
+        "pipe",
+        "relay",
+        "src",
+        "src_fd",
+        "to_client",
+    )
 
     def __init__(
         self, relay: SpliceRelay, src: socket.socket, dst: socket.socket, to_client: bool
     ) -> None:
         self.relay = relay
+        self.src = src
         self.src_fd = src.fileno()
         self.dst = dst
         self.dst_fd = dst.fileno()
         self.to_client = to_client
+        self.copy = True
+        """Small messages are copied (recv/send); the first full read switches to splice."""
         self.head = b""
-        """Bytes to send before any spliced byte (the PROXY header's unsent rest)."""
+        """Bytes to send before anything else: the PROXY header, or a copy's unsent rest."""
+        self.head_counts = False
+        """Whether ``head`` is relayed data (counted when sent) rather than our header."""
         self.pipe: tuple[int, int] | None = None
         self.pending = 0
         """Bytes in the pipe not yet delivered; while > 0 nothing more is read from ``src``."""
         self.eof = False
 
-    def pump(self) -> None:
+    def pump(self, short_ok: bool = False) -> None:
         """Move bytes until the source is drained, the destination is full, or the budget ends.
 
         Edge-triggered: stopping early without ``EAGAIN`` would wait for an edge that may never
-        come, so the budget's end schedules the rest with ``call_soon``.
+        come, so the budget's end schedules the rest with ``call_soon``. ``short_ok``: the wake-up
+        was a plain EPOLLIN (no FIN seen), so a short ``recv`` proves the socket drained (TCP
+        copies all it has) and the ``EAGAIN`` probe can be skipped; any later byte is a new edge.
         """
         relay = self.relay
         if self.head and not self._send_head():
@@ -194,6 +224,10 @@ class _Direction:
             if budget < 0:
                 relay.loop.call_soon(self.resume)
                 return
+            if self.copy:
+                if not self._copy(short_ok):
+                    return
+                continue
             if pipe is None:
                 pipe = self.pipe = relay.pool.take()
             try:
@@ -212,6 +246,42 @@ class _Direction:
                 return
             self.pending = n
 
+    def _copy(self, short_ok: bool) -> bool:
+        """Relay one read through the loop's shared buffer; False when this wake-up is over.
+
+        For small messages recv/send costs less than splice's two pipe operations (measured:
+        keep-alive requests). A read that fills the buffer means bulk: splice from then on.
+        What the destination does not take at once is kept as ``head`` (at most one buffer).
+        """
+        relay = self.relay
+        buf = relay.poller.buf
+        try:
+            n = self.src.recv_into(buf)
+        except BlockingIOError:
+            return False
+        except OSError as err:
+            relay.failed(err)
+            return False
+        if n == 0:
+            self._ended()
+            return False
+        if n == len(buf):
+            self.copy = False
+        try:
+            sent = self.dst.send(buf[:n])
+        except BlockingIOError:
+            sent = 0
+        except OSError as err:
+            relay.failed(err)
+            return False
+        if sent:
+            relay.progress(sent, self.to_client)
+        if sent < n:
+            self.head = bytes(buf[sent:n])
+            self.head_counts = True
+            return False  # the destination's EPOLLOUT edge resumes us
+        return not short_ok or n == len(buf)
+
     def resume(self) -> None:
         if not self.relay.closed:
             self.pump()
@@ -226,6 +296,8 @@ class _Direction:
             self.relay.failed(err)
             return False
         self.head = self.head[sent:]
+        if self.head_counts and sent:
+            self.relay.progress(sent, self.to_client)
         return not self.head
 
     def _ended(self) -> None:
@@ -335,8 +407,8 @@ class SpliceRelay:
             writer.pump()
             if self.closed:
                 return
-        if events & _IN and not reader.pending:
-            reader.pump()
+        if events & _IN and not reader.pending and not reader.head:
+            reader.pump(not events & _HUP)
 
     def progress(self, n: int, to_client: bool) -> None:
         if to_client:
