@@ -300,3 +300,11 @@ def test_idle_connections_are_capped(admin: tuple[AdminServer, MemoryControl]) -
             sock.close()
     time.sleep(0.2)
     assert call(server, "GET", "/status")[0] == 200
+
+
+def test_status_pretty(admin: tuple[AdminServer, MemoryControl]) -> None:
+    server, _ = admin
+    compact = call(server, "GET", "/status")[2]
+    pretty = call(server, "GET", "/status?pretty")[2]
+    assert b"\n" not in compact.strip() and pretty.count(b"\n") > 20
+    assert json.loads(compact)["listeners"] == json.loads(pretty)["listeners"]

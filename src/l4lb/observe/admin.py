@@ -3,7 +3,7 @@
 Routes::
 
     GET  /                                              the live status page (HTML)
-    GET  /status                                        JSON: listeners, pools, backends
+    GET  /status[?pretty]                               JSON: listeners, pools, backends
     GET  /metrics                                       Prometheus text format
     GET  /snapshot                                      raw counters and histograms (JSON)
     POST /pools/{pool}/backends/{address}/drain          no new connections, existing ones run on
@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from l4lb.observe import cluster, metrics, status_page
 from l4lb.observe.control import BalancerControl, ClusterControl, Control
@@ -71,7 +71,9 @@ def _json(status: HTTPStatus, doc: Any) -> Response:
     return Response(status, json.dumps(doc, indent=2).encode() + b"\n")
 
 
-def _encode(doc: Any) -> bytes:
+def _encode(doc: Any, pretty: bool = False) -> bytes:
+    if pretty:
+        return json.dumps(doc, indent=2).encode() + b"\n"
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
@@ -240,14 +242,15 @@ class AdminServer:
 
     async def handle(self, method: str, target: str, headers: dict[str, str]) -> Response:
         """Answer one request (also usable without a socket, e.g. in tests)."""
-        path = urlsplit(target).path
+        split = urlsplit(target)
+        path, query = split.path, parse_qs(split.query, keep_blank_values=True)
         parts = [unquote(p) for p in path.split("/")[1:]]
         if parts and parts[-1] == "" and len(parts) > 1:
             parts.pop()
         get = ("GET", "HEAD")
         routes: list[tuple[bool, tuple[str, ...], Callable[[], Awaitable[Response]]]] = [
             (parts == [""], get, self._page),
-            (parts == ["status"], get, self._status),
+            (parts == ["status"], get, lambda: self._status("pretty" in query)),
             (parts == ["metrics"], get, self._metrics),
             (parts == ["snapshot"], get, self._raw_snapshot),
             (parts == ["reload"], ("POST",), self._reload),
@@ -306,9 +309,9 @@ class AdminServer:
     # The snapshot is taken on the event loop (a consistent reading); turning it into text,
     # which takes milliseconds per hundred backends, runs in a thread so the relay goes on.
 
-    async def _status(self) -> Response:
+    async def _status(self, pretty: bool = False) -> Response:
         doc = (await self.snapshot()).to_json()
-        return Response(HTTPStatus.OK, await asyncio.to_thread(_encode, doc))
+        return Response(HTTPStatus.OK, await asyncio.to_thread(_encode, doc, pretty))
 
     async def _raw_snapshot(self) -> Response:
         doc = (await self.snapshot()).to_dict()
