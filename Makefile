@@ -21,7 +21,7 @@ sysdeps:
 	   || ! command -v chromium >/dev/null || [ ! -f /usr/lib/nginx/modules/ngx_stream_module.so ] || ! command -v openssl >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
-	    haproxy nginx libnginx-mod-stream wrk chromium iproute2 openssl >/dev/null; \
+	    haproxy nginx libnginx-mod-stream wrk chromium iproute2 openssl systemd >/dev/null; \
 	fi
 
 run: $(STAMP)
