@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
 import socket
@@ -307,3 +308,85 @@ def test_many_tiny_writes_then_fin_arrive_whole() -> None:
         assert _recv_all(r.client) == b"bye"
         assert r.conn.done.wait(5)
         assert r.conn.reasons == ["client_closed"]
+
+
+def _run(coro_fn: object) -> object:
+    loop = _new_loop()
+    try:
+        return loop.run_until_complete(coro_fn())  # type: ignore[operator]
+    finally:
+        loop.close()
+
+
+def test_wait_connected_reports_success_failure_and_can_be_abandoned() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        live = srv.getsockname()[1]
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            dead = probe.getsockname()[1]  # bound, never listening: connections are refused
+
+            async def main() -> list[object]:
+                loop = asyncio.get_running_loop()
+                out: list[object] = []
+                for port in (live, dead):
+                    s = socket.socket()
+                    s.setblocking(False)
+                    s.connect_ex(("127.0.0.1", port))
+                    fut = loop.create_future()
+                    splice.wait_connected(
+                        loop,
+                        s,
+                        lambda s=s, fut=fut: fut.set_result(
+                            s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                        ),
+                    )
+                    out.append(await asyncio.wait_for(fut, 5))
+                    s.close()
+                calls: list[int] = []
+                s = socket.socket()
+                s.setblocking(False)
+                s.connect_ex(("127.0.0.1", live))
+                splice.wait_connected(loop, s, lambda: calls.append(1))
+                splice.stop_waiting(loop, s)
+                await asyncio.sleep(0.2)
+                s.close()
+                out.append(calls)
+                return out
+
+            ok, refused, abandoned = _run(main)  # type: ignore[misc]
+    assert ok == 0
+    assert refused == errno.ECONNREFUSED
+    assert abandoned == []
+
+
+def test_a_relay_takes_over_a_socket_watched_while_connecting() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+
+        async def main() -> bytes:
+            loop = asyncio.get_running_loop()
+            client, relay_client = _tcp_pair()
+            backend = socket.socket()
+            backend.setblocking(False)
+            backend.connect_ex(srv.getsockname())
+            fut = loop.create_future()
+            splice.wait_connected(loop, backend, lambda: fut.set_result(None))
+            await asyncio.wait_for(fut, 5)
+            far, _ = await loop.sock_accept(srv)
+            conn = Conn()
+            relay_client.setblocking(False)
+            splice.start_splice_relay(loop, relay_client, backend, b"hdr:", conn)
+            far.setblocking(False)
+            client.sendall(b"ping")
+            got = b""
+            while len(got) < 8:
+                got += await loop.sock_recv(far, 100)
+            await loop.sock_sendall(far, b"pong")
+            client.settimeout(5)
+            answer = await loop.run_in_executor(None, client.recv, 100)
+            for s in (client, far):
+                s.close()
+            await asyncio.sleep(0.1)
+            assert conn.done.is_set()
+            return got + b"|" + answer
+
+        assert _run(main) == b"hdr:ping|pong"
