@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "kernel": platform.release(),
             "python": platform.python_version(),
+            "loadavg_at_end": os.getloadavg(),
         },
         "settings": {k: getattr(settings, k) for k in settings.__slots__},
         "rounds": rounds,
