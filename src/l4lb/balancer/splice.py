@@ -60,20 +60,30 @@ COPY_SIZE = 1 << 16
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _splice = getattr(os, "splice", None)
+_HAVE_EPOLL = hasattr(select, "epoll")
 _LINGER_RST = struct.pack("ii", 1, 0)
-_EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
-_IN = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP
-_OUT = select.EPOLLOUT | select.EPOLLHUP
-_ERR = select.EPOLLERR
-_HUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+# Linux's values, spelled out so the module imports anywhere (``available()`` says if it runs)
+_EPOLLIN, _EPOLLOUT, _EPOLLERR, _EPOLLHUP, _EPOLLRDHUP, _EPOLLET = (
+    0x1,
+    0x4,
+    0x8,
+    0x10,
+    0x2000,
+    1 << 31,
+)
+_EVENTS = _EPOLLIN | _EPOLLOUT | _EPOLLRDHUP | _EPOLLET
+_IN = _EPOLLIN | _EPOLLRDHUP | _EPOLLHUP
+_OUT = _EPOLLOUT | _EPOLLHUP
+_ERR = _EPOLLERR
+_HUP = _EPOLLRDHUP | _EPOLLHUP | _EPOLLERR
 _BUDGET = 16
 """Pipes' worth one direction moves per wake-up before letting other connections run."""
 """SO_LINGER on, 0 seconds: close() sends a RST instead of a FIN."""
 
 
 def available() -> bool:
-    """True where ``os.splice`` exists (Linux, Python 3.10+)."""
-    return _splice is not None
+    """True where ``os.splice`` and epoll exist (Linux, Python 3.10+)."""
+    return _splice is not None and _HAVE_EPOLL
 
 
 class PipePool:
@@ -185,7 +195,7 @@ class _Connecting:
             with contextlib.suppress(OSError):
                 self.poller.ep.unregister(fd)
             return
-        if events & (select.EPOLLOUT | _ERR | select.EPOLLHUP):
+        if events & (_EPOLLOUT | _ERR | _EPOLLHUP):
             self.callback = None
             callback()
 
@@ -199,8 +209,16 @@ def wait_connected(
     eight system calls on uvloop, and none more if a splice relay then takes the socket). Call
     :func:`stop_waiting` if the wait is abandoned (timeout, shutdown) before closing the socket.
     """
-    poller = _poller(loop)
     fd = sock.fileno()
+    if not _HAVE_EPOLL:  # elsewhere: the loop's own one-shot writer watch
+
+        def once() -> None:
+            loop.remove_writer(fd)
+            callback()
+
+        loop.add_writer(fd, once)
+        return
+    poller = _poller(loop)
     poller.fds[fd] = _Connecting(poller, sock, callback)
     try:
         poller.ep.register(fd, _EVENTS)
@@ -210,6 +228,9 @@ def wait_connected(
 
 def stop_waiting(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
     """Forget a :func:`wait_connected` that will not be needed (the caller closes ``sock``)."""
+    if not _HAVE_EPOLL:
+        loop.remove_writer(sock.fileno())
+        return
     poller = _POLLERS.get(loop)
     if poller is not None:
         current = poller.fds.get(sock.fileno())
