@@ -6,12 +6,16 @@ replaced, and SIGTERM stops everything with exit code 0.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import random
 import signal
 import socket
+import threading
+import time
 from pathlib import Path
 
-from tests.balancer.helpers import backend, connect, hello
+from tests.balancer.helpers import backend, connect, hash_until_eof, hello, recv_all
 from tests.support.l4lb import config_text, l4lb
 from tests.support.peers import free_port, wait_for
 
@@ -103,3 +107,39 @@ def _zombie_or_gone(pid: int) -> bool:
             return f.read().rsplit(") ", 1)[1].startswith("Z")
     except OSError:
         return True
+
+
+def test_sigterm_lets_every_workers_transfers_finish(tmp_path: Path) -> None:
+    size = 8 << 20
+    data = random.Random(5).randbytes(size)
+
+    def handler(sock: socket.socket, header: object, early: bytes) -> None:
+        view = memoryview(data)
+        for i in range(0, size, 256 * 1024):  # paced: about 1.5 s per transfer
+            sock.sendall(view[i : i + 256 * 1024])
+            time.sleep(0.05)
+        sock.shutdown(socket.SHUT_WR)
+        recv_all(sock)
+
+    port = free_port()
+    results: list[tuple[str, int]] = []
+    with backend(handler) as be:
+        text = config_text(f"127.0.0.1:{port}", [be.address], top={"workers": 2})
+        with l4lb(tmp_path, text) as lb:
+            assert wait_for(lambda: lb.log_text().count("event=started") == 2, 10)
+            # clients on both workers (steering spreads these addresses over the two)
+            clients = [connect(port, f"127.0.0.{i}") for i in range(60, 66)]
+            threads = [
+                threading.Thread(target=lambda c=c: results.append(hash_until_eof(c)))
+                for c in clients
+            ]
+            for t in threads:
+                t.start()
+            time.sleep(0.4)
+            assert lb.stop(30) == 0
+            for t in threads:
+                t.join(30)
+            assert results == [(hashlib.sha256(data).hexdigest(), size)] * len(clients)
+            busy = {line["client"].split(":")[0] for line in lb.wait_access(len(clients))}
+            assert len(busy) == len(clients)
+            assert lb.log_text().count("event=draining") == 2  # both workers drained
