@@ -15,6 +15,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.balancer.helpers import backend, connect, hash_until_eof, hello, recv_all
 from tests.support.l4lb import config_text, l4lb
 from tests.support.peers import free_port, wait_for
@@ -109,7 +111,8 @@ def _zombie_or_gone(pid: int) -> bool:
         return True
 
 
-def test_sigterm_lets_every_workers_transfers_finish(tmp_path: Path) -> None:
+@pytest.mark.parametrize("relay", ["stream", "splice"])
+def test_sigterm_lets_every_workers_transfers_finish(tmp_path: Path, relay: str) -> None:
     size = 8 << 20
     data = random.Random(5).randbytes(size)
 
@@ -124,9 +127,10 @@ def test_sigterm_lets_every_workers_transfers_finish(tmp_path: Path) -> None:
     port = free_port()
     results: list[tuple[str, int]] = []
     with backend(handler) as be:
-        text = config_text(f"127.0.0.1:{port}", [be.address], top={"workers": 2})
+        text = config_text(f"127.0.0.1:{port}", [be.address], top={"workers": 2, "relay": relay})
         with l4lb(tmp_path, text) as lb:
             assert wait_for(lambda: lb.log_text().count("event=started") == 2, 10)
+            assert lb.log_text().count(f"relay={relay}") == 2
             # clients on both workers (steering spreads these addresses over the two)
             clients = [connect(port, f"127.0.0.{i}") for i in range(60, 66)]
             threads = [
