@@ -486,6 +486,49 @@ class TLSInOneSegment:
         return buf
 
 
+def ws_first_message(sock: Any, path: str = "/ws", timeout: float = 10.0) -> dict[str, Any]:
+    """Upgrade to WebSocket on ``sock`` and return the first (JSON text) message, one thread.
+
+    For TLS sockets made by :func:`tls_client`: the websockets sync client reads in a second
+    thread while it writes, and an ``SSLSocket`` must not be used from two threads at once.
+    """
+    import base64
+    import os
+
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    sock.settimeout(timeout)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError(f"closed during the upgrade: {buf!r}")
+        buf += chunk
+    head, _, frame = buf.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), head
+
+    def need(n: int) -> None:
+        nonlocal frame
+        while len(frame) < n:
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise ConnectionError("closed in the middle of a frame")
+            frame += chunk
+
+    need(2)
+    assert frame[0] == 0x81, frame[:2]  # FIN + text, unmasked from a server
+    length, offset = frame[1] & 0x7F, 2
+    if length == 126:
+        need(4)
+        length, offset = int.from_bytes(frame[2:4], "big"), 4
+    need(offset + length)
+    result: dict[str, Any] = json.loads(frame[offset : offset + length])
+    return result
+
+
 # --- real HAProxy and nginx in front -------------------------------------------------------
 
 

@@ -24,6 +24,7 @@ from tests.backend.servers import (
     server_context,
     tls_client,
     uvicorn_server,
+    ws_first_message,
 )
 from tests.support.peers import connect_from, free_port, stop_process, wait_port
 
@@ -143,9 +144,8 @@ def test_tls_terminated_after_the_header(tmp_path: Path) -> None:
         # A WebSocket over that TLS (wss) keeps the real address too.
         s = connect_from("127.0.0.1", "127.0.0.1", port)
         s.sendall(build(1, CLIENT, DEST))
-        t = tls_client(s, cert)
-        with ws_connect(f"ws://localhost:{port}/ws", sock=t, open_timeout=10) as ws:
-            info = json.loads(ws.recv(timeout=10))
+        with tls_client(s, cert) as t:
+            info = ws_first_message(t)
             assert info["client"] == list(CLIENT) and info["scheme"] == "wss"
 
 
