@@ -55,6 +55,15 @@ class LoopThread:
     def call(self, coro: Awaitable[Any], timeout: float = 10.0) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
 
+    def close_server(self, server: asyncio.AbstractServer) -> None:
+        """Close a server from its own loop (asyncio servers are not thread-safe)."""
+
+        async def close() -> None:
+            server.close()
+
+        with contextlib.suppress(Exception):
+            self.call(close())
+
     def close(self) -> None:
         async def cancel_all() -> None:
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
@@ -117,8 +126,7 @@ def asyncio_greeter(
     try:
         yield server.sockets[0].getsockname()[1], seen, server
     finally:
-        with contextlib.suppress(Exception):
-            server.close()
+        runner.close_server(server)
         runner.close()
 
 

@@ -259,7 +259,7 @@ def test_protocol_factory_wrapper(protocol_class: type) -> None:
             assert results[0][1] == DEST
             assert results[0][2][0] == "127.0.0.1"
             assert results[0][3] is None  # the raw socket would name the balancer
-        server.close()
+        runner.close_server(server)
     finally:
         runner.close()
 
