@@ -51,7 +51,7 @@ __all__ = [
     "wait_connected",
 ]
 
-PIPE_SIZE = 1 << 18
+PIPE_SIZE = 1 << 20
 """Bytes a pipe holds (F_SETPIPE_SZ; the kernel default is 64 KiB): one splice moves up to this."""
 
 COPY_SIZE = 1 << 16
