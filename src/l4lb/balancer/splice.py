@@ -468,10 +468,14 @@ class SpliceRelay:
         self.timer: asyncio.TimerHandle | None = None
 
     def start(self, first: bytes = b"") -> None:
-        """Send ``first`` (PROXY header + early client bytes) in one write, then relay."""
+        """Send ``first`` (PROXY header + early client bytes) in one write, then relay.
+
+        Whatever the client has already sent rides in the same write, right after the header
+        (as HAProxy does): one ``send`` and one wake-up fewer for the usual client that speaks
+        first, one ``EAGAIN`` for one that waits for the server.
+        """
         if first:
-            self.to_backend.head = first
-            self.to_backend._send_head()
+            self._send_first(first)
             if self.closed:
                 return
         poller = self.poller
@@ -481,6 +485,35 @@ class SpliceRelay:
         if self.idle_timeout:
             self.last = self.loop.time()
             self.timer = self.loop.call_at(self.last + self.idle_timeout, self._check_idle)
+
+    def _send_first(self, first: bytes) -> None:
+        buf = self.poller.buf
+        size = len(first)
+        n = 0
+        if size < len(buf) // 2:
+            buf[:size] = first
+            try:
+                n = self.client.recv_into(buf[size:])
+            except BlockingIOError:
+                n = 0
+            except OSError as err:
+                self.failed(err)
+                return
+            # n == 0 at EOF too: the registration below reports it again
+            if n:
+                self.conn.bytes_from_client += n
+                if size + n == len(buf):
+                    self.to_backend.copy = False  # a full read: bulk
+        out = buf[: size + n] if n else first
+        try:
+            sent = self.backend.send(out)
+        except BlockingIOError:
+            sent = 0
+        except OSError as err:
+            self.failed(err)
+            return
+        if sent < len(out):
+            self.to_backend.head = bytes(out[sent:])
 
     def event(self, fd: int, events: int) -> None:
         """Readiness of one of our sockets, from the poller."""
