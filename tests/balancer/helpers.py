@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from l4lb.proxy_protocol import HeaderReader, ProxyHeader
+from tests.support.peers import free_port
 
 Handler = Callable[[socket.socket, ProxyHeader | None, bytes], None]
 
@@ -154,12 +155,12 @@ def reset(sock: socket.socket) -> None:
 
 
 def dead_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on (connections are refused)."""
-    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    s.bind((host, 0))
-    port: int = s.getsockname()[1]
-    s.close()
-    return port
+    """A port nothing listens on (connections are refused).
+
+    From free_port, not ``bind(0)``: an ephemeral port could be bound by another test's
+    listener a moment later, and then the "dead" backend answers.
+    """
+    return free_port(host)
 
 
 def connect(port: int, source: str = "127.0.0.1", host: str = "127.0.0.1") -> socket.socket:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.support.peers import stop_process
+from tests.support.peers import free_port, stop_process
 
 L4LB = str(Path(sys.executable).parent / "l4lb")
 
@@ -119,22 +117,13 @@ def l4lb_run(workdir: Path, config: str, env: dict[str, str] | None = None) -> I
 
 
 class Ports(dict[str, int]):
-    """Free loopback ports by name, chosen below the ephemeral range (32768+).
-
-    Ports that ``bind(0)`` hands out (free_port, every client socket) come from the ephemeral
-    range, so a port picked there can be taken by another test between choosing and binding.
-    """
+    """Free loopback ports by name, distinct, from free_port (outside the ephemeral range)."""
 
     def __missing__(self, name: str) -> int:
         while True:
-            port = random.randrange(20000, 32000)
+            port = free_port()
             if port in self.values():
                 continue
-            with socket.socket() as probe:
-                try:
-                    probe.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
             self[name] = port
             return port
 

@@ -19,9 +19,52 @@ from pathlib import Path
 NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 
 
+def _port_slice() -> range:
+    """The ports this process hands out: outside the kernel's ephemeral range, one slice per
+    pytest-xdist worker.
+
+    ``bind(0)`` and every client ``connect()`` take their port from the ephemeral range
+    (net.ipv4.ip_local_port_range), so a port chosen there and bound a moment later (by l4lb,
+    HAProxy, nginx) can be taken in between by any socket of any test: a flaky "Address already
+    in use". Below that range only free_port hands out ports, and each worker has its own slice.
+    """
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        low, high = (int(x) for x in text.split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    if low - 10000 >= 4000:
+        start, stop = 10000, low
+    elif 65536 - (high + 1) >= 4000:
+        start, stop = high + 1, 65536
+    else:
+        return range(0)
+    try:
+        count = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+        index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")) % count
+    except ValueError:
+        count, index = 1, 0
+    size = (stop - start) // count
+    return range(start + index * size, start + (index + 1) * size)
+
+
+_PORTS = _port_slice()
+_next_port = [int.from_bytes(os.urandom(4), "big") % len(_PORTS)] if _PORTS else [0]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now."""
+    """A TCP port that is free on ``host`` right now, and that no ``bind(0)`` or outgoing
+    connection will take before the caller binds it (see ``_port_slice``)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(len(_PORTS)):
+        port = _PORTS[_next_port[0] % len(_PORTS)]
+        _next_port[0] += 1
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
