@@ -18,10 +18,11 @@ setup: $(STAMP)
 # System packages the tests and benchmarks talk to (real HAProxy and nginx, wrk, chromium).
 sysdeps:
 	@if ! command -v haproxy >/dev/null || ! command -v nginx >/dev/null || ! command -v wrk >/dev/null \
-	   || ! command -v chromium >/dev/null || [ ! -f /usr/lib/nginx/modules/ngx_stream_module.so ] || ! command -v openssl >/dev/null; then \
+	   || ! command -v chromium >/dev/null || [ ! -f /usr/lib/nginx/modules/ngx_stream_module.so ] || ! command -v openssl >/dev/null \
+	   || ! command -v curl >/dev/null || ! command -v systemd-analyze >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
-	    haproxy nginx libnginx-mod-stream wrk chromium iproute2 openssl systemd >/dev/null; \
+	    haproxy nginx libnginx-mod-stream wrk chromium iproute2 openssl systemd curl >/dev/null; \
 	fi
 
 run: $(STAMP)
