@@ -23,6 +23,8 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 CHECKS: dict[str, Callable[[Any], object]] = {
     "duration": values.parse_duration,
+    "positive_duration": values.parse_positive_duration,
+    "access": values.parse_access_target,
     "hostport": values.parse_hostport,
     "cidr": values.parse_cidr,
     "rate": values.parse_rate,
@@ -32,6 +34,16 @@ CHECKS: dict[str, Callable[[Any], object]] = {
 
 Duration = Annotated[
     str, Meta(description="a duration such as '250ms', '1.5s', '10m'", extra={"check": "duration"})
+]
+PositiveDuration = Annotated[
+    str,
+    Meta(
+        description="a duration greater than zero such as '250ms', '1.5s', '10m'",
+        extra={"check": "positive_duration"},
+    ),
+]
+AccessTarget = Annotated[
+    str, Meta(description="'stdout', 'off' or a file path", extra={"check": "access"})
 ]
 HostPort = Annotated[
     str, Meta(description="IP:PORT, IPv6 as '[::1]:8443'", extra={"check": "hostport"})
@@ -66,7 +78,7 @@ class _Table(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
 class LogConfig(_Table, frozen=True):
     """``[log]``: where the access log goes."""
 
-    access: str = "stdout"
+    access: AccessTarget = "stdout"
     """``"stdout"``, ``"off"``, or a file path (relative paths are relative to the config file)."""
 
 
@@ -86,8 +98,8 @@ class HealthConfig(_Table, frozen=True):
     """``[pools.NAME.health]``: active health checks (issue 6)."""
 
     check: CheckKind = "tcp"
-    interval: Duration = "2s"
-    timeout: Duration = "1s"
+    interval: PositiveDuration = "2s"
+    timeout: PositiveDuration = "1s"
     rise: PositiveInt = 2
     fall: PositiveInt = 3
     http_path: Annotated[str, Meta(pattern=r"^/", description="a path starting with '/'")] = "/"
@@ -133,8 +145,8 @@ class PoolConfig(_Table, frozen=True):
     send_proxy: ProxyVersion = "v2"
     proxy_tlvs: tuple[ProxyTlv, ...] = ()
     tls_peek_timeout: Duration = "200ms"
-    connect_timeout: Duration = "3s"
-    idle_timeout: Duration = "10m"
+    connect_timeout: PositiveDuration = "3s"
+    idle_timeout: PositiveDuration = "10m"
     retries: Annotated[int, Meta(ge=0, le=100)] = 2
     health: HealthConfig | None = None
 
@@ -173,7 +185,7 @@ class ListenerConfig(_Table, frozen=True):
     max_conns: PositiveInt = 10000
     accept_proxy: AcceptProxy = "off"
     trusted_proxies: tuple[Cidr, ...] = ()
-    proxy_header_timeout: Duration = "5s"
+    proxy_header_timeout: PositiveDuration = "5s"
     pass_tlvs: tuple[TlvName, ...] = ()
     allow: tuple[Cidr, ...] = ()
     """Empty means every client is allowed."""

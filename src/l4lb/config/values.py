@@ -42,6 +42,24 @@ def parse_duration(text: str) -> float:
     return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
 
 
+def parse_positive_duration(text: str) -> float:
+    """Like :func:`parse_duration`, but zero is refused (a zero timeout or check interval would
+    fail every connect, close every connection at once, or spin the event loop)."""
+    seconds = parse_duration(text)
+    if seconds <= 0:
+        raise ValueError(
+            f"invalid duration {text!r}: must be greater than zero, such as '250ms' or '1s'"
+        )
+    return seconds
+
+
+def parse_access_target(text: str) -> str:
+    """``[log] access``: ``"stdout"``, ``"off"`` or a file path; an empty string is refused."""
+    if not text.strip():
+        raise ValueError(f"invalid value {text!r}: expected 'stdout', 'off' or a file path")
+    return text
+
+
 def parse_hostport(text: str) -> tuple[str, int]:
     """``"127.0.0.1:8443"`` or ``"[::1]:8443"`` -> ``(host, port)``; the host must be an IP."""
     hint = "expected IP:PORT such as '127.0.0.1:8443', or '[::1]:8443' for IPv6"
