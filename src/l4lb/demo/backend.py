@@ -20,6 +20,7 @@ log = logging.getLogger("l4lb.demo")
 
 HEADER_TIMEOUT = 5.0
 REQUEST_WAIT = 0.3
+LINGER = 2.0
 _HTTP_METHODS = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ")
 
 
@@ -82,6 +83,21 @@ def render(body: str, request: bytes) -> bytes:
     return head.encode() + (raw if not request.startswith(b"HEAD ") else b"")
 
 
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Half-close, then discard what the client still sends until its FIN (at most ``LINGER``s).
+
+    Closing a socket with unread input sends a RST, and a RST can destroy the answer still in
+    flight: a client whose request arrived after ``REQUEST_WAIT`` (a loaded machine) got a reset
+    instead of its answer. nginx's ``lingering_close`` exists for the same reason.
+    """
+    if writer.can_write_eof():
+        writer.write_eof()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(LINGER):
+            while await reader.read(65536):
+                pass
+
+
 class DemoBackend:
     """One demo backend: ``start()`` listens on ``host:port``; it requires PROXY ``version``."""
 
@@ -112,6 +128,7 @@ class DemoBackend:
         peer = (str(peername[0]), int(peername[1]))
         try:
             await self._answer(reader, writer, peer)
+            await _linger(reader, writer)
         except (OSError, TimeoutError):
             pass
         finally:
