@@ -37,3 +37,29 @@ def test_answer_survives_input_the_backend_did_not_read(tmp_path: Path) -> None:
     finally:
         stop_process(proc)
     assert "Traceback" not in log.read_text()
+
+
+def test_sigterm_with_connections_open_exits_cleanly(tmp_path: Path) -> None:
+    """SIGTERM while one client is silent (no header yet) and another still holds its socket
+    after the answer: exit 0, and no traceback (cancelled connection tasks printed one)."""
+    port = free_port()
+    log = tmp_path / "backend.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "l4lb", "demo-backend", "--listen", f"127.0.0.1:{port}"],
+        stdout=open(log, "wb"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_port("127.0.0.1", port, timeout=20)
+        silent = socket.create_connection(("127.0.0.1", port), timeout=10)
+        answered = socket.create_connection(("127.0.0.1", port), timeout=10)
+        answered.sendall(build(2, ("127.0.0.7", 40000), ("127.0.0.1", 8080)) + b"hi\n")
+        while answered.recv(65536):  # the answer, then the backend's FIN; our side stays open
+            pass
+        proc.terminate()
+        assert proc.wait(10) == 0
+        silent.close()
+        answered.close()
+    finally:
+        stop_process(proc)
+    assert "Traceback" not in log.read_text(), log.read_text()

@@ -107,6 +107,7 @@ class DemoBackend:
         self.port = port
         self.version = version
         self.server: asyncio.Server | None = None
+        self._open: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
 
     @property
     def listen(self) -> str:
@@ -118,14 +119,23 @@ class DemoBackend:
         self.port = sock.getsockname()[1]
 
     async def close(self) -> None:
+        """Stop listening and end open connections, so none is left for asyncio.run to cancel
+        (Python 3.11's stream callback prints a traceback for a cancelled connection task)."""
         if self.server is not None:
             self.server.close()
             with contextlib.suppress(Exception):
                 await self.server.wait_closed()
+        for writer in self._open.values():
+            writer.transport.abort()
+        if self._open:
+            await asyncio.wait(list(self._open), timeout=2.0)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peername = writer.get_extra_info("peername")
         peer = (str(peername[0]), int(peername[1]))
+        task = asyncio.current_task()
+        if task is not None:
+            self._open[task] = writer
         try:
             await self._answer(reader, writer, peer)
             await _linger(reader, writer)
@@ -135,6 +145,8 @@ class DemoBackend:
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
+            if task is not None:
+                self._open.pop(task, None)
 
     async def _answer(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: tuple[str, int]
