@@ -312,7 +312,9 @@ def test_graceful_stop_finishes_transfers(tmp_path: Path, mode: str) -> None:
             time.sleep(0.5)
             stopper = threading.Thread(target=lambda: results.append(("exit", lb.stop(20))))
             stopper.start()
-            time.sleep(0.3)
+            # the listener is closed before "draining" is logged (a fixed 0.3 s sleep raced the
+            # SIGTERM on a loaded machine: the probe was accepted and got the backend's bytes)
+            assert wait_for(lambda: "event=draining" in lb.log_text(), 20), lb.log_text()
             with pytest.raises(OSError):
                 connect(port).recv(1)  # no longer accepting
             for t in threads:
