@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -18,7 +19,7 @@ def test_notify_path_socket(tmp_path: Path) -> None:
 
 
 def test_notify_abstract_socket(tmp_path: Path) -> None:
-    name = f"l4lb-test-{tmp_path.name}"
+    name = f"l4lb-test-{os.getpid()}-{tmp_path.name}"  # unique across concurrent test runs
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind("\0" + name)
         sock.settimeout(5)
