@@ -34,6 +34,14 @@ def main(argv: list[str]) -> int:
     except ConfigError as err:
         print(err, file=sys.stderr)
         return EXIT_CONFIG
+    from l4lb.balancer.listener import BindError, ensure_not_listening
+
+    try:
+        for listener in config.listeners:
+            ensure_not_listening(*listener.bind_addr)
+    except BindError as err:
+        log.error("event=bind_failed error=%r", err.strerror)
+        return EXIT_BIND
     if config.workers > 1:
         try:
             from l4lb.balancer import workers

@@ -12,6 +12,7 @@ start), ``rejected`` (refused by admission), ``rejections`` (by reason, from adm
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 from collections import Counter
@@ -59,6 +60,25 @@ def open_listening_socket(host: str, port: int, backlog: int = 4096) -> socket.s
             err.errno, f"cannot bind {format_hostport(host, port)}: {err.strerror}"
         ) from err
     return sock
+
+
+def ensure_not_listening(host: str, port: int) -> None:
+    """Raise :class:`BindError` if another socket already listens on ``host:port``.
+
+    Listening sockets set ``SO_REUSEPORT`` (for workers and reloads), so a second ``l4lb run``
+    on the same config would bind too and silently take half the connections. A probe bound
+    without ``SO_REUSEPORT`` fails where any socket listens, and is closed at once.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            why = err.strerror
+            if err.errno == errno.EADDRINUSE:
+                why = "address already in use (is another l4lb running with this config?)"
+            raise BindError(err.errno, f"cannot bind {format_hostport(host, port)}: {why}") from err
 
 
 class Listener:
