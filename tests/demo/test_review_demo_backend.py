@@ -11,10 +11,8 @@ from l4lb.proxy_protocol import build
 from tests.support.peers import free_port, stop_process, wait_port
 
 
-def test_answer_survives_input_the_backend_did_not_read(tmp_path: Path) -> None:
-    """A request larger than the backend's one read used to be closed with unread input: the
-    kernel then sends a RST instead of a FIN, and the client saw ECONNRESET (under load, a
-    request arriving after the backend's short wait lost its whole answer the same way)."""
+def _start(tmp_path: Path) -> tuple[int, Path, subprocess.Popen[bytes]]:
+    """A real ``l4lb demo-backend`` on a free port, its output in ``backend.log``."""
     port = free_port()
     log = tmp_path / "backend.log"
     proc = subprocess.Popen(
@@ -24,6 +22,18 @@ def test_answer_survives_input_the_backend_did_not_read(tmp_path: Path) -> None:
     )
     try:
         wait_port("127.0.0.1", port, timeout=20)
+    except BaseException:
+        stop_process(proc)
+        raise
+    return port, log, proc
+
+
+def test_answer_survives_input_the_backend_did_not_read(tmp_path: Path) -> None:
+    """A request larger than the backend's one read used to be closed with unread input: the
+    kernel then sends a RST instead of a FIN, and the client saw ECONNRESET (under load, a
+    request arriving after the backend's short wait lost its whole answer the same way)."""
+    port, log, proc = _start(tmp_path)
+    try:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             header = build(2, ("127.0.0.7", 40000), ("127.0.0.1", 8080))
             body = b"x" * 300_000
@@ -42,15 +52,8 @@ def test_answer_survives_input_the_backend_did_not_read(tmp_path: Path) -> None:
 def test_sigterm_with_connections_open_exits_cleanly(tmp_path: Path) -> None:
     """SIGTERM while one client is silent (no header yet) and another still holds its socket
     after the answer: exit 0, and no traceback (cancelled connection tasks printed one)."""
-    port = free_port()
-    log = tmp_path / "backend.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "l4lb", "demo-backend", "--listen", f"127.0.0.1:{port}"],
-        stdout=open(log, "wb"),  # noqa: SIM115
-        stderr=subprocess.STDOUT,
-    )
+    port, log, proc = _start(tmp_path)
     try:
-        wait_port("127.0.0.1", port, timeout=20)
         silent = socket.create_connection(("127.0.0.1", port), timeout=10)
         answered = socket.create_connection(("127.0.0.1", port), timeout=10)
         answered.sendall(build(2, ("127.0.0.7", 40000), ("127.0.0.1", 8080)) + b"hi\n")

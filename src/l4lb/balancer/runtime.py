@@ -25,6 +25,7 @@ import importlib
 import inspect
 import logging
 import signal
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,7 +36,7 @@ from l4lb.balancer.listener import BindError, Listener, open_listening_socket
 from l4lb.balancer.pool import Pool
 from l4lb.balancer.relay import get_relay
 from l4lb.config.loader import ConfigError, load_config
-from l4lb.config.schema import Config
+from l4lb.config.schema import Config, ListenerConfig
 from l4lb.config.values import format_hostport
 from l4lb.observe.access_log import AccessLog
 
@@ -82,16 +83,20 @@ class Balancer:
         """Bind every listener (all or none: :class:`BindError` leaves nothing bound), accept."""
         socks = self._bind([lc for lc in self.config.listeners])
         for lc in self.config.listeners:
-            listener = Listener(self, lc, sock=socks[lc.name])
-            self.listeners[lc.name] = listener
-            listener.start()
-            log.info(
-                "event=listening listener=%s bind=%s pool=%s",
-                lc.name,
-                format_hostport(*listener.address),
-                lc.pool,
-            )
+            self._listen(lc, socks[lc.name])
         self._schedule_sweep()
+
+    def _listen(self, lc: ListenerConfig, sock: socket.socket) -> None:
+        """Start accepting on ``sock`` for the listener config ``lc``, and say so."""
+        listener = Listener(self, lc, sock=sock)
+        self.listeners[lc.name] = listener
+        listener.start()
+        log.info(
+            "event=listening listener=%s bind=%s pool=%s",
+            lc.name,
+            format_hostport(*listener.address),
+            lc.pool,
+        )
 
     def _bind(self, configs: list[Any]) -> dict[str, Any]:
         socks: dict[str, Any] = {}
@@ -218,15 +223,7 @@ class Balancer:
                 log.info("event=listener_stopped listener=%s", name)
         for lc in new.listeners:
             if lc.name in socks:
-                listener = Listener(self, lc, sock=socks[lc.name])
-                self.listeners[lc.name] = listener
-                listener.start()
-                log.info(
-                    "event=listening listener=%s bind=%s pool=%s",
-                    lc.name,
-                    format_hostport(*listener.address),
-                    lc.pool,
-                )
+                self._listen(lc, socks[lc.name])
             else:
                 self.listeners[lc.name].reconfigure(lc)
         self.listeners = {lc.name: self.listeners[lc.name] for lc in new.listeners}
