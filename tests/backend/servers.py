@@ -22,6 +22,15 @@ from l4lb.backend.asyncio import start_server
 from l4lb.backend.socketserver import ProxyProtocolMixin
 from l4lb.trust.policy import ProxyPolicy
 
+CLIENT = ("198.51.100.42", 40000)
+"""The client address the tests' PROXY headers claim."""
+DEST = ("203.0.113.7", 443)
+
+
+def policy(mode: str = "required", timeout: float = 5.0) -> ProxyPolicy:
+    """A policy trusting 127.0.0.1, the tests' balancer."""
+    return ProxyPolicy(mode=mode, trusted=["127.0.0.1/32"], header_timeout=timeout)
+
 
 def fmt(addr: Any) -> str:
     if not addr:

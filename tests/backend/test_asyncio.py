@@ -16,24 +16,20 @@ from l4lb.backend.asyncio import ProxyProtocolFactory
 from l4lb.proxy_protocol import TLV, TLVType, build, local_header
 from l4lb.trust.policy import ProxyPolicy
 from tests.backend.servers import (
+    CLIENT,
+    DEST,
     LoopThread,
     TLSInOneSegment,
     asyncio_greeter,
     closed_by_peer,
     make_cert,
     parse_greeting,
+    policy,
     recv_line,
     server_context,
     tls_client,
 )
 from tests.support.peers import connect_from, wait_for
-
-CLIENT = ("198.51.100.42", 40000)
-DEST = ("203.0.113.7", 443)
-
-
-def policy(mode: str = "required", timeout: float = 5.0) -> ProxyPolicy:
-    return ProxyPolicy(mode=mode, trusted=["127.0.0.1/32"], header_timeout=timeout)
 
 
 @pytest.mark.parametrize("version", [1, 2])

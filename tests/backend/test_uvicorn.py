@@ -15,12 +15,14 @@ from websockets.sync.client import connect as ws_connect
 
 from l4lb.backend.serve import parse_bind
 from l4lb.proxy_protocol import TLV, SSLInfo, TLVType, build, local_header
-from l4lb.trust.policy import ProxyPolicy
 from tests.backend.servers import (
+    CLIENT,
+    DEST,
     TLSInOneSegment,
     closed_by_peer,
     http_get,
     make_cert,
+    policy,
     server_context,
     tls_client,
     uvicorn_server,
@@ -28,13 +30,7 @@ from tests.backend.servers import (
 )
 from tests.support.peers import connect_from, free_port, stop_process, wait_port
 
-CLIENT = ("198.51.100.42", 40000)
-DEST = ("203.0.113.7", 443)
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def policy(mode: str = "required", timeout: float = 5.0) -> ProxyPolicy:
-    return ProxyPolicy(mode=mode, trusted=["127.0.0.1/32"], header_timeout=timeout)
 
 
 @pytest.mark.parametrize(("version", "http"), [(1, "auto"), (2, "auto"), (2, "h11")])
