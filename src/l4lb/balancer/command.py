@@ -8,14 +8,52 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import sys
 
 from l4lb.balancer.logs import setup_logging
 from l4lb.config.loader import ConfigError, load_config
+from l4lb.config.schema import Config
 
 EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_BIND = 0, 1, 2, 3
 
 log = logging.getLogger("l4lb.run")
+
+
+FDS_PER_CONNECTION = 2
+"""A relayed connection holds the client's socket and the backend's."""
+FDS_SPARE = 64
+"""Listeners, health checks, the admin API, the access log, the event loop's own."""
+
+
+def raise_fd_limit(config: Config) -> None:
+    """Raise the soft RLIMIT_NOFILE towards what the listeners' ``max_conns`` can use.
+
+    Distributions often start services with a soft limit of 1024 (and a far higher hard limit):
+    the default ``max_conns = 10000`` would then fail connects with 'Too many open files' long
+    before the listener is full. Warn when even the hard limit is too low.
+    """
+    need = FDS_SPARE + FDS_PER_CONNECTION * sum(lc.max_conns for lc in config.listeners)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        if target > soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            except (OSError, ValueError) as err:
+                log.warning("event=fd_limit error=%r", str(err))
+            else:
+                log.info("event=fd_limit raised_from=%d to=%d needed=%d", soft, target, need)
+                soft = target
+    if soft != resource.RLIM_INFINITY and soft < need:
+        log.warning(
+            "event=fd_limit limit=%d needed=%d detail='the listeners' max_conns need about %d "
+            "file descriptors: raise the hard limit (ulimit -Hn, systemd LimitNOFILE=) or lower "
+            "max_conns, or connections will fail with Too many open files'",
+            soft,
+            need,
+            need,
+        )
 
 
 def main(argv: list[str]) -> int:
@@ -34,6 +72,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as err:
         print(err, file=sys.stderr)
         return EXIT_CONFIG
+    raise_fd_limit(config)
     from l4lb.balancer.listener import BindError, ensure_not_listening
 
     try:

@@ -1,0 +1,89 @@
+"""``l4lb run`` raises a low soft RLIMIT_NOFILE to what ``max_conns`` needs, or says it cannot."""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.balancer.helpers import backend, echo
+from tests.support.l4lb import config_text
+from tests.support.peers import free_port, stop_process, wait_for
+
+CLIENTS = 150
+
+
+def _run(workdir: Path, text: str, soft: int, hard: int) -> subprocess.Popen[bytes]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "l4lb.toml").write_text(text)
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "l4lb", "run", "--config", "l4lb.toml"],
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=open(workdir / "l4lb.log", "wb"),  # noqa: SIM115
+        preexec_fn=limit,
+    )
+    if not wait_for(lambda: "event=started" in (workdir / "l4lb.log").read_text(), 20):
+        stop_process(proc)
+        raise AssertionError((workdir / "l4lb.log").read_text())
+    return proc
+
+
+def _echoed(port: int, wait: float = 10.0) -> int:
+    """CLIENTS connections open at once; how many got their byte back."""
+    socks = []
+    try:
+        for _ in range(CLIENTS):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(b"x")
+            socks.append(s)
+        ok = 0
+        deadline = time.monotonic() + wait
+        for s in socks:
+            s.settimeout(max(0.01, deadline - time.monotonic()))
+            with contextlib.suppress(OSError):
+                ok += s.recv(1) == b"x"
+        return ok
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_soft_limit_raised_and_every_connection_served(tmp_path: Path) -> None:
+    port = free_port()
+    with backend(echo) as be:
+        text = config_text(f"127.0.0.1:{port}", [be.address], listener={"max_conns": 300})
+        proc = _run(tmp_path, text, soft=128, hard=4096)
+        try:
+            assert _echoed(port) == CLIENTS  # 128 descriptors were not enough for 150 pairs
+        finally:
+            stop_process(proc)
+    log = (tmp_path / "l4lb.log").read_text()
+    assert "event=fd_limit raised_from=128 to=664 needed=664" in log, log
+    assert "Traceback" not in log
+
+
+def test_hard_limit_too_low_is_said_at_start_and_overflow_is_logged(tmp_path: Path) -> None:
+    port = free_port()
+    with backend(echo) as be:
+        text = config_text(f"127.0.0.1:{port}", [be.address], listener={"max_conns": 300})
+        proc = _run(tmp_path, text, soft=128, hard=128)
+        try:
+            served = _echoed(port, wait=2.0)
+            assert 0 < served < CLIENTS
+            assert proc.poll() is None  # still running
+        finally:
+            stop_process(proc)
+    log = (tmp_path / "l4lb.log").read_text()
+    assert "event=fd_limit limit=128 needed=664" in log, log
+    assert "LimitNOFILE" in log
+    assert "Too many open files" in log  # each failure has its line
+    assert "Traceback" not in log
