@@ -35,7 +35,11 @@ def _parser() -> argparse.ArgumentParser:
         description="Decode a PROXY protocol header (v1 or v2) and print it.",
         epilog="Without HEX, reads stdin: raw bytes, or hex text if it is only hex digits.",
     )
-    p.add_argument("hex", nargs="*", help="the header as hex (spaces, colons and 0x allowed)")
+    p.add_argument(
+        "hex",
+        nargs="*",
+        help="the header as hex (spaces, colons and 0x allowed), or a v1 line 'PROXY ...'",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--raw", action="store_true", help="treat stdin as raw bytes, never as hex")
     p.add_argument(
@@ -66,11 +70,18 @@ def _from_hex(text: str) -> bytes:
     try:
         return bytes.fromhex(cleaned)
     except ValueError as err:
-        raise UsageError(f"not valid hex: {err}") from None
+        raise UsageError(
+            f"not valid hex: {err}; a v1 line may be given as text ('PROXY TCP4 ...'), "
+            "or raw bytes on stdin"
+        ) from None
 
 
 def _input(args: argparse.Namespace) -> bytes:
     if args.hex:
+        text = " ".join(args.hex)
+        if text.startswith("PROXY "):  # a v1 line pasted as text (from a capture, a log)
+            line = text.encode("ascii", "backslashreplace")
+            return line if line.endswith(b"\r\n") else line.rstrip(b"\r\n") + b"\r\n"
         return _from_hex("".join(args.hex))
     data = sys.stdin.buffer.read()
     if not args.raw and data.strip() and set(data.decode("latin-1")) <= _HEX_TEXT:
