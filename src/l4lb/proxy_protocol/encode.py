@@ -178,16 +178,11 @@ def _encode_v1(h: ProxyHeader) -> bytes:
         raise InvalidHeader(
             Reason.UNENCODABLE, f"v1 carries only TCP over IPv4/IPv6, not {h.family.name}"
         )
-    src, dst = _ip_pair(h)
-    want = 4 if h.family is Family.INET else 6
-    parts = []
-    for host, port in (src, dst):
-        fam, packed = _pack_host(host)
-        if fam != want:
-            raise InvalidHeader(Reason.UNENCODABLE, f"{host!r} does not match {h.family.name}")
-        parts.append(host if fam == 4 else _v6_text(host, packed))
-        _check_port(port)
-    proto = b"TCP4" if want == 4 else b"TCP6"
+    src, dst, packed = _checked_ips(h)
+    if h.family is Family.INET:
+        proto, parts = b"TCP4", [src[0], dst[0]]
+    else:
+        proto, parts = b"TCP6", [_v6_text(src[0], packed[0]), _v6_text(dst[0], packed[1])]
     return b"PROXY %s %s %s %d %d\r\n" % (
         proto,
         parts[0].encode(),
@@ -197,13 +192,23 @@ def _encode_v1(h: ProxyHeader) -> bytes:
     )
 
 
-def _ip_pair(h: ProxyHeader) -> tuple[Address, Address]:
+def _checked_ips(h: ProxyHeader) -> tuple[Address, Address, tuple[bytes, bytes]]:
+    """Source, destination and their packed hosts; each host of the header's family, each port
+    valid (shared by v1 and v2)."""
     src, dst = h.source, h.destination
     if not (isinstance(src, tuple) and isinstance(dst, tuple)):
         raise InvalidHeader(
             Reason.UNENCODABLE, f"{h.family.name} needs (host, port) source and destination"
         )
-    return src, dst
+    want = 4 if h.family is Family.INET else 6
+    packed = []
+    for host, port in (src, dst):
+        fam, p = _pack_host(host)
+        if fam != want:
+            raise InvalidHeader(Reason.UNENCODABLE, f"{host!r} does not match {h.family.name}")
+        _check_port(port)
+        packed.append(p)
+    return src, dst, (packed[0], packed[1])
 
 
 def _unix_bytes(path: object) -> bytes:
@@ -227,15 +232,7 @@ def _encode_v2(h: ProxyHeader, crc: bool) -> bytes:
     elif h.family is Family.UNIX:
         addr = _unix_bytes(h.source) + _unix_bytes(h.destination)
     else:
-        src, dst = _ip_pair(h)
-        want = 4 if h.family is Family.INET else 6
-        packed = []
-        for host, port in (src, dst):
-            fam_, p = _pack_host(host)
-            if fam_ != want:
-                raise InvalidHeader(Reason.UNENCODABLE, f"{host!r} does not match {h.family.name}")
-            _check_port(port)
-            packed.append(p)
-        st = _INET if want == 4 else _INET6
+        src, dst, packed = _checked_ips(h)
+        st = _INET if h.family is Family.INET else _INET6
         addr = st.pack(packed[0], packed[1], src[1], dst[1])
     return _assemble(0x20 | int(h.command), fam, addr, h.tlvs, crc)
