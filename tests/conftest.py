@@ -1,5 +1,12 @@
 """Settings for the whole suite.
 
+Open files: some tests hold a thousand client sockets at once, and the balancer and backends they
+start inherit the test process's limits. A login shell's soft RLIMIT_NOFILE is often 1024 (a fresh
+Debian machine: soft 1024, hard 524288), where those tests failed with "Too many open files", and a
+failed test's leaked sockets then failed the next tests on the same worker. The soft limit is
+raised to 20000 (or the hard limit, if lower), so every machine runs the suite with the same limit;
+tests of the balancer's own limit handling set theirs explicitly.
+
 Every test talks to loopback only. A machine configured with an HTTP proxy (``http_proxy`` and
 friends, common on CI runners) would send the tests' urllib, httpx and curl requests for
 127.0.0.1 to that proxy instead; loopback is excluded from any proxy here.
@@ -8,9 +15,16 @@ friends, common on CI runners) would send the tests' urllib, httpx and curl requ
 from __future__ import annotations
 
 import os
+import resource
 
 _LOOPBACK = "127.0.0.1,localhost,::1,[::1]"
 
 for _name in ("no_proxy", "NO_PROXY"):
     _current = os.environ.get(_name, "")
     os.environ[_name] = f"{_current},{_LOOPBACK}" if _current else _LOOPBACK
+
+_OPEN_FILES = 20000
+_soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+_want = _OPEN_FILES if _hard == resource.RLIM_INFINITY else min(_hard, _OPEN_FILES)
+if _soft != resource.RLIM_INFINITY and _soft < _want:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (_want, _hard))

@@ -77,33 +77,35 @@ def _listener(
 
 def _crowd(port: int) -> int:
     """CROWD clients open at once, each sends a line and reads its answer to the end."""
-    socks = []
-    for _ in range(CROWD):
-        s = socket.create_connection(("127.0.0.1", port), timeout=30)
-        s.sendall(b"hello\n")
-        s.setblocking(False)
-        socks.append(s)
-    sel = selectors.DefaultSelector()
-    got = {s: b"" for s in socks}
-    for s in socks:
-        sel.register(s, selectors.EVENT_READ)
-    open_ = CROWD
-    deadline = time.monotonic() + 60
-    while open_ and time.monotonic() < deadline:
-        for key, _ in sel.select(1):
-            s = key.fileobj
-            assert isinstance(s, socket.socket)
-            try:
-                data = s.recv(65536)
-            except OSError:
-                data = b""
-            if data:
-                got[s] += data
-            else:
-                sel.unregister(s)
-                open_ -= 1
-    for s in socks:
-        s.close()
+    socks: list[socket.socket] = []
+    try:  # closed even when the crowd fails: leaked sockets would fail the next tests
+        for _ in range(CROWD):
+            s = socket.create_connection(("127.0.0.1", port), timeout=30)
+            s.sendall(b"hello\n")
+            s.setblocking(False)
+            socks.append(s)
+        sel = selectors.DefaultSelector()
+        got = {s: b"" for s in socks}
+        for s in socks:
+            sel.register(s, selectors.EVENT_READ)
+        open_ = CROWD
+        deadline = time.monotonic() + 60
+        while open_ and time.monotonic() < deadline:
+            for key, _ in sel.select(1):
+                s = key.fileobj
+                assert isinstance(s, socket.socket)
+                try:
+                    data = s.recv(65536)
+                except OSError:
+                    data = b""
+                if data:
+                    got[s] += data
+                else:
+                    sel.unregister(s)
+                    open_ -= 1
+    finally:
+        for s in socks:
+            s.close()
     return sum(1 for v in got.values() if b"Hello from" in v)
 
 
