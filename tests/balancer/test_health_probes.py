@@ -99,7 +99,7 @@ def test_proxy_local_sends_v2_local_header() -> None:
 
     async def main() -> CheckResult:
         async with Server(handle) as srv:
-            result = await run_probe(srv.target(), CheckSettings("proxy-local"))
+            result = await run_probe(srv.target(2), CheckSettings("proxy-local"))
             for _ in range(100):
                 if seen:
                     break

@@ -8,8 +8,9 @@ so a dead backend is taken out before the next active check (passive checking).
 Probes live in one registry by name (``check = "tcp"`` looks up :data:`PROBES`):
 
 - ``tcp``: a TCP connection is accepted.
-- ``proxy-local``: a TCP connection, then a PROXY v2 ``LOCAL`` header (HAProxy's
-  ``check-send-proxy``), so backends that require the PROXY protocol accept the check.
+- ``proxy-local``: a TCP connection, then the backend's PROXY header as ``LOCAL`` (v1
+  ``UNKNOWN``; nothing when it receives none), as HAProxy's ``check-send-proxy`` does, so backends
+  that require the PROXY protocol accept the check.
 - ``http``: the backend's PROXY header as ``LOCAL`` (v1 ``UNKNOWN``; nothing when the pool
   sends none), then ``GET http_path``; any 2xx or 3xx status is up.
 - ``send-expect``: the PROXY header as for ``http``, then ``send``; up when ``expect``
@@ -177,15 +178,23 @@ async def probe_tcp(target: Target, settings: CheckSettings) -> str:
 
 
 async def probe_proxy_local(target: Target, settings: CheckSettings) -> str:
+    """Connect and send the header this backend receives, as LOCAL (v2) or UNKNOWN (v1).
+
+    Like HAProxy's ``check-send-proxy``, the version follows the backend's ``send_proxy``: a v1-only
+    backend would refuse a v2 header, and one that gets no header would take it as data.
+    """
     _, writer = await _open(target)
+    if not target.proxy_version:
+        await _close(writer)
+        return "connected (the backend receives no PROXY header: none sent)"
     try:
-        writer.write(local_header(version=2))
+        writer.write(_local(target))
         await writer.drain()
     except OSError as err:
         raise CheckFailed(f"sending the PROXY LOCAL header failed: {_why(err)}") from err
     finally:
         await _close(writer)
-    return "connected, PROXY v2 LOCAL sent"
+    return f"connected, PROXY v{target.proxy_version} LOCAL sent"
 
 
 async def probe_http(target: Target, settings: CheckSettings) -> str:
