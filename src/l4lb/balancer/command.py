@@ -45,7 +45,7 @@ def raise_fd_limit(config: Config) -> None:
             else:
                 log.info("event=fd_limit raised_from=%d to=%d needed=%d", soft, target, need)
                 soft = target
-    if soft != resource.RLIM_INFINITY and soft < need:
+    if soft != resource.RLIM_INFINITY and soft < need - FDS_SPARE:  # the spare is a guess
         log.warning(
             "event=fd_limit limit=%d needed=%d detail='the listeners' max_conns need about %d "
             "file descriptors: raise the hard limit (ulimit -Hn, systemd LimitNOFILE=) or lower "
