@@ -139,6 +139,21 @@ def asyncio_greeter(
         runner.close()
 
 
+@contextlib.contextmanager
+def _serving(server: Any) -> Iterator[tuple[int, Any]]:
+    """Run a socketserver in a thread for the block: (port, server); shut down after."""
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
+    thread.start()
+    try:
+        yield server.server_address[1], server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
 class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -176,16 +191,8 @@ def socketserver_greeter(
     server = (
         _DualStackServer(("::", 0), Handler) if dual_stack else _Server(("127.0.0.1", 0), Handler)
     )
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
-    thread.start()
-    try:
-        yield server.server_address[1], server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with _serving(server) as served:
+        yield served
 
 
 class _HTTPServer(http.server.ThreadingHTTPServer):
@@ -231,16 +238,8 @@ def http_server(policy: ProxyPolicy, ssl: Any = None) -> Iterator[tuple[int, _HT
             )
 
     server = _HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
-    thread.start()
-    try:
-        yield server.server_address[1], server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with _serving(server) as served:
+        yield served
 
 
 # --- uvicorn -------------------------------------------------------------------------------
