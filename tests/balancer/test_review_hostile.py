@@ -6,6 +6,7 @@ each leaves a specific access-log line, none leaves a traceback, and the stop is
 
 from __future__ import annotations
 
+import contextlib
 import selectors
 import socket
 import struct
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -75,6 +77,14 @@ def _listener(
     )
 
 
+@contextlib.contextmanager
+def _stopped(proc: subprocess.Popen[bytes]) -> Iterator[subprocess.Popen[bytes]]:
+    try:
+        yield proc
+    finally:
+        stop_process(proc)
+
+
 def _crowd(port: int) -> int:
     """CROWD clients open at once, each sends a line and reads its answer to the end."""
     socks: list[socket.socket] = []
@@ -112,13 +122,18 @@ def _crowd(port: int) -> int:
 @pytest.mark.parametrize("mode", RELAY_MODES)
 def test_hostile_clients_broken_backends_and_a_crowd(tmp_path: Path, mode: str) -> None:
     crowd_port = free_port()
+    ports = {name: free_port() for name in ("main", "trusted", "silent", "reset", "dead", "crowd")}
     crowd_backend = subprocess.Popen(
         [sys.executable, "-m", "l4lb", "demo-backend", "--listen", f"127.0.0.1:{crowd_port}"],
         stdout=subprocess.DEVNULL,
         stderr=open(tmp_path / "crowd-backend.log", "wb"),  # noqa: SIM115
     )
-    ports = {name: free_port() for name in ("main", "trusted", "silent", "reset", "dead", "crowd")}
-    with backend(echo) as eb, backend(_silent) as sb, backend(_resetter) as rb:
+    with (  # the crowd's backend is stopped however the test ends (it was left running when
+        _stopped(crowd_backend),  # the balancer failed to start)
+        backend(echo) as eb,
+        backend(_silent) as sb,
+        backend(_resetter) as rb,
+    ):
         wait_port("127.0.0.1", crowd_port, timeout=20)
         text = config_text(
             f"127.0.0.1:{ports['main']}",
