@@ -7,6 +7,11 @@ failed test's leaked sockets then failed the next tests on the same worker. The 
 raised to 20000 (or the hard limit, if lower), so every machine runs the suite with the same limit;
 tests of the balancer's own limit handling set theirs explicitly.
 
+Hypothesis: no per-example ``deadline`` (200 ms by default) and no ``too_slow`` health check. Both
+time the machine, not the code: on a loaded CI machine an example that waits for the CPU fails
+with DeadlineExceeded or "Flaky: Unreliable test timings". What the properties assert is
+unchanged; the fuzz test bounds each example with its own generous liveness limit.
+
 Every test talks to loopback only. A machine configured with an HTTP proxy (``http_proxy`` and
 friends, common on CI runners) would send the tests' urllib, httpx and curl requests for
 127.0.0.1 to that proxy instead; loopback is excluded from any proxy here.
@@ -16,6 +21,8 @@ from __future__ import annotations
 
 import os
 import resource
+
+from hypothesis import HealthCheck, settings
 
 _LOOPBACK = "127.0.0.1,localhost,::1,[::1]"
 
@@ -28,3 +35,8 @@ _soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 _want = _OPEN_FILES if _hard == resource.RLIM_INFINITY else min(_hard, _OPEN_FILES)
 if _soft != resource.RLIM_INFINITY and _soft < _want:
     resource.setrlimit(resource.RLIMIT_NOFILE, (_want, _hard))
+
+settings.register_profile(
+    "l4lb", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.load_profile("l4lb")
