@@ -322,7 +322,12 @@ async def serve(config: Config, config_path: str | None = None) -> int:
     try:
         balancer = Balancer(config, config_path, loop)
     except OSError as err:
-        log.error("event=start_failed error=%r", f"access log {config.log.access}: {err.strerror}")
+        where = err.filename or config.log.access
+        log.error(
+            "event=start_failed error=%r",
+            f"log.access: cannot open {where}: {err.strerror} "
+            "(expected a writable file path, 'stdout' or 'off')",
+        )
         return 1
     try:
         balancer.start()
