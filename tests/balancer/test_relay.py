@@ -383,7 +383,12 @@ def test_backend_resetting_at_once_never_leaks_the_client(tmp_path: Path, mode: 
         l4lb(tmp_path, cfg(port, [be.address], mode)) as lb,
     ):
         for _ in range(5):
-            client = connect(port)
+            try:
+                client = connect(port)
+            except ConnectionResetError:
+                # the backend's RST, passed on by the balancer, can beat connect()'s return
+                # when the test thread waits for the CPU: the client was closed, not leaked
+                continue
             client.settimeout(5)
             with contextlib.suppress(ConnectionResetError):
                 assert recv_all(client) == b""
