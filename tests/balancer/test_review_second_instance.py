@@ -40,7 +40,7 @@ def test_second_instance_exits_3_and_the_first_keeps_every_connection(
                 stop_process(proc)  # SIGTERM: a supervisor also stops its workers
             stderr = err.read_text()
             assert code == 3, stderr
-            assert f"127.0.0.1:{port}" in stderr
+            assert f"listeners[0].bind: cannot bind 127.0.0.1:{port}" in stderr
             assert "already in use" in stderr
             assert "Traceback" not in stderr
             for _ in range(20):

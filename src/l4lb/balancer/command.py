@@ -75,12 +75,16 @@ def main(argv: list[str]) -> int:
     raise_fd_limit(config)
     from l4lb.balancer.listener import BindError, ensure_not_listening
 
-    try:
-        for listener in config.listeners:
+    for i, listener in enumerate(config.listeners):
+        try:
             ensure_not_listening(*listener.bind_addr)
-    except BindError as err:
-        log.error("event=bind_failed error=%r", err.strerror)
-        return EXIT_BIND
+        except BindError as err:
+            log.error(
+                "event=bind_failed listener=%s error=%r",
+                listener.name,
+                f"listeners[{i}].bind: {err.strerror}",
+            )
+            return EXIT_BIND
     if config.workers > 1:
         try:
             from l4lb.balancer import workers
