@@ -7,6 +7,7 @@ Exit codes: 0 stopped cleanly, 1 invalid config (every error listed, as ``l4lb c
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import resource
 import sys
@@ -56,6 +57,19 @@ def raise_fd_limit(config: Config) -> None:
         )
 
 
+def warn_unprotected_admin(config: Config) -> None:
+    """Say so when the admin API's POSTs (drain, disable, reload) are open beyond loopback."""
+    if config.admin is None or config.admin.token:
+        return
+    host = config.admin.bind_addr[0]
+    if not ipaddress.ip_address(host).is_loopback:
+        log.warning(
+            "event=admin_unprotected bind=%s detail='the admin API listens beyond loopback with "
+            "no token: anyone who reaches it can drain, disable and reload; set [admin] token'",
+            config.admin.bind,
+        )
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="l4lb run", description="Run the load balancer.")
     parser.add_argument("--config", "-c", required=True, metavar="FILE", help="the TOML file")
@@ -73,6 +87,7 @@ def main(argv: list[str]) -> int:
         print(err, file=sys.stderr)
         return EXIT_CONFIG
     raise_fd_limit(config)
+    warn_unprotected_admin(config)
     from l4lb.balancer.listener import BindError, ensure_not_listening
 
     for i, listener in enumerate(config.listeners):
