@@ -82,3 +82,45 @@ def test_check_refuses_zero_timeouts_and_empty_access_log(
 def test_zero_is_still_fine_where_it_means_do_not_wait(tmp_path: Path, text: str) -> None:
     result = _check(tmp_path, text)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _pointing(bind: str, backend: str) -> str:
+    return f"""
+[[listeners]]
+name = "front"
+bind = "{bind}"
+pool = "web"
+
+[pools.web]
+backends = [{{ address = "10.0.0.1:80" }}, {{ address = "{backend}" }}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("bind", "backend", "loops"),
+    [
+        ("127.0.0.1:8080", "127.0.0.1:8080", True),
+        ("0.0.0.0:8080", "127.0.0.1:8080", True),
+        ("0.0.0.0:8080", "127.0.0.5:8080", True),  # all of 127/8 is this machine
+        ("[::]:8080", "127.0.0.1:8080", True),  # dual-stack
+        ("[::]:8080", "[::1]:8080", True),
+        ("[::1]:8080", "[::1]:8080", True),
+        ("0.0.0.0:8080", "[::1]:8080", False),
+        ("0.0.0.0:8080", "10.0.0.2:8080", False),  # another host on the same port: common
+        ("127.0.0.1:8080", "127.0.0.1:8081", False),
+        ("127.0.0.1:8080", "127.0.0.2:8080", False),
+    ],
+)
+def test_backend_that_is_the_balancer_itself(
+    tmp_path: Path, bind: str, backend: str, loops: bool
+) -> None:
+    """A backend at a listener's own address would make every connection open another."""
+    result = _check(tmp_path, _pointing(bind, backend))
+    out = result.stdout + result.stderr
+    assert "Traceback" not in out
+    if not loops:
+        assert result.returncode == 0, out
+        return
+    assert result.returncode == 1, out
+    line = next(ln for ln in out.splitlines() if "pools.web.backends[1].address:" in ln)
+    assert "own listener 'front'" in line and "loop" in line

@@ -10,6 +10,7 @@ follow. The result is all the errors at once, each saying where and what would b
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import tomllib
@@ -354,6 +355,25 @@ def _raw_cross_checks(raw: dict[str, Any]) -> list[ConfigIssue]:
     return issues
 
 
+def _own_listener(
+    addr: tuple[str, int], listeners: tuple[schema.ListenerConfig, ...]
+) -> str | None:
+    """The name of a listener that ``addr`` would connect to (a backend pointing at us)."""
+    host, port = addr
+    for lst in listeners:
+        lhost, lport = lst.bind_addr
+        if lport != port:
+            continue
+        if lhost == host:
+            return lst.name
+        wildcard_v4, wildcard_v6 = lhost == "0.0.0.0", lhost == "::"
+        ip = ipaddress.ip_address(host)
+        local = ip.is_loopback or ip.is_unspecified
+        if local and (wildcard_v6 or (wildcard_v4 and ip.version == 4)):
+            return lst.name
+    return None
+
+
 def _cross_checks(config: schema.Config) -> list[ConfigIssue]:
     issues: list[ConfigIssue] = []
     names: dict[str, int] = {}
@@ -406,6 +426,15 @@ def _cross_checks(config: schema.Config) -> list[ConfigIssue]:
                     )
                 )
             seen.setdefault(addr, j)
+            loop = _own_listener(addr, config.listeners)
+            if loop is not None:
+                issues.append(
+                    ConfigIssue(
+                        f"{where}.address",
+                        f"{backend.address!r} is the balancer's own listener {loop!r}: "
+                        "connections would loop back into it until descriptors run out",
+                    )
+                )
             if pool.proxy_tlvs and backend.send_proxy in ("v1", "off"):
                 issues.append(
                     ConfigIssue(
