@@ -19,10 +19,10 @@ setup: $(STAMP)
 sysdeps:
 	@if ! command -v haproxy >/dev/null || ! command -v nginx >/dev/null || ! command -v wrk >/dev/null \
 	   || ! command -v chromium >/dev/null || [ ! -f /usr/lib/nginx/modules/ngx_stream_module.so ] || ! command -v openssl >/dev/null \
-	   || ! command -v curl >/dev/null || ! command -v systemd-analyze >/dev/null; then \
+	   || ! command -v curl >/dev/null || ! command -v systemd-analyze >/dev/null || [ ! -x /bin/kill ]; then \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
-	    haproxy nginx libnginx-mod-stream wrk chromium iproute2 openssl systemd curl >/dev/null; \
+	    haproxy nginx libnginx-mod-stream wrk chromium iproute2 openssl systemd procps curl >/dev/null; \
 	fi
 
 run: $(STAMP)
