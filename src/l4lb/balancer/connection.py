@@ -1,10 +1,11 @@
 """One client connection from admission to close: peek, pick, connect, PROXY header, relay.
 
 Everything here runs from event-loop callbacks (no Task per connection): a raw non-blocking
-``connect()`` watched with ``add_writer`` and one timer, then the relay. Client bytes are not read
-until a backend is connected (they wait in the kernel), so trying another backend after a failed
-connect loses nothing. With ``authority``/``alpn`` TLVs requested, the ClientHello is peeked
-(``MSG_PEEK``, nothing consumed) for up to ``tls_peek_timeout`` first.
+``connect()`` watched with ``splice.wait_connected`` (one ``epoll_ctl``) and one timer, then the
+relay. Client bytes are not read until a backend is connected (they wait in the kernel), so
+trying another backend after a failed connect loses nothing. With ``authority``/``alpn`` TLVs
+requested, the ClientHello is peeked (``MSG_PEEK``, nothing consumed) for up to
+``tls_peek_timeout`` first.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from l4lb.balancer import tls_peek
+from l4lb.balancer import splice, tls_peek
 from l4lb.balancer.admission import Admitted
 from l4lb.balancer.relay import Relay, reset_socket
 from l4lb.config.values import format_hostport
@@ -184,7 +185,7 @@ class Connection:
         if code == 0:
             self._connected()
         elif code == errno.EINPROGRESS:
-            self.loop.add_writer(sock.fileno(), self._on_writable)
+            splice.wait_connected(self.loop, sock, self._on_writable)
             self.timer = self.loop.call_later(pool.connect_timeout, self._connect_timeout)
         else:
             self._connect_failed(os.strerror(code))
@@ -192,7 +193,6 @@ class Connection:
     def _on_writable(self) -> None:
         sock = self.backend_sock
         assert sock is not None
-        self.loop.remove_writer(sock.fileno())
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -206,7 +206,7 @@ class Connection:
         self.timer = None
         sock = self.backend_sock
         if sock is not None:
-            self.loop.remove_writer(sock.fileno())
+            splice.stop_waiting(self.loop, sock)
         self._connect_failed(f"connect timeout after {self.pool.connect_timeout:g}s")
 
     def _connect_failed(self, why: str) -> None:
@@ -291,7 +291,7 @@ class Connection:
         sock = self.backend_sock
         if sock is not None:
             with _suppress():
-                self.loop.remove_writer(sock.fileno())
+                splice.stop_waiting(self.loop, sock)
         self.finish(reason)
 
     def finish(self, reason: str, detail: str = "") -> None:
