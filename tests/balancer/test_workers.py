@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -104,6 +105,15 @@ def two(tmp_path: Path) -> Iterator[Supervised]:
     sup = Supervised(tmp_path, 2)
     try:
         wait_port("127.0.0.1", sup.port, proc=sup.proc)
+        # The supervisor listens before it forks, so the port accepts before the workers run.
+        # Wait until each worker has answered once, i.e. has its signal handlers: a SIGHUP sent
+        # earlier found a worker with the default action, killed it, and its replacement
+        # reported 0 reloads (seen under load).
+        seen: set[int] = set()
+        deadline = time.monotonic() + 30
+        while len(seen) < 2:
+            assert time.monotonic() < deadline, f"workers answering: {seen}\n{sup.text()}"
+            seen |= {sup.ask(f"127.0.0.{i}")[0] for i in range(2, 14)}
         yield sup
     finally:
         sup.close()
