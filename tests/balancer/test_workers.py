@@ -39,6 +39,8 @@ WORKER_SCRIPT = textwrap.dedent(
         if mode == "fail":
             print("worker cannot start", file=sys.stderr)
             return 1
+        if mode == "slow":  # like the real balancer: imports and config before its handlers
+            time.sleep(0.5)
         sock = workers.inherited_socket(("127.0.0.1", port))
         assert sock is not None
         sock.setblocking(True)
@@ -265,3 +267,18 @@ def test_steering_works_for_ipv6_listeners() -> None:
     finally:
         for s in group:
             s.close()
+
+
+def test_a_reload_during_worker_start_does_not_kill_it(tmp_path: Path) -> None:
+    sup = Supervised(tmp_path, 2, mode="slow")
+    try:
+        # SIGHUPs while the workers are still starting (before their own handlers exist)
+        assert wait_for(lambda: "event=worker_started index=1" in sup.text(), 10)
+        for _ in range(5):
+            sup.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.002)
+        wait_port("127.0.0.1", sup.port, proc=sup.proc)
+        assert {sup.ask(f"127.0.0.{i}")[0] for i in range(2, 14)} == {0, 1}
+        assert "event=worker_crashed" not in sup.text(), sup.text()
+    finally:
+        sup.close()

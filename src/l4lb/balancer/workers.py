@@ -210,10 +210,13 @@ class Supervisor:
         config_path: str,
         config: Any,
         run_worker: RunWorker = _default_run_worker,
+        load: Callable[[str], Any] | None = None,
     ) -> None:
         self.config_path = config_path
         self.config = config
         self.run_worker = run_worker
+        self.load = load
+        """Reads the config file again on SIGHUP (None: keep the first config)."""
         self.count = int(config.workers)
         self.drain = float(getattr(config, "drain_timeout_s", 30.0))
         self.workers = [_Worker(i) for i in range(self.count)]
@@ -257,6 +260,9 @@ class Supervisor:
             try:
                 for sig in SIGNALS:
                     signal.signal(sig, signal.SIG_DFL)
+                # a reload forwarded before the worker has its own handler must not kill it
+                # (SIGHUP's default action); it starts on the supervisor's current config anyway
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
                 for i, socks in enumerate(self.sockets):
                     for addr, s in socks.items():
@@ -314,7 +320,17 @@ class Supervisor:
                 elif sig == signal.SIGHUP:
                     self._forward(signal.SIGHUP)
                     log.info("event=reload_forwarded workers=%d", self.count)
+                    self._reload()
             self._reap()
+
+    def _reload(self) -> None:
+        """Re-read the file too, so a worker restarted later starts on what the others run."""
+        if self.load is None:
+            return
+        try:
+            self.config = self.load(self.config_path)
+        except Exception as err:  # the workers refuse it as well and keep the old config
+            log.warning("event=supervisor_reload_rejected error=%r", str(err).splitlines()[0])
 
     def _stop(self, sig: int) -> None:
         self.stopping = True
@@ -350,7 +366,11 @@ class Supervisor:
             how = _describe(status)
             if self.stopping:
                 log.info("event=worker_stopped index=%d pid=%d %s", w.index, pid, how)
-                if os.waitstatus_to_exitcode(status) != 0:
+                stopped_by_signal = os.WIFSIGNALED(status) and os.WTERMSIG(status) in (
+                    signal.SIGTERM,
+                    signal.SIGINT,
+                )  # still starting when asked to stop: nothing to drain
+                if os.waitstatus_to_exitcode(status) != 0 and not stopped_by_signal:
                     self.status = 1
                 continue
             code = os.waitstatus_to_exitcode(status)
@@ -390,4 +410,6 @@ def _describe(status: int) -> str:
 
 def supervise(config_path: str | Path, config: Any) -> int:
     """Run ``config.workers`` worker processes until SIGTERM/SIGINT; the exit status."""
-    return Supervisor(str(config_path), config).run()
+    from l4lb.config.loader import load_config
+
+    return Supervisor(str(config_path), config, load=load_config).run()
