@@ -147,3 +147,25 @@ def test_sigterm_lets_every_workers_transfers_finish(tmp_path: Path, relay: str)
             busy = {line["client"].split(":")[0] for line in lb.wait_access(len(clients))}
             assert len(busy) == len(clients)
             assert lb.log_text().count("event=draining") == 2  # both workers drained
+
+
+def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    """A supervisor killed with SIGKILL leaves no worker holding the port."""
+    port = free_port()
+    with backend(hello) as be:
+        text = config_text(f"127.0.0.1:{port}", [be.address], top={"workers": 2})
+        with l4lb(tmp_path, text) as lb:
+            assert wait_for(lambda: lb.log_text().count("event=started") == 2, 10)
+            workers = _children(lb.pid)
+            assert len(workers) == 2
+            os.kill(lb.pid, signal.SIGKILL)
+            try:
+                gone = wait_for(lambda: all(_zombie_or_gone(p) for p in workers), 15)
+                assert gone, lb.log_text()
+                with socket.socket() as probe:
+                    probe.settimeout(5)
+                    assert probe.connect_ex(("127.0.0.1", port)) != 0, "a worker still serves"
+            finally:  # never leave an orphan behind, even when the test fails
+                for p in workers:
+                    if not _zombie_or_gone(p):
+                        os.kill(p, signal.SIGKILL)

@@ -176,6 +176,23 @@ def open_listeners(config: Any, workers: int) -> list[dict[Address, socket.socke
 
 # -- the supervisor -------------------------------------------------------------------------
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _stop_with_parent(parent: int) -> None:
+    """Have the kernel send this worker SIGTERM (a graceful drain) if the supervisor dies.
+
+    Without it a supervisor killed with SIGKILL would leave its workers serving the port
+    forever, out of anyone's control.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the supervisor's own cleanup still applies
+        return
+    if os.getppid() != parent:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
 
 def _default_run_worker(config_path: str, config: Any, index: int) -> int:
     """Run the single-worker balancer in this (forked) process, on the inherited sockets."""
@@ -254,10 +271,12 @@ class Supervisor:
     def _spawn(self, w: _Worker, old_mask: set[int | signal.Signals]) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
             try:
+                _stop_with_parent(parent)
                 for sig in SIGNALS:
                     signal.signal(sig, signal.SIG_DFL)
                 # a reload forwarded before the worker has its own handler must not kill it
