@@ -38,6 +38,7 @@ lint: $(STAMP)
 
 bench: $(STAMP) sysdeps
 	$(BIN)/python bench/codec.py
+	$(BIN)/python bench/cidr.py
 	$(BIN)/python bench/run.py
 
 clean:
