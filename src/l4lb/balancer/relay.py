@@ -13,15 +13,22 @@ Rules kept here: byte-exact in both directions; half-close (a FIN one way become
 ``shutdown(SHUT_WR)`` the other way while the opposite direction keeps flowing); a reset on one
 side resets the other at once; backpressure (above a side's write-buffer high-water mark, reading
 from the other side pauses until it drains, so memory stays bounded with a slow reader).
+
+A paused side is not read, so the loop would not see it reset; while paused it sits in a per-loop
+epoll set that reports only errors and hang-ups (:class:`_PausedWatch`), and a reset there resets
+both sides at once instead of at the next write or the idle timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import select
 import socket
 import struct
+import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, cast
 
@@ -29,6 +36,7 @@ log = logging.getLogger("l4lb.relay")
 
 _LINGER_RST = struct.pack("ii", 1, 0)
 """SO_LINGER on, 0 seconds: close() sends a RST instead of a FIN."""
+_RESET_ERRNOS = (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT)
 
 
 class RelayConn(Protocol):
@@ -73,10 +81,71 @@ def reset_socket(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
 
 
+class _PausedWatch:
+    """Sockets paused by backpressure, watched for a reset alone: one epoll set per loop.
+
+    Registered with no event bits, so the kernel reports only ``EPOLLERR``/``EPOLLHUP``: no byte
+    is read and backpressure holds. Each socket leaves the set when it resumes or is lost.
+    """
+
+    __slots__ = ("__weakref__", "ep", "sides")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.ep = select.epoll()
+        self.sides: dict[int, _Side] = {}
+        loop.add_reader(self.ep.fileno(), self._dispatch)
+
+    def watch(self, side: _Side) -> None:
+        fd = side.sock.fileno()
+        if fd < 0 or self.sides.get(fd) is side:
+            return
+        try:
+            self.ep.register(fd, 0)
+        except FileExistsError:  # a number reused since an unwatched side closed it
+            self.ep.modify(fd, 0)
+        except OSError:
+            return
+        self.sides[fd] = side
+        side.watched = fd
+
+    def unwatch(self, side: _Side) -> None:
+        fd = side.watched
+        if fd >= 0:
+            side.watched = -1
+            if self.sides.get(fd) is side:
+                del self.sides[fd]
+                with contextlib.suppress(OSError, ValueError):
+                    self.ep.unregister(fd)
+
+    def _dispatch(self) -> None:
+        for fd, _events in self.ep.poll(0):
+            side = self.sides.get(fd)
+            if side is None:
+                with contextlib.suppress(OSError, ValueError):
+                    self.ep.unregister(fd)
+                continue
+            self.unwatch(side)
+            side.paused_hangup()
+
+
+_WATCHES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _PausedWatch] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _paused_watch(loop: asyncio.AbstractEventLoop) -> _PausedWatch | None:
+    if not hasattr(select, "epoll"):
+        return None  # elsewhere a paused side's reset waits for the next write or the timeout
+    watch = _WATCHES.get(loop)
+    if watch is None:
+        watch = _WATCHES[loop] = _PausedWatch(loop)
+    return watch
+
+
 class _Side(asyncio.Protocol):
     """One socket of the relay; ``peer`` is the other side."""
 
-    __slots__ = ("conn", "eof", "lost", "out", "peer", "relay", "sock", "transport")
+    __slots__ = ("conn", "eof", "lost", "out", "peer", "relay", "sock", "transport", "watched")
 
     def __init__(self, relay: StreamRelay, sock: socket.socket) -> None:
         self.relay = relay
@@ -88,16 +157,41 @@ class _Side(asyncio.Protocol):
         self.peer: _Side
         self.eof = False
         self.lost = False
+        self.watched = -1
+        """The descriptor under :class:`_PausedWatch` while reading is paused, else -1."""
 
     def pause_writing(self) -> None:
         t = self.peer.transport
         if t is not None and not t.is_closing():
             t.pause_reading()
+            watch = _paused_watch(self.relay.loop)
+            if watch is not None:
+                watch.watch(self.peer)
 
     def resume_writing(self) -> None:
-        t = self.peer.transport
+        peer = self.peer
+        if peer.watched >= 0:
+            _WATCHES[self.relay.loop].unwatch(peer)
+        t = peer.transport
         if t is not None and not t.is_closing():
             t.resume_reading()
+
+    def paused_hangup(self) -> None:
+        """This side, paused, reported an error or hang-up: on a reset, reset both now."""
+        if self.lost:
+            return
+        try:
+            code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError:
+            return
+        if not code:
+            return  # both FINs seen: nothing is lost by waiting for the resume
+        relay = self.relay
+        if relay.reason is None:
+            relay.reason = "reset" if code in _RESET_ERRNOS else "error"
+        reset_socket(self.sock)
+        reset_socket(self.peer.sock)
+        relay.close(relay.reason)
 
     def eof_received(self) -> bool:
         relay = self.relay
@@ -120,6 +214,8 @@ class _Side(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         relay = self.relay
+        if self.watched >= 0:
+            _WATCHES[relay.loop].unwatch(self)
         peer = self.peer
         if exc is not None and relay.reason is None:
             relay.reason = "reset"
