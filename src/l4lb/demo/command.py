@@ -64,7 +64,7 @@ def _instructions(url_host: str, port: int, backends: list[DemoBackend]) -> str:
         "Try it:",
         f"  curl {base}                      # alternates between the two backends",
         f"  curl --interface 127.0.0.7 {base}  # the backends see 127.0.0.7 as the client",
-        f"  printf 'hi\\n' | nc {url_host} {port}                # plain text for non-HTTP",
+        f"  printf 'hi\\n' | curl -s telnet://{url_host}:{port}  # plain text for non-HTTP",
         "",
         "One JSON access-log line per connection follows. Ctrl-C to stop.",
         "",
