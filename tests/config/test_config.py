@@ -99,7 +99,7 @@ def test_full_example_loads_with_compiled_forms(tmp_path: Path) -> None:
 def test_defaults() -> None:
     config = parse_config(BASE)
     assert config.workers >= 1
-    assert config.relay == "splice"
+    assert config.relay == "stream"
     assert config.admin is None
     assert config.log.access == "stdout"
     lst = config.listeners[0]

@@ -258,7 +258,7 @@ class Config(_Table, frozen=True):
     pools: dict[Name, PoolConfig]
     workers: PositiveInt = msgspec.field(default_factory=_default_workers)
     drain_timeout: Duration = "30s"
-    relay: RelayKind = "splice"
+    relay: RelayKind = "stream"
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     admin: AdminConfig | None = None
 
