@@ -490,6 +490,7 @@ class SpliceRelay:
         buf = self.poller.buf
         size = len(first)
         n = 0
+        reset: OSError | None = None
         if size < len(buf) // 2:
             buf[:size] = first
             try:
@@ -497,8 +498,9 @@ class SpliceRelay:
             except BlockingIOError:
                 n = 0
             except OSError as err:
-                self.failed(err)
-                return
+                # the client is gone (e.g. a health check that resets at once): the header
+                # and what came before the reset still go to the backend, then both close
+                reset = err
             # n == 0 at EOF too: the registration below reports it again
             if n:
                 self.conn.bytes_from_client += n
@@ -511,6 +513,9 @@ class SpliceRelay:
             sent = 0
         except OSError as err:
             self.failed(err)
+            return
+        if reset is not None:
+            self.failed(reset)
             return
         if sent < len(out):
             self.to_backend.head = bytes(out[sent:])
