@@ -132,7 +132,8 @@ http {{
     fastcgi_temp_path {dir}/tmp;
     uwsgi_temp_path {dir}/tmp;
     scgi_temp_path {dir}/tmp;
-    log_format real '$proxy_protocol_addr $remote_addr $server_port $connection $request_uri';
+    log_format real '$proxy_protocol_addr $proxy_protocol_port $remote_addr $server_port '
+                    '$request_uri';
     keepalive_requests 100000;
     keepalive_timeout 120s;
     server {{
@@ -307,7 +308,7 @@ class Fleet:
         return s
 
     def backend_lines(self) -> list[list[str]]:
-        """nginx's log, complete lines only: [client, node, port, connection, uri]."""
+        """nginx's log, complete lines only: [client, client port, node, backend port, uri]."""
         path = self.workdir / "backend.log"
         if not path.exists():
             return []

@@ -329,5 +329,6 @@ def make_announcer(config: Config) -> Announcer | None:
                 if any(_accepts(lst.bind_addr[0], ip) for ip in vips)
             }
         )
-        second_chance = SecondChance(vips, ports, [ipaddress.ip_address(p) for p in ac.peers])
+        peers = [ipaddress.ip_address(p) for p in ac.peers]
+        second_chance = SecondChance(vips, ports, peers, ac.second_chance_vni)
     return Announcer(ac, speaker, second_chance)

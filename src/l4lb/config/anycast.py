@@ -57,8 +57,10 @@ class AnycastConfig(Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tru
     """A stuck event loop for this long stops ExaBGP, so the routes go with it."""
     second_chance: bool = True
     """Install the nftables + policy routing rules that pass unknown mid-flow segments on."""
-    second_chance_table: Annotated[int, Meta(ge=1, le=2**31 - 1)] = 4117
-    """The routing table (and fwmark) second chance uses; must be unused on the node."""
+    second_chance_vni: Annotated[
+        int, Meta(ge=1, le=16777215, description="a VXLAN id from 1 to 16777215")
+    ] = 4117
+    """The VXLAN id of the copies between nodes (UDP 4789); the same on every node."""
 
     @property
     def vip_nets(self) -> tuple[Vip, ...]:
