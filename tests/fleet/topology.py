@@ -162,6 +162,7 @@ class Fleet:
         self.spaces = Namespaces(f"{int(time.time()) % 100000:05d}")
         self.nodes: dict[int, Node] = {}
         self.bird: subprocess.Popen[bytes] | None = None
+        self.nginx: subprocess.Popen[bytes]
 
     # -- build -----------------------------------------------------------------------------
 
@@ -191,7 +192,7 @@ class Fleet:
                 dir=self.workdir, backend=BACKEND, port=BACKEND_PORT, port2=BACKEND_PORT + 1
             )
         )
-        sp.start(b, ["nginx", "-p", str(self.workdir), "-c", str(conf)], self.workdir / "nginx.out")
+        self.start_backend()
         (self.workdir / "bird.conf").write_text(bird_config(self.workdir))
         for i in range(1, MAX_NODES + 1):
             sp.link(r, f"n{i}", self._node_ns(i), "upl")
@@ -204,6 +205,15 @@ class Fleet:
             self.workdir / "bird.out",
         )  # fmt: skip
         assert wait_for(lambda: self._port_open(b, BACKEND, BACKEND_PORT), 10), "nginx not up"
+
+    def start_backend(self) -> None:
+        conf = self.workdir / "nginx.conf"
+        args = ["nginx", "-p", str(self.workdir), "-c", str(conf)]
+        self.nginx = self.spaces.start(self.backend, args, self.workdir / "nginx.out")
+
+    def stop_backend(self) -> None:
+        self.nginx.kill()
+        self.nginx.wait(10)
 
     def _node_ns(self, i: int) -> Namespace:
         """Node i's namespace, wired (not yet running l4lb)."""

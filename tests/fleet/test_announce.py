@@ -1,0 +1,75 @@
+"""One node behind the BIRD router: the VIP is announced only while a backend is up, and
+``POST /drain`` withdraws it before the node stops (issue 17, "announce only what can serve").
+
+Needs root (network namespaces, nftables); CI runs as root, so it runs there.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fleet.topology import Fleet, node_addr
+from tests.support.peers import wait_for
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces")
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    f = Fleet(tmp_path)
+    names = f"l4f-{f.spaces.run}-"
+    try:
+        f.build()
+        yield f
+    finally:
+        f.close()
+        left = [n for n in os.popen("ip netns list").read().split() if n.startswith(names)]
+        assert not left, f"namespaces left behind: {left}"
+
+
+def _vip(fleet: Fleet) -> dict[str, object]:
+    doc = fleet.status(1)["anycast"]
+    assert isinstance(doc, dict)
+    vip = doc["vips"][0]
+    assert isinstance(vip, dict)
+    return vip
+
+
+def test_vip_follows_backends_and_drain_withdraws_first(fleet: Fleet) -> None:
+    node = fleet.start_node(1)
+    fleet.wait_nexthops({node_addr(1)}, 30)
+    assert _vip(fleet)["reason"] == "serving"
+
+    down = time.monotonic()
+    fleet.stop_backend()
+    fleet.wait_nexthops(set())
+    withdrawn_after = time.monotonic() - down
+    vip = _vip(fleet)
+    assert vip["announced"] is False and vip["reason"] == "no_backend_up", vip
+    metrics = fleet.metrics(1)
+    assert 'l4lb_anycast_vip_announced{vip="192.0.2.10/32"} 0.0' in metrics
+    assert 'l4lb_anycast_vip_reason{reason="no_backend_up",vip="192.0.2.10/32"} 1.0' in metrics
+    assert 'l4lb_anycast_bgp_session_state{neighbor="203.0.113.1",state="up"} 1.0' in metrics
+
+    fleet.start_backend()
+    fleet.wait_nexthops({node_addr(1)})
+    assert _vip(fleet)["reason"] == "serving"
+
+    status, doc = fleet.admin(1, "POST", "/drain")
+    assert status == 200 and doc == {"draining": True, "withdrawn": ["192.0.2.10/32"]}, doc
+    fleet.wait_nexthops(set())
+    assert node.proc is not None
+    assert node.proc.wait(30) == 0
+    log = node.log.read_text()
+    assert log.index("event=vip_withdrawn") < log.index("event=stopping"), log[-2000:]
+    assert wait_for(lambda: not os.popen(f"ip netns pids {node.ns.name}").read().split(), 10)
+    # second chance is gone with it: no table, no VXLAN device
+    rules = os.popen(f"ip netns exec {node.ns.name} nft list tables").read()
+    assert "l4lb_second_chance" not in rules, rules
+    assert "l4lbsc" not in node.ns.ip("-o", "link", "show")
+    print(f"\nlast backend down -> route withdrawn: {withdrawn_after * 1000:.0f} ms")
