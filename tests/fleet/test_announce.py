@@ -7,6 +7,7 @@ Needs root (network namespaces, nftables); CI runs as root, so it runs there.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,18 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
         f.close()
         left = [n for n in os.popen("ip netns list").read().split() if n.startswith(names)]
         assert not left, f"namespaces left behind: {left}"
+
+
+def _pids(netns: str, needle: str) -> list[int]:
+    found = []
+    for pid in os.popen(f"ip netns pids {netns}").read().split():
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if needle in cmdline:
+            found.append(int(pid))
+    return found
 
 
 def _vip(fleet: Fleet) -> dict[str, object]:
@@ -59,6 +72,17 @@ def test_vip_follows_backends_and_drain_withdraws_first(fleet: Fleet) -> None:
     fleet.start_backend()
     fleet.wait_nexthops({node_addr(1)})
     assert _vip(fleet)["reason"] == "serving"
+
+    # the API bridge dies: ExaBGP would keep the route with no way to withdraw it, so l4lb
+    # stops that ExaBGP and starts another
+    (bridge,) = _pids(node.ns.name, "l4lb.anycast.bridge")
+    (exabgp,) = _pids(node.ns.name, "exabgp server")
+    os.kill(bridge, signal.SIGKILL)
+    assert wait_for(lambda: not os.path.exists(f"/proc/{exabgp}"), 10)
+    assert wait_for(lambda: fleet.status(1)["anycast"]["speaker_restarts"] == 1, 10)
+    assert wait_for(lambda: _vip(fleet)["announced"] is True, 10)
+    fleet.wait_nexthops({node_addr(1)})
+    assert "event=exabgp_api_lost" in node.log.read_text()
 
     status, doc = fleet.admin(1, "POST", "/drain")
     assert status == 200 and doc == {"draining": True, "withdrawn": ["192.0.2.10/32"]}, doc

@@ -268,7 +268,11 @@ class ExaBgp:
             if self._writer is writer:
                 self._writer = None
                 if not self._closing:
+                    # ExaBGP keeps announcing what its API process announced after that
+                    # process ends: without the bridge a withdraw could no longer reach it.
+                    log.error("event=exabgp_api_lost action=restart_exabgp")
                     self.state = SpeakerState.STARTING
+                    self.stop_from_thread()
             writer.close()
 
     def _session(self, peer: str, state: SessionState, reason: str) -> None:
