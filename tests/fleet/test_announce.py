@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.fleet.topology import Fleet, node_addr
+from tests.observe.chromium import _base
 from tests.support.peers import wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces")
@@ -83,6 +85,17 @@ def test_vip_follows_backends_and_drain_withdraws_first(fleet: Fleet) -> None:
     assert wait_for(lambda: _vip(fleet)["announced"] is True, 10)
     fleet.wait_nexthops({node_addr(1)})
     assert "event=exabgp_api_lost" in node.log.read_text()
+
+    # the status page shows the same (Chromium inside the node's namespace)
+    args = [*_base(fleet.workdir / "chromium"), "--virtual-time-budget=3000", "--dump-dom"]
+    page = subprocess.run(
+        node.ns.exec_args([*args, "http://127.0.0.1:9100/"]),
+        capture_output=True, text=True, timeout=90, check=True,
+    ).stdout  # fmt: skip
+    assert '<tr data-vip="192.0.2.10/32" class="">' in page, page[-3000:]
+    assert '<span class="state up">announced</span>' in page and "serving" in page
+    assert '<tr data-neighbor="203.0.113.1" class="">' in page
+    assert "restarts 1" in page and "second chance: forwarded 0" in page
 
     status, doc = fleet.admin(1, "POST", "/drain")
     assert status == 200 and doc == {"draining": True, "withdrawn": ["192.0.2.10/32"]}, doc
