@@ -239,7 +239,8 @@ class Fleet:
         node = self.nodes[i]
         conf = self.workdir / f"node{i}.toml"
         conf.write_text(node_config(i, len(self.nodes), self.workdir))
-        node.log = self.workdir / f"node{i}.log"
+        starts = len(list(self.workdir.glob(f"node{i}*.log")))
+        node.log = self.workdir / (f"node{i}.log" if not starts else f"node{i}-{starts + 1}.log")
         node.proc = self.spaces.start(
             node.ns, [sys.executable, "-m", "l4lb.cli", "run", "--config", str(conf)], node.log
         )
