@@ -97,6 +97,16 @@ def test_vip_follows_backends_and_drain_withdraws_first(fleet: Fleet) -> None:
     assert '<tr data-neighbor="203.0.113.1" class="">' in page
     assert "restarts 1" in page and "second chance: forwarded 0" in page
 
+    # a reload that adds a listener port: second chance follows it
+    conf = fleet.workdir / "node1.toml"
+    conf.write_text(
+        conf.read_text() + '\n[[listeners]]\nname = "alt"\nbind = "0.0.0.0:81"\npool = "web"\n'
+    )
+    status, doc = fleet.admin(1, "POST", "/reload")
+    assert status == 200, doc
+    rules = os.popen(f"ip netns exec {node.ns.name} nft list table ip l4lb_second_chance").read()
+    assert "tcp dport { 80, 81 }" in rules, rules
+
     status, doc = fleet.admin(1, "POST", "/drain")
     assert status == 200 and doc == {"draining": True, "withdrawn": ["192.0.2.10/32"]}, doc
     fleet.wait_nexthops(set())

@@ -120,6 +120,7 @@ class Announcer:
                 self.second_chance.install()
             except SecondChanceError as err:
                 raise AnycastError(f"anycast.second_chance: {err}") from err
+        balancer.on_reload.append(self._reloaded)
         self.speaker.on_change = self.evaluate
         self.workdir = Path(tempfile.mkdtemp(prefix="l4lb-anycast-"))
         await self.speaker.start(self.workdir)
@@ -162,6 +163,20 @@ class Announcer:
             self.second_chance.remove()
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _reloaded(self, balancer: Balancer) -> None:
+        """After a reload: new listeners and pools count at the next evaluation; the
+        second-chance ports follow the listeners; ``[anycast]`` itself needs a restart."""
+        if balancer.config.anycast != self.config:
+            log.warning(
+                "event=anycast_reload_ignored detail='[anycast] changes apply at the next start'"
+            )
+        if self.second_chance is not None:
+            try:
+                self.second_chance.set_ports(vip_ports(balancer.config, self.config))
+            except SecondChanceError as err:
+                log.error("event=second_chance_update_failed error=%r", str(err))
+        self.evaluate()
 
     # -- evaluation ------------------------------------------------------------------------
 
@@ -308,6 +323,18 @@ def status_doc(status: AnycastStatus) -> dict[str, Any]:
     }
 
 
+def vip_ports(config: Config, anycast: AnycastConfig) -> list[int]:
+    """The ports of the listeners that accept connections to the VIPs."""
+    vips = [ipaddress.ip_network(v).network_address for v in anycast.vips]
+    return sorted(
+        {
+            lst.bind_addr[1]
+            for lst in config.listeners
+            if any(_accepts(lst.bind_addr[0], ip) for ip in vips)
+        }
+    )
+
+
 def make_announcer(config: Config) -> Announcer | None:
     """The announcer for ``config`` (None without ``[anycast]``); :class:`AnycastError` if
     ExaBGP is not installed."""
@@ -322,13 +349,7 @@ def make_announcer(config: Config) -> Announcer | None:
     second_chance = None
     if ac.second_chance:
         vips = [ipaddress.ip_network(v).network_address for v in ac.vips]
-        ports = sorted(
-            {
-                lst.bind_addr[1]
-                for lst in config.listeners
-                if any(_accepts(lst.bind_addr[0], ip) for ip in vips)
-            }
-        )
+        ports = vip_ports(config, ac)
         peers = [ipaddress.ip_address(p) for p in ac.peers]
         second_chance = SecondChance(vips, ports, peers, ac.second_chance_vni)
     return Announcer(ac, speaker, second_chance)

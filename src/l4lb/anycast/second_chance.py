@@ -168,6 +168,15 @@ class SecondChance:
             local or "-",
         )
 
+    def set_ports(self, ports: list[int]) -> None:
+        """The listeners' ports changed (a reload): replace the rules (one atomic nft load)."""
+        if sorted(set(ports)) == sorted(set(self.ports)):
+            return
+        self.ports = ports
+        if self.installed:
+            self._cmd(["nft", "-f", "-"], render_rules(self.vips, self.ports))
+            log.info("event=second_chance_updated ports=%s", ",".join(str(p) for p in ports))
+
     def remove(self) -> None:
         """Delete the rules (nothing left in the namespace); errors are logged, not raised."""
         if not self.installed:
