@@ -104,3 +104,30 @@ def test_check_command_reports_anycast_errors(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "anycast.local_as" in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_run_without_the_extra_says_how_to_install_it(tmp_path: Path) -> None:
+    """A Python where ExaBGP is not installed (no site-packages, only l4lb's own dependencies
+    linked in): ``l4lb run`` with ``[anycast]`` names the extra instead of a traceback."""
+    import msgspec
+    import prometheus_client
+
+    site = tmp_path / "site"
+    site.mkdir()
+    for module in (msgspec, prometheus_client):
+        assert module.__file__ is not None
+        (site / module.__name__).symlink_to(Path(module.__file__).parent)
+    src = Path(__file__).parents[2] / "src"
+    path = tmp_path / "lb.toml"
+    path.write_text(_text() + '\n[log]\naccess = "off"\n')
+    code = "import sys; from l4lb.cli import main; sys.exit(main(sys.argv[1:]))"
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", code, "run", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONPATH": f"{src}:{site}", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 1, result.stderr
+    assert "pip install 'l4lb[anycast]'" in result.stderr
+    assert "Traceback" not in result.stderr
