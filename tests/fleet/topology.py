@@ -14,6 +14,8 @@ Only documentation addresses, only inside namespaces this module creates.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -161,6 +163,10 @@ class Fleet:
         self.workdir = workdir
         self.spaces = Namespaces(f"{int(time.time()) % 100000:05d}")
         self.nodes: dict[int, Node] = {}
+        # l4lb's private directory (ExaBGP's config and socket) goes here, not in /tmp: a node
+        # killed with SIGKILL cannot remove it. Short, for the Unix socket's 108-byte limit.
+        self.tmp = Path(f"/tmp/l4f-{self.spaces.run}")
+        self.tmp.mkdir(exist_ok=True)
         self.bird: subprocess.Popen[bytes] | None = None
         self.nginx: subprocess.Popen[bytes]
 
@@ -242,7 +248,10 @@ class Fleet:
         starts = len(list(self.workdir.glob(f"node{i}*.log")))
         node.log = self.workdir / (f"node{i}.log" if not starts else f"node{i}-{starts + 1}.log")
         node.proc = self.spaces.start(
-            node.ns, [sys.executable, "-m", "l4lb.cli", "run", "--config", str(conf)], node.log
+            node.ns,
+            [sys.executable, "-m", "l4lb.cli", "run", "--config", str(conf)],
+            node.log,
+            env={**os.environ, "TMPDIR": str(self.tmp)},
         )
         return node
 
@@ -340,4 +349,7 @@ class Fleet:
             s.close()
 
     def close(self) -> list[str]:
-        return self.spaces.close()
+        try:
+            return self.spaces.close()
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
