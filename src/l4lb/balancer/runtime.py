@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from l4lb.anycast.announcer import Announcer, AnycastError, make_announcer
 from l4lb.balancer.admission import Rejected
 from l4lb.balancer.connection import Connection
 from l4lb.balancer.listener import BindError, Listener, open_listening_socket
@@ -60,6 +61,7 @@ class Balancer:
         config: Config,
         config_path: str | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        announcer: Announcer | None = None,
     ) -> None:
         self.loop = loop if loop is not None else asyncio.get_running_loop()
         self.config = config
@@ -76,6 +78,8 @@ class Balancer:
         self.on_reload: list[Callable[[Balancer], None]] = []
         self.on_stop: list[Callable[[Balancer], None]] = []
         self._sweeper: asyncio.TimerHandle | None = None
+        self.announcer = announcer
+        """``[anycast]`` (issue 17): announces the VIPs while this balancer can serve them."""
 
     # -- start -------------------------------------------------------------------------------
 
@@ -320,7 +324,12 @@ async def serve(config: Config, config_path: str | None = None) -> int:
     """Run one worker until SIGTERM/SIGINT; SIGHUP reloads the file. Returns the exit code."""
     loop = asyncio.get_running_loop()
     try:
-        balancer = Balancer(config, config_path, loop)
+        announcer = make_announcer(config)  # issue 17: None without [anycast]
+    except AnycastError as err:
+        log.error("event=start_failed error=%r", str(err))
+        return 1
+    try:
+        balancer = Balancer(config, config_path, loop, announcer)
     except OSError as err:
         where = err.filename or config.log.access
         log.error(
@@ -343,13 +352,27 @@ async def serve(config: Config, config_path: str | None = None) -> int:
         await _attach_extensions(balancer)
     except Exception:
         log.exception("event=extension_failed")
+    # -- anycast (issue 17): announce once serving ------------------------------------------
+    if announcer is not None:
+        try:
+            await announcer.start(balancer)
+        except (AnycastError, OSError) as err:
+            log.error("event=start_failed error=%r", str(err))
+            await announcer.close()
+            await balancer.stop(timeout=0)
+            return 1
+    # -- end anycast ---------------------------------------------------------------------------
     log.info("event=started workers=1 relay=%s", config.relay)
     await stop.wait()
+    if announcer is not None:  # anycast: withdraw first, new connections go to the other nodes
+        await announcer.drain()
     log.info("event=stopping drain_timeout=%gs", balancer.config.drain_timeout_s)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         with contextlib.suppress(Exception):
             loop.remove_signal_handler(sig)
     await balancer.stop()
+    if announcer is not None:  # anycast: ExaBGP and the second-chance rules go last
+        await announcer.close()
     log.info("event=stopped")
     return 0
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import msgspec
 
-from l4lb.config import schema
+from l4lb.config import anycast, schema
 
 __all__ = ["ConfigError", "ConfigIssue", "load_config", "parse_config"]
 
@@ -82,6 +82,7 @@ def parse_config(
     config = msgspec.convert(raw, schema.Config)
     config = _resolve_paths(config, base_dir)
     issues += _cross_checks(config)
+    issues += [ConfigIssue(path, message) for path, message in anycast.check(config)]
     if issues:
         raise ConfigError(source, _with_lines(text, issues))
     return config

@@ -18,6 +18,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from l4lb.config import values
+from l4lb.config.anycast import AnycastConfig
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -261,6 +262,8 @@ class Config(_Table, frozen=True):
     relay: RelayKind = "stream"
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     admin: AdminConfig | None = None
+    anycast: AnycastConfig | None = None
+    """Announce VIPs over BGP (issue 17; l4lb.config.anycast)."""
 
     @property
     def drain_timeout_s(self) -> float:

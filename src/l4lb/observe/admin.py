@@ -10,6 +10,7 @@ Routes::
     POST /pools/{pool}/backends/{address}/disable        out of rotation (and health checks ignored)
     POST /pools/{pool}/backends/{address}/enable         back in rotation
     POST /reload                                        re-read the config file and apply it
+    POST /drain                                         anycast: withdraw the VIPs, then stop
 
 When ``[admin] token`` is set, every POST needs ``Authorization: Bearer <token>`` (401
 otherwise). Reads are open, like HAProxy's stats page: bind it to loopback or a private
@@ -254,6 +255,7 @@ class AdminServer:
             (parts == ["metrics"], get, self._metrics),
             (parts == ["snapshot"], get, self._raw_snapshot),
             (parts == ["reload"], ("POST",), self._reload),
+            (parts == ["drain"], ("POST",), self._drain),
         ]
         if len(parts) == 5 and parts[0] == "pools" and parts[2] == "backends":
             pool, address, action = parts[1], parts[3], parts[4]
@@ -335,6 +337,14 @@ class AdminServer:
                 "errors": list(outcome.errors),
             },
         )
+
+    async def _drain(self) -> Response:
+        try:
+            withdrawn = self.control.drain()
+        except LookupError as err:
+            raise AdminError(HTTPStatus.CONFLICT, str(err.args[0] if err.args else err)) from err
+        log.warning("event=admin_action action=drain withdrawn=%s", ",".join(withdrawn) or "-")
+        return _json(HTTPStatus.OK, {"draining": True, "withdrawn": withdrawn})
 
     async def _backend(self, pool: str, address: str, action: str) -> Response:
         try:

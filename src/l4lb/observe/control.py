@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import signal
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -47,6 +49,13 @@ class Control(Protocol):
         """
         ...
 
+    def drain(self) -> list[str]:
+        """Anycast: withdraw the VIPs, then stop gracefully (as SIGTERM does); the VIPs withdrawn.
+
+        Raises LookupError when there is nothing to withdraw (no ``[anycast]``).
+        """
+        ...
+
     def reload(self) -> Awaitable[ReloadOutcome]:
         """Re-read the config file and apply it, or keep the running one if it is invalid."""
         ...
@@ -68,6 +77,17 @@ class BalancerControl:
             raise LookupError(f"no pool {pool!r} (pools: {known})")
         backend = found.backend(address)  # LookupError naming the backend
         return found.set_admin(backend, action).value
+
+    def drain(self) -> list[str]:
+        announcer = self.balancer.announcer
+        if announcer is None:
+            raise LookupError(
+                "no [anycast] section: nothing to withdraw (SIGTERM stops gracefully)"
+            )
+        withdrawn = announcer.begin_drain()
+        # the stop itself is SIGTERM's path (withdraw_grace, drain_timeout), after this answer
+        self.balancer.loop.call_later(0.05, os.kill, os.getpid(), signal.SIGTERM)
+        return withdrawn
 
     async def reload(self) -> ReloadOutcome:
         errors = self.balancer.reload_file()
@@ -125,6 +145,9 @@ class ClusterControl:
                     body[:200].decode(errors="replace"),
                 )
         return state
+
+    def drain(self) -> list[str]:
+        raise LookupError("POST /drain needs [anycast], which runs with workers = 1")
 
     async def reload(self) -> ReloadOutcome:
         outcome = await self.local.reload()

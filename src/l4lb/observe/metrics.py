@@ -11,6 +11,7 @@ Listener and backend counts are separate families (``l4lb_connections_total{list
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -152,6 +153,56 @@ class BalancerCollector(Collector):
         yield from (b_total, b_active, b_bytes, b_fail, b_up, b_state, b_weight, b_check_ok)
         yield check_hist
         yield connect_hist
+        if snap.anycast is not None:
+            yield from _anycast_metrics(snap.anycast)
+
+
+def _anycast_metrics(doc: dict[str, Any]) -> Iterator[Metric]:
+    """``[anycast]``: per VIP announced and why, per BGP session its state, second chance."""
+    from l4lb.anycast.state import SessionState, VipReason
+
+    announced = GaugeMetricFamily(
+        "l4lb_anycast_vip_announced", "1 when the VIP is announced over BGP", labels=["vip"]
+    )
+    reason = GaugeMetricFamily(
+        "l4lb_anycast_vip_reason",
+        "1 for the reason the VIP is announced (serving) or not",
+        labels=["vip", "reason"],
+    )
+    for vip in doc["vips"]:
+        announced.add_metric([vip["vip"]], 1 if vip["announced"] else 0)
+        for member in VipReason:
+            reason.add_metric([vip["vip"], member.value], 1 if vip["reason"] == member.value else 0)
+    session = GaugeMetricFamily(
+        "l4lb_anycast_bgp_session_state",
+        "1 for the BGP session's current state (from ExaBGP)",
+        labels=["neighbor", "state"],
+    )
+    for s in doc["sessions"]:
+        for state in SessionState:
+            session.add_metric([s["neighbor"], state.value], 1 if s["state"] == state.value else 0)
+    yield from (announced, reason, session)
+    yield CounterMetricFamily(
+        "l4lb_anycast_speaker_restarts",
+        "Restarts of ExaBGP after it exited on its own",
+        doc["speaker_restarts"],
+    )
+    yield CounterMetricFamily(
+        "l4lb_anycast_watchdog_trips",
+        "Times the event loop stalled past [anycast] watchdog (ExaBGP was stopped)",
+        doc["watchdog_trips"],
+    )
+    sc = doc.get("second_chance")
+    if sc is not None:
+        segments = CounterMetricFamily(
+            "l4lb_anycast_second_chance_segments",
+            "Mid-flow segments of flows this node does not own: forwarded to the peers; "
+            "peers' copies taken (owned here) or dropped (owned by no one here)",
+            labels=["action"],
+        )
+        for action in ("forwarded", "taken", "dropped"):
+            segments.add_metric([action], sc[action])
+        yield segments
 
 
 def make_registry(snapshot: Callable[[], Snapshot], process: bool = True) -> CollectorRegistry:

@@ -95,6 +95,8 @@ class Snapshot:
     """Bad PROXY headers received, by reason, over all listeners."""
     workers: int = 1
     """How many worker processes the counters add up."""
+    anycast: dict[str, Any] | None = None
+    """``[anycast]``: VIPs (announced, reason), BGP sessions, second-chance counters."""
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> Snapshot:
@@ -132,6 +134,7 @@ class Snapshot:
             last_reload=doc["last_reload"],
             proxy_header_errors=dict(doc["proxy_header_errors"]),
             workers=doc.get("workers", 1),
+            anycast=doc.get("anycast"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -201,6 +204,7 @@ class Snapshot:
             "last_reload": self.last_reload,
             "proxy_header_errors": dict(self.proxy_header_errors),
             "workers": self.workers,
+            "anycast": self.anycast,
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -292,7 +296,17 @@ def snapshot_of(balancer: Balancer) -> Snapshot:
         reloads=balancer.reloads,
         last_reload=balancer.last_reload,
         proxy_header_errors=header_errors,
+        anycast=_anycast(balancer),
     )
+
+
+def _anycast(balancer: Balancer) -> dict[str, Any] | None:
+    announcer = getattr(balancer, "announcer", None)
+    if announcer is None:
+        return None
+    from l4lb.anycast.announcer import status_doc
+
+    return status_doc(announcer.status())
 
 
 def _add(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
