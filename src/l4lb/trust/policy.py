@@ -360,6 +360,11 @@ def _network(item: object) -> Network:
     if isinstance(item, ipaddress.IPv4Network | ipaddress.IPv6Network):
         network: Network = item
     elif isinstance(item, str):
+        if "%" in item:
+            raise PolicyError(
+                f"trusted: {item!r}: zone ids are not allowed in CIDRs (a block matches "
+                "addresses on every interface)"
+            )
         try:
             network = ipaddress.ip_network(item.strip())
         except ValueError as err:
@@ -372,6 +377,8 @@ def _network(item: object) -> Network:
             raise PolicyError(f"trusted: {item!r} is not a CIDR block ({err}{hint})") from None
     else:
         raise PolicyError(f"trusted: {item!r} is not a CIDR block (give a string like 10.0.0.0/8)")
+    if isinstance(network, ipaddress.IPv6Network) and network.network_address.scope_id:
+        raise PolicyError(f"trusted: {item!r}: zone ids are not allowed in CIDRs")
     if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_V4_MAPPED):
         mapped = network.network_address.ipv4_mapped
         assert mapped is not None
