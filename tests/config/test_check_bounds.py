@@ -355,3 +355,11 @@ def test_run_refuses_an_infinite_rate_without_a_traceback(tmp_path: Path) -> Non
     out = result.stdout + result.stderr
     assert result.returncode == 1 and "Traceback" not in out, out
     assert "listeners[0].new_conns_per_client" in out
+
+
+def test_admin_hosts_are_dns_names() -> None:
+    ok = config(tail='[admin]\nbind = "127.0.0.1:9100"\nhosts = ["lb1.example.net", "lb1"]')
+    assert parse_config(ok).admin is not None
+    for bad in ("http://lb1", "lb1:9100", "", "a b"):
+        text = config(tail=f'[admin]\nbind = "127.0.0.1:9100"\nhosts = ["{bad}"]')
+        assert "DNS name" in one_error(text, "admin.hosts[0]").message

@@ -70,6 +70,14 @@ HttpPath = Annotated[
 Token = Annotated[
     str, Meta(description="one or more visible ASCII characters", extra={"check": "token"})
 ]
+HostName = Annotated[
+    str,
+    Meta(
+        pattern=r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+        r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$",
+        description="a DNS name such as 'lb1.example.net' (no port, no scheme)",
+    ),
+]
 MAX_WORKERS = 256
 """The most worker processes: as many as the largest common machines have CPUs (256 vCPUs);
 more only adds context switches, and a typo (99999999999999999999) would fork until memory runs
@@ -127,6 +135,8 @@ class AdminConfig(_Table, frozen=True):
     bind: HostPort = "127.0.0.1:9100"
     token: Token | None = None
     """Bearer token required for state-changing calls, if set (never empty)."""
+    hosts: tuple[HostName, ...] = ()
+    """Names accepted in requests' ``Host`` besides IP literals and localhost (DNS rebinding)."""
 
     @property
     def bind_addr(self) -> tuple[str, int]:
