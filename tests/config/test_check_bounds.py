@@ -363,3 +363,12 @@ def test_admin_hosts_are_dns_names() -> None:
     for bad in ("http://lb1", "lb1:9100", "", "a b"):
         text = config(tail=f'[admin]\nbind = "127.0.0.1:9100"\nhosts = ["{bad}"]')
         assert "DNS name" in one_error(text, "admin.hosts[0]").message
+
+
+def test_send_expect_with_an_empty_expect_is_refused() -> None:
+    """An empty expect matched any answer, even none: the check could never fail on content."""
+    tail = '[pools.web.health]\ncheck = "send-expect"\nsend = "PING\\r\\n"\nexpect = ""'
+    issue = one_error(config(tail=tail), "pools.web.health")
+    assert "expect" in issue.message and "empty" in issue.message
+    ok = '[pools.web.health]\ncheck = "send-expect"\nsend = ""\nexpect = "220 "'
+    parse_config(config(tail=ok))  # an empty send waits for a banner: that is fine

@@ -158,6 +158,11 @@ class HealthConfig(_Table, frozen=True):
     def __post_init__(self) -> None:
         if self.check == "send-expect" and (self.send is None or self.expect is None):
             raise ValueError("check = 'send-expect' needs both 'send' and 'expect'")
+        if self.check == "send-expect" and self.expect == "":
+            raise ValueError(
+                "expect must not be empty: it would match any answer, even none "
+                "(use check = 'tcp' to only test the connect)"
+            )
 
     @property
     def interval_s(self) -> float:
