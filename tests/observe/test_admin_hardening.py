@@ -18,13 +18,15 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from l4lb.observe.admin import _MAX_CLIENTS, AdminServer, AdminTimeouts
 from l4lb.observe.control import ReloadOutcome
 from l4lb.observe.snapshot import Snapshot
-from tests.support.peers import wait_for
+from tests.support.l4lb import config_text, l4lb
+from tests.support.peers import free_port, wait_for
 
 SHORT = AdminTimeouts(head=1.0, body=1.0, idle=30.0, write=1.0)
 
@@ -318,3 +320,27 @@ def test_other_hostile_requests(admin: Running, raw: bytes, status: int) -> None
     got, _, body = exchange(admin, raw)
     assert got == status, body
     assert json.loads(body)["status"] == status
+
+
+def test_host_check_in_a_running_balancer(tmp_path: Path) -> None:
+    """`l4lb run` passes [admin] hosts to the server, and keeps them across a reload."""
+    admin_port = free_port()
+    text = config_text(f"127.0.0.1:{free_port()}", ["127.0.0.1:9"]) + (
+        f'\n[admin]\nbind = "127.0.0.1:{admin_port}"\nhosts = ["lb1.test"]\n'
+    )
+    with l4lb(tmp_path, text) as lb:
+        assert wait_for(lambda: "event=admin_listening" in lb.log_text(), 20)
+
+        def get(host: str, method: str = "GET", path: str = "/status") -> int:
+            with socket.create_connection(("127.0.0.1", admin_port), timeout=10) as sock:
+                head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n"
+                sock.sendall(head.encode())
+                return read_response(sock)[0]
+
+        assert get(f"127.0.0.1:{admin_port}") == 200
+        assert get(f"lb1.test:{admin_port}") == 200
+        assert get(f"rebind.example:{admin_port}", "POST", "/reload") == 421
+        assert "event=reload" not in lb.log_text()
+        lb.reload(text.replace('hosts = ["lb1.test"]', 'hosts = ["lb2.test"]'))
+        assert wait_for(lambda: get("lb2.test") == 200, 10)
+        assert get("lb1.test") == 421
