@@ -250,6 +250,8 @@ def test_admin_without_token_is_still_allowed() -> None:
         ("0.0.0.0:8443", "[::ffff:127.0.0.1]:8443"),
         ("127.0.0.1:8443", "[::ffff:127.0.0.1]:8443"),
         ("[::]:8443", "[::ffff:0.0.0.0]:8443"),
+        ("[::ffff:127.0.0.1]:8443", "127.0.0.1:8443"),
+        ("[::ffff:0.0.0.0]:8443", "127.0.0.9:8443"),
     ],
 )
 def test_self_loop_through_a_v4_mapped_backend(bind: str, backend: str) -> None:

@@ -393,21 +393,28 @@ def _raw_cross_checks(raw: dict[str, Any]) -> list[ConfigIssue]:
     return issues
 
 
+def _unmapped(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address a socket really reaches: ``::ffff:127.0.0.1`` is the IPv4 127.0.0.1."""
+    ip = ipaddress.ip_address(host)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
 def _own_listener(
     addr: tuple[str, int], listeners: tuple[schema.ListenerConfig, ...]
 ) -> str | None:
     """The name of a listener that ``addr`` would connect to (a backend pointing at us)."""
     host, port = addr
-    ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(host)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # [::ffff:127.0.0.1] reaches the IPv4 127.0.0.1
+    ip = _unmapped(host)
     for lst in listeners:
         lhost, lport = lst.bind_addr
         if lport != port:
             continue
-        if ipaddress.ip_address(lhost) == ip:
+        bound = _unmapped(lhost)
+        if bound == ip:
             return lst.name
-        wildcard_v4, wildcard_v6 = lhost == "0.0.0.0", lhost == "::"
+        wildcard_v4, wildcard_v6 = str(bound) == "0.0.0.0", lhost == "::"
         local = ip.is_loopback or ip.is_unspecified
         if local and (wildcard_v6 or (wildcard_v4 and ip.version == 4)):
             return lst.name
