@@ -374,3 +374,28 @@ def test_send_expect_with_an_empty_expect_is_refused() -> None:
     assert "expect" in issue.message and "empty" in issue.message
     ok = '[pools.web.health]\ncheck = "send-expect"\nsend = ""\nexpect = "220 "'
     parse_config(config(tail=ok))  # an empty send waits for a banner: that is fine
+
+
+# --- further: an access log path that run cannot open --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("access", "why"),
+    [(".", "Is a directory"), ("missing/access.log", "No such file or directory")],
+)
+def test_check_refuses_an_access_log_run_cannot_open(tmp_path: Path, access: str, why: str) -> None:
+    """check said OK, then run failed at start (event=start_failed)."""
+    text = config().replace("workers = 1", f'workers = 1\n[log]\naccess = "{access}"', 1)
+    result = _run(tmp_path, "check", text)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "log.access" in result.stderr and why in result.stderr, result.stderr
+    assert "(line 3)" in result.stderr
+
+
+def test_check_warns_about_a_fifo_access_log(tmp_path: Path) -> None:
+    """Opening a FIFO for writing waits for a reader: run stays silent until one comes."""
+    os.mkfifo(tmp_path / "log.fifo")
+    text = config().replace("workers = 1", 'workers = 1\n[log]\naccess = "log.fifo"', 1)
+    result = _run(tmp_path, "check", text)
+    assert result.returncode == 0, result.stderr
+    assert "warning: log.access" in result.stderr and "FIFO" in result.stderr

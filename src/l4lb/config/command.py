@@ -19,7 +19,7 @@ def main(argv: list[str]) -> int:
         return 0 if exc.code == 0 else 2
     warnings: list[ConfigIssue] = []
     try:
-        config = load_config(args.config, warnings=warnings)
+        config = load_config(args.config, warnings=warnings, check_files=True)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 1

@@ -9,6 +9,7 @@ follow. The result is all the errors at once, each saying where and what would b
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import ipaddress
 import os
@@ -57,12 +58,16 @@ class ConfigError(Exception):
 
 
 def load_config(
-    path: str | os.PathLike[str], *, warnings: list[ConfigIssue] | None = None
+    path: str | os.PathLike[str],
+    *,
+    warnings: list[ConfigIssue] | None = None,
+    check_files: bool = False,
 ) -> schema.Config:
     """Read and validate ``path``; raise :class:`ConfigError` naming the file on any problem.
 
     ``warnings``, when given, receives what is valid but dangerous (see :func:`config_warnings`),
-    so ``l4lb check`` and ``l4lb run`` can both say it.
+    so ``l4lb check`` and ``l4lb run`` can both say it. ``check_files`` also refuses an access
+    log that cannot be opened (``l4lb check``; ``l4lb run`` finds out when it opens it).
     """
     p = Path(path)
     try:
@@ -71,7 +76,9 @@ def load_config(
         raise ConfigError(str(p), [ConfigIssue("", f"cannot read: {err.strerror}")]) from err
     except UnicodeDecodeError as err:
         raise ConfigError(str(p), [ConfigIssue("", f"not UTF-8 text: {err}")]) from err
-    return parse_config(text, source=str(p), base_dir=p.parent, warnings=warnings)
+    return parse_config(
+        text, source=str(p), base_dir=p.parent, warnings=warnings, check_files=check_files
+    )
 
 
 def parse_config(
@@ -80,10 +87,12 @@ def parse_config(
     source: str = "<config>",
     base_dir: Path | None = None,
     warnings: list[ConfigIssue] | None = None,
+    check_files: bool = False,
 ) -> schema.Config:
     """Validate TOML ``text``. Relative file paths are resolved against ``base_dir``.
 
-    ``warnings``, when given, receives the :func:`config_warnings` of a valid file.
+    ``warnings``, when given, receives the :func:`config_warnings` of a valid file;
+    ``check_files``: see :func:`load_config`.
     """
     try:
         raw = tomllib.loads(text)
@@ -96,6 +105,8 @@ def parse_config(
     config = msgspec.convert(raw, schema.Config)
     config = _resolve_paths(config, base_dir)
     issues += _cross_checks(config)
+    if check_files:
+        issues += _access_log_issues(config)
     if issues:
         raise ConfigError(source, _with_lines(text, issues))
     if warnings is not None:
@@ -103,9 +114,40 @@ def parse_config(
     return config
 
 
+def _access_log_issues(config: schema.Config) -> list[ConfigIssue]:
+    """An access log file that cannot be opened for appending: what ``run`` would refuse."""
+    target = config.log.access
+    if target in ("stdout", "off"):
+        return []
+    why = ""
+    if os.path.isdir(target):
+        why = "Is a directory"
+    elif not os.path.isdir(os.path.dirname(target) or "."):
+        why = f"No such file or directory ({os.path.dirname(target)} does not exist)"
+    if not why:
+        return []
+    return [
+        ConfigIssue(
+            "log.access",
+            f"cannot open {target}: {why} (expected a writable file path, 'stdout' or 'off')",
+        )
+    ]
+
+
 def config_warnings(config: schema.Config) -> list[ConfigIssue]:
     """What a valid file allows but an operator should hear about before it bites."""
     issues: list[ConfigIssue] = []
+    access = config.log.access
+    if access not in ("stdout", "off"):
+        with contextlib.suppress(OSError):
+            if stat.S_ISFIFO(os.stat(access).st_mode):
+                issues.append(
+                    ConfigIssue(
+                        "log.access",
+                        f"{access} is a FIFO: opening it waits for a reader, so the balancer "
+                        "does not start until something reads the pipe",
+                    )
+                )
     for i, lst in enumerate(config.listeners):
         if lst.accept_proxy == "off":
             continue
