@@ -154,6 +154,17 @@ def parse_cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
             f"invalid CIDR {text!r}: zone ids are not allowed in CIDRs (a block matches "
             f"addresses on every interface); write {shown!r}"
         )
+    plen = text.strip().partition("/")[2]
+    if plen and not (plen.isascii() and plen.isdigit() and len(plen) <= 3):
+        # ipaddress also takes netmasks ('/255.0.0.0') and hostmasks; the runtime's CIDR sets
+        # (trust/cidr.py) take prefix lengths only, so check must refuse what run would.
+        try:
+            loose = f" such as '{ipaddress.ip_network(text.strip(), strict=False)}'"
+        except ValueError:
+            loose = ""
+        raise ValueError(
+            f"invalid CIDR {text!r}: the part after '/' must be a prefix length{loose}"
+        )
     try:
         return ipaddress.ip_network(text.strip(), strict=True)
     except ValueError as err:
