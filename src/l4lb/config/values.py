@@ -159,12 +159,10 @@ def parse_cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         # ipaddress also takes netmasks ('/255.0.0.0') and hostmasks; the runtime's CIDR sets
         # (trust/cidr.py) take prefix lengths only, so check must refuse what run would.
         try:
-            loose = f" such as '{ipaddress.ip_network(text.strip(), strict=False)}'"
+            hint = f" such as '{ipaddress.ip_network(text.strip(), strict=False)}'"
         except ValueError:
-            loose = ""
-        raise ValueError(
-            f"invalid CIDR {text!r}: the part after '/' must be a prefix length{loose}"
-        )
+            hint = ""
+        raise ValueError(f"invalid CIDR {text!r}: the part after '/' must be a prefix length{hint}")
     try:
         return ipaddress.ip_network(text.strip(), strict=True)
     except ValueError as err:
