@@ -291,9 +291,11 @@ def test_hosts_of_a_loopback_bind(admin: Running, host: str) -> None:
 
 def test_configured_host_names_are_accepted() -> None:
     control = Control()
-    server = AdminServer(control, "127.0.0.1:0", timeouts=SHORT, hosts=("lb1.internal",))
+    server = AdminServer(control, "127.0.0.1:0", timeouts=SHORT, hosts=("LB1.Internal",))
     for running in _serve(server, control):
         raw = b"POST /reload HTTP/1.1\r\nHost: lb1.internal:9100\r\nContent-Length: 0\r\n\r\n"
+        assert exchange(running, raw)[0] == 200
+        raw = b"GET /status HTTP/1.1\r\nHost: lb1.internal.\r\n\r\n"  # names are case-free
         assert exchange(running, raw)[0] == 200
         raw = b"GET /status HTTP/1.1\r\nHost: lb2.internal\r\n\r\n"
         assert exchange(running, raw)[0] == 421

@@ -407,7 +407,7 @@ class AdminServer:
             return
         name = host_name(host)
         if name is not None:
-            if _is_ip(name) or name in self.hosts:
+            if _is_ip(name) or name in {h.lower().rstrip(".") for h in self.hosts}:
                 return
             bind = ipaddress.ip_address(self.host)
             local = bind.is_loopback or bind.is_unspecified
