@@ -399,3 +399,24 @@ def test_check_warns_about_a_fifo_access_log(tmp_path: Path) -> None:
     result = _run(tmp_path, "check", text)
     assert result.returncode == 0, result.stderr
     assert "warning: log.access" in result.stderr and "FIFO" in result.stderr
+
+
+# --- further: the config file itself ------------------------------------------------------------
+
+
+def test_a_config_file_that_never_ends_is_refused() -> None:
+    """`l4lb check -c /dev/zero` read until memory ran out."""
+    with pytest.raises(ConfigError) as info:
+        load_config("/dev/zero")
+    assert "larger than" in str(info.value)
+
+
+def test_a_config_from_a_pipe_still_works(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "l4lb", "check", "--config", "/dev/stdin"],
+        input=config(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr

@@ -28,6 +28,10 @@ from l4lb.config import schema, values
 
 __all__ = ["ConfigError", "ConfigIssue", "load_config", "parse_config"]
 
+MAX_CONFIG_BYTES = 64 << 20
+"""The largest config file read: far above any real one (100,000 inline CIDRs are ~2 MiB), and
+a bound, so ``l4lb check -c /dev/zero`` is an error instead of reading until memory runs out."""
+
 
 @dataclass(frozen=True, slots=True)
 class ConfigIssue:
@@ -71,7 +75,19 @@ def load_config(
     """
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with p.open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                str(p),
+                [
+                    ConfigIssue(
+                        "",
+                        f"larger than {MAX_CONFIG_BYTES >> 20} MiB: put long lists in a deny_file",
+                    )
+                ],
+            )
+        text = data.decode("utf-8")
     except OSError as err:
         raise ConfigError(str(p), [ConfigIssue("", f"cannot read: {err.strerror}")]) from err
     except UnicodeDecodeError as err:
