@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.l4lb import config_text, l4lb
+from tests.support.logs import complete_lines, complete_text
 from tests.support.peers import free_port, haproxy, have, wait_for
 
 pytestmark = pytest.mark.skipif(not have("haproxy"), reason="haproxy is not installed")
@@ -45,7 +46,7 @@ def test_haproxy_sees_each_client(tmp_path: Path, version: str, tlvs: list[str])
     hdir = tmp_path / "haproxy"
     with haproxy(hdir, frontend(hport), wait=[("127.0.0.1", hport)]):
         log = hdir / "haproxy.log"
-        before = log.read_text().count("client=")
+        before = complete_text(log).count("client=")
         text = config_text(
             f"127.0.0.1:{lport}",
             [f"127.0.0.1:{hport}"],
@@ -59,8 +60,8 @@ def test_haproxy_sees_each_client(tmp_path: Path, version: str, tlvs: list[str])
                 assert data.startswith(b"HTTP/1.1 200")
                 assert data.endswith(f"src={source}:{sport}\n".encode())
                 seen.append(f"client={source}:{sport} frontend=127.0.0.1:{lport}")
-            assert wait_for(lambda: log.read_text().count("client=") >= before + 3)
-            lines = [ln for ln in log.read_text().splitlines() if "client=" in ln]
+            assert wait_for(lambda: complete_text(log).count("client=") >= before + 3)
+            lines = [ln for ln in complete_lines(log) if "client=" in ln]
             assert [ln.partition(" uid=")[0] for ln in lines[before:]] == seen
             # HAProxy checked the CRC32C and saw the same unique id as our access log
             uids = [ln.partition(" uid=")[2] for ln in lines[before:]]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.l4lb import config_text, l4lb
+from tests.support.logs import complete_lines
 from tests.support.peers import free_port, have, nginx, wait_for
 
 pytestmark = pytest.mark.skipif(not have("nginx"), reason="nginx is not installed")
@@ -48,8 +49,7 @@ def ask(host: str, port: int, source: str) -> tuple[str, bytes]:
 
 
 def logged(workdir: Path) -> list[str]:
-    path = workdir / "access.log"
-    lines = path.read_text().splitlines() if path.exists() else []
+    lines = complete_lines(workdir / "access.log")
     return [ln for ln in lines if not ln.startswith("-:-")]  # the helper's readiness probe
 
 

@@ -30,6 +30,7 @@ from l4lb.proxy_protocol import (
     encode,
     local_header,
 )
+from tests.support.logs import complete_text
 from tests.support.peers import connect_from, free_port, haproxy, have, wait_for
 
 pytestmark = pytest.mark.skipif(not have("haproxy"), reason="haproxy is not installed")
@@ -65,7 +66,7 @@ class Rig:
     listeners: dict[str, socket.socket]
 
     def log(self) -> str:
-        return (self.workdir / "haproxy.log").read_text(errors="replace")
+        return complete_text(self.workdir / "haproxy.log")
 
 
 @pytest.fixture(scope="module")

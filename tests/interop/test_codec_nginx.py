@@ -24,6 +24,7 @@ from l4lb.proxy_protocol import (
     build,
     encode,
 )
+from tests.support.logs import complete_text
 from tests.support.peers import NGINX_STREAM_MODULE, connect_from, free_port, have, nginx, wait_for
 
 pytestmark = pytest.mark.skipif(not have("nginx"), reason="nginx is not installed")
@@ -39,8 +40,7 @@ class Rig:
     capture: socket.socket
 
     def log(self, name: str) -> str:
-        path = self.workdir / name
-        return path.read_text(errors="replace") if path.exists() else ""
+        return complete_text(self.workdir / name)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from pathlib import Path
 from l4lb.proxy_protocol import Command, parse
 from tests.support.echo_backend import EchoBackend
 from tests.support.l4lb import config_text, l4lb
+from tests.support.logs import complete_lines, complete_text
 from tests.support.peers import connect_from, free_port, haproxy, nginx, wait_for
 
 CLIENTS = ["127.0.0.21", "127.0.0.22", "127.0.0.23"]
@@ -43,7 +44,7 @@ def lb_config(lb_port: int, backend: str) -> str:
 
 
 def haproxy_uids(workdir: Path) -> dict[str, str]:
-    text = (workdir / "haproxy.log").read_text(errors="replace")
+    text = complete_text(workdir / "haproxy.log")
     return dict(re.findall(r"client=(\S+) uid=(\S+)", text))
 
 
@@ -102,8 +103,8 @@ def test_haproxy_to_l4lb_to_nginx_logs_the_original_client(tmp_path: Path) -> No
     )
     with nginx(ngx, stream=stream, wait=[("127.0.0.1", nginx_port)]):
         log = ngx / "stream.log"
-        assert wait_for(lambda: log.exists() and log.read_text().count("\n") >= 1, 5)  # probe
-        before = len(log.read_text().splitlines())
+        assert wait_for(lambda: len(complete_lines(log)) >= 1, 5)  # the readiness probe
+        before = len(complete_lines(log))
         with (
             l4lb(tmp_path / "lb", lb_config(lb_port, f"127.0.0.1:{nginx_port}")),
             haproxy(
@@ -118,7 +119,7 @@ def test_haproxy_to_l4lb_to_nginx_logs_the_original_client(tmp_path: Path) -> No
                     own.append("{}:{}".format(*sock.getsockname()))
                     sock.settimeout(10)
                     assert sock.recv(100) == b"nginx\n"
-            assert wait_for(lambda: len(log.read_text().splitlines()) >= before + 4, 10)
+            assert wait_for(lambda: len(complete_lines(log)) >= before + 4, 10)
     # HAProxy's own readiness probe came through the chain too, from 127.0.0.1
-    seen = [line for line in log.read_text().splitlines()[before:] if line.split(":")[0] in CLIENTS]
+    seen = [line for line in complete_lines(log)[before:] if line.split(":")[0] in CLIENTS]
     assert sorted(seen) == sorted(own)

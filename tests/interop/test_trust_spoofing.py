@@ -7,6 +7,7 @@ import contextlib
 from pathlib import Path
 
 from tests.support.l4lb import config_text, l4lb
+from tests.support.logs import complete_lines
 from tests.support.peers import connect_from, free_port, nginx, wait_for
 
 FORGED = b"PROXY TCP4 198.51.100.42 203.0.113.7 51000 443\r\n"
@@ -35,8 +36,7 @@ def exchange(source: str, port: int, data: bytes) -> bytes:
 
 
 def stream_log(workdir: Path) -> list[str]:
-    path = workdir / "stream.log"
-    return path.read_text().splitlines() if path.exists() else []
+    return complete_lines(workdir / "stream.log")
 
 
 def test_forged_header_untrusted_closed_trusted_honoured(tmp_path: Path) -> None:

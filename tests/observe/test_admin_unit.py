@@ -255,7 +255,7 @@ def test_keep_alive(admin: tuple[AdminServer, MemoryControl]) -> None:
     server, _ = admin
     with socket.create_connection((server.host, server.port), timeout=10) as sock:
         for _ in range(3):
-            sock.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.sendall(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             head = b""
             while b"\r\n\r\n" not in head:
                 head += sock.recv(1)

@@ -187,6 +187,35 @@ VALID: list[Valid] = [
         v2(0x20, 0x00, tlv(0x04, b"")),
         h(2, L, UNSPEC, TNONE, tlvs=(TLV(0x04, b""),)),
     ),
+    # LOCAL: the receiver discards the protocol block (spec 2.2). What follows the family's
+    # address block is kept as TLVs when it parses as TLVs, and ignored when it does not.
+    Valid(
+        "v2-local-unspec-dummy-inet-block",
+        v2(0x20, 0x00, ipv4_block("127.0.0.1", "127.0.0.1", 8080, 8080)),
+        h(2, L, UNSPEC, TNONE),
+    ),
+    Valid("v2-local-unspec-100-not-tlvs", v2(0x20, 0x00, b"\xff" * 100), h(2, L, UNSPEC, TNONE)),
+    Valid(
+        "v2-local-unix-100-not-tlvs",
+        v2(0x20, 0x31, bytes(216) + b"\xff" * 100),
+        h(2, L, UNIX, STREAM),
+    ),
+    Valid(
+        "v2-local-inet-stray-byte-after-block",
+        v2(0x20, 0x11, TCP4_BLOCK + b"\x01"),
+        h(2, L, INET, STREAM),
+    ),
+    Valid(
+        "v2-local-bad-ssl-tlv-ignored",
+        v2(0x20, 0x00, tlv(0x20, b"\x01")),
+        h(2, L, UNSPEC, TNONE),
+    ),
+    Valid(
+        "v2-local-too-many-tlvs-ignored",
+        v2(0x20, 0x00, tlv(4, b"") * 3),
+        h(2, L, UNSPEC, TNONE),
+        ParseOptions(max_tlvs=2),
+    ),
     Valid(
         "v2-proxy-unspec",
         v2(0x21, 0x00, b""),
@@ -354,6 +383,9 @@ INVALID: list[Invalid] = [
     Invalid("v1-double-space", b"PROXY TCP4 1.2.3.4  1.2.3.4 1 2\r\n", Reason.BAD_SYNTAX),
     Invalid("v1-trailing-space", b"PROXY TCP4 1.2.3.4 1.2.3.4 1 2 \r\n", Reason.BAD_SYNTAX),
     Invalid("v1-missing-port", b"PROXY TCP4 1.2.3.4 1.2.3.4 1\r\n", Reason.BAD_SYNTAX),
+    Invalid("v1-empty-protocol", b"PROXY \r\n", Reason.BAD_SYNTAX),
+    Invalid("v1-four-words", b"PROXY one two three four\r\n", Reason.BAD_SYNTAX),
+    Invalid("v1-protocol-only", b"PROXY TCP4\r\n", Reason.BAD_SYNTAX),
     Invalid("v1-lone-lf", b"PROXY TCP4 1.2.3.4 1.2.3.4 1 2\n", Reason.BAD_CRLF),
     Invalid("v1-lone-cr", b"PROXY TCP4 1.2.3.4 1.2.3.4 1 2\rX\r\n", Reason.BAD_CRLF),
     Invalid("v1-lf-mid-line", b"PROXY TCP4 1.2.3.4\n1.2.3.4 1 2\r\n", Reason.BAD_CRLF),
@@ -424,6 +456,16 @@ INVALID: list[Invalid] = [
     Invalid(
         "v2-crc-address-tampered",
         with_crc(0x21, 0x11, TCP4_BLOCK)[:16] + b"\x7f" + with_crc(0x21, 0x11, TCP4_BLOCK)[17:],
+        Reason.CRC_MISMATCH,
+    ),
+    Invalid(
+        "v2-local-crc-mismatch",
+        with_crc(0x20, 0x00, b"")[:-1] + b"\x00",
+        Reason.CRC_MISMATCH,
+    ),
+    Invalid(
+        "v2-local-inet-crc-mismatch",
+        with_crc(0x20, 0x11, TCP4_BLOCK)[:16] + b"\x7f" + with_crc(0x20, 0x11, TCP4_BLOCK)[17:],
         Reason.CRC_MISMATCH,
     ),
     Invalid("v2-crc-wrong-length", v2(0x21, 0x11, TCP4_BLOCK + tlv(3, b"\0\0\0")), Reason.BAD_TLV),

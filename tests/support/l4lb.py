@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.support.logs import json_lines
 from tests.support.peers import free_port, stop_process, wait_for
 
 
@@ -96,12 +97,11 @@ class L4lb:
         return (self.workdir / "l4lb.log").read_text(errors="replace")
 
     def access_lines(self) -> list[dict[str, Any]]:
-        """The access log's JSON lines so far (``access.log`` in the work folder)."""
-        path = self.workdir / "access.log"
-        if not path.exists():
-            return []
-        lines = path.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        """The access log's complete JSON lines so far (``access.log`` in the work folder).
+
+        The balancer may be writing a line right now: its partial tail is left out.
+        """
+        return json_lines(self.workdir / "access.log")
 
     def wait_access(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
         """Wait until the access log has at least ``count`` lines; return them."""

@@ -13,7 +13,7 @@ import resource
 import sys
 
 from l4lb.balancer.logs import setup_logging
-from l4lb.config.loader import ConfigError, load_config
+from l4lb.config.loader import ConfigError, ConfigIssue, load_config
 from l4lb.config.schema import Config
 
 EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_BIND = 0, 1, 2, 3
@@ -81,11 +81,14 @@ def main(argv: list[str]) -> int:
     except SystemExit as exc:
         return EXIT_OK if exc.code == 0 else EXIT_USAGE
     setup_logging(getattr(logging, args.log_level.upper()))
+    warnings: list[ConfigIssue] = []
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, warnings=warnings)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return EXIT_CONFIG
+    for warning in warnings:
+        log.warning("event=config_warning detail=%r", str(warning))
     raise_fd_limit(config)
     warn_unprotected_admin(config)
     from l4lb.balancer.listener import BindError, ensure_not_listening

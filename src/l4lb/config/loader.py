@@ -9,10 +9,12 @@ follow. The result is all the errors at once, each saying where and what would b
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import ipaddress
 import os
 import re
+import stat
 import tomllib
 import types
 import typing
@@ -22,9 +24,13 @@ from typing import Any
 
 import msgspec
 
-from l4lb.config import anycast, schema
+from l4lb.config import anycast, schema, values
 
 __all__ = ["ConfigError", "ConfigIssue", "load_config", "parse_config"]
+
+MAX_CONFIG_BYTES = 64 << 20
+"""The largest config file read: far above any real one (100,000 inline CIDRs are ~2 MiB), and
+a bound, so ``l4lb check -c /dev/zero`` is an error instead of reading until memory runs out."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,22 +61,55 @@ class ConfigError(Exception):
         super().__init__("\n".join(lines))
 
 
-def load_config(path: str | os.PathLike[str]) -> schema.Config:
-    """Read and validate ``path``; raise :class:`ConfigError` naming the file on any problem."""
+def load_config(
+    path: str | os.PathLike[str],
+    *,
+    warnings: list[ConfigIssue] | None = None,
+    check_files: bool = False,
+) -> schema.Config:
+    """Read and validate ``path``; raise :class:`ConfigError` naming the file on any problem.
+
+    ``warnings``, when given, receives what is valid but dangerous (see :func:`config_warnings`),
+    so ``l4lb check`` and ``l4lb run`` can both say it. ``check_files`` also refuses an access
+    log that cannot be opened (``l4lb check``; ``l4lb run`` finds out when it opens it).
+    """
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with p.open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                str(p),
+                [
+                    ConfigIssue(
+                        "",
+                        f"larger than {MAX_CONFIG_BYTES >> 20} MiB: put long lists in a deny_file",
+                    )
+                ],
+            )
+        text = data.decode("utf-8")
     except OSError as err:
         raise ConfigError(str(p), [ConfigIssue("", f"cannot read: {err.strerror}")]) from err
     except UnicodeDecodeError as err:
         raise ConfigError(str(p), [ConfigIssue("", f"not UTF-8 text: {err}")]) from err
-    return parse_config(text, source=str(p), base_dir=p.parent)
+    return parse_config(
+        text, source=str(p), base_dir=p.parent, warnings=warnings, check_files=check_files
+    )
 
 
 def parse_config(
-    text: str, *, source: str = "<config>", base_dir: Path | None = None
+    text: str,
+    *,
+    source: str = "<config>",
+    base_dir: Path | None = None,
+    warnings: list[ConfigIssue] | None = None,
+    check_files: bool = False,
 ) -> schema.Config:
-    """Validate TOML ``text``. Relative file paths are resolved against ``base_dir``."""
+    """Validate TOML ``text``. Relative file paths are resolved against ``base_dir``.
+
+    ``warnings``, when given, receives the :func:`config_warnings` of a valid file;
+    ``check_files``: see :func:`load_config`.
+    """
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
@@ -83,10 +122,67 @@ def parse_config(
     config = _resolve_paths(config, base_dir)
     issues += _cross_checks(config)
     issues += [ConfigIssue(path, message) for path, message in anycast.check(config)]
+    if check_files:
+        issues += _access_log_issues(config)
     if issues:
         raise ConfigError(source, _with_lines(text, issues))
+    if warnings is not None:
+        warnings += _with_lines(text, config_warnings(config))
     return config
 
+
+def _access_log_issues(config: schema.Config) -> list[ConfigIssue]:
+    """An access log file that cannot be opened for appending: what ``run`` would refuse."""
+    target = config.log.access
+    if target in ("stdout", "off"):
+        return []
+    why = ""
+    if os.path.isdir(target):
+        why = "Is a directory"
+    elif not os.path.isdir(os.path.dirname(target) or "."):
+        why = f"No such file or directory ({os.path.dirname(target)} does not exist)"
+    if not why:
+        return []
+    return [
+        ConfigIssue(
+            "log.access",
+            f"cannot open {target}: {why} (expected a writable file path, 'stdout' or 'off')",
+        )
+    ]
+
+
+def config_warnings(config: schema.Config) -> list[ConfigIssue]:
+    """What a valid file allows but an operator should hear about before it bites."""
+    issues: list[ConfigIssue] = []
+    access = config.log.access
+    if access not in ("stdout", "off"):
+        with contextlib.suppress(OSError):
+            if stat.S_ISFIFO(os.stat(access).st_mode):
+                issues.append(
+                    ConfigIssue(
+                        "log.access",
+                        f"{access} is a FIFO: opening it waits for a reader, so the balancer "
+                        "does not start until something reads the pipe",
+                    )
+                )
+    for i, lst in enumerate(config.listeners):
+        if lst.accept_proxy == "off":
+            continue
+        for j, text in enumerate(lst.trusted_proxies):
+            network = values.parse_cidr(text)
+            if network.prefixlen == 0 or network == _V4_MAPPED_ALL:
+                issues.append(
+                    ConfigIssue(
+                        f"listeners[{i}].trusted_proxies[{j}]",
+                        f"{text!r} trusts every address: anyone who can connect can send a PROXY "
+                        "header and forge the client address that allow/deny, the limits, the "
+                        "logs and the backends see; list only your upstream proxies",
+                    )
+                )
+    return issues
+
+
+_V4_MAPPED_ALL = ipaddress.ip_network("::ffff:0:0/96")
 
 _HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(?:#.*)?$")
 _PATH_TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
@@ -356,22 +452,59 @@ def _raw_cross_checks(raw: dict[str, Any]) -> list[ConfigIssue]:
     return issues
 
 
+def _unmapped(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address a socket really reaches: ``::ffff:127.0.0.1`` is the IPv4 127.0.0.1."""
+    ip = ipaddress.ip_address(host)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
 def _own_listener(
     addr: tuple[str, int], listeners: tuple[schema.ListenerConfig, ...]
 ) -> str | None:
     """The name of a listener that ``addr`` would connect to (a backend pointing at us)."""
     host, port = addr
+    ip = _unmapped(host)
     for lst in listeners:
         lhost, lport = lst.bind_addr
         if lport != port:
             continue
-        if lhost == host:
+        bound = _unmapped(lhost)
+        if bound == ip:
             return lst.name
-        wildcard_v4, wildcard_v6 = lhost == "0.0.0.0", lhost == "::"
-        ip = ipaddress.ip_address(host)
+        wildcard_v4, wildcard_v6 = str(bound) == "0.0.0.0", lhost == "::"
         local = ip.is_loopback or ip.is_unspecified
         if local and (wildcard_v6 or (wildcard_v4 and ip.version == 4)):
             return lst.name
+    return None
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "is a directory"),
+    (stat.S_ISCHR, "is not a regular file (a character device)"),
+    (stat.S_ISBLK, "is not a regular file (a block device)"),
+    (stat.S_ISFIFO, "is not a regular file (a FIFO: reading it would wait for a writer)"),
+    (stat.S_ISSOCK, "is not a regular file (a socket)"),
+)
+
+
+def _not_a_list_file(path: str) -> str | None:
+    """Why ``path`` cannot be a deny list (None if it is a regular file; empty is fine).
+
+    Checked with ``stat`` before any ``open``: opening a FIFO would block ``l4lb check``.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return f"no such file: {path}"
+    except OSError as err:
+        return f"{path}: cannot read: {err.strerror or err}"
+    for test, what in _FILE_KINDS:
+        if test(mode):
+            return f"{path} {what}; give a text file with one CIDR a line (it may be empty)"
+    if not stat.S_ISREG(mode):
+        return f"{path} is not a regular file; give a text file with one CIDR a line"
     return None
 
 
@@ -403,8 +536,9 @@ def _cross_checks(config: schema.Config) -> list[ConfigIssue]:
             issues.append(
                 ConfigIssue(f"{where}.pool", f"no pool {lst.pool!r}; defined pools: {valid}")
             )
-        if lst.deny_file is not None and not os.path.isfile(lst.deny_file):
-            issues.append(ConfigIssue(f"{where}.deny_file", f"no such file: {lst.deny_file}"))
+        problem = _not_a_list_file(lst.deny_file) if lst.deny_file is not None else None
+        if problem is not None:
+            issues.append(ConfigIssue(f"{where}.deny_file", problem))
         elif lst.deny_file is not None:
             from l4lb.trust.cidr import CidrError, CidrSet  # every line checked: file:line errors
 

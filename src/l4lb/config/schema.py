@@ -25,6 +25,10 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 CHECKS: dict[str, Callable[[Any], object]] = {
     "duration": values.parse_duration,
     "positive_duration": values.parse_positive_duration,
+    "timeout": values.parse_timeout,
+    "check_interval": values.parse_check_interval,
+    "http_path": values.parse_http_path,
+    "token": values.parse_token,
     "access": values.parse_access_target,
     "hostport": values.parse_hostport,
     "cidr": values.parse_cidr,
@@ -43,6 +47,44 @@ PositiveDuration = Annotated[
         extra={"check": "positive_duration"},
     ),
 ]
+Timeout = Annotated[
+    str,
+    Meta(
+        description="a timeout of at least '10ms' such as '500ms', '3s', '10m'",
+        extra={"check": "timeout"},
+    ),
+]
+CheckInterval = Annotated[
+    str,
+    Meta(
+        description="a health check interval of at least '100ms' such as '2s'",
+        extra={"check": "check_interval"},
+    ),
+]
+HttpPath = Annotated[
+    str,
+    Meta(
+        description="a path starting with '/', visible ASCII only",
+        extra={"check": "http_path"},
+    ),
+]
+Token = Annotated[
+    str, Meta(description="one or more visible ASCII characters", extra={"check": "token"})
+]
+HostName = Annotated[
+    str,
+    Meta(
+        pattern=r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+        r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$",
+        description="a DNS name such as 'lb1.example.net' (no port, no scheme)",
+    ),
+]
+MAX_WORKERS = 256
+"""The most worker processes: as many as the largest common machines have CPUs (256 vCPUs);
+more only adds context switches, and a typo (99999999999999999999) would fork until memory runs
+out. A fixed bound, not one computed from this machine's CPUs, so that ``l4lb check`` gives the
+same answer on the machine that checks a file and on the one that runs it."""
+Workers = Annotated[int, Meta(ge=1, le=MAX_WORKERS)]
 AccessTarget = Annotated[
     str, Meta(description="'stdout', 'off' or a file path", extra={"check": "access"})
 ]
@@ -63,6 +105,11 @@ Name = Annotated[
     ),
 ]
 PositiveInt = Annotated[int, Meta(ge=1)]
+MAX_COUNT = 1_000_000
+"""The most connections (or pending headers, or burst tokens) one key may count: the kernel's
+default ceiling on one process's descriptors is fs.nr_open = 1048576, so a larger limit can never
+be reached, and a typo of twenty digits would only overflow the descriptor arithmetic."""
+Count = Annotated[int, Meta(ge=1, le=MAX_COUNT)]
 
 ProxyVersion = Literal["off", "v1", "v2"]
 Balance = Literal["roundrobin", "leastconn", "random2", "maglev"]
@@ -87,8 +134,10 @@ class AdminConfig(_Table, frozen=True):
     """``[admin]``: the admin API / metrics / status page; only started if the table is present."""
 
     bind: HostPort = "127.0.0.1:9100"
-    token: str | None = None
-    """Bearer token required for state-changing calls, if set."""
+    token: Token | None = None
+    """Bearer token required for state-changing calls, if set (never empty)."""
+    hosts: tuple[HostName, ...] = ()
+    """Names accepted in requests' ``Host`` besides IP literals and localhost (DNS rebinding)."""
 
     @property
     def bind_addr(self) -> tuple[str, int]:
@@ -99,17 +148,22 @@ class HealthConfig(_Table, frozen=True):
     """``[pools.NAME.health]``: active health checks (issue 6)."""
 
     check: CheckKind = "tcp"
-    interval: PositiveDuration = "2s"
-    timeout: PositiveDuration = "1s"
+    interval: CheckInterval = "2s"
+    timeout: Timeout = "1s"
     rise: PositiveInt = 2
     fall: PositiveInt = 3
-    http_path: Annotated[str, Meta(pattern=r"^/", description="a path starting with '/'")] = "/"
+    http_path: HttpPath = "/"
     send: str | None = None
     expect: str | None = None
 
     def __post_init__(self) -> None:
         if self.check == "send-expect" and (self.send is None or self.expect is None):
             raise ValueError("check = 'send-expect' needs both 'send' and 'expect'")
+        if self.check == "send-expect" and self.expect == "":
+            raise ValueError(
+                "expect must not be empty: it would match any answer, even none "
+                "(use check = 'tcp' to only test the connect)"
+            )
 
     @property
     def interval_s(self) -> float:
@@ -129,7 +183,7 @@ class BackendConfig(_Table, frozen=True):
 
     address: HostPort
     weight: Annotated[int, Meta(ge=0, le=1000)] = 1
-    max_conns: PositiveInt | None = None
+    max_conns: Count | None = None
     send_proxy: ProxyVersion | None = None
     """Overrides the pool's ``send_proxy`` for this backend."""
 
@@ -146,8 +200,8 @@ class PoolConfig(_Table, frozen=True):
     send_proxy: ProxyVersion = "v2"
     proxy_tlvs: tuple[ProxyTlv, ...] = ()
     tls_peek_timeout: Duration = "200ms"
-    connect_timeout: PositiveDuration = "3s"
-    idle_timeout: PositiveDuration = "10m"
+    connect_timeout: Timeout = "3s"
+    idle_timeout: Timeout = "10m"
     retries: Annotated[int, Meta(ge=0, le=100)] = 2
     health: HealthConfig | None = None
 
@@ -183,22 +237,22 @@ class ListenerConfig(_Table, frozen=True):
     name: Name
     bind: HostPort
     pool: str
-    max_conns: PositiveInt = 10000
+    max_conns: Count = 10000
     accept_proxy: AcceptProxy = "off"
     trusted_proxies: tuple[Cidr, ...] = ()
-    proxy_header_timeout: PositiveDuration = "5s"
+    proxy_header_timeout: Timeout = "5s"
     pass_tlvs: tuple[TlvName, ...] = ()
     allow: tuple[Cidr, ...] = ()
     """Empty means every client is allowed."""
     deny: tuple[Cidr, ...] = ()
     deny_file: str | None = None
     """A file with one CIDR per line (``#`` comments); relative to the config file."""
-    max_conns_per_client: PositiveInt | None = None
+    max_conns_per_client: Count | None = None
     new_conns_per_client: Rate | None = None
-    new_conns_burst: PositiveInt | None = None
+    new_conns_burst: Count | None = None
     """Token bucket size for ``new_conns_per_client``; default: one second's worth (at least 1)."""
     client_v6_prefix: Annotated[int, Meta(ge=1, le=128)] = 64
-    max_pending_headers: PositiveInt = 1000
+    max_pending_headers: Count = 1000
 
     def __post_init__(self) -> None:
         if self.accept_proxy != "off" and not self.trusted_proxies:
@@ -249,7 +303,7 @@ class ListenerConfig(_Table, frozen=True):
 
 
 def _default_workers() -> int:
-    return os.cpu_count() or 1
+    return min(os.cpu_count() or 1, MAX_WORKERS)
 
 
 class Config(_Table, frozen=True):
@@ -257,7 +311,7 @@ class Config(_Table, frozen=True):
 
     listeners: Annotated[tuple[ListenerConfig, ...], Meta(min_length=1)]
     pools: dict[Name, PoolConfig]
-    workers: PositiveInt = msgspec.field(default_factory=_default_workers)
+    workers: Workers = msgspec.field(default_factory=_default_workers)
     drain_timeout: Duration = "30s"
     relay: RelayKind = "stream"
     log: LogConfig = msgspec.field(default_factory=LogConfig)

@@ -31,15 +31,36 @@ TLV_NAMES: dict[str, int] = {
 PASS_TLV_NAMES = ("unique_id", "authority", "alpn", "ssl", "netns", "aws", "azure", "gcp")
 
 
+MAX_DURATION = 2147483.647
+"""The longest duration accepted, in seconds: 2^31-1 ms (about 24.8 days, written '596h'), the
+same ceiling HAProxy puts on its timeouts. Longer values are typos (and a 400-digit number of
+seconds would be infinity to a float, and an overflow to the event loop's timers)."""
+
+TIMEOUT_FLOOR = 0.010
+"""The shortest timeout (connect, idle, PROXY header, health check timeout): 10ms. Below it the
+event loop's timer granularity and the scheduling noise of a busy machine are the whole budget,
+so every connect, header or check would fail."""
+
+CHECK_INTERVAL_FLOOR = 0.100
+"""The shortest health check interval: 100ms. HAProxy's default ``inter`` is 2s; checking more
+often than ten times a second per backend spends the balancer's CPU on checks (an interval of
+'0.0001ms' took 3.4s of CPU in 3s)."""
+
+
 def parse_duration(text: str) -> float:
-    """``"250ms"``, ``"1.5s"``, ``"10m"``, ``"2h"`` -> seconds."""
+    """``"250ms"``, ``"1.5s"``, ``"10m"``, ``"2h"`` -> seconds (at most :data:`MAX_DURATION`)."""
     m = _DURATION.match(text)
     if m is None:
         raise ValueError(
             f"invalid duration {text!r}: expected a number and a unit (ms, s, m, h), "
             "such as '250ms', '1.5s', '10m', '2h'"
         )
-    return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    if not seconds <= MAX_DURATION:  # also catches inf from a few hundred digits
+        raise ValueError(
+            f"invalid duration {text!r}: at most '596h' (2^31-1 ms, HAProxy's limit too)"
+        )
+    return seconds
 
 
 def parse_positive_duration(text: str) -> float:
@@ -51,6 +72,30 @@ def parse_positive_duration(text: str) -> float:
             f"invalid duration {text!r}: must be greater than zero, such as '250ms' or '1s'"
         )
     return seconds
+
+
+def _at_least(text: str, floor: float, floor_text: str, why: str) -> float:
+    seconds = parse_positive_duration(text)
+    if seconds < floor:
+        raise ValueError(f"invalid duration {text!r}: must be at least {floor_text!r} ({why})")
+    return seconds
+
+
+def parse_timeout(text: str) -> float:
+    """A timeout: a duration of at least :data:`TIMEOUT_FLOOR` (10ms)."""
+    return _at_least(
+        text, TIMEOUT_FLOOR, "10ms", "a shorter timeout would expire before the peer can answer"
+    )
+
+
+def parse_check_interval(text: str) -> float:
+    """A health check interval: a duration of at least :data:`CHECK_INTERVAL_FLOOR` (100ms)."""
+    return _at_least(
+        text,
+        CHECK_INTERVAL_FLOOR,
+        "100ms",
+        "checks more often would spend the balancer's CPU on them; HAProxy's default is 2s",
+    )
 
 
 def parse_access_target(text: str) -> str:
@@ -75,6 +120,11 @@ def parse_hostport(text: str) -> tuple[str, int]:
         if ":" in host:
             raise ValueError(f"invalid address {text!r}: IPv6 addresses need brackets; {hint}")
         version = 4
+    if "%" in host:
+        raise ValueError(
+            f"invalid address {text!r}: IPv6 zone ids ('%{host.partition('%')[2]}') are not "
+            "supported; use a global or unique-local address"
+        )
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
@@ -95,7 +145,24 @@ def format_hostport(host: str, port: int) -> str:
 
 
 def parse_cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """``"10.0.0.0/8"``, ``"::1/128"``, or a bare address (a /32 or /128)."""
+    """``"10.0.0.0/8"``, ``"::1/128"``, or a bare address (a /32 or /128); no zone ids."""
+    if "%" in text:
+        addr, _, rest = text.strip().partition("%")
+        plen = rest.partition("/")[2]
+        shown = f"{addr}/{plen}" if plen else addr
+        raise ValueError(
+            f"invalid CIDR {text!r}: zone ids are not allowed in CIDRs (a block matches "
+            f"addresses on every interface); write {shown!r}"
+        )
+    plen = text.strip().partition("/")[2]
+    if plen and not (plen.isascii() and plen.isdigit() and len(plen) <= 3):
+        # ipaddress also takes netmasks ('/255.0.0.0') and hostmasks; the runtime's CIDR sets
+        # (trust/cidr.py) take prefix lengths only, so check must refuse what run would.
+        try:
+            hint = f" such as '{ipaddress.ip_network(text.strip(), strict=False)}'"
+        except ValueError:
+            hint = ""
+        raise ValueError(f"invalid CIDR {text!r}: the part after '/' must be a prefix length{hint}")
     try:
         return ipaddress.ip_network(text.strip(), strict=True)
     except ValueError as err:
@@ -108,14 +175,54 @@ def parse_cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise ValueError(f"invalid CIDR {text!r}: host bits set; did you mean '{loose}'?") from err
 
 
+HTTP_PATH = re.compile(r"^/[\x21-\x7e]*$")
+
+
+def parse_http_path(text: str) -> str:
+    """A health check's ``http_path``: ``/`` then visible ASCII only.
+
+    A CR or LF would end the request line and inject headers into every check; a space would
+    split the request line; non-ASCII must be percent-encoded in a request target anyway.
+    """
+    if not HTTP_PATH.match(text):
+        raise ValueError(
+            f"invalid path {text!r}: expected a path starting with '/' with no spaces, control "
+            "characters (CR/LF would inject headers into the check request) or non-ASCII "
+            "(percent-encode them, e.g. %20)"
+        )
+    return text
+
+
+def parse_token(text: str) -> str:
+    """``[admin] token``: one or more visible ASCII characters (what a Bearer header can carry).
+
+    An empty token used to switch authentication off without a word; leave the key out for no
+    token, so the choice is visible in the file.
+    """
+    if not text or not all(0x21 <= ord(c) <= 0x7E for c in text):
+        raise ValueError(
+            "invalid token: expected one or more visible ASCII characters, without spaces "
+            "(an empty token would disable authentication: remove the key for no token)"
+        )
+    return text
+
+
+MAX_RATE = 1_000_000.0
+"""The highest per-client rate, per second: far above what one client can open (a loopback
+client manages some tens of thousands a second), and finite (400 nines are infinity to a float)."""
+
+
 def parse_rate(text: str) -> float:
-    """``"50/s"``, ``"100/m"``, ``"10/h"`` -> events per second (must be > 0)."""
+    """``"50/s"``, ``"100/m"``, ``"10/h"`` -> events per second (> 0, at most :data:`MAX_RATE`)."""
     m = _RATE.match(text)
     if m is None or float(m.group(1)) <= 0:
         raise ValueError(
             f"invalid rate {text!r}: expected a positive count per unit, such as '50/s', '100/m'"
         )
-    return float(m.group(1)) / _UNIT_SECONDS[m.group(2)]
+    rate = float(m.group(1)) / _UNIT_SECONDS[m.group(2)]
+    if not rate <= MAX_RATE:
+        raise ValueError(f"invalid rate {text!r}: at most '1000000/s' (leave the key out for none)")
+    return rate
 
 
 def tlv_type(name: str | int) -> int:

@@ -16,6 +16,14 @@ When ``[admin] token`` is set, every POST needs ``Authorization: Bearer <token>`
 otherwise). Reads are open, like HAProxy's stats page: bind it to loopback or a private
 address. The server speaks just enough HTTP/1.1 for curl, browsers and Prometheus: bounded
 request heads, keep-alive, Content-Length bodies (ignored), no chunked uploads.
+
+Hostile clients: every wait is bounded (:class:`AdminTimeouts`: the head, a declared body, the
+pause between keep-alive requests, a response the client does not read), at most
+``_MAX_CLIENTS`` connections are served, and when they are all taken a new client gets the slot
+of the keep-alive connection idle the longest (nginx and HAProxy reuse idle keep-alive
+connections the same way). A ``Host`` that is neither an IP literal, a localhost name (loopback
+or wildcard binds) nor one of ``[admin] hosts`` is refused with 421 before any route runs: a web
+page whose name an attacker re-points at 127.0.0.1 (DNS rebinding) sends its own name there.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import contextlib
 import errno
 import hmac
 import inspect
+import ipaddress
 import json
 import logging
 import os
@@ -48,8 +57,41 @@ log = logging.getLogger("l4lb.admin")
 ACTIONS = ("drain", "disable", "enable")
 _MAX_HEAD = 16384
 _MAX_BODY = 65536
-_IDLE_TIMEOUT = 30.0
 _MAX_CLIENTS = 64
+_SINGLETONS = ("host", "content-length", "authorization", "origin")
+"""Headers that may appear once: two Content-Lengths or Hosts are how requests get smuggled."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdminTimeouts:
+    """How long the admin API waits for each part of an exchange, in seconds.
+
+    ``head``: from the accept (or a later request's first byte) to the end of the request head,
+    as HAProxy's ``timeout http-request``, so a client trickling bytes cannot hold a slot.
+    ``body``: for a declared body to arrive in full (nginx's ``client_body_timeout``).
+    ``idle``: between two requests on a keep-alive connection (HAProxy's ``http-keep-alive``).
+    ``write``: for the client to take a response (nginx's ``send_timeout``).
+    """
+
+    head: float = 10.0
+    body: float = 10.0
+    idle: float = 30.0
+    write: float = 10.0
+
+
+class _Client:
+    """One admin connection: idle (between keep-alive requests) or busy, and since when."""
+
+    __slots__ = ("idle", "since", "writer")
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.idle = False
+        self.since = 0.0
+
+
+class _HeadTimeout(Exception):
+    """The request head did not complete within ``AdminTimeouts.head``."""
 
 
 class AdminError(Exception):
@@ -100,14 +142,19 @@ class AdminServer:
         bind: str = "127.0.0.1:9100",
         token: str | None = None,
         unix: str | None = None,
+        *,
+        timeouts: AdminTimeouts = AdminTimeouts(),
+        hosts: tuple[str, ...] = (),
     ) -> None:
         self.control = control
         self.host, self.port = split_bind(bind)
         self.requested_port = self.port
         self.token = token or None
         self.unix = unix
+        self.timeouts = timeouts
+        self.hosts = hosts
         self._server: asyncio.Server | None = None
-        self._clients: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        self._clients: dict[asyncio.Task[None], _Client] = {}
 
     @property
     def address(self) -> str:
@@ -136,8 +183,8 @@ class AdminServer:
         if self._server is not None:
             self._server.close()
             self._server = None
-        for writer in list(self._clients.values()):
-            writer.close()
+        for client in list(self._clients.values()):
+            client.writer.close()
 
     async def aclose(self) -> None:
         """Stop accepting, close open admin connections and wait for their tasks."""
@@ -153,28 +200,77 @@ class AdminServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        if len(self._clients) >= _MAX_CLIENTS or (self.unix is not None and not _same_user(writer)):
-            writer.close()  # a flood of idle admin connections must not take every fd
+        if self.unix is not None and not _same_user(writer):
+            writer.close()
             return
-        self._clients[task] = writer
+        if len(self._clients) >= _MAX_CLIENTS and not self._evict_idle():
+            writer.close()  # a flood of admin connections must not take every fd
+            return
+        client = _Client(writer)
+        self._clients[task] = client
         try:
-            while await self._one_request(reader, writer):
-                pass
+            first = True
+            while await self._one_request(reader, writer, client, first):
+                first = False
         except (OSError, asyncio.IncompleteReadError, TimeoutError):
             pass
         finally:
             self._clients.pop(task, None)
-            writer.close()
+            if writer.transport.get_write_buffer_size():
+                writer.transport.abort()  # a client that does not read: drop what is queued
+            else:
+                writer.close()
             with contextlib.suppress(OSError, asyncio.CancelledError):
                 await writer.wait_closed()
 
+    def _evict_idle(self) -> bool:
+        """Close the keep-alive connection idle the longest, for a new client; False if none."""
+        idle = [(c.since, task) for task, c in self._clients.items() if c.idle]
+        if not idle:
+            return False
+        _, task = min(idle, key=lambda pair: pair[0])
+        client = self._clients.pop(task)
+        client.writer.close()  # its task sees EOF and ends by itself
+        return True
+
+    async def _read_head(
+        self, reader: asyncio.StreamReader, client: _Client, first: bool
+    ) -> bytes | None:
+        """The next request head; None when the client closed or stayed idle too long.
+
+        A new connection has ``head`` seconds for its whole first head; a keep-alive connection
+        may stay idle for ``idle`` seconds (it may give its slot up meanwhile), then has
+        ``head`` seconds from its next request's first byte.
+        """
+        loop = asyncio.get_running_loop()
+        got = b""
+        try:
+            async with asyncio.timeout(self.timeouts.head if first else self.timeouts.idle) as cm:
+                client.idle, client.since = not first, loop.time()
+                got = await reader.readexactly(1)
+                client.idle = False
+                if not first:
+                    cm.reschedule(loop.time() + self.timeouts.head)
+                return got + await reader.readuntil(b"\r\n\r\n")
+        except TimeoutError:
+            if got or first:
+                raise _HeadTimeout from None
+            return None
+        except asyncio.IncompleteReadError as err:
+            if (got + err.partial).strip():
+                raise
+            return None
+
     async def _one_request(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        client: _Client,
+        first: bool,
     ) -> bool:
         """Read one request and answer it; True to keep the connection for another."""
         try:
-            async with asyncio.timeout(_IDLE_TIMEOUT):
-                head = await reader.readuntil(b"\r\n\r\n")
+            head = await self._read_head(reader, client, first)
         except asyncio.LimitOverrunError:
             await self._send(
                 writer,
@@ -182,22 +278,28 @@ class AdminServer:
                 keep=False,
             )
             return False
-        except asyncio.IncompleteReadError as err:
-            if err.partial.strip():
-                await self._send(
-                    writer, _error(HTTPStatus.BAD_REQUEST, "incomplete request"), keep=False
-                )
+        except _HeadTimeout:
+            await self._send(
+                writer,
+                _error(
+                    HTTPStatus.REQUEST_TIMEOUT,
+                    f"request head not complete within {self.timeouts.head:g}s",
+                ),
+                keep=False,
+            )
+            return False
+        except asyncio.IncompleteReadError:
+            await self._send(
+                writer, _error(HTTPStatus.BAD_REQUEST, "incomplete request"), keep=False
+            )
+            return False
+        if head is None:
             return False
         try:
             method, target, version, headers = parse_head(head)
+            length = content_length(headers)
         except AdminError as err:
             await self._send(writer, _error(err.status, str(err)), keep=False)
-            return False
-        length = headers.get("content-length", "0")
-        if not length.isdigit() or int(length) > _MAX_BODY:
-            await self._send(
-                writer, _error(HTTPStatus.BAD_REQUEST, f"bad Content-Length {length!r}"), keep=False
-            )
             return False
         if headers.get("transfer-encoding"):
             await self._send(
@@ -206,8 +308,16 @@ class AdminServer:
                 keep=False,
             )
             return False
-        if int(length):
-            await reader.readexactly(int(length))
+        if length:
+            try:
+                async with asyncio.timeout(self.timeouts.body):
+                    await reader.readexactly(length)
+            except TimeoutError:
+                message = (
+                    f"request body of {length} bytes not received within {self.timeouts.body:g}s"
+                )
+                await self._send(writer, _error(HTTPStatus.REQUEST_TIMEOUT, message), keep=False)
+                return False
         connection = headers.get("connection", "").lower()
         keep = connection != "close" and (version == "HTTP/1.1" or connection == "keep-alive")
         try:
@@ -237,12 +347,15 @@ class AdminServer:
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         if not head_only:
             writer.write(response.body)
-        await writer.drain()
+        async with asyncio.timeout(self.timeouts.write):
+            await writer.drain()
 
     # -- routing -----------------------------------------------------------------------------
 
     async def handle(self, method: str, target: str, headers: dict[str, str]) -> Response:
         """Answer one request (also usable without a socket, e.g. in tests)."""
+        if self.unix is None:
+            self._check_host(headers.get("host", ""))
         split = urlsplit(target)
         path, query = split.path, parse_qs(split.query, keep_blank_values=True)
         parts = [unquote(p) for p in path.split("/")[1:]]
@@ -280,6 +393,34 @@ class AdminServer:
             HTTPStatus.NOT_FOUND,
             f"no such resource {path!r}: try /, /status, /metrics, POST /reload or "
             "POST /pools/{pool}/backends/{address}/drain|disable|enable",
+        )
+
+    def _check_host(self, host: str) -> None:
+        """Refuse a ``Host`` that names something else than this admin API (DNS rebinding).
+
+        A page at ``http://attacker.example:9100/`` whose name the attacker re-points at
+        127.0.0.1 reaches a loopback admin API with ``Host`` and ``Origin`` both its own name,
+        so the Origin check alone passes it. IP literals are always accepted (a rebinding page
+        has a name; the port may differ behind an SSH tunnel); localhost names when the bind is
+        loopback or a wildcard; and the ``[admin] hosts`` names. No ``Host`` at all (HTTP/1.0
+        tools) comes from no browser and is accepted.
+        """
+        if not host:
+            return
+        name = host_name(host)
+        if name is not None:
+            if _is_ip(name) or name in {h.lower().rstrip(".") for h in self.hosts}:
+                return
+            bind = ipaddress.ip_address(self.host)
+            local = bind.is_loopback or bind.is_unspecified
+            if local and (name == "localhost" or name.endswith(".localhost")):
+                return
+        url = f"http://{self.address}/"
+        raise AdminError(
+            HTTPStatus.MISDIRECTED_REQUEST,
+            f"Host {host[:100]!r} is not this admin API: use its address ({url}); names other "
+            "than localhost are refused unless listed in [admin] hosts (a page whose DNS name "
+            "was re-pointed here must not read or change the balancer)",
         )
 
     def _authorize(self, headers: dict[str, str]) -> None:
@@ -388,8 +529,47 @@ def parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
         name, sep, value = line.partition(":")
         if not sep or not name or name != name.strip():
             raise AdminError(HTTPStatus.BAD_REQUEST, f"malformed header line {line[:80]!r}")
-        headers[name.lower()] = value.strip()
+        key = name.lower()
+        if key in headers and key in _SINGLETONS:
+            raise AdminError(HTTPStatus.BAD_REQUEST, f"more than one {name} header")
+        headers[key] = value.strip()
     return method, target, version, headers
+
+
+def content_length(headers: dict[str, str]) -> int:
+    """The request's Content-Length: ASCII digits only (``str.isdigit`` accepts '²' and '٣')."""
+    text = headers.get("content-length", "0")
+    if not (text.isascii() and text.isdigit()) or len(text) > 9:
+        raise AdminError(HTTPStatus.BAD_REQUEST, f"bad Content-Length {text[:20]!r}")
+    length = int(text)
+    if length > _MAX_BODY:
+        raise AdminError(
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+            f"request body of {length} bytes is over the {_MAX_BODY} allowed",
+        )
+    return length
+
+
+def host_name(host: str) -> str | None:
+    """The name or address in a ``Host`` header, without port, lower case; None if malformed."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        inside, sep, rest = host[1:].partition("]")
+        if not sep or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+            return None
+        return inside
+    name, sep, port = host.partition(":")
+    if sep and not (port.isascii() and port.isdigit()):
+        return None
+    return name.rstrip(".") or None
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return "%" not in name
 
 
 def split_bind(bind: str) -> tuple[str, int]:
@@ -449,6 +629,7 @@ class AdminRuntime:
             and split_bind(wanted.bind) == (server.host, server.requested_port)
         ):
             server.token = wanted.token or None
+            server.hosts = wanted.hosts
             return
         if server is None and self._retry is not None and wanted is not None:
             return  # another worker serves it; the retry loop reads the new [admin] itself
@@ -465,7 +646,7 @@ class AdminRuntime:
         wanted = self.balancer.config.admin
         if wanted is None or self.stopped:
             return True
-        server = AdminServer(self.control, wanted.bind, wanted.token)
+        server = AdminServer(self.control, wanted.bind, wanted.token, hosts=wanted.hosts)
         try:
             await server.start()
         except OSError as err:

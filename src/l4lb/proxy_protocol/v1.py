@@ -125,7 +125,15 @@ def parse_line(line: bytes, options: ParseOptions, end: int = -2) -> ProxyHeader
                 Reason.BAD_SYNTAX, "addresses after UNKNOWN are not allowed by the options"
             )
         return make_header(1, _PROXY, Family.UNSPEC, Transport.UNSPEC, None, None)
-    if proto in (b"TCP4", b"TCP6"):
+    if proto in (b"TCP4", b"TCP6") or len(parts) != 5 or not proto:
+        # Not the shape "PROXY <protocol> <src> <dst> <sport> <dport>": a syntax error, whatever
+        # the first word is; bad_family is kept for a well-formed line with an unknown protocol.
+        if proto not in (b"TCP4", b"TCP6"):
+            raise InvalidHeader(
+                Reason.BAD_SYNTAX,
+                f"expected 'PROXY <TCP4|TCP6> <src> <dst> <sport> <dport>' or 'PROXY UNKNOWN', "
+                f"got {len(parts)} field(s) after 'PROXY ' starting {proto[:16]!r}",
+            )
         raise InvalidHeader(
             Reason.BAD_SYNTAX,
             f"{proto.decode()} needs 4 fields after it separated by exactly one space, "

@@ -9,6 +9,7 @@ from socket import AF_INET, AF_INET6, inet_ntop
 from l4lb.proxy_protocol.errors import IncompleteHeader, InvalidHeader, Reason
 from l4lb.proxy_protocol.model import (
     ADDRESS_SIZES,
+    TLV,
     Command,
     Family,
     ProxyHeader,
@@ -124,43 +125,55 @@ def parse_v2(data: bytes, options: ParseOptions) -> tuple[ProxyHeader, int]:
     fam = data[13]
     addr_len = ADDRESS_SIZES[fam]
     command = _COMMANDS[data[12] & 1]
-    body = total - FIXED
-    if body < addr_len:
-        if command is not _PROXY_CMD:
-            # LOCAL: addresses are to be ignored; a short block carries nothing we can use.
-            family, transport = _FAMILIES[fam]
-            return make_header(2, command, family, transport, None, None, ()), total
+    family, transport = _FAMILIES[fam]
+    start = FIXED + addr_len
+    if command is not _PROXY_CMD:
+        # LOCAL: the addresses are ignored (a short or dummy block carries nothing to use).
+        tlvs = local_tlvs(data, start, total, options.max_tlvs) if start < total else ()
+        return make_header(2, command, family, transport, None, None, tlvs), total
+    if start > total:
         raise InvalidHeader(
             Reason.BAD_ADDRESS,
-            f"address block is {body} bytes, family 0x{fam:02X} needs {addr_len}",
+            f"address block is {total - FIXED} bytes, family 0x{fam:02X} needs {addr_len}",
         )
-    start = FIXED + addr_len
     tlvs = () if start == total else parse_tlvs(data, start, total, options.max_tlvs)
-    if command is _PROXY_CMD:
-        family, transport = _FAMILIES[fam]
-        if family is Family.INET:
-            s, d, sp, dp = _INET.unpack_from(data, FIXED)
-            return make_header(
-                2,
-                command,
-                family,
-                transport,
-                (inet_ntop(AF_INET, s), sp),
-                (inet_ntop(AF_INET, d), dp),
-                tlvs,
-            ), total
-        if family is Family.INET6:
-            s, d, sp, dp = _INET6.unpack_from(data, FIXED)
-            return make_header(
-                2, command, family, transport, (ipv6_text(s), sp), (ipv6_text(d), dp), tlvs
-            ), total
-        if family is Family.UNIX:
-            src = unix_path(data[FIXED : FIXED + 108])
-            dst = unix_path(data[FIXED + 108 : FIXED + 216])
-            return make_header(2, command, family, transport, src, dst, tlvs), total
-        return make_header(2, command, family, transport, None, None, tlvs), total
-    family, transport = _FAMILIES[fam]
+    if family is Family.INET:
+        s, d, sp, dp = _INET.unpack_from(data, FIXED)
+        return make_header(
+            2,
+            command,
+            family,
+            transport,
+            (inet_ntop(AF_INET, s), sp),
+            (inet_ntop(AF_INET, d), dp),
+            tlvs,
+        ), total
+    if family is Family.INET6:
+        s, d, sp, dp = _INET6.unpack_from(data, FIXED)
+        return make_header(
+            2, command, family, transport, (ipv6_text(s), sp), (ipv6_text(d), dp), tlvs
+        ), total
+    if family is Family.UNIX:
+        src = unix_path(data[FIXED : FIXED + 108])
+        dst = unix_path(data[FIXED + 108 : FIXED + 216])
+        return make_header(2, command, family, transport, src, dst, tlvs), total
     return make_header(2, command, family, transport, None, None, tlvs), total
+
+
+def local_tlvs(data: bytes, start: int, end: int, max_tlvs: int) -> tuple[TLV, ...]:
+    """The TLVs after a LOCAL header's address block, or none if those bytes are not TLVs.
+
+    The spec (2.2) says a receiver must accept LOCAL and discard its protocol block, and for
+    AF_UNSPEC ignore any address information: senders put dummy address blocks or padding
+    there. So bytes that do not parse as TLVs are dropped rather than rejected. TLVs that do
+    parse keep their CRC32C check: a checksum that does not match is still refused.
+    """
+    try:
+        return parse_tlvs(data, start, end, max_tlvs)
+    except InvalidHeader as err:
+        if err.reason is Reason.CRC_MISMATCH:
+            raise
+        return ()
 
 
 def unix_path(raw: bytes) -> str:

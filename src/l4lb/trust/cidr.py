@@ -52,6 +52,12 @@ def parse_cidr(text: str) -> tuple[int, int, int]:
     """
     text = text.strip()
     addr, slash, plen_text = text.partition("/")
+    if "%" in addr:
+        bare = addr.partition("%")[0] + slash + plen_text
+        raise CidrError(
+            f"{text!r}: zone ids are not allowed in CIDRs (a block matches addresses on every "
+            f"interface); write {bare!r}"
+        )
     if ":" in addr:
         version, bits = 6, 128
         try:

@@ -66,6 +66,11 @@ _SNIFF_BYTES = 12
 _V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 
+MAX_HEADER_TIMEOUT = 2147483.647
+"""2^31-1 ms (the config's ceiling for durations too): every integration can wait that long
+(``socket.settimeout`` overflows on larger values, and infinity is no timeout at all)."""
+
+
 class PolicyError(ValueError):
     """A policy that cannot be built: a bad mode, CIDR or timeout; the message says which."""
 
@@ -168,9 +173,14 @@ class ProxyPolicy:
         # The balancer's CIDR sets: one lookup per distinct prefix length, whatever the list size.
         object.__setattr__(self, "_matcher", CidrSet(str(network) for network in networks))
         timeout = self.header_timeout
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not 0 < timeout <= MAX_HEADER_TIMEOUT
+        ):
             raise PolicyError(
-                f"header_timeout must be a positive number of seconds, not {timeout!r}"
+                f"header_timeout must be a positive number of seconds up to "
+                f"{MAX_HEADER_TIMEOUT:g} (2^31-1 ms), not {timeout!r}"
             )
         object.__setattr__(self, "header_timeout", float(timeout))
 
@@ -360,6 +370,11 @@ def _network(item: object) -> Network:
     if isinstance(item, ipaddress.IPv4Network | ipaddress.IPv6Network):
         network: Network = item
     elif isinstance(item, str):
+        if "%" in item:
+            raise PolicyError(
+                f"trusted: {item!r}: zone ids are not allowed in CIDRs (a block matches "
+                "addresses on every interface)"
+            )
         try:
             network = ipaddress.ip_network(item.strip())
         except ValueError as err:
@@ -372,6 +387,8 @@ def _network(item: object) -> Network:
             raise PolicyError(f"trusted: {item!r} is not a CIDR block ({err}{hint})") from None
     else:
         raise PolicyError(f"trusted: {item!r} is not a CIDR block (give a string like 10.0.0.0/8)")
+    if isinstance(network, ipaddress.IPv6Network) and network.network_address.scope_id:
+        raise PolicyError(f"trusted: {item!r}: zone ids are not allowed in CIDRs")
     if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_V4_MAPPED):
         mapped = network.network_address.ipv4_mapped
         assert mapped is not None
