@@ -292,7 +292,7 @@ class Fleet:
         s.settimeout(5)
         try:
             s.connect(("127.0.0.1", 9100))
-            s.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            s.sendall(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:9100\r\nConnection: close\r\n"
                       "Content-Length: 0\r\n\r\n".encode())  # fmt: skip
             data = b""
             while chunk := s.recv(65536):
@@ -314,7 +314,7 @@ class Fleet:
         s.settimeout(5)
         try:
             s.connect(("127.0.0.1", 9100))
-            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:9100\r\nConnection: close\r\n\r\n")
             data = b""
             while chunk := s.recv(65536):
                 data += chunk
