@@ -67,6 +67,8 @@ def run_recipe(tmp_path: Path) -> Iterator[Any]:
         port = free_port()
         log = tmp_path / f"{name}.log"
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        # gunicorn 27 opens a control socket at one fixed path by default: not shared here.
+        env["GUNICORN_CMD_ARGS"] = "--no-control-socket"
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
         proc = subprocess.Popen(
             ["bash", "-c", _local(recipes()[name], port)],
