@@ -4,10 +4,10 @@ Run it alone (one process), the policy from the environment::
 
     L4LB_TRUSTED_PROXIES=127.0.0.1/32 python examples/aiohttp_app.py --bind 127.0.0.1:8080
 
-or in several processes with aiohttp's gunicorn worker and ``make_runner``::
+or in several processes under gunicorn, with aiohttp's worker made to read the header::
 
     L4LB_TRUSTED_PROXIES=127.0.0.1/32 gunicorn -w 2 -b 127.0.0.1:8080 \\
-        -k aiohttp.GunicornWebWorker examples.aiohttp_app:make_runner
+        -k l4lb.backend.gunicorn_aiohttp.ProxyWebWorker examples.aiohttp_app:app
 
 then ``curl --haproxy-protocol http://127.0.0.1:8080/``: ``request.remote`` is the address the
 PROXY header named, on every request of a keep-alive connection and in the WebSocket.
@@ -20,7 +20,7 @@ import os
 
 from aiohttp import WSMsgType, web
 
-from l4lb.backend.aiohttp import ProxyProtocolAppRunner, run_app
+from l4lb.backend.aiohttp import run_app
 from l4lb.backend.serve import parse_bind
 
 
@@ -50,11 +50,6 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
 app = web.Application()
 app.router.add_get("/", index)
 app.router.add_get("/ws", websocket)
-
-
-async def make_runner() -> web.AppRunner:
-    """For ``gunicorn -k aiohttp.GunicornWebWorker``: the policy from L4LB_TRUSTED_PROXIES."""
-    return ProxyProtocolAppRunner(app)
 
 
 if __name__ == "__main__":

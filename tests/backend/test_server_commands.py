@@ -45,6 +45,7 @@ HINT = "write 10.0.0.0/8 for the block"
         "l4lb.backend.gunicorn.SyncProxyWorker",
         "l4lb.backend.gunicorn.ThreadProxyWorker",
         "l4lb.backend.gunicorn_asgi.ProxyUvicornWorker",
+        "l4lb.backend.gunicorn_aiohttp.ProxyWebWorker",
     ],
 )
 def test_gunicorn_bad_policy_stops_the_arbiter(worker: str) -> None:
@@ -118,3 +119,46 @@ def test_gunicorn_threads_do_not_swap_out_the_sync_worker(tmp_path: Path) -> Non
     text = (tmp_path / "gunicorn.log").read_text()
     assert "Using worker: l4lb.backend.gunicorn.SyncProxyWorker" in text
     assert "PROXY rejected 127.0.0.1:" in text and "bad_header" in text
+
+
+def _serve(tmp_path: Path, args: list[str], port: int, **env: str) -> subprocess.Popen[bytes]:
+    log = open(tmp_path / "server.log", "ab")  # noqa: SIM115
+    proc = subprocess.Popen(args, cwd=ROOT, env=_env(**env), stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    wait_port("127.0.0.1", port, timeout=30, proc=proc)
+    return proc
+
+
+def test_why_not_gunicorn_own_proxy_protocol(tmp_path: Path) -> None:
+    """docs/backend.md's claim, shown: gunicorn's own --proxy-protocol serves a connection from a
+    trusted balancer that sent no header under the balancer's address; ours refuses it."""
+    base = [str(BIN / "gunicorn"), "--no-control-socket", "-w", "1"]
+    own_port, our_port = free_port(), free_port()
+    own = _serve(
+        tmp_path,
+        [
+            *base,
+            "-b",
+            f"127.0.0.1:{own_port}",
+            "--proxy-protocol",
+            "auto",
+            "examples.flask_app:app",
+        ],
+        own_port,
+    )
+    worker = ["-k", "l4lb.backend.gunicorn.SyncProxyWorker"]
+    ours = _serve(
+        tmp_path,
+        [*base, "-b", f"127.0.0.1:{our_port}", *worker, "examples.flask_app:app"],
+        our_port,
+        L4LB_TRUSTED_PROXIES="127.0.0.1/32",
+    )
+    try:
+        with connect_from("127.0.0.1", "127.0.0.1", own_port) as s:
+            assert http_get(s)["client"][0] == "127.0.0.1"  # the balancer, taken for the client
+        with connect_from("127.0.0.1", "127.0.0.1", our_port) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert closed_by_peer(s)
+    finally:
+        stop_process(own, timeout=15)
+        stop_process(ours, timeout=15)

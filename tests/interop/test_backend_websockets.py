@@ -31,7 +31,8 @@ SERVERS = {
     "gunicorn-uvicorn": f"{GUNICORN} l4lb.backend.gunicorn_asgi.ProxyUvicornWorker {APP}",
     "hypercorn": f"{{python}} -m l4lb.backend.hypercorn {APP} --bind 127.0.0.1:{{port}} "
     "--workers 2",
-    "aiohttp-gunicorn": f"{GUNICORN} aiohttp.GunicornWebWorker examples.aiohttp_app:make_runner",
+    "aiohttp-gunicorn": f"{GUNICORN} l4lb.backend.gunicorn_aiohttp.ProxyWebWorker "
+    "examples.aiohttp_app:app",
 }
 
 

@@ -4,13 +4,11 @@
     await runner.setup()
     await web.TCPSite(runner, "0.0.0.0", 8080).start()      # or SockSite, UnixSite
 
-or ``run_app(app, host=..., port=..., policy=...)`` in place of ``web.run_app``; or under gunicorn,
-with aiohttp's own worker and an async factory that returns the runner:
+or ``run_app(app, host=..., port=..., policy=...)`` in place of ``web.run_app``; or under gunicorn
+with :class:`l4lb.backend.gunicorn_aiohttp.ProxyWebWorker`, which builds this runner:
 
-    async def make_runner():                      # policy from L4LB_TRUSTED_PROXIES etc.
-        return ProxyProtocolAppRunner(app)
-
-    gunicorn -w 4 -k aiohttp.GunicornWebWorker myapp:make_runner
+    L4LB_TRUSTED_PROXIES=10.0.0.0/8 gunicorn -w 4 \\
+        -k l4lb.backend.gunicorn_aiohttp.ProxyWebWorker myapp:app
 
 The runner's server (the protocol factory every site hands to ``loop.create_server``) is wrapped in
 :class:`~l4lb.backend.asyncio.ProxyProtocolFactory`: aiohttp's request handler is switched in once

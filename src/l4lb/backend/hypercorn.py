@@ -14,7 +14,7 @@ hypercorn has no place to plug in a listener, so this is hypercorn's own asyncio
 (lifespan, graceful shutdown, ``max_requests``) with its listeners opened by
 :func:`l4lb.backend.asyncio.start_server`: each connection's header is decided first, then
 hypercorn's ``TCPServer`` serves it, seeing the real client as the socket's peer, so
-``scope["client"]`` is the real client for HTTP/1.1 keep-alive, HTTP/2 and WebSocket alike.
+``scope["client"]`` is the real client for HTTP/1.1 keep-alive requests and WebSockets.
 ``config.certfile``/``keyfile`` terminate TLS right after the header (mode ``required``). QUIC
 (HTTP/3) is not offered: the PROXY protocol has no place in a QUIC datagram.
 """
@@ -174,6 +174,10 @@ async def _wait(context: WorkerContext) -> None:
 
 
 def _worker(config: Config, sockets: Sockets, policy: ProxyPolicy) -> None:
+    # The supervisor's handlers are not for workers: until serve() sets the loop's own, a
+    # SIGTERM ends the worker at once.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     app = load_application(config.application_path, config.wsgi_max_body_size)
     asyncio.run(serve(app, config, policy=policy, sockets=sockets))
 
@@ -219,6 +223,9 @@ def run(config: Config, *, workers: int = 1, policy: ProxyPolicy | None = None) 
                 os.kill(process.pid, signal.SIGTERM)
         for process in processes:
             process.join(config.graceful_timeout + 5)
+            if process.is_alive():
+                process.kill()
+                process.join(5)
     return 0
 
 
