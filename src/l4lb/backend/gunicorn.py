@@ -24,6 +24,8 @@ The ASGI worker (uvicorn under gunicorn) is in :mod:`l4lb.backend.gunicorn_asgi`
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from typing import Any, ClassVar
 
 from gunicorn import util  # type: ignore[import-untyped]
@@ -64,6 +66,9 @@ def check_gunicorn_config(cls: type, cfg: Any, log: Any) -> ProxyPolicy:
 def _describe(policy: ProxyPolicy) -> str:
     trusted = ", ".join(str(n) for n in policy.networks) or "nobody"
     return f"mode {policy.mode}, trusted {trusted}, header timeout {policy.header_timeout:g}s"
+
+
+_REFUSED = object()
 
 
 def _decide(worker: Any, sock: Any, addr: Any) -> Decision | None:
@@ -117,11 +122,17 @@ class ThreadProxyWorker(ThreadWorker):  # type: ignore[misc]
         super().init_process()
 
     def handle(self, conn: Any) -> Any:
-        if not conn.initialized and getattr(conn, "proxy_decision", None) is None:
+        # Once per connection, keyed on our own mark: gunicorn 22 initialises a connection (and
+        # its parser) before this runs, gunicorn 27 after; neither has read a byte yet.
+        if getattr(conn, "proxy_decision", None) is None:
             conn.sock.setblocking(True)
             decision = _decide(self, conn.sock, conn.client)
-            if decision is None:
-                return False  # finish_request() closes the connection
-            conn.proxy_decision = decision
-            conn.client = decision.client
+            conn.proxy_decision = decision or _REFUSED
+            if decision is not None:
+                conn.client = decision.client
+            else:
+                # Refused: end the stream, so that gunicorn's own handle() meets the end of the
+                # connection and closes it its way (its return value differs across versions).
+                with contextlib.suppress(OSError):
+                    conn.sock.shutdown(socket.SHUT_RDWR)
         return super().handle(conn)
