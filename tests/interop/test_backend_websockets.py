@@ -58,7 +58,8 @@ def server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[int]:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(5)
         log.close()
-    assert "Traceback" not in (tmp_path / "server.log").read_text(errors="replace")
+    text = (tmp_path / "server.log").read_text(errors="replace")
+    assert "Traceback" not in text, text
 
 
 @pytest.mark.parametrize("server", sorted(SERVERS), indirect=True)
