@@ -71,6 +71,29 @@ def test_uvicorn_cli_bad_policy_exits_with_one_line() -> None:
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (
+            'quic_bind = ["127.0.0.1:4433"]\n',
+            "quic_bind: QUIC (HTTP/3) cannot carry a PROXY header",
+        ),
+        ("certfile = \n", "--config"),
+        (None, "No such file"),
+    ],
+)
+def test_hypercorn_bad_config_exits_with_one_line(
+    config: str | None, message: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "hypercorn.toml"
+    if config is not None:
+        path.write_text(config)
+    cmd = [sys.executable, "-m", "l4lb.backend.hypercorn", APP, "--config", str(path)]
+    out = _run(cmd, L4LB_TRUSTED_PROXIES="127.0.0.1/32")
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert out.stderr.startswith("l4lb hypercorn: ") and "Traceback" not in out.stderr
+
+
 def test_hypercorn_bad_policy_exits_with_one_line() -> None:
     out = _run([sys.executable, "-m", "l4lb.backend.hypercorn", APP], **BAD)
     assert out.returncode == 2

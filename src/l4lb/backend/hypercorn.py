@@ -10,13 +10,14 @@ set (``"myapp:app"``), or from the shell:
     L4LB_TRUSTED_PROXIES=10.0.0.0/8 python -m l4lb.backend.hypercorn myapp:app \\
         --bind 0.0.0.0:8000 --workers 4
 
-hypercorn has no place to plug in a listener, so this is hypercorn's own asyncio worker loop
-(lifespan, graceful shutdown, ``max_requests``) with its listeners opened by
+hypercorn has no place to plug in a listener, so :func:`serve` does what hypercorn's asyncio
+worker does (lifespan, graceful shutdown, ``max_requests``) with hypercorn's own parts
+(``Lifespan``, ``TCPServer``, ``WorkerContext``), but opens the listeners with
 :func:`l4lb.backend.asyncio.start_server`: each connection's header is decided first, then
 hypercorn's ``TCPServer`` serves it, seeing the real client as the socket's peer, so
 ``scope["client"]`` is the real client for HTTP/1.1 keep-alive requests and WebSockets.
 ``config.certfile``/``keyfile`` terminate TLS right after the header (mode ``required``). QUIC
-(HTTP/3) is not offered: the PROXY protocol has no place in a QUIC datagram.
+(HTTP/3) is refused: the PROXY protocol has no place in a QUIC datagram.
 """
 
 from __future__ import annotations
@@ -112,6 +113,10 @@ async def serve(
     if lifespan_task.done() and lifespan_task.exception() is not None:
         raise lifespan_task.exception()  # type: ignore[misc]
 
+    if config.quic_bind:
+        raise ValueError(
+            "hypercorn quic_bind: QUIC (HTTP/3) cannot carry a PROXY header; remove quic_bind"
+        )
     if sockets is None:
         sockets = config.create_sockets()
     max_requests = None
@@ -249,7 +254,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         print(f"l4lb hypercorn: --workers {args.workers}: give 1 or more", file=sys.stderr)
         return 2
-    config = Config.from_toml(args.config) if args.config else Config()
+    try:
+        config = Config.from_toml(args.config) if args.config else Config()
+    except (OSError, ValueError) as err:  # a missing file, bad TOML
+        print(f"l4lb hypercorn: --config {args.config}: {err}", file=sys.stderr)
+        return 2
+    if config.quic_bind:
+        print(
+            "l4lb hypercorn: quic_bind: QUIC (HTTP/3) cannot carry a PROXY header; remove it",
+            file=sys.stderr,
+        )
+        return 2
     config.application_path = args.app
     if args.bind:
         config.bind = args.bind
