@@ -94,6 +94,15 @@ def test_hypercorn_bad_config_exits_with_one_line(
     assert out.stderr.startswith("l4lb hypercorn: ") and "Traceback" not in out.stderr
 
 
+def test_aiohttp_run_app_bad_policy_exits_with_one_line() -> None:
+    out = _run(
+        [sys.executable, "examples/aiohttp_app.py", "--bind", f"127.0.0.1:{free_port()}"], **BAD
+    )
+    assert out.returncode == 1
+    assert out.stderr.startswith("l4lb.backend.aiohttp.run_app: L4LB_TRUSTED_PROXIES")
+    assert HINT in out.stderr and "Traceback" not in out.stderr
+
+
 def test_hypercorn_bad_policy_exits_with_one_line() -> None:
     out = _run([sys.executable, "-m", "l4lb.backend.hypercorn", APP], **BAD)
     assert out.returncode == 2

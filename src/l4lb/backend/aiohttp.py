@@ -28,7 +28,7 @@ from aiohttp import web
 
 from l4lb.backend.asyncio import ProxyProtocolFactory
 from l4lb.backend.environ import policy_from_env
-from l4lb.trust.policy import ProxyPolicy
+from l4lb.trust.policy import PolicyError, ProxyPolicy
 
 __all__ = ["ProxyProtocolAppRunner", "run_app"]
 
@@ -70,7 +70,16 @@ def run_app(
     print: Callable[..., None] | None = print,
     **runner_kwargs: Any,
 ) -> None:
-    """``web.run_app`` behind a PROXY balancer: serve until SIGINT or SIGTERM, then clean up."""
+    """``web.run_app`` behind a PROXY balancer: serve until SIGINT or SIGTERM, then clean up.
+
+    ``policy`` None reads it from the environment; a bad value exits with one line naming the
+    variable.
+    """
+    if policy is None:
+        try:
+            policy = policy_from_env()
+        except PolicyError as err:
+            raise SystemExit(f"l4lb.backend.aiohttp.run_app: {err}") from None
 
     async def main() -> None:
         application = app if isinstance(app, web.Application) else await app()
