@@ -194,3 +194,36 @@ def test_why_not_gunicorn_own_proxy_protocol(tmp_path: Path) -> None:
     finally:
         stop_process(own, timeout=15)
         stop_process(ours, timeout=15)
+
+
+@pytest.mark.parametrize(
+    ("worker", "extra"),
+    [
+        ("l4lb.backend.gunicorn.ThreadProxyWorker", ["-w", "1", "--threads", "2"]),
+        ("l4lb.backend.gunicorn.SyncProxyWorker", ["-w", "2"]),
+    ],
+)
+def test_gunicorn_silent_balancer_connection_times_out(
+    worker: str, extra: list[str], tmp_path: Path
+) -> None:
+    """A trusted peer that sends nothing is closed at L4LB_HEADER_TIMEOUT with that reason,
+    while another connection is served meanwhile."""
+    port = free_port()
+    args = [str(BIN / "gunicorn"), "--no-control-socket", "-b", f"127.0.0.1:{port}", *extra]
+    proc = _serve(
+        tmp_path,
+        [*args, "-k", worker, "examples.flask_app:app"],
+        port,
+        L4LB_TRUSTED_PROXIES="127.0.0.1/32",
+        L4LB_HEADER_TIMEOUT="1",
+    )
+    try:
+        with connect_from("127.0.0.1", "127.0.0.1", port) as silent:
+            with connect_from("127.0.0.1", "127.0.0.1", port) as s:
+                s.sendall(build(1, ("192.0.2.8", 555), ("127.0.0.1", port)))
+                assert http_get(s)["client"] == ["192.0.2.8", 555]
+            assert closed_by_peer(silent, timeout=20)
+    finally:
+        stop_process(proc, timeout=15)
+    text = (tmp_path / "server.log").read_text()
+    assert "header_timeout (no complete PROXY header within 1s (0 bytes received))" in text
