@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from l4lb.proxy_protocol import build
 from tests.backend.servers import closed_by_peer, http_get, http_request, recv_line
@@ -100,3 +105,75 @@ def test_http_server_example(tmp_path: Path) -> None:
         stop_process(proc)
     log = (tmp_path / "example.log").read_text()
     assert "192.0.2.7 - - [" in log and '"GET / HTTP/1.1" 200' in log
+
+
+def _docstring_commands(module: str) -> list[str]:
+    """The server command lines in an example's docstring, continuation lines joined."""
+    text = (ROOT / "examples" / f"{module}.py").read_text()
+    doc = text.split('"""')[1].replace("\\\\\n", "\\\n")
+    commands, current = [], ""
+    for line in doc.splitlines():
+        if not line.startswith("    "):
+            continue
+        current += line.strip()
+        if current.endswith("\\"):
+            current = current[:-1] + " "
+            continue
+        if not current.startswith("curl"):
+            commands.append(current)
+        current = ""
+    return commands
+
+
+@pytest.mark.parametrize(
+    ("module", "count"),
+    [("django_app", 1), ("flask_app", 1), ("aiohttp_app", 2), ("uvicorn_workers", 1)],
+)
+def test_production_examples_run_as_their_docstrings_show(
+    module: str, count: int, tmp_path: Path
+) -> None:
+    commands = _docstring_commands(module)
+    assert len(commands) == count, commands
+    for index, command in enumerate(commands):
+        port = free_port()
+        local = re.sub(r"127\.0\.0\.1:80[0-9]0\b", f"127.0.0.1:{port}", command)
+        env = dict(os.environ, PYTHONPATH=str(ROOT), GUNICORN_CMD_ARGS="--no-control-socket")
+        env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+        log = open(tmp_path / f"{index}.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen(
+            ["bash", "-c", local],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            wait_port("127.0.0.1", port, timeout=30, proc=proc)
+            # The docstring's curl: a v1 header naming curl's own address.
+            out = subprocess.run(
+                [
+                    "curl",
+                    "-s",
+                    "--max-time",
+                    "10",
+                    "--haproxy-protocol",
+                    f"http://127.0.0.1:{port}/",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
+            assert json.loads(out.stdout)["client"][0] == "127.0.0.1", out
+            with connect_from("127.0.0.1", "127.0.0.1", port) as s:  # no header: refused
+                s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert closed_by_peer(s), command
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(5)
+            log.close()

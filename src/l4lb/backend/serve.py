@@ -1,7 +1,10 @@
 """``l4lb serve-asgi MODULE:APP``: run an ASGI app under uvicorn behind a PROXY-speaking balancer.
 
     l4lb serve-asgi examples.asgi_app:app --bind 127.0.0.1:8000 \\
-        --accept-proxy required --trusted 127.0.0.1/32
+        --accept-proxy required --trusted 127.0.0.1/32 --workers 4
+
+With ``--workers N`` uvicorn runs N processes on the one listening socket (each rebuilds the
+PROXY protocol class from the policy) and restarts any that dies.
 
 uvicorn's own ``proxy_headers`` are off: the client address comes from the PROXY header of a
 trusted peer only. TLS: terminate it at the balancer, or here after the header with
@@ -14,7 +17,7 @@ import argparse
 import asyncio
 import ssl
 import sys
-from typing import cast
+from typing import Any, cast
 
 from l4lb.backend.asyncio import check_tls_policy
 from l4lb.trust.policy import Mode, PolicyError, ProxyPolicy
@@ -91,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
         help="terminate TLS here, after the PROXY header (the balancer passes TLS through)",
     )
     parser.add_argument("--ssl-keyfile", metavar="PEM", help="the certificate's private key")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="worker processes sharing the socket (default 1)"
+    )
     parser.add_argument("--log-level", default="info", help="uvicorn log level")
     parser.add_argument("--no-access-log", action="store_true", help="disable the access log")
     parser.add_argument("--app-dir", default=".", help="directory added to sys.path for the app")
@@ -106,6 +112,17 @@ def main(argv: list[str]) -> int:
         )
     except (ValueError, PolicyError) as err:
         print(f"l4lb serve-asgi: {err}", file=sys.stderr)
+        return 2
+    if args.workers < 1:
+        print(f"l4lb serve-asgi: --workers {args.workers}: give 1 or more", file=sys.stderr)
+        return 2
+    if args.workers > 1 and args.ssl_certfile:
+        print(
+            "l4lb serve-asgi: --workers with --ssl-certfile is not supported (the TLS context "
+            "does not cross to worker processes): terminate TLS at the balancer, or run one "
+            "process per port",
+            file=sys.stderr,
+        )
         return 2
     if policy.mode is Mode.REQUIRED and not policy.networks:
         print(
@@ -148,16 +165,22 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        http=cast("type[asyncio.Protocol]", http),  # a BufferedProtocol when TLS is ours
-        ws=args.ws,
-        proxy_headers=False,
-        log_level=args.log_level,
-        access_log=not args.no_access_log,
-    )
+    settings: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "http": cast("type[asyncio.Protocol]", http),  # a BufferedProtocol when TLS is ours
+        "ws": args.ws,
+        "proxy_headers": False,
+        "log_level": args.log_level,
+        "access_log": not args.no_access_log,
+    }
+    if args.workers > 1:
+        # uvicorn's own path for workers: the parent binds and supervises (restarting a worker
+        # that dies); each spawned worker loads the app by name and unpickles the protocol
+        # class, which is rebuilt there from the policy.
+        uvicorn.run(args.app, workers=args.workers, **settings)
+        return 0
+    config = uvicorn.Config(app, **settings)
     server = uvicorn.Server(config)
     try:
         server.run()

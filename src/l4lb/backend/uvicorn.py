@@ -3,6 +3,17 @@
     config = uvicorn.Config(app, http=proxy_protocol_http(trusted=["127.0.0.1"]),
                             proxy_headers=False)
 
+or, by name, configured from the environment (:mod:`l4lb.backend.environ`), for the command line,
+``--workers N`` and ``--reload``:
+
+    L4LB_TRUSTED_PROXIES=10.0.0.0/8 uvicorn myapp:app --workers 4 --no-proxy-headers \\
+        --http l4lb.backend.uvicorn:ProxyProtocolHTTP
+
+The classes :func:`proxy_protocol_http` makes pickle by their settings, so
+``uvicorn.run("myapp:app", workers=N, http=proxy_protocol_http(...))`` works too: each worker
+process rebuilds the class from the same policy. ``L4LB_HTTP`` picks uvicorn's HTTP implementation
+under the environment's class (``auto``, ``h11``, ``httptools``).
+
 Each connection starts with a small protocol that reads the PROXY header through the policy's
 :class:`~l4lb.trust.policy.HeaderGate`, then switches the transport to uvicorn's own HTTP protocol
 (``http="auto" | "h11" | "httptools"`` or a class) with a transport that reports the real
@@ -20,6 +31,9 @@ balancer, or pass ``ssl=`` here to terminate it after the header.
 from __future__ import annotations
 
 import asyncio
+import copyreg
+import os
+import pickle
 import ssl as ssl_module
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, ClassVar, cast
@@ -31,15 +45,19 @@ from l4lb.backend.asyncio import (
     hand_over,
     log,
 )
+from l4lb.backend.environ import policy_from_env
 from l4lb.proxy_protocol import ParseOptions, ProxyHeader
-from l4lb.trust.policy import Decision, Mode, ProxyPolicy
+from l4lb.trust.policy import Decision, Mode, PolicyError, ProxyPolicy
 
 __all__ = [
     "BufferedProxyProtocolHTTP",
-    "ProxyProtocolHTTP",
     "proxy_extension",
     "proxy_protocol_http",
 ]
+# ProxyProtocolHTTP is made on first use from the environment (see __getattr__ below), so it is
+# not in __all__: a star import must not read the environment.
+
+HTTP_ENV = "L4LB_HTTP"
 
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Any, Any], Awaitable[None]]
@@ -126,7 +144,11 @@ def _resolve_http(http: str | type[asyncio.Protocol]) -> type[asyncio.Protocol]:
     return cls
 
 
-class _ProxyHTTP(asyncio.BaseProtocol):
+class _ProxyHTTPType(type):
+    """The type of the protocol classes: they pickle by their settings (see ``_reduce_class``)."""
+
+
+class _ProxyHTTP(asyncio.BaseProtocol, metaclass=_ProxyHTTPType):
     """Reads the PROXY header, then becomes uvicorn's HTTP protocol for this connection.
 
     Not used directly: :func:`proxy_protocol_http` makes a subclass with the policy set.
@@ -213,7 +235,7 @@ class _ProxyHTTP(asyncio.BaseProtocol):
         )
 
 
-class ProxyProtocolHTTP(_ProxyHTTP, asyncio.Protocol):
+class _PlainProxyHTTP(_ProxyHTTP, asyncio.Protocol):
     """The header-reading protocol when TLS, if any, was terminated before us."""
 
     def data_received(self, data: bytes) -> None:
@@ -261,8 +283,8 @@ def proxy_protocol_http(
     if ssl is not None:
         check_tls_policy(policy)
     inner = _resolve_http(http)
-    parent: type[_ProxyHTTP] = ProxyProtocolHTTP if ssl is None else BufferedProxyProtocolHTTP
-    cls: type[_ProxyHTTP] = type(
+    parent: type[_ProxyHTTP] = _PlainProxyHTTP if ssl is None else BufferedProxyProtocolHTTP
+    cls = _ProxyHTTPType(
         f"ProxyProtocolHTTP[{inner.__name__}]",
         (parent,),
         {
@@ -273,4 +295,61 @@ def proxy_protocol_http(
             "warned": False,
         },
     )
+    return cast("type[_ProxyHTTP]", cls)
+
+
+_NAMED = frozenset({"_ProxyHTTP", "_PlainProxyHTTP", "BufferedProxyProtocolHTTP"})
+
+
+def _rebuild(policy: ProxyPolicy, http: type[asyncio.Protocol], name: str) -> type:
+    """The class :func:`proxy_protocol_http` made, again, in another process (unpickling)."""
+    cls = proxy_protocol_http(policy=policy, http=http)
+    cls.__name__ = cls.__qualname__ = name
     return cls
+
+
+def _reduce_class(cls: _ProxyHTTPType) -> str | tuple[Any, ...]:
+    """Pickle a class of ours: the named bases by name, the made ones by their settings.
+
+    uvicorn sends its ``Config`` (``http`` included) to each ``--workers``/``--reload`` process
+    with pickle; a class made at run time has no importable name, so it travels as the policy
+    and the inner protocol class, and the worker rebuilds it.
+    """
+    if cls.__name__ in _NAMED and cls.__module__ == __name__:
+        return cls.__qualname__
+    made = cast("type[_ProxyHTTP]", cls)
+    if made.ssl is not None:
+        raise pickle.PicklingError(
+            "proxy_protocol_http(ssl=...) cannot be sent to worker processes (an SSLContext "
+            "does not pickle): run one process per port, or terminate TLS at the balancer"
+        )
+    return (_rebuild, (made.policy, made.http_protocol_class, cls.__name__))
+
+
+copyreg.pickle(_ProxyHTTPType, _reduce_class)
+
+
+def _from_environment() -> type[asyncio.BaseProtocol]:
+    try:
+        policy = policy_from_env()
+    except PolicyError as err:
+        # Named on a command line (uvicorn --http ...): a clear line and exit, no traceback.
+        raise SystemExit(f"l4lb.backend.uvicorn:ProxyProtocolHTTP: {err}") from None
+    http = os.environ.get(HTTP_ENV, "auto").strip() or "auto"
+    try:
+        cls = proxy_protocol_http(policy=policy, http=http)
+    except Exception as err:  # uvicorn's import_from_string on an unknown name
+        raise SystemExit(
+            f"l4lb.backend.uvicorn:ProxyProtocolHTTP: {HTTP_ENV}={http!r}: {err}"
+        ) from None
+    cls.__name__ = cls.__qualname__ = "ProxyProtocolHTTP"
+    return cls
+
+
+def __getattr__(name: str) -> Any:
+    """``ProxyProtocolHTTP``: the protocol class configured from the environment, made once."""
+    if name == "ProxyProtocolHTTP":
+        cls = _from_environment()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
