@@ -1,7 +1,7 @@
 """One client connection from admission to close: peek, pick, connect, PROXY header, relay.
 
 Everything here runs from event-loop callbacks (no Task per connection): a raw non-blocking
-``connect()`` watched with ``splice.wait_connected`` (one ``epoll_ctl``) and one timer, then the
+``connect()`` watched with ``poller.wait_connected`` (one ``epoll_ctl``) and one timer, then the
 relay. Client bytes are not read until a backend is connected (they wait in the kernel), so
 trying another backend after a failed connect loses nothing. With ``authority``/``alpn`` TLVs
 requested, the ClientHello is peeked (``MSG_PEEK``, nothing consumed) for up to
@@ -18,7 +18,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from l4lb.balancer import splice, tls_peek
+from l4lb.balancer import poller, tls_peek
 from l4lb.balancer.admission import Admitted
 from l4lb.balancer.relay import Relay, reset_socket
 from l4lb.config.values import format_hostport
@@ -185,7 +185,7 @@ class Connection:
         if code == 0:
             self._connected()
         elif code == errno.EINPROGRESS:
-            splice.wait_connected(self.loop, sock, self._on_writable)
+            poller.wait_connected(self.loop, sock, self._on_writable)
             self.timer = self.loop.call_later(pool.connect_timeout, self._connect_timeout)
         else:
             self._connect_failed(os.strerror(code))
@@ -206,7 +206,7 @@ class Connection:
         self.timer = None
         sock = self.backend_sock
         if sock is not None:
-            splice.stop_waiting(self.loop, sock)
+            poller.stop_waiting(self.loop, sock)
         self._connect_failed(f"connect timeout after {self.pool.connect_timeout:g}s")
 
     def _connect_failed(self, why: str) -> None:
@@ -291,7 +291,7 @@ class Connection:
         sock = self.backend_sock
         if sock is not None:
             with _suppress():
-                splice.stop_waiting(self.loop, sock)
+                poller.stop_waiting(self.loop, sock)
         self.finish(reason)
 
     def finish(self, reason: str, detail: str = "") -> None:

@@ -15,8 +15,8 @@ side resets the other at once; backpressure (above a side's write-buffer high-wa
 from the other side pauses until it drains, so memory stays bounded with a slow reader).
 
 A paused side is not read, so the loop would not see it reset; while paused it sits in a per-loop
-epoll set that reports only errors and hang-ups (:class:`_PausedWatch`), and a reset there resets
-both sides at once instead of at the next write or the idle timeout.
+epoll set that reports only errors and hang-ups (:meth:`~l4lb.balancer.poller.Poller.watch_errors`),
+and a reset there resets both sides at once instead of at the next write or the idle timeout.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ import asyncio
 import contextlib
 import errno
 import logging
-import select
 import socket
 import struct
-import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, cast
+
+from l4lb.balancer import poller
 
 log = logging.getLogger("l4lb.relay")
 
@@ -81,65 +81,10 @@ def reset_socket(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
 
 
-class _PausedWatch:
-    """Sockets paused by backpressure, watched for a reset alone: one epoll set per loop.
-
-    Registered with no event bits, so the kernel reports only ``EPOLLERR``/``EPOLLHUP``: no byte
-    is read and backpressure holds. Each socket leaves the set when it resumes or is lost.
-    """
-
-    __slots__ = ("__weakref__", "ep", "sides")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.ep = select.epoll()
-        self.sides: dict[int, _Side] = {}
-        loop.add_reader(self.ep.fileno(), self._dispatch)
-
-    def watch(self, side: _Side) -> None:
-        fd = side.sock.fileno()
-        if fd < 0 or self.sides.get(fd) is side:
-            return
-        try:
-            self.ep.register(fd, 0)
-        except FileExistsError:  # a number reused since an unwatched side closed it
-            self.ep.modify(fd, 0)
-        except OSError:
-            return
-        self.sides[fd] = side
-        side.watched = fd
-
-    def unwatch(self, side: _Side) -> None:
-        fd = side.watched
-        if fd >= 0:
-            side.watched = -1
-            if self.sides.get(fd) is side:
-                del self.sides[fd]
-                with contextlib.suppress(OSError, ValueError):
-                    self.ep.unregister(fd)
-
-    def _dispatch(self) -> None:
-        for fd, _events in self.ep.poll(0):
-            side = self.sides.get(fd)
-            if side is None:
-                with contextlib.suppress(OSError, ValueError):
-                    self.ep.unregister(fd)
-                continue
-            self.unwatch(side)
-            side.paused_hangup()
-
-
-_WATCHES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _PausedWatch] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _paused_watch(loop: asyncio.AbstractEventLoop) -> _PausedWatch | None:
-    if not hasattr(select, "epoll"):
+def _paused_watch(loop: asyncio.AbstractEventLoop) -> poller.Poller | None:
+    if not poller.available():
         return None  # elsewhere a paused side's reset waits for the next write or the timeout
-    watch = _WATCHES.get(loop)
-    if watch is None:
-        watch = _WATCHES[loop] = _PausedWatch(loop)
-    return watch
+    return poller.for_loop(loop)
 
 
 class _Side(asyncio.Protocol):
@@ -158,23 +103,40 @@ class _Side(asyncio.Protocol):
         self.eof = False
         self.lost = False
         self.watched = -1
-        """The descriptor under :class:`_PausedWatch` while reading is paused, else -1."""
+        """The descriptor under the poller's error watch while reading is paused, else -1."""
 
     def pause_writing(self) -> None:
         t = self.peer.transport
         if t is not None and not t.is_closing():
             t.pause_reading()
-            watch = _paused_watch(self.relay.loop)
-            if watch is not None:
-                watch.watch(self.peer)
+            self.peer.watch_errors()
 
     def resume_writing(self) -> None:
         peer = self.peer
-        if peer.watched >= 0:
-            _WATCHES[self.relay.loop].unwatch(peer)
+        peer.unwatch()
         t = peer.transport
         if t is not None and not t.is_closing():
             t.resume_reading()
+
+    def watch_errors(self) -> None:
+        """Paused: have the loop's poller report a reset or hang-up of this side."""
+        watch = _paused_watch(self.relay.loop)
+        fd = self.sock.fileno()
+        if watch is None or fd < 0 or self.watched == fd:
+            return
+        if watch.watch_errors(fd, self):
+            self.watched = fd
+
+    def unwatch(self) -> None:
+        fd = self.watched
+        if fd >= 0:
+            self.watched = -1
+            poller.for_loop(self.relay.loop).unwatch(fd, self)
+
+    def event(self, fd: int, events: int) -> None:
+        """The poller saw an error or hang-up while this side was paused."""
+        self.unwatch()
+        self.paused_hangup()
 
     def paused_hangup(self) -> None:
         """This side, paused, reported an error or hang-up: on a reset, reset both now."""
@@ -214,8 +176,7 @@ class _Side(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         relay = self.relay
-        if self.watched >= 0:
-            _WATCHES[relay.loop].unwatch(self)
+        self.unwatch()
         peer = self.peer
         if exc is not None and relay.reason is None:
             relay.reason = "reset"

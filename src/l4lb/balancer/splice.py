@@ -9,7 +9,7 @@ of the stream relay:
 - **Backpressure**: a direction splices at most one pipe's worth, then pushes it on; while the
   destination would block it reads nothing more, so memory is bounded by one pipe per direction,
   in the kernel.
-- **Idle timeout**: one timer per connection, re-armed lazily from the time of the last progress.
+- **Idle timeout**: not here; the runtime's sweep closes connections whose counters stand still.
 
 Pipes come from a process-wide pool and go back as soon as they are empty, so an idle connection
 holds no pipe (HAProxy does the same): four descriptors only while bytes are in flight, not per
@@ -19,12 +19,9 @@ Small messages do not pay for the pipe: each direction starts by copying through
 buffer per event loop (``recv_into`` + ``send``, nothing kept unless the destination is full) and
 switches to splice for good on its first full read, as HAProxy's ``splice-auto`` does.
 
-Readiness comes from one edge-triggered epoll set per event loop (:class:`_Poller`), itself
-watched by the loop with a single ``add_reader``. Each socket is added once, for input and output,
-and never modified: an edge-triggered direction simply moves bytes until the kernel says
-``EAGAIN``, and closing a socket removes it from the set. This costs two ``epoll_ctl`` calls per
-connection, where ``add_reader``/``remove_reader`` on uvloop cost about five system calls per
-change (libuv's checks, ``FIONBIO`` and io_uring submissions), measured with ``strace -c``.
+Readiness comes from the loop's :class:`~l4lb.balancer.poller.Poller` (edge-triggered, each socket
+added once and never modified; a backend socket is taken over from its connect watch without a
+system call).
 """
 
 from __future__ import annotations
@@ -34,12 +31,12 @@ import contextlib
 import errno
 import fcntl
 import os
-import select
 import socket
 import struct
-import weakref
-from collections.abc import Callable
 from typing import Protocol
+
+from l4lb.balancer import poller
+from l4lb.balancer.poller import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP
 
 __all__ = [
     "PIPE_SIZE",
@@ -47,8 +44,6 @@ __all__ = [
     "SpliceRelay",
     "available",
     "start_splice_relay",
-    "stop_waiting",
-    "wait_connected",
 ]
 
 PIPE_SIZE = 1 << 20
@@ -60,30 +55,19 @@ COPY_SIZE = 1 << 16
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _splice = getattr(os, "splice", None)
-_HAVE_EPOLL = hasattr(select, "epoll")
 _LINGER_RST = struct.pack("ii", 1, 0)
-# Linux's values, spelled out so the module imports anywhere (``available()`` says if it runs)
-_EPOLLIN, _EPOLLOUT, _EPOLLERR, _EPOLLHUP, _EPOLLRDHUP, _EPOLLET = (
-    0x1,
-    0x4,
-    0x8,
-    0x10,
-    0x2000,
-    1 << 31,
-)
-_EVENTS = _EPOLLIN | _EPOLLOUT | _EPOLLRDHUP | _EPOLLET
-_IN = _EPOLLIN | _EPOLLRDHUP | _EPOLLHUP
-_OUT = _EPOLLOUT | _EPOLLHUP
-_ERR = _EPOLLERR
-_HUP = _EPOLLRDHUP | _EPOLLHUP | _EPOLLERR
+"""SO_LINGER on, 0 seconds: close() sends a RST instead of a FIN."""
+_IN = EPOLLIN | EPOLLRDHUP | EPOLLHUP
+_OUT = EPOLLOUT | EPOLLHUP
+_ERR = EPOLLERR
+_HUP = EPOLLRDHUP | EPOLLHUP | EPOLLERR
 _BUDGET = 16
 """Pipes' worth one direction moves per wake-up before letting other connections run."""
-"""SO_LINGER on, 0 seconds: close() sends a RST instead of a FIN."""
 
 
 def available() -> bool:
     """True where ``os.splice`` and epoll exist (Linux, Python 3.10+)."""
-    return _splice is not None and _HAVE_EPOLL
+    return _splice is not None and poller.available()
 
 
 class PipePool:
@@ -134,120 +118,6 @@ class Connection(Protocol):
     bytes_to_client: int
 
     def relay_closed(self, reason: str) -> None: ...
-
-
-class _Handler(Protocol):
-    def event(self, fd: int, events: int) -> None: ...
-
-
-class _Poller:
-    """One edge-triggered epoll set for every splice relay of an event loop."""
-
-    __slots__ = ("__weakref__", "buf", "ep", "fds", "loop")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.buf = memoryview(bytearray(COPY_SIZE))
-        """The copy buffer of every relay on this loop: filled and sent within one callback."""
-        self.ep = select.epoll()
-        self.fds: dict[int, _Handler] = {}
-        loop.add_reader(self.ep.fileno(), self._dispatch)
-
-    def register(self, sock: socket.socket, fd: int, handler: _Handler) -> None:
-        """Send ``sock``'s events to ``handler``; no system call if it is already in the set."""
-        current = self.fds.get(fd)
-        self.fds[fd] = handler
-        if isinstance(current, _Connecting) and current.sock() is sock:
-            return  # added while it connected; still in the set (closing is what removes it)
-        try:
-            self.ep.register(fd, _EVENTS)
-        except FileExistsError:  # a socket we stopped watching but that was never closed
-            self.ep.modify(fd, _EVENTS)
-
-    def _dispatch(self) -> None:
-        fds = self.fds
-        for fd, events in self.ep.poll(0):
-            handler = fds.get(fd)
-            if handler is not None:
-                handler.event(fd, events)
-
-
-class _Connecting:
-    """Waits for one non-blocking ``connect()`` to finish, then stays as a marker.
-
-    The marker lets a splice relay take the socket over without another ``epoll_ctl``; for any
-    other use, the socket's first later event removes it from the set (one ``epoll_ctl``).
-    """
-
-    __slots__ = ("callback", "poller", "sock")
-
-    def __init__(
-        self, poller: _Poller, sock: socket.socket, callback: Callable[[], object] | None
-    ) -> None:
-        self.poller = poller
-        self.sock = weakref.ref(sock)
-        self.callback = callback
-
-    def event(self, fd: int, events: int) -> None:
-        callback = self.callback
-        if callback is None:  # connected and handed to something else: leave the set
-            self.poller.fds.pop(fd, None)
-            with contextlib.suppress(OSError):
-                self.poller.ep.unregister(fd)
-            return
-        if events & (_EPOLLOUT | _ERR | _EPOLLHUP):
-            self.callback = None
-            callback()
-
-
-def wait_connected(
-    loop: asyncio.AbstractEventLoop, sock: socket.socket, callback: Callable[[], object]
-) -> None:
-    """Call ``callback`` once when the connecting ``sock`` is writable (connected or failed).
-
-    A cheaper ``loop.add_writer`` for the backend connect (one ``epoll_ctl`` instead of about
-    eight system calls on uvloop, and none more if a splice relay then takes the socket). Call
-    :func:`stop_waiting` if the wait is abandoned (timeout, shutdown) before closing the socket.
-    """
-    fd = sock.fileno()
-    if not _HAVE_EPOLL:  # elsewhere: the loop's own one-shot writer watch
-
-        def once() -> None:
-            loop.remove_writer(fd)
-            callback()
-
-        loop.add_writer(fd, once)
-        return
-    poller = _poller(loop)
-    poller.fds[fd] = _Connecting(poller, sock, callback)
-    try:
-        poller.ep.register(fd, _EVENTS)
-    except FileExistsError:
-        poller.ep.modify(fd, _EVENTS)
-
-
-def stop_waiting(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    """Forget a :func:`wait_connected` that will not be needed (the caller closes ``sock``)."""
-    if not _HAVE_EPOLL:
-        loop.remove_writer(sock.fileno())
-        return
-    poller = _POLLERS.get(loop)
-    if poller is not None:
-        current = poller.fds.get(sock.fileno())
-        if isinstance(current, _Connecting) and current.sock() is sock:
-            current.callback = None
-
-
-_POLLERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Poller] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _poller(loop: asyncio.AbstractEventLoop) -> _Poller:
-    poller = _POLLERS.get(loop)
-    if poller is None:
-        poller = _POLLERS[loop] = _Poller(loop)
-    return poller
 
 
 class _Direction:
@@ -350,7 +220,7 @@ class _Direction:
         What the destination does not take at once is kept as ``head`` (at most one buffer).
         """
         relay = self.relay
-        buf = relay.poller.buf
+        buf = relay.poller.scratch
         try:
             n = self.src.recv_into(buf)
         except BlockingIOError:
@@ -422,7 +292,7 @@ class SpliceRelay:
     """Relays one connection between ``client`` and ``backend`` with ``os.splice``.
 
     Owns both sockets from :meth:`start` on and closes them when both directions have ended, on
-    any socket error, on the idle timeout, or on :meth:`close`; then calls
+    any socket error, or on :meth:`close` (idle timeout, shutdown); then calls
     ``conn.relay_closed(reason)`` exactly once.
     """
 
@@ -433,12 +303,9 @@ class SpliceRelay:
         "closed",
         "conn",
         "first_reason",
-        "idle_timeout",
-        "last",
         "loop",
         "poller",
         "pool",
-        "timer",
         "to_backend",
         "to_client",
     )
@@ -449,7 +316,6 @@ class SpliceRelay:
         client: socket.socket,
         backend: socket.socket,
         conn: Connection,
-        idle_timeout: float | None = None,
         pool: PipePool = POOL,
     ) -> None:
         self.loop = loop
@@ -458,14 +324,11 @@ class SpliceRelay:
         self.client_fd = client.fileno()
         self.conn = conn
         self.pool = pool
-        self.poller = _poller(loop)
-        self.idle_timeout = idle_timeout
+        self.poller = poller.for_loop(loop)
         self.to_backend = _Direction(self, client, backend, to_client=False)
         self.to_client = _Direction(self, backend, client, to_client=True)
         self.first_reason: str | None = None
         self.closed = False
-        self.last = 0.0
-        self.timer: asyncio.TimerHandle | None = None
 
     def start(self, first: bytes = b"") -> None:
         """Send ``first`` (PROXY header + early client bytes) in one write, then relay.
@@ -478,16 +341,17 @@ class SpliceRelay:
             self._send_first(first)
             if self.closed:
                 return
-        poller = self.poller
-        # registering reports what is already pending (edge-triggered sets start "ready")
-        poller.register(self.client, self.client_fd, self)
-        poller.register(self.backend, self.to_client.src_fd, self)
-        if self.idle_timeout:
-            self.last = self.loop.time()
-            self.timer = self.loop.call_at(self.last + self.idle_timeout, self._check_idle)
+        watch = self.poller
+        # registering reports what is already pending (edge-triggered sets start "ready"); the
+        # backend comes from its connect watch, which may have seen its first bytes already
+        watch.take(self.client, self.client_fd, self)
+        backend_fd = self.to_client.src_fd
+        seen = watch.take(self.backend, backend_fd, self)
+        if seen:
+            self.event(backend_fd, seen)
 
     def _send_first(self, first: bytes) -> None:
-        buf = self.poller.buf
+        buf = self.poller.scratch
         size = len(first)
         n = 0
         reset: OSError | None = None
@@ -549,8 +413,6 @@ class SpliceRelay:
             self.conn.bytes_to_client += n
         else:
             self.conn.bytes_from_client += n
-        if self.timer is not None:
-            self.last = self.loop.time()
 
     def half_closed(self, to_client: bool) -> None:
         """One direction has ended with a FIN; close when both have."""
@@ -570,26 +432,13 @@ class SpliceRelay:
         else:
             self.close("error")
 
-    def _check_idle(self) -> None:
-        assert self.idle_timeout is not None
-        due = self.last + self.idle_timeout
-        if self.loop.time() >= due:
-            self.timer = None
-            self.close("idle_timeout")
-        else:
-            self.timer = self.loop.call_at(due, self._check_idle)
-
     def close(self, reason: str) -> None:
         """Stop relaying, close both sockets, report ``reason`` (once)."""
         if self.closed:
             return
         self.closed = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        fds = self.poller.fds
-        fds.pop(self.client_fd, None)
-        fds.pop(self.to_client.src_fd, None)
+        self.poller.forget(self.client_fd)
+        self.poller.forget(self.to_client.src_fd)
         self.to_backend.stop()
         self.to_client.stop()
         # closing removes them from the epoll set
@@ -604,7 +453,6 @@ def start_splice_relay(
     backend_sock: socket.socket,
     first: bytes,
     conn: Connection,
-    idle_timeout: float | None = None,
 ) -> SpliceRelay:
     """Relay ``client_sock`` <-> ``backend_sock`` by splice; same shape as the stream relay.
 
@@ -615,6 +463,6 @@ def start_splice_relay(
     for sock in (client_sock, backend_sock):
         if sock.gettimeout() != 0.0:
             sock.setblocking(False)
-    relay = SpliceRelay(loop, client_sock, backend_sock, conn, idle_timeout)
+    relay = SpliceRelay(loop, client_sock, backend_sock, conn)
     relay.start(first)
     return relay
