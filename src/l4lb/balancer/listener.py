@@ -22,7 +22,7 @@ import msgspec
 
 from l4lb.balancer.admission import Admission, Admitted, Rejected
 from l4lb.balancer.connection import Connection
-from l4lb.balancer.relay import StartRelay
+from l4lb.balancer.relay_contract import EndReason, StartRelay
 from l4lb.config.schema import ListenerConfig
 from l4lb.config.values import format_hostport
 
@@ -199,7 +199,7 @@ class Listener:
             self._unwatch()
         conn.start()
 
-    def connection_ended(self, conn: Connection, reason: str, detail: str) -> None:
+    def connection_ended(self, conn: Connection, reason: EndReason, detail: str) -> None:
         """The connection is over: free its slot, log it."""
         self.active -= 1
         balancer = self.balancer

@@ -1,15 +1,7 @@
 """The stream relay: two asyncio Protocols passing bytes between a client and a backend.
 
-The interface every relay implements (the splice relay too)::
-
-    start_relay(loop, client_sock, backend_sock, first, conn) -> Relay
-
-``first`` (the PROXY header, plus any client bytes already read) goes to the backend in one write
-before anything else. ``conn`` is a :class:`RelayConn`: the relay adds to its byte counters and
-calls ``conn.relay_closed(reason)`` once, when both sockets are closed. ``Relay.close(reason)``
-ends it early (idle timeout, shutdown).
-
-Rules kept here: byte-exact in both directions; half-close (a FIN one way becomes
+One implementation of :mod:`l4lb.balancer.relay_contract` (``relay = "stream"``, the default).
+Rules kept here (the contract's): byte-exact in both directions; half-close (a FIN one way becomes
 ``shutdown(SHUT_WR)`` the other way while the opposite direction keeps flowing); a reset on one
 side resets the other at once; backpressure (above a side's write-buffer high-water mark, reading
 from the other side pauses until it drains, so memory stays bounded with a slow reader).
@@ -22,41 +14,15 @@ and a reset there resets both sides at once instead of at the next write or the 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
 import logging
 import socket
-import struct
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 from l4lb.balancer import poller
+from l4lb.balancer.relay_contract import EndReason, Relay, RelayConn, error_reason, reset_socket
 
 log = logging.getLogger("l4lb.relay")
-
-_LINGER_RST = struct.pack("ii", 1, 0)
-"""SO_LINGER on, 0 seconds: close() sends a RST instead of a FIN."""
-_RESET_ERRNOS = (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT)
-
-
-class RelayConn(Protocol):
-    """What a relay needs from the connection it serves."""
-
-    bytes_from_client: int
-    bytes_to_client: int
-
-    def relay_closed(self, reason: str) -> None:
-        """Both sides are closed; ``reason`` is the first thing that ended the connection."""
-
-
-class Relay(Protocol):
-    def close(self, reason: str) -> None:
-        """Close both sides now (idle timeout, shutdown), discarding buffered data."""
-
-
-StartRelay = Callable[
-    [asyncio.AbstractEventLoop, socket.socket, socket.socket, bytes, RelayConn], Relay
-]
 
 
 def drive(coro: Coroutine[Any, Any, Any], on_error: Callable[[BaseException], None]) -> None:
@@ -73,12 +39,6 @@ def drive(coro: Coroutine[Any, Any, Any], on_error: Callable[[BaseException], No
         on_error(err)
         return
     fut.add_done_callback(lambda _: drive(coro, on_error))
-
-
-def reset_socket(sock: socket.socket) -> None:
-    """Arrange for the next close of ``sock`` to send a RST."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
 
 
 def _paused_watch(loop: asyncio.AbstractEventLoop) -> poller.Poller | None:
@@ -150,7 +110,7 @@ class _Side(asyncio.Protocol):
             return  # both FINs seen: nothing is lost by waiting for the resume
         relay = self.relay
         if relay.reason is None:
-            relay.reason = "reset" if code in _RESET_ERRNOS else "error"
+            relay.reason = error_reason(code)
         reset_socket(self.sock)
         reset_socket(self.peer.sock)
         relay.close(relay.reason)
@@ -179,14 +139,14 @@ class _Side(asyncio.Protocol):
         self.unwatch()
         peer = self.peer
         if exc is not None and relay.reason is None:
-            relay.reason = "reset"
+            relay.reason = EndReason.RESET
         if peer.lost:
             relay.done()
             return
         t = peer.transport
         if t is None:
             # The peer is still being attached: it closes itself as soon as it is.
-            relay.aborted = relay.reason or "closed"
+            relay.aborted = relay.reason or EndReason.CLOSED
             return
         if exc is not None:
             reset_socket(peer.sock)
@@ -194,12 +154,12 @@ class _Side(asyncio.Protocol):
         elif not t.is_closing():
             t.close()
 
-    closed_reason = "closed"
+    closed_reason = EndReason.CLOSED
 
 
 class _ClientSide(_Side):
     __slots__ = ()
-    closed_reason = "client_closed"
+    closed_reason = EndReason.CLIENT_CLOSED
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -222,7 +182,7 @@ class _ClientSide(_Side):
 
 class _BackendSide(_Side):
     __slots__ = ()
-    closed_reason = "backend_closed"
+    closed_reason = EndReason.BACKEND_CLOSED
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -272,8 +232,8 @@ class StreamRelay:
         self.conn = conn
         self.first = first
         self.pending: list[bytes] = []
-        self.reason: str | None = None
-        self.aborted: str | None = None
+        self.reason: EndReason | None = None
+        self.aborted: EndReason | None = None
         self.finished = False
         self.client = _ClientSide(self, client_sock)
         self.backend = _BackendSide(self, backend_sock)
@@ -292,13 +252,13 @@ class StreamRelay:
             if side.transport is None:
                 side.lost = True
                 side.sock.close()
-        self.close("error")
+        self.close(EndReason.ERROR)
         if self.client.lost and self.backend.lost:
             self.done()
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: EndReason) -> None:
         """Close both sides now (idle timeout, shutdown), discarding buffered data."""
-        if self.reason is None or reason in ("idle_timeout", "shutdown"):
+        if self.reason is None or reason in (EndReason.IDLE_TIMEOUT, EndReason.SHUTDOWN):
             self.reason = reason
         self.aborted = reason
         for side in (self.client, self.backend):
@@ -309,7 +269,7 @@ class StreamRelay:
     def done(self) -> None:
         if not self.finished:
             self.finished = True
-            self.conn.relay_closed(self.reason or "closed")
+            self.conn.relay_closed(self.reason or EndReason.CLOSED)
 
 
 def start_relay(
@@ -323,18 +283,3 @@ def start_relay(
     relay = StreamRelay(loop, client_sock, backend_sock, first, conn)
     relay.start()
     return relay
-
-
-def get_relay(name: str) -> StartRelay:
-    """The relay implementation for the config's ``relay`` key (``stream`` or ``splice``)."""
-    if name == "splice":
-        try:
-            from l4lb.balancer import splice
-        except ImportError:
-            splice = None  # type: ignore[assignment]
-        if splice is None or not splice.available():
-            log.warning("event=relay_fallback wanted=splice using=stream detail='no os.splice'")
-            return start_relay
-        found: StartRelay = splice.start_splice_relay
-        return found
-    return start_relay

@@ -31,10 +31,10 @@ from collections.abc import Callable
 from typing import Any
 
 from l4lb.balancer.admission import Rejected
-from l4lb.balancer.connection import Connection
+from l4lb.balancer.connection import Connection, State
 from l4lb.balancer.listener import BindError, Listener, open_listening_socket
 from l4lb.balancer.pool import Pool
-from l4lb.balancer.relay import get_relay
+from l4lb.balancer.relay_contract import EndReason, get_relay
 from l4lb.config.loader import ConfigError, load_config
 from l4lb.config.schema import Config, ListenerConfig
 from l4lb.config.values import format_hostport
@@ -127,7 +127,7 @@ class Balancer:
         now = self.loop.time()
         idle: list[Connection] = []
         for conn in self.connections:
-            if conn.relay is None:
+            if conn.state is not State.RELAYING:
                 continue
             moved = conn.bytes_from_client + conn.bytes_to_client
             if moved != conn.seen:
@@ -136,13 +136,13 @@ class Balancer:
             elif now - conn.idle_since >= conn.pool.idle_timeout:
                 idle.append(conn)
         for conn in idle:
-            conn.close("idle_timeout")
+            conn.close(EndReason.IDLE_TIMEOUT)
         if not self.stopping:
             self._schedule_sweep()
 
     # -- logs --------------------------------------------------------------------------------
 
-    def log_connection(self, conn: Connection, reason: str, detail: str) -> None:
+    def log_connection(self, conn: Connection, reason: EndReason, detail: str) -> None:
         """The access-log line of a connection that ended."""
         if not self.access_log.enabled:
             return
@@ -288,7 +288,7 @@ class Balancer:
         if self.connections:
             log.warning("event=drain_timeout closing=%d", len(self.connections))
             for conn in list(self.connections):
-                conn.close("shutdown")
+                conn.close(EndReason.SHUTDOWN)
             end = self.loop.time() + 2.0
             while self.connections and self.loop.time() < end:
                 await asyncio.sleep(0.01)

@@ -1,7 +1,6 @@
 """Zero-copy relay: bytes go socket -> pipe -> socket with ``os.splice`` and never enter Python.
 
-For connections whose bytes need no inspection (``relay = "splice"``). It keeps the relay rules
-of the stream relay:
+One implementation of :mod:`l4lb.balancer.relay_contract` (``relay = "splice"``). Its rules:
 
 - **Half-close**: a FIN from one side becomes ``shutdown(SHUT_WR)`` on the other once everything
   before it has been delivered; the other direction keeps flowing until it ends too.
@@ -32,11 +31,10 @@ import errno
 import fcntl
 import os
 import socket
-import struct
-from typing import Protocol
 
 from l4lb.balancer import poller
 from l4lb.balancer.poller import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP
+from l4lb.balancer.relay_contract import EndReason, RelayConn, error_reason, reset_socket
 
 __all__ = [
     "PIPE_SIZE",
@@ -55,8 +53,6 @@ COPY_SIZE = 1 << 16
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _splice = getattr(os, "splice", None)
-_LINGER_RST = struct.pack("ii", 1, 0)
-"""SO_LINGER on, 0 seconds: close() sends a RST instead of a FIN."""
 _IN = EPOLLIN | EPOLLRDHUP | EPOLLHUP
 _OUT = EPOLLOUT | EPOLLHUP
 _ERR = EPOLLERR
@@ -109,15 +105,6 @@ class PipePool:
 
 POOL = PipePool()
 """The process's pool (one event loop per worker process)."""
-
-
-class Connection(Protocol):
-    """What the relay reports to: byte counters and one close callback with the end reason."""
-
-    bytes_from_client: int
-    bytes_to_client: int
-
-    def relay_closed(self, reason: str) -> None: ...
 
 
 class _Direction:
@@ -315,7 +302,7 @@ class SpliceRelay:
         loop: asyncio.AbstractEventLoop,
         client: socket.socket,
         backend: socket.socket,
-        conn: Connection,
+        conn: RelayConn,
         pool: PipePool = POOL,
     ) -> None:
         self.loop = loop
@@ -327,7 +314,7 @@ class SpliceRelay:
         self.poller = poller.for_loop(loop)
         self.to_backend = _Direction(self, client, backend, to_client=False)
         self.to_client = _Direction(self, backend, client, to_client=True)
-        self.first_reason: str | None = None
+        self.first_reason: EndReason | None = None
         self.closed = False
 
     def start(self, first: bytes = b"") -> None:
@@ -417,22 +404,18 @@ class SpliceRelay:
     def half_closed(self, to_client: bool) -> None:
         """One direction has ended with a FIN; close when both have."""
         if self.first_reason is None:
-            self.first_reason = "backend_closed" if to_client else "client_closed"
+            self.first_reason = EndReason.BACKEND_CLOSED if to_client else EndReason.CLIENT_CLOSED
         if self.to_backend.eof and self.to_client.eof:
             self.close(self.first_reason)
 
     def failed(self, err: OSError) -> None:
         """A socket error (reset, broken pipe): reset and close both sides now."""
         # like the stream relay: the other side is reset too, not given a clean FIN
-        for sock in (self.client, self.backend):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-        if err.errno in (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT):
-            self.close("reset")
-        else:
-            self.close("error")
+        reset_socket(self.client)
+        reset_socket(self.backend)
+        self.close(error_reason(err.errno))
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: EndReason) -> None:
         """Stop relaying, close both sockets, report ``reason`` (once)."""
         if self.closed:
             return
@@ -452,7 +435,7 @@ def start_splice_relay(
     client_sock: socket.socket,
     backend_sock: socket.socket,
     first: bytes,
-    conn: Connection,
+    conn: RelayConn,
 ) -> SpliceRelay:
     """Relay ``client_sock`` <-> ``backend_sock`` by splice; same shape as the stream relay.
 
