@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import select
 import socket
 import weakref
@@ -48,6 +49,8 @@ __all__ = [
     "stop_waiting",
     "wait_connected",
 ]
+
+log = logging.getLogger("l4lb.poller")
 
 # Linux's values, spelled out so the module imports anywhere (``available()`` says if it runs)
 EPOLLIN = 0x1
@@ -156,7 +159,10 @@ class Poller:
         for fd, events in self.ep.poll(0):
             handler = fds.get(fd)
             if handler is not None:
-                handler.event(fd, events)
+                try:
+                    handler.event(fd, events)
+                except Exception as err:  # a bug in one handler: the rest of the batch runs
+                    log.error("event=poller_handler_failed fd=%d error=%r", fd, err)
             else:  # nobody owns it any more (an error-only watch would report it again)
                 with contextlib.suppress(OSError, ValueError):
                     self.ep.unregister(fd)

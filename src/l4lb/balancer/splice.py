@@ -12,7 +12,10 @@ One implementation of :mod:`l4lb.balancer.relay_contract` (``relay = "splice"``)
 
 Pipes come from a process-wide pool and go back as soon as they are empty, so an idle connection
 holds no pipe (HAProxy does the same): four descriptors only while bytes are in flight, not per
-connection. A pipe that still holds bytes when its connection dies is closed, never reused.
+connection. A pipe that still holds bytes when its connection dies is closed, never reused. When
+no pipe can be made (out of descriptors), that direction copies through userspace instead
+(``event=pipe_unavailable``); ``l4lb run`` budgets :data:`FDS_PER_CONNECTION` descriptors per
+connection in its start-up limit check.
 
 Small messages do not pay for the pipe: each direction starts by copying through one 64 KiB
 buffer per event loop (``recv_into`` + ``send``, nothing kept unless the destination is full) and
@@ -29,8 +32,10 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import socket
+import time
 
 from l4lb.balancer import poller
 from l4lb.balancer.poller import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP
@@ -44,8 +49,15 @@ __all__ = [
     "start_splice_relay",
 ]
 
+log = logging.getLogger("l4lb.relay")
+
 PIPE_SIZE = 1 << 20
 """Bytes a pipe holds (F_SETPIPE_SZ; the kernel default is 64 KiB): one splice moves up to this."""
+
+FDS_PER_CONNECTION = 6
+"""Worst case per relayed connection: two sockets, and a pipe (two descriptors) each way."""
+FDS_SPARE = 2 * 64
+"""The pool's spare pipes (``PipePool.keep``)."""
 
 COPY_SIZE = 1 << 16
 """A read of this many bytes marks a direction as bulk: it is spliced from then on."""
@@ -69,12 +81,15 @@ def available() -> bool:
 class PipePool:
     """Empty non-blocking pipes, reused across connections; at most ``keep`` are kept spare."""
 
-    __slots__ = ("_free", "keep", "size")
+    __slots__ = ("_free", "_quiet_until", "failures", "keep", "size")
 
     def __init__(self, keep: int = 64, size: int = PIPE_SIZE) -> None:
         self._free: list[tuple[int, int]] = []
         self.keep = keep
         self.size = size
+        self.failures = 0
+        """Pipes that could not be made (out of descriptors): those reads were copied."""
+        self._quiet_until = 0.0
 
     def take(self) -> tuple[int, int]:
         if self._free:
@@ -84,6 +99,20 @@ class PipePool:
         with contextlib.suppress(OSError):
             fcntl.fcntl(w, _F_SETPIPE_SZ, self.size)
         return r, w
+
+    def unavailable(self, err: OSError) -> None:
+        """Count a failed :meth:`take`; say so at most every 10 s (it can come in floods)."""
+        self.failures += 1
+        now = time.monotonic()
+        if now >= self._quiet_until:
+            self._quiet_until = now + 10.0
+            log.warning(
+                "event=pipe_unavailable error=%r failures=%d detail='no descriptor for a splice "
+                "pipe: copying through userspace until descriptors free up (raise the "
+                "descriptor limit or lower max_conns)'",
+                err.strerror,
+                self.failures,
+            )
 
     def give(self, pipe: tuple[int, int]) -> None:
         """Return an *empty* pipe."""
@@ -182,7 +211,12 @@ class _Direction:
                     return
                 continue
             if pipe is None:
-                pipe = self.pipe = relay.pool.take()
+                try:
+                    pipe = self.pipe = relay.pool.take()
+                except OSError as err:  # out of descriptors: copy this read instead
+                    relay.pool.unavailable(err)
+                    self.copy = True
+                    continue
             try:
                 n = _splice(self.src_fd, pipe[1], relay.pool.size, flags=_FLAGS)  # type: ignore[misc]
             except BlockingIOError:
@@ -375,6 +409,12 @@ class SpliceRelay:
         """Readiness of one of our sockets, from the poller."""
         if self.closed:
             return
+        try:
+            self._event(fd, events)
+        except OSError as err:  # whatever a system call said, it ends this connection only
+            self.failed(err)
+
+    def _event(self, fd: int, events: int) -> None:
         if fd == self.client_fd:
             reader, writer = self.to_backend, self.to_client
         else:
