@@ -33,12 +33,15 @@ import socket
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from l4lb.proxy_protocol import TLV, ProxyHeader, sniff
 from l4lb.trust.cidr import CidrError, CidrSet, ip_to_int
 from l4lb.trust.limits import ClientLimiter, Rate
 from l4lb.trust.policy import Decision, HeaderGate, Mode, ProxyPolicy, Reason
+
+if TYPE_CHECKING:
+    from l4lb.config.schema import ListenerConfig
 
 __all__ = ["Address", "Admission", "Admitted", "Rejected"]
 
@@ -123,19 +126,16 @@ class Admission:
 
     def __init__(
         self,
-        listener: Any,
+        cfg: ListenerConfig,
         *,
         loop: asyncio.AbstractEventLoop,
         on_reject: Callable[[Rejected], None],
     ) -> None:
-        """Compile the listener's policy: ``listener`` is a ``ListenerConfig``, or an object whose
-        ``config`` is one (the running listener). Raises ValueError (a CidrError naming
-        ``file:line`` for ``deny_file``, or a PolicyError) for a policy that cannot be built."""
-        self.listener = listener
+        """Compile the listener's policy. Raises ValueError (a CidrError naming ``file:line``
+        for ``deny_file``, or a PolicyError) for a policy that cannot be built."""
         self.loop = loop
         self.on_reject = on_reject
         self.rejections: Counter[str] = Counter()
-        cfg = listener.config if hasattr(listener, "config") else listener
         self.config = cfg
         self.name: str = cfg.name
 

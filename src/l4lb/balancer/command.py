@@ -107,16 +107,10 @@ def main(argv: list[str]) -> int:
             )
             return EXIT_BIND
     if config.workers > 1:
-        try:
-            from l4lb.balancer import workers
-        except ImportError:
-            log.warning(
-                "event=workers_unavailable workers=%d detail='running one process'",
-                config.workers,
-            )
-        else:
-            code: int = workers.supervise(args.config, config)
-            return code
+        from l4lb.balancer import workers
+
+        code: int = workers.supervise(args.config, config)
+        return code
     from l4lb.balancer.runtime import run
 
     return run(config, args.config)

@@ -16,6 +16,7 @@ import errno
 import logging
 import socket
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -41,6 +42,10 @@ def _is_wildcard(host: str) -> bool:
 
 class BindError(OSError):
     """A listener could not bind its address (in use, not local, no permission)."""
+
+
+OpenSocket = Callable[[str, int], socket.socket]
+"""Makes a listener's socket for ``(host, port)``; raises :class:`BindError` when it cannot."""
 
 
 def open_listening_socket(host: str, port: int, backlog: int = 4096) -> socket.socket:
@@ -110,16 +115,17 @@ class Listener:
         self,
         balancer: Balancer,
         config: ListenerConfig,
-        sock: socket.socket | None = None,
+        sock: socket.socket,
+        start_relay: StartRelay,
     ) -> None:
+        """Raises ValueError (CidrError, PolicyError) for a trust policy that cannot be built."""
         self.balancer = balancer
         self.loop: asyncio.AbstractEventLoop = balancer.loop
         self.config = config
         self.name = config.name
         self.max_conns = config.max_conns
-        self.start_relay: StartRelay = balancer.start_relay
-        host, port = config.bind_addr
-        self.sock = sock if sock is not None else open_listening_socket(host, port)
+        self.start_relay = start_relay
+        self.sock = sock
         self.active = 0
         self.total = 0
         self.rejected = 0
@@ -129,7 +135,7 @@ class Listener:
         bound = self.address
         self.local: tuple[str, int] | None = None if _is_wildcard(bound[0]) else bound
         """The listener's own address when every accepted socket shares it (a specific IP)."""
-        self.admission = Admission(self, loop=self.loop, on_reject=self.on_reject)
+        self.admission = Admission(config, loop=self.loop, on_reject=self.on_reject)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -215,8 +221,17 @@ class Listener:
         self.rejections[rejected.reason] += 1
         self.balancer.log_rejection(self, rejected)
 
-    def reconfigure(self, config: ListenerConfig) -> None:
-        """Apply a reloaded config with the same bind; a changed trust policy gets a new Admission.
+    def prepare(self, config: ListenerConfig) -> Admission | None:
+        """The Admission a reloaded ``config`` needs (None: the current one serves); nothing
+        changes yet. Raises ValueError for a trust policy that cannot be built."""
+        old = self.config
+        same = msgspec.structs.replace(config, pool=old.pool, max_conns=old.max_conns)
+        if same != old or config.deny_file:  # a deny_file's contents are re-read on reload
+            return Admission(config, loop=self.loop, on_reject=self.on_reject)
+        return None
+
+    def reconfigure(self, config: ListenerConfig, admission: Admission | None) -> None:
+        """Apply a reloaded config with the same bind and the Admission :meth:`prepare` built.
 
         Connections still waiting for their header finish with the old one, which is closed
         after its header timeout.
@@ -225,11 +240,10 @@ class Listener:
         self.config = config
         self.max_conns = config.max_conns
         self.start_relay = self.balancer.start_relay
-        same = msgspec.structs.replace(config, pool=old.pool, max_conns=old.max_conns)
-        if same != old or config.deny_file:  # a deny_file's contents are re-read on reload
+        if admission is not None:
             previous = self.admission
-            self.admission = Admission(self, loop=self.loop, on_reject=self.on_reject)
-            self.admission.adopt(previous)  # per-client counts survive the reload
+            self.admission = admission
+            admission.adopt(previous)  # per-client counts survive the reload
             self.loop.call_later(old.proxy_header_timeout_s + 1.0, previous.close)
         if self.running:
             if self.active >= self.max_conns:
