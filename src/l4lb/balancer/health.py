@@ -89,7 +89,7 @@ class CheckSettings:
 
 @dataclass(frozen=True, slots=True)
 class CheckResult:
-    """The outcome of one probe (or of a passive observation)."""
+    """The outcome of one probe (or of a passive observation); /status shows the last one."""
 
     ok: bool
     detail: str

@@ -6,7 +6,8 @@ processes can share the port); one ``add_reader`` callback accepts a batch per w
 clients wait in the kernel's backlog until a connection ends.
 
 Counters for readers: ``active`` (admitted connections open now), ``total`` (admitted since
-start), ``rejected`` (refused by admission), ``rejections`` (by reason, from admission).
+start), ``rejections`` (refused by admission, by reason: admission's own counter, kept across
+reloads) and ``rejected`` (their sum).
 """
 
 from __future__ import annotations
@@ -103,8 +104,6 @@ class Listener:
         "loop",
         "max_conns",
         "name",
-        "rejected",
-        "rejections",
         "running",
         "sock",
         "start_relay",
@@ -128,8 +127,6 @@ class Listener:
         self.sock = sock
         self.active = 0
         self.total = 0
-        self.rejected = 0
-        self.rejections: Counter[str] = Counter()
         self.running = False
         self.accepting = False
         bound = self.address
@@ -215,10 +212,17 @@ class Listener:
             self._watch()
         balancer.log_connection(conn, reason, detail)
 
+    @property
+    def rejections(self) -> Counter[str]:
+        """Connections refused by admission, by reason."""
+        return self.admission.rejections
+
+    @property
+    def rejected(self) -> int:
+        return sum(self.admission.rejections.values())
+
     def on_reject(self, rejected: Rejected) -> None:
-        """Admission refused a connection: count it by reason, log a line."""
-        self.rejected += 1
-        self.rejections[rejected.reason] += 1
+        """Admission refused (and counted) a connection: log a line."""
         self.balancer.log_rejection(self, rejected)
 
     def prepare(self, config: ListenerConfig) -> Admission | None:

@@ -2,7 +2,7 @@
 
 Each parser takes the string as written and returns its compiled form, or raises ``ValueError`` with
 a message that says what would be valid. The schema uses them to validate; the runtime uses them to
-compile (seconds as float, ``(host, port)`` tuples, ``ipaddress`` networks).
+compile (seconds as float, ``(host, port)`` tuples, CIDR blocks as integers).
 """
 
 from __future__ import annotations
@@ -94,18 +94,16 @@ def format_hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def parse_cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """``"10.0.0.0/8"``, ``"::1/128"``, or a bare address (a /32 or /128)."""
+def parse_cidr(text: str) -> tuple[int, int, int]:
+    """``"10.0.0.0/8"``, ``"::1/128"``, or a bare address (a /32 or /128), checked by the parser
+    the balancer reads it with (:func:`l4lb.trust.cidr.parse_cidr`), so ``l4lb check`` accepts
+    exactly what ``l4lb run`` can use. Returns ``(version, network, prefix_length)``."""
+    from l4lb.trust import cidr  # imported here: l4lb.trust's own modules read this one
+
     try:
-        return ipaddress.ip_network(text.strip(), strict=True)
-    except ValueError as err:
-        try:
-            loose = ipaddress.ip_network(text.strip(), strict=False)
-        except ValueError:
-            raise ValueError(
-                f"invalid CIDR {text!r}: expected a network such as '10.0.0.0/8' or '2001:db8::/32'"
-            ) from err
-        raise ValueError(f"invalid CIDR {text!r}: host bits set; did you mean '{loose}'?") from err
+        return cidr.parse_cidr(text)
+    except cidr.CidrError as err:
+        raise ValueError(f"invalid CIDR: {err}") from None
 
 
 def parse_rate(text: str) -> float:
