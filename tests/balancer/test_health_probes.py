@@ -93,17 +93,16 @@ def test_tcp_up_and_refused() -> None:
 
 def test_proxy_local_sends_v2_local_header() -> None:
     seen: list[bytes] = []
+    arrived = asyncio.Event()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         seen.append(await reader.read(65536))
+        arrived.set()
 
     async def main() -> CheckResult:
         async with Server(handle) as srv:
             result = await run_probe(srv.target(2), CheckSettings("proxy-local"))
-            for _ in range(100):
-                if seen:
-                    break
-                await asyncio.sleep(0.01)
+            await asyncio.wait_for(arrived.wait(), 10)
             return result
 
     result = asyncio.run(main())
@@ -152,8 +151,7 @@ def pong(reply: bytes) -> Handler:
         data = await reader.readuntil(b"PING\r\n")
         if data.startswith(V2_LOCAL):
             writer.write(reply)
-            await writer.drain()
-            await asyncio.sleep(0.2)
+            await writer.drain()  # then closed: a reply without the expected text ends there
 
     return handle
 
@@ -179,7 +177,7 @@ def test_send_expect(reply: bytes, ok: bool, detail: str) -> None:
 @pytest.mark.parametrize("check", ["http", "send-expect"])
 def test_silent_backend_times_out(check: str) -> None:
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await asyncio.sleep(10)
+        await reader.read()  # says nothing; open until the probe gives up and closes
 
     async def main() -> CheckResult:
         async with Server(silent) as srv:
