@@ -187,18 +187,9 @@ class _Direction:
             return
         budget = _BUDGET
         while True:
-            pipe = self.pipe
             if self.pending:
-                assert pipe is not None
-                try:
-                    m = _splice(pipe[0], self.dst_fd, self.pending, flags=_FLAGS)  # type: ignore[misc]
-                except BlockingIOError:
-                    return  # the destination's EPOLLOUT edge resumes us
-                except OSError as err:
-                    relay.failed(err)
+                if not self._deliver():
                     return
-                self.pending -= m
-                relay.progress(m, self.to_client)
                 continue
             if self.eof:
                 return
@@ -206,32 +197,58 @@ class _Direction:
             if budget < 0:
                 relay.loop.call_soon(self.resume)
                 return
-            if self.copy:
-                if not self._copy(short_ok):
-                    return
-                continue
+            if not (self._copy(short_ok) if self.copy else self._splice_in()):
+                return
+
+    def _deliver(self) -> bool:
+        """Splice the pipe's bytes on to ``dst``; False when this wake-up is over."""
+        pipe = self.pipe
+        assert pipe is not None
+        try:
+            m = _splice(pipe[0], self.dst_fd, self.pending, flags=_FLAGS)  # type: ignore[misc]
+        except BlockingIOError:
+            return False  # the destination's EPOLLOUT edge resumes us
+        except OSError as err:
+            self.relay.failed(err)
+            return False
+        self.pending -= m
+        self.relay.progress(m, self.to_client)
+        return True
+
+    def _splice_in(self) -> bool:
+        """Splice what ``src`` has into the pipe; False when this wake-up is over."""
+        relay = self.relay
+        pipe = self.pipe
+        if pipe is None:
+            pipe = self.pipe = self._take_pipe()
             if pipe is None:
-                try:
-                    pipe = self.pipe = relay.pool.take()
-                except OSError as err:  # out of descriptors: copy this read instead
-                    relay.pool.unavailable(err)
-                    self.copy = True
-                    continue
-            try:
-                n = _splice(self.src_fd, pipe[1], relay.pool.size, flags=_FLAGS)  # type: ignore[misc]
-            except BlockingIOError:
-                self.pipe = None
-                relay.pool.give(pipe)
-                return
-            except OSError as err:
-                relay.failed(err)
-                return
-            if n == 0:
-                self.pipe = None
-                relay.pool.give(pipe)
-                self._ended()
-                return
-            self.pending = n
+                return True  # out of descriptors: the next read is copied
+        try:
+            n = _splice(self.src_fd, pipe[1], relay.pool.size, flags=_FLAGS)  # type: ignore[misc]
+        except BlockingIOError:
+            self.pipe = None
+            relay.pool.give(pipe)
+            return False
+        except OSError as err:
+            relay.failed(err)
+            return False
+        if n == 0:
+            self.pipe = None
+            relay.pool.give(pipe)
+            self._ended()
+            return False
+        self.pending = n
+        return True
+
+    def _take_pipe(self) -> tuple[int, int] | None:
+        """A pipe from the pool; None when out of descriptors (this direction copies again)."""
+        pool = self.relay.pool
+        try:
+            return pool.take()
+        except OSError as err:
+            pool.unavailable(err)
+            self.copy = True
+            return None
 
     def _copy(self, short_ok: bool) -> bool:
         """Relay one read through the loop's shared buffer; False when this wake-up is over.
