@@ -16,6 +16,8 @@ from l4lb.balancer.health import (
     Target,
     run_probe,
 )
+from l4lb.balancer.pool import Backend
+from l4lb.config.schema import BackendConfig
 from tests.support.peers import free_port
 
 V2_LOCAL = b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"  # HAProxy doc/proxy-protocol.txt, 2.2
@@ -241,7 +243,7 @@ def test_rise_and_fall(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_passive_failures_mark_down_before_next_check() -> None:
     recorder = Recorder()
-    backend = object()
+    backend = Backend(BackendConfig(address="127.0.0.1:9"), 0)
 
     async def main() -> None:
         async with Server(read_all) as srv:
@@ -264,7 +266,8 @@ def test_passive_failures_mark_down_before_next_check() -> None:
                 assert recorder.changes == []
                 checks.connect_result(backend, False, "connection refused")
                 assert recorder.changes == [(target.address, False, "passive")]
-                checks.connect_result(object(), False)  # unknown backends are ignored
+                other = Backend(BackendConfig(address="127.0.0.1:10"), 0)
+                checks.connect_result(other, False)  # unknown backends are ignored
             finally:
                 await checks.aclose()
 

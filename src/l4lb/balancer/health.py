@@ -31,13 +31,13 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from l4lb.config.schema import HealthConfig
 from l4lb.proxy_protocol import local_header
 
 if TYPE_CHECKING:
-    from l4lb.balancer.pool import Pool
+    from l4lb.balancer.pool import Backend, Pool
     from l4lb.balancer.runtime import Balancer
 
 log = logging.getLogger("l4lb.health")
@@ -112,8 +112,8 @@ class Target:
     port: int
     proxy_version: int = 0
     """PROXY version the backend receives (0 = none); ``http``/``send-expect`` send it as LOCAL."""
-    backend: Any = None
-    """The runtime backend object, handed back to ``set_up``."""
+    backend: Backend | None = None
+    """The runtime backend, handed back to ``set_up``; None for a probe on its own."""
 
 
 @dataclass(slots=True)
@@ -323,7 +323,7 @@ class HealthChecks:
 
     def _set_pool_health(self, target: Target, up: bool, result: CheckResult) -> None:
         pool = self._pools.get(target.pool)
-        if pool is not None:
+        if pool is not None and target.backend is not None:
             pool.set_health(target.backend, up, result.detail)
 
     def start(self, plans: Iterable[PoolPlan]) -> None:
@@ -368,7 +368,7 @@ class HealthChecks:
 
     # -- passive checks --------------------------------------------------------------------
 
-    def connect_result(self, backend: Any, ok: bool, detail: str = "") -> None:
+    def connect_result(self, backend: Backend, ok: bool, detail: str = "") -> None:
         """The relay's report of one connect to ``backend``: failures count toward ``fall``."""
         found = self._by_backend.get(id(backend))
         if found is None:
@@ -402,7 +402,7 @@ class HealthChecks:
     def _apply(self, plan: PoolPlan, target: Target, result: CheckResult) -> None:
         record = self._health[(plan.name, target.address)]
         record.last = result
-        if target.backend is not None and hasattr(target.backend, "last_check"):
+        if target.backend is not None:
             target.backend.last_check = ("ok: " if result.ok else "failed: ") + result.detail
         settings = plan.settings
         if result.ok:
