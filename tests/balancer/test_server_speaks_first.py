@@ -35,7 +35,7 @@ def _banner_then_wait(sock: socket.socket, header: ProxyHeader | None, early: by
 def _one(port: int) -> bool:
     """True when the banner arrived within the client's timeout."""
     with connect(port) as c:
-        c.settimeout(5)
+        c.settimeout(10)  # a hang detector: the banner comes at once
         got = b""
         try:
             while len(got) < len(BANNER):
