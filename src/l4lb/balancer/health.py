@@ -28,7 +28,6 @@ import contextlib
 import logging
 import os
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -438,19 +437,16 @@ class HealthChecks:
             log.exception("event=health_mark_failed pool=%s backend=%s", plan.name, target.address)
 
 
-_ATTACHED: weakref.WeakKeyDictionary[Balancer, HealthChecks] = weakref.WeakKeyDictionary()
-
-
 def checks_of(balancer: Balancer) -> HealthChecks | None:
     """The health checks attached to ``balancer`` (for /status and /metrics), if any."""
-    return _ATTACHED.get(balancer)
+    return balancer.health_checks
 
 
 def attach(balancer: Balancer) -> HealthChecks:
-    """Runtime extension hook: check the balancer's pools, follow its reloads, stop with it."""
+    """Check the balancer's pools, follow its reloads, stop with it (the runtime calls this)."""
     checks = HealthChecks()
     checks.attach(balancer.pools.values())
     balancer.on_reload.append(lambda b: checks.attach(b.pools.values()))
     balancer.on_stop.append(lambda b: checks.stop())
-    _ATTACHED[balancer] = checks
+    balancer.health_checks = checks
     return checks

@@ -95,6 +95,8 @@ class Balancer:
         self.stopping = False
         self.on_reload: list[Callable[[Balancer], None]] = []
         self.on_stop: list[Callable[[Balancer], None]] = []
+        self.health_checks: health.HealthChecks | None = None
+        """Set by :func:`attach_parts` (the runtime's health checks, for /status and /metrics)."""
         self._sweeper: asyncio.TimerHandle | None = None
 
     # -- start -------------------------------------------------------------------------------
