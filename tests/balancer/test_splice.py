@@ -360,18 +360,29 @@ def test_wait_connected_reports_success_failure_and_can_be_abandoned() -> None:
     assert abandoned == []
 
 
+def _connecting(srv: socket.socket) -> socket.socket:
+    """A non-blocking socket connecting to ``srv``."""
+    sock = socket.socket()
+    sock.setblocking(False)
+    sock.connect_ex(srv.getsockname())
+    return sock
+
+
+async def _connected(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Wait with the poller's connect watch, as the connection does."""
+    fut = loop.create_future()
+    poller.wait_connected(loop, sock, lambda: fut.set_result(None))
+    await asyncio.wait_for(fut, 5)
+
+
 def test_a_relay_takes_over_a_socket_watched_while_connecting() -> None:
     with socket.create_server(("127.0.0.1", 0)) as srv:
 
         async def main() -> bytes:
             loop = asyncio.get_running_loop()
             client, relay_client = _tcp_pair()
-            backend = socket.socket()
-            backend.setblocking(False)
-            backend.connect_ex(srv.getsockname())
-            fut = loop.create_future()
-            poller.wait_connected(loop, backend, lambda: fut.set_result(None))
-            await asyncio.wait_for(fut, 5)
+            backend = _connecting(srv)
+            await _connected(loop, backend)
             far, _ = await loop.sock_accept(srv)
             conn = Conn()
             relay_client.setblocking(False)
@@ -402,16 +413,12 @@ def test_a_relay_taking_over_a_connect_gets_the_bytes_that_came_with_it() -> Non
         async def main() -> bytes:
             loop = asyncio.get_running_loop()
             client, relay_client = _tcp_pair()
-            backend = socket.socket()
-            backend.setblocking(False)
-            backend.connect_ex(srv.getsockname())
+            backend = _connecting(srv)
             srv.settimeout(5)
             far, _ = srv.accept()  # blocking: the loop sees nothing until the banner is there
             far.sendall(b"220 ready\r\n")
             assert select.select([backend], [], [], 5)[0]
-            fut = loop.create_future()
-            poller.wait_connected(loop, backend, lambda: fut.set_result(None))
-            await asyncio.wait_for(fut, 5)
+            await _connected(loop, backend)
             conn = Conn()
             relay_client.setblocking(False)
             splice.start_splice_relay(loop, relay_client, backend, b"", conn)
