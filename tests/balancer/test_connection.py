@@ -363,3 +363,51 @@ def test_a_step_out_of_order_is_a_bug_not_a_silent_success() -> None:
         client.close()
 
     _run(body)
+
+
+def test_a_client_hello_split_over_two_segments_is_waited_for() -> None:
+    """The peek sees the first part (not enough: NEED_DATA), keeps waiting, and takes SNI and
+    ALPN from the whole ClientHello; nothing is consumed, so the backend gets every byte."""
+    from tests.balancer.test_tls_peek import client_hello
+
+    hello_bytes = client_hello("split.example.test", ["h2"])
+
+    class Peeks(Recorded):
+        def __init__(self, *args: Any) -> None:
+            self.peeked: asyncio.Event = asyncio.Event()
+            super().__init__(*args)
+
+        def _peek(self) -> None:
+            super()._peek()
+            self.peeked.set()
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        srv = _server()
+        client, accepted = _tcp_pair()
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        owner = Owner(loop, relay.start_relay)
+        pool = _pool(
+            [f"127.0.0.1:{srv.getsockname()[1]}"],
+            proxy_tlvs=["authority", "alpn"],
+            tls_peek_timeout="10s",
+        )
+        conn = Peeks(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
+        conn.start()
+        client.sendall(hello_bytes[:40])
+        await conn.peeked.wait()  # the first part was looked at: not a whole ClientHello yet
+        assert conn.state is State.PEEKING
+        client.sendall(hello_bytes[40:])
+        far, _ = await loop.sock_accept(srv)
+        header, early = await _read_header(loop, far)
+        assert header.authority == "split.example.test" and header.alpn == b"h2"
+        got = early
+        while len(got) < len(hello_bytes):
+            got += await loop.sock_recv(far, 1 << 16)
+        assert got == hello_bytes
+        assert conn.states == [State.PEEKING, State.CONNECTING, State.RELAYING]
+        conn.close(EndReason.SHUTDOWN)
+        assert (await owner.ended)[0] is EndReason.SHUTDOWN
+        for s in (client, far, srv):
+            s.close()
+
+    _run(body)

@@ -334,8 +334,9 @@ def test_client_hello_split_across_segments_is_waited_for(tmp_path: Path) -> Non
         with l4lb(tmp_path, text):
             client = connect(port)
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # two segments (TCP_NODELAY); that the peek runs between them is driven in-process by
+            # test_connection.py::test_a_client_hello_split_over_two_segments_is_waited_for
             client.sendall(hello_bytes[:40])
-            time.sleep(0.3)
             client.sendall(hello_bytes[40:])
             client.shutdown(socket.SHUT_WR)
             assert wait_for(lambda: bool(got))
