@@ -14,6 +14,7 @@ import string
 import sys
 from typing import Any
 
+from l4lb.config.values import format_hostport
 from l4lb.proxy_protocol import (
     CRC32C_IMPLEMENTATION,
     TLV,
@@ -165,7 +166,7 @@ def to_json(header: ProxyHeader, length: int, trailing: int) -> dict[str, Any]:
 def _fmt_endpoint(value: object) -> str:
     if isinstance(value, tuple):
         host, port = value
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return format_hostport(host, port)
     if value is None:
         return "-"
     return repr(value)

@@ -16,6 +16,8 @@ from l4lb.balancer.health import (
     Target,
     run_probe,
 )
+from l4lb.balancer.pool import Backend
+from l4lb.config.schema import BackendConfig
 from tests.support.peers import free_port
 
 V2_LOCAL = b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"  # HAProxy doc/proxy-protocol.txt, 2.2
@@ -93,17 +95,16 @@ def test_tcp_up_and_refused() -> None:
 
 def test_proxy_local_sends_v2_local_header() -> None:
     seen: list[bytes] = []
+    arrived = asyncio.Event()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         seen.append(await reader.read(65536))
+        arrived.set()
 
     async def main() -> CheckResult:
         async with Server(handle) as srv:
             result = await run_probe(srv.target(2), CheckSettings("proxy-local"))
-            for _ in range(100):
-                if seen:
-                    break
-                await asyncio.sleep(0.01)
+            await asyncio.wait_for(arrived.wait(), 10)
             return result
 
     result = asyncio.run(main())
@@ -152,8 +153,7 @@ def pong(reply: bytes) -> Handler:
         data = await reader.readuntil(b"PING\r\n")
         if data.startswith(V2_LOCAL):
             writer.write(reply)
-            await writer.drain()
-            await asyncio.sleep(0.2)
+            await writer.drain()  # then closed: a reply without the expected text ends there
 
     return handle
 
@@ -179,7 +179,7 @@ def test_send_expect(reply: bytes, ok: bool, detail: str) -> None:
 @pytest.mark.parametrize("check", ["http", "send-expect"])
 def test_silent_backend_times_out(check: str) -> None:
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await asyncio.sleep(10)
+        await reader.read()  # says nothing; open until the probe gives up and closes
 
     async def main() -> CheckResult:
         async with Server(silent) as srv:
@@ -243,7 +243,7 @@ def test_rise_and_fall(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_passive_failures_mark_down_before_next_check() -> None:
     recorder = Recorder()
-    backend = object()
+    backend = Backend(BackendConfig(address="127.0.0.1:9"), 0)
 
     async def main() -> None:
         async with Server(read_all) as srv:
@@ -266,7 +266,8 @@ def test_passive_failures_mark_down_before_next_check() -> None:
                 assert recorder.changes == []
                 checks.connect_result(backend, False, "connection refused")
                 assert recorder.changes == [(target.address, False, "passive")]
-                checks.connect_result(object(), False)  # unknown backends are ignored
+                other = Backend(BackendConfig(address="127.0.0.1:10"), 0)
+                checks.connect_result(other, False)  # unknown backends are ignored
             finally:
                 await checks.aclose()
 

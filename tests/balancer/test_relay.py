@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import os
 import random
+import select
 import socket
 import threading
 import time
@@ -76,9 +77,8 @@ def test_bulk_both_ways_byte_exact(tmp_path: Path, mode: str) -> None:
 
 def test_half_close_client_first(tmp_path: Path, mode: str) -> None:
     def handler(sock: socket.socket, header: ProxyHeader | None, early: bytes) -> None:
-        request = early + recv_all(sock)  # until the client's FIN
-        time.sleep(0.3)  # the answer comes well after the FIN
-        sock.sendall(b"answer to " + request)
+        request = early + recv_all(sock)  # until the client's FIN, which the relay passed on
+        sock.sendall(b"answer to " + request)  # so the answer comes after it
 
     port = free_port()
     with backend(handler) as be, l4lb(tmp_path, cfg(port, [be.address], mode)) as lb:
@@ -102,8 +102,7 @@ def test_half_close_backend_first(tmp_path: Path, mode: str) -> None:
     port = free_port()
     with backend(handler) as be, l4lb(tmp_path, cfg(port, [be.address], mode)) as lb:
         client = connect(port)
-        assert recv_all(client) == b"banner, then FIN"
-        time.sleep(0.2)
+        assert recv_all(client) == b"banner, then FIN"  # the relay passed the FIN on
         client.sendall(b"still talking " * 1000)
         client.shutdown(socket.SHUT_WR)
         assert wait_for(lambda: bool(received))
@@ -114,9 +113,11 @@ def test_half_close_backend_first(tmp_path: Path, mode: str) -> None:
 
 
 def test_backend_reset_closes_client_promptly(tmp_path: Path, mode: str) -> None:
+    delivered = threading.Event()
+
     def handler(sock: socket.socket, header: ProxyHeader | None, early: bytes) -> None:
         sock.sendall(b"partial")
-        time.sleep(0.2)
+        delivered.wait(10)  # the client has it: the reset comes after the bytes
         reset(sock)
 
     port = free_port()
@@ -125,6 +126,9 @@ def test_backend_reset_closes_client_promptly(tmp_path: Path, mode: str) -> None
         client.settimeout(5)
         start = time.monotonic()
         data = b""
+        while len(data) < len(b"partial"):
+            data += client.recv(100)
+        delivered.set()
         with pytest.raises(ConnectionResetError):
             while True:
                 chunk = client.recv(100)
@@ -139,10 +143,13 @@ def test_backend_reset_closes_client_promptly(tmp_path: Path, mode: str) -> None
 
 def test_client_reset_closes_backend_promptly(tmp_path: Path, mode: str) -> None:
     outcome: list[str] = []
+    arrived = threading.Event()
 
     def handler(sock: socket.socket, header: ProxyHeader | None, early: bytes) -> None:
         sock.settimeout(5)
         try:
+            if early or sock.recv(100):
+                arrived.set()
             while sock.recv(100):
                 pass
             outcome.append("eof")
@@ -155,7 +162,7 @@ def test_client_reset_closes_backend_promptly(tmp_path: Path, mode: str) -> None
     with backend(handler) as be, l4lb(tmp_path, cfg(port, [be.address], mode)) as lb:
         client = connect(port)
         client.sendall(b"hello")
-        time.sleep(0.2)
+        assert arrived.wait(10)  # relayed: the reset comes to an established relay
         reset(client)
         assert wait_for(lambda: bool(outcome), 6)
         assert outcome == ["reset"]
@@ -310,7 +317,7 @@ def test_graceful_stop_finishes_transfers(tmp_path: Path, mode: str) -> None:
             ]
             for t in threads:
                 t.start()
-            time.sleep(0.5)
+            assert wait_for(lambda: len(be.seen) == 3)  # every transfer has started
             stopper = threading.Thread(target=lambda: results.append(("exit", lb.stop(20))))
             stopper.start()
             # the listener is closed before "draining" is logged (a fixed 0.3 s sleep raced the
@@ -411,7 +418,7 @@ def test_connect_timeout_then_next_backend_keeps_early_bytes(tmp_path: Path, mod
         f.setblocking(False)
         f.connect_ex(hole.getsockname())
         fillers.append(f)
-    time.sleep(0.2)
+    assert select.select([], fillers[:1], [], 5)[1]  # the first is queued: the queue is full
     black = f"127.0.0.1:{hole.getsockname()[1]}"
     port = free_port()
     try:

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import select
 import socket
 import struct
 import threading
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from l4lb.balancer import splice
+from l4lb.balancer import poller, splice
 from tests.support.peers import wait_for
 
 pytestmark = pytest.mark.skipif(not splice.available(), reason="os.splice needs Linux")
@@ -69,7 +70,7 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 @contextlib.contextmanager
-def rig(first: bytes = b"", idle_timeout: float | None = None) -> Iterator[Rig]:
+def rig(first: bytes = b"") -> Iterator[Rig]:
     client, relay_client = _tcp_pair()
     relay_backend, backend = _tcp_pair()
     for s in (client, backend):
@@ -80,11 +81,7 @@ def rig(first: bytes = b"", idle_timeout: float | None = None) -> Iterator[Rig]:
     ready = threading.Event()
 
     def begin() -> None:
-        made.append(
-            splice.start_splice_relay(
-                loop, relay_client, relay_backend, first, conn, idle_timeout=idle_timeout
-            )
-        )
+        made.append(splice.start_splice_relay(loop, relay_client, relay_backend, first, conn))
         ready.set()
 
     thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -216,16 +213,18 @@ def test_slow_reader_bounds_what_the_relay_holds() -> None:
         assert received == pushed
 
 
-def test_idle_connection_holds_no_pipe_and_times_out() -> None:
-    with rig(idle_timeout=0.6) as r:
-        for _ in range(3):  # traffic keeps it alive past the timeout
+def test_idle_connection_holds_no_pipe() -> None:
+    """Idle timeouts belong to the runtime's sweep (tests/balancer/test_relay.py); an idle
+    relayed connection holds no pipe, and closing it for idleness ends both sides once."""
+    with rig() as r:
+        for _ in range(3):
             r.client.sendall(b"ping")
             assert r.backend.recv(10) == b"ping"
             r.backend.sendall(b"pong")
             assert r.client.recv(10) == b"pong"
-            threading.Event().wait(0.3)
         assert not r.conn.done.is_set()
         assert r.relay.to_backend.pipe is None and r.relay.to_client.pipe is None
+        r.call(r.relay.close, "idle_timeout")
         assert r.conn.done.wait(5)
         assert r.conn.reasons == ["idle_timeout"]
         assert r.client.recv(10) == b""
@@ -335,7 +334,7 @@ def test_wait_connected_reports_success_failure_and_can_be_abandoned() -> None:
                     s.setblocking(False)
                     s.connect_ex(("127.0.0.1", port))
                     fut = loop.create_future()
-                    splice.wait_connected(
+                    poller.wait_connected(
                         loop,
                         s,
                         lambda s=s, fut=fut: fut.set_result(
@@ -348,8 +347,8 @@ def test_wait_connected_reports_success_failure_and_can_be_abandoned() -> None:
                 s = socket.socket()
                 s.setblocking(False)
                 s.connect_ex(("127.0.0.1", live))
-                splice.wait_connected(loop, s, lambda: calls.append(1))
-                splice.stop_waiting(loop, s)
+                poller.wait_connected(loop, s, lambda: calls.append(1))
+                poller.stop_waiting(loop, s)
                 await asyncio.sleep(0.2)
                 s.close()
                 out.append(calls)
@@ -361,18 +360,29 @@ def test_wait_connected_reports_success_failure_and_can_be_abandoned() -> None:
     assert abandoned == []
 
 
+def _connecting(srv: socket.socket) -> socket.socket:
+    """A non-blocking socket connecting to ``srv``."""
+    sock = socket.socket()
+    sock.setblocking(False)
+    sock.connect_ex(srv.getsockname())
+    return sock
+
+
+async def _connected(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Wait with the poller's connect watch, as the connection does."""
+    fut = loop.create_future()
+    poller.wait_connected(loop, sock, lambda: fut.set_result(None))
+    await asyncio.wait_for(fut, 5)
+
+
 def test_a_relay_takes_over_a_socket_watched_while_connecting() -> None:
     with socket.create_server(("127.0.0.1", 0)) as srv:
 
         async def main() -> bytes:
             loop = asyncio.get_running_loop()
             client, relay_client = _tcp_pair()
-            backend = socket.socket()
-            backend.setblocking(False)
-            backend.connect_ex(srv.getsockname())
-            fut = loop.create_future()
-            splice.wait_connected(loop, backend, lambda: fut.set_result(None))
-            await asyncio.wait_for(fut, 5)
+            backend = _connecting(srv)
+            await _connected(loop, backend)
             far, _ = await loop.sock_accept(srv)
             conn = Conn()
             relay_client.setblocking(False)
@@ -387,11 +397,36 @@ def test_a_relay_takes_over_a_socket_watched_while_connecting() -> None:
             answer = await loop.run_in_executor(None, client.recv, 100)
             for s in (client, far):
                 s.close()
-            for _ in range(200):  # the relay sees both closes (up to 10 s on a busy machine)
-                if conn.done.is_set():
-                    break
-                await asyncio.sleep(0.05)
-            assert conn.done.is_set()
+            # the relay sees both closes
+            assert await loop.run_in_executor(None, conn.done.wait, 10)
             return got + b"|" + answer
 
         assert _run(main) == b"hdr:ping|pong"
+
+
+def test_a_relay_taking_over_a_connect_gets_the_bytes_that_came_with_it() -> None:
+    """The backend spoke first: its banner was there when the connect completed, so the connect
+    watch saw EPOLLIN and EPOLLOUT in one event. The splice relay must still relay the banner
+    (it hung until the idle timeout: the edge was consumed by the watch)."""
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+
+        async def main() -> bytes:
+            loop = asyncio.get_running_loop()
+            client, relay_client = _tcp_pair()
+            backend = _connecting(srv)
+            srv.settimeout(5)
+            far, _ = srv.accept()  # blocking: the loop sees nothing until the banner is there
+            far.sendall(b"220 ready\r\n")
+            assert select.select([backend], [], [], 5)[0]
+            await _connected(loop, backend)
+            conn = Conn()
+            relay_client.setblocking(False)
+            splice.start_splice_relay(loop, relay_client, backend, b"", conn)
+            client.settimeout(5)
+            try:
+                return await loop.run_in_executor(None, client.recv, 100)
+            finally:
+                for s in (client, far):
+                    s.close()
+
+        assert _run(main) == b"220 ready\r\n"

@@ -139,7 +139,7 @@ def test_sigterm_lets_every_workers_transfers_finish(tmp_path: Path, relay: str)
             ]
             for t in threads:
                 t.start()
-            time.sleep(0.4)
+            assert wait_for(lambda: len(be.seen) == len(clients))  # every transfer has started
             assert lb.stop(30) == 0
             for t in threads:
                 t.join(30)

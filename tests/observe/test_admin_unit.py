@@ -19,11 +19,11 @@ from dataclasses import replace
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from l4lb.balancer.health import CheckResult
 from l4lb.observe.admin import AdminServer
 from l4lb.observe.control import ReloadOutcome
 from l4lb.observe.snapshot import (
     BackendStatus,
-    CheckStatus,
     Histogram,
     ListenerStatus,
     PoolStatus,
@@ -49,7 +49,7 @@ class MemoryControl:
                 bytes_in=100,
                 bytes_out=2000,
                 connect_failures=1,
-                check=CheckStatus(True, "HTTP 200", 0.002, time.time()),
+                check=CheckResult(True, "HTTP 200", 0.002, time.time()),
                 connect_latency=Histogram((0.001, 0.01), (3, 4, 0), 0.03),
             )
             for (_, addr), state in self.states.items()

@@ -514,14 +514,8 @@ def test_off_path_allocates_only_the_admitted_value() -> None:
 
 
 def test_running_listener_config_is_read_not_guessed() -> None:
-    """The balancer passes its Listener (whose ``config`` is the ListenerConfig): the trust
-    keys come from there, never from defaults."""
-
-    class Listener:
-        def __init__(self, config: ListenerConfig) -> None:
-            self.config = config
-            self.name = config.name
-
+    """The balancer passes its listener's ListenerConfig: the trust keys come from there,
+    never from defaults."""
     config = ListenerConfig(
         name="edge",
         bind="127.0.0.1:1",
@@ -533,7 +527,7 @@ def test_running_listener_config_is_read_not_guessed() -> None:
     )
     loop = asyncio.new_event_loop()
     try:
-        admission = Admission(Listener(config), loop=loop, on_reject=lambda r: None)
+        admission = Admission(config, loop=loop, on_reject=lambda r: None)
     finally:
         loop.close()
     assert admission.policy is not None and admission.policy.is_trusted("10.1.2.3")

@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
+from l4lb.config.values import format_hostport
 from l4lb.trust.policy import Decision, HeaderGate, Mode, ProxyPolicy
 
 __all__ = [
@@ -285,10 +286,7 @@ async def _start_tls(
 
 
 def _fmt(address: tuple[str, int] | None) -> str:
-    if address is None:
-        return "-"
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return "-" if address is None else format_hostport(*address)
 
 
 class _HeaderReading(asyncio.BaseProtocol):

@@ -33,12 +33,16 @@ import socket
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
+from l4lb.config.values import format_hostport
 from l4lb.proxy_protocol import TLV, ProxyHeader, sniff
 from l4lb.trust.cidr import CidrError, CidrSet, ip_to_int
 from l4lb.trust.limits import ClientLimiter, Rate
 from l4lb.trust.policy import Decision, HeaderGate, Mode, ProxyPolicy, Reason
+
+if TYPE_CHECKING:
+    from l4lb.config.schema import ListenerConfig
 
 __all__ = ["Address", "Admission", "Admitted", "Rejected"]
 
@@ -123,19 +127,16 @@ class Admission:
 
     def __init__(
         self,
-        listener: Any,
+        cfg: ListenerConfig,
         *,
         loop: asyncio.AbstractEventLoop,
         on_reject: Callable[[Rejected], None],
     ) -> None:
-        """Compile the listener's policy: ``listener`` is a ``ListenerConfig``, or an object whose
-        ``config`` is one (the running listener). Raises ValueError (a CidrError naming
-        ``file:line`` for ``deny_file``, or a PolicyError) for a policy that cannot be built."""
-        self.listener = listener
+        """Compile the listener's policy. Raises ValueError (a CidrError naming ``file:line``
+        for ``deny_file``, or a PolicyError) for a policy that cannot be built."""
         self.loop = loop
         self.on_reject = on_reject
         self.rejections: Counter[str] = Counter()
-        cfg = listener.config if hasattr(listener, "config") else listener
         self.config = cfg
         self.name: str = cfg.name
 
@@ -422,10 +423,12 @@ class Admission:
     # -- the rest of a connection's life ---------------------------------------------------
 
     def adopt(self, previous: Admission) -> None:
-        """Take over a reloaded listener's state: the rejection counters, and the per-client
-        limiter when its settings are unchanged, so connections still open from before the
-        reload keep counting against their clients (they release into the same limiter)."""
-        self.rejections.update(previous.rejections)
+        """Take over a reloaded listener's state: the rejection counter (shared: rejections the
+        old admission still makes count there too), and the per-client limiter when its settings
+        are unchanged, so connections still open from before the reload keep counting against
+        their clients (they release into the same limiter)."""
+        previous.rejections.update(self.rejections)
+        self.rejections = previous.rejections
         old, new = previous.limiter, self.limiter
         if (
             old is not None
@@ -453,7 +456,4 @@ class Admission:
 
 
 def _fmt(address: Address | None) -> str:
-    if address is None:
-        return "-"
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return "-" if address is None else format_hostport(address[0], address[1])

@@ -22,7 +22,7 @@ log = logging.getLogger("l4lb.run")
 
 
 FDS_PER_CONNECTION = 2
-"""A relayed connection holds the client's socket and the backend's."""
+"""A relayed connection holds the client's socket and the backend's (the stream relay)."""
 FDS_SPARE = 64
 """Listeners, health checks, the admin API, the access log, the event loop's own."""
 
@@ -32,9 +32,15 @@ def raise_fd_limit(config: Config) -> None:
 
     Distributions often start services with a soft limit of 1024 (and a far higher hard limit):
     the default ``max_conns = 10000`` would then fail connects with 'Too many open files' long
-    before the listener is full. Warn when even the hard limit is too low.
+    before the listener is full. With ``relay = "splice"`` each busy direction also holds a
+    pipe (two descriptors). Warn when even the hard limit is too low.
     """
-    need = FDS_SPARE + FDS_PER_CONNECTION * sum(lc.max_conns for lc in config.listeners)
+    per_connection, spare = FDS_PER_CONNECTION, FDS_SPARE
+    if config.relay == "splice":  # and a pipe for each busy direction, spare pipes kept
+        from l4lb.balancer import splice
+
+        per_connection, spare = splice.FDS_PER_CONNECTION, spare + splice.FDS_SPARE
+    need = spare + per_connection * sum(lc.max_conns for lc in config.listeners)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < need:
         target = need if hard == resource.RLIM_INFINITY else min(need, hard)
@@ -104,16 +110,10 @@ def main(argv: list[str]) -> int:
             )
             return EXIT_BIND
     if config.workers > 1:
-        try:
-            from l4lb.balancer import workers
-        except ImportError:
-            log.warning(
-                "event=workers_unavailable workers=%d detail='running one process'",
-                config.workers,
-            )
-        else:
-            code: int = workers.supervise(args.config, config)
-            return code
+        from l4lb.balancer import workers
+
+        code: int = workers.supervise(args.config, config)
+        return code
     from l4lb.balancer.runtime import run
 
     return run(config, args.config)

@@ -1,7 +1,17 @@
 """One client connection from admission to close: peek, pick, connect, PROXY header, relay.
 
+A :class:`Connection` is a state machine (:class:`State`)::
+
+    NEW -> [PEEKING] -> CONNECTING (-> CONNECTING on a retry) -> RELAYING -> CLOSED
+      any state -> CLOSED (refused, failed, closed early)
+
+Every change of state goes through ``Connection._enter``, which also undoes what the state left
+behind (its timer, the peek's reader, the connect watch). The client socket is the connection's
+until RELAYING, then the relay's. The PROXY header is not a state of its own: it is built when
+the connect completes and goes to the backend in the relay's first write.
+
 Everything here runs from event-loop callbacks (no Task per connection): a raw non-blocking
-``connect()`` watched with ``splice.wait_connected`` (one ``epoll_ctl``) and one timer, then the
+``connect()`` watched with ``poller.wait_connected`` (one ``epoll_ctl``) and one timer, then the
 relay. Client bytes are not read until a backend is connected (they wait in the kernel), so
 trying another backend after a failed connect loses nothing. With ``authority``/``alpn`` TLVs
 requested, the ClientHello is peeked (``MSG_PEEK``, nothing consumed) for up to
@@ -10,24 +20,25 @@ requested, the ClientHello is peeked (``MSG_PEEK``, nothing consumed) for up to
 
 from __future__ import annotations
 
+import enum
 import errno
 import itertools
 import logging
 import os
 import socket
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from l4lb.balancer import splice, tls_peek
+from l4lb.balancer import poller, tls_peek
 from l4lb.balancer.admission import Admitted
-from l4lb.balancer.relay import Relay, reset_socket
+from l4lb.balancer.relay_contract import EndReason, Relay, StartRelay, reset_socket
 from l4lb.config.values import format_hostport
 from l4lb.proxy_protocol import TLV, ProxyProtocolError, TLVType, build
 
 if TYPE_CHECKING:
     import asyncio
 
-    from l4lb.balancer.listener import Listener
+    from l4lb.balancer.admission import Admission
     from l4lb.balancer.pool import Backend, Pool
 
 log = logging.getLogger("l4lb.conn")
@@ -45,6 +56,45 @@ def new_unique_id() -> str:
     return f"{_UID_PREFIX}{next(_uid_counter):08x}"
 
 
+class State(enum.Enum):
+    """Where a connection is; see the module docstring for the transitions."""
+
+    NEW = "new"
+    """Admitted, not started."""
+    PEEKING = "peeking"
+    """Waiting (up to ``tls_peek_timeout``) for a TLS ClientHello to peek at; nothing read."""
+    CONNECTING = "connecting"
+    """A backend ``connect()`` is in flight (one timer: ``connect_timeout``)."""
+    RELAYING = "relaying"
+    """The relay owns both sockets; it reports the end through ``relay_closed``."""
+    CLOSED = "closed"
+    """Accounted for and logged; nothing is open."""
+
+
+_NEXT: dict[State, frozenset[State]] = {
+    State.NEW: frozenset((State.PEEKING, State.CONNECTING, State.CLOSED)),
+    State.PEEKING: frozenset((State.CONNECTING, State.CLOSED)),
+    State.CONNECTING: frozenset((State.CONNECTING, State.RELAYING, State.CLOSED)),
+    State.RELAYING: frozenset((State.CLOSED,)),
+    State.CLOSED: frozenset(),
+}
+
+_REFUSED = frozenset((EndReason.NO_BACKEND, EndReason.CONNECT_FAILED, EndReason.HEADER_ERROR))
+"""Ends before the relay that reset the client (it must not take a clean FIN for an answer)."""
+
+
+class Owner(Protocol):
+    """What a connection needs from the listener that accepted it."""
+
+    name: str
+    loop: asyncio.AbstractEventLoop
+    admission: Admission
+    start_relay: StartRelay
+
+    def connection_ended(self, conn: Connection, reason: EndReason, detail: str) -> None:
+        """The connection is closed: free its slot, log it (called once)."""
+
+
 class Connection:
     """An admitted client connection and everything the access log says about it."""
 
@@ -60,7 +110,6 @@ class Connection:
         "client_sock",
         "connect_started",
         "detail",
-        "ended",
         "idle_since",
         "listener",
         "loop",
@@ -69,6 +118,7 @@ class Connection:
         "relay",
         "seen",
         "started",
+        "state",
         "timer",
         "tried",
         "unique_id",
@@ -76,7 +126,7 @@ class Connection:
 
     def __init__(
         self,
-        listener: Listener,
+        listener: Owner,
         pool: Pool,
         sock: socket.socket,
         admitted: Admitted,
@@ -88,6 +138,7 @@ class Connection:
         self.admitted = admitted
         self.admission = listener.admission
         """The admission that let it in (a reload may give the listener a new one)."""
+        self.state = State.NEW
         self.started = time.monotonic()
         self.idle_since = self.loop.time()
         self.backend: Backend | None = None
@@ -98,11 +149,11 @@ class Connection:
         self.seen = 0
         self.relay: Relay | None = None
         self.timer: asyncio.TimerHandle | None = None
+        """The timer of the state (PEEKING: tls_peek_timeout, CONNECTING: connect_timeout)."""
         self.proxy_version = 0
         self.authority: str | None = None
         self.alpn: bytes | None = None
         self.detail = ""
-        self.ended = False
         self.connect_started = 0.0
         uid = None
         for tlv in admitted.pass_tlvs:
@@ -111,10 +162,26 @@ class Connection:
                 break
         self.unique_id = uid if uid is not None else new_unique_id()
 
+    def _enter(self, state: State) -> None:
+        """Move to ``state``, undoing what the current state left behind."""
+        old = self.state
+        if state not in _NEXT[old]:
+            raise RuntimeError(f"connection {self.unique_id}: no step {old.name} -> {state.name}")
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if old is State.PEEKING:
+            with _suppress():
+                self.loop.remove_reader(self.client_sock.fileno())
+        elif old is State.CONNECTING and self.backend_sock is not None:
+            poller.stop_waiting(self.loop, self.backend_sock)
+        self.state = state
+
     # -- the steps -----------------------------------------------------------------------
 
     def start(self) -> None:
         if self.pool.tls_peek_timeout > 0:
+            self._enter(State.PEEKING)
             self.loop.add_reader(self.client_sock.fileno(), self._peek)
             self.timer = self.loop.call_later(self.pool.tls_peek_timeout, self._peek_done)
         else:
@@ -143,16 +210,12 @@ class Connection:
         self._peek_done()
 
     def _peek_again(self) -> None:
-        if self.timer is not None and not self.ended:
+        if self.state is State.PEEKING:
             self.loop.add_reader(self.client_sock.fileno(), self._peek)
 
     def _peek_done(self) -> None:
-        if self.timer is None or self.ended:
-            return
-        self.timer.cancel()
-        self.timer = None
-        self.loop.remove_reader(self.client_sock.fileno())
-        self.connect_next()
+        if self.state is State.PEEKING:
+            self.connect_next()
 
     def connect_next(self) -> None:
         """Pick a backend not tried yet and start connecting to it."""
@@ -163,10 +226,13 @@ class Connection:
         backend = pool.pick(ip, self.tried)
         if backend is None:
             if self.tried:
-                self.finish("connect_failed", self.detail or "every backend tried failed")
+                why = self.detail or "every backend tried failed"
+                self.finish(EndReason.CONNECT_FAILED, why)
             else:
-                self.finish("no_backend", f"no backend of pool {pool.name} is available")
+                why = f"no backend of pool {pool.name} is available"
+                self.finish(EndReason.NO_BACKEND, why)
             return
+        self._enter(State.CONNECTING)
         self.tried += (backend,)
         self.backend = backend
         backend.active += 1
@@ -176,7 +242,7 @@ class Connection:
         except OSError as err:
             backend.active -= 1
             self.backend = None
-            self.finish("connect_failed", f"socket(): {err.strerror}")
+            self.finish(EndReason.CONNECT_FAILED, f"socket(): {err.strerror}")
             return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.backend_sock = sock
@@ -185,17 +251,15 @@ class Connection:
         if code == 0:
             self._connected()
         elif code == errno.EINPROGRESS:
-            splice.wait_connected(self.loop, sock, self._on_writable)
+            poller.wait_connected(self.loop, sock, self._on_writable)
             self.timer = self.loop.call_later(pool.connect_timeout, self._connect_timeout)
         else:
             self._connect_failed(os.strerror(code))
 
     def _on_writable(self) -> None:
         sock = self.backend_sock
-        assert sock is not None
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        if self.state is not State.CONNECTING or sock is None:
+            return
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             self._connect_failed(os.strerror(err))
@@ -204,9 +268,6 @@ class Connection:
 
     def _connect_timeout(self) -> None:
         self.timer = None
-        sock = self.backend_sock
-        if sock is not None:
-            splice.stop_waiting(self.loop, sock)
         self._connect_failed(f"connect timeout after {self.pool.connect_timeout:g}s")
 
     def _connect_failed(self, why: str) -> None:
@@ -214,6 +275,7 @@ class Connection:
         assert backend is not None
         sock = self.backend_sock
         if sock is not None:
+            poller.stop_waiting(self.loop, sock)
             sock.close()
             self.backend_sock = None
         backend.active -= 1
@@ -229,12 +291,12 @@ class Connection:
             len(self.tried),
         )
         self.pool.connect_result(backend, False, why)
-        if self.ended:
+        if self.state is State.CLOSED:
             return
         if len(self.tried) <= self.pool.retries:
             self.connect_next()
         else:
-            self.finish("connect_failed", self.detail)
+            self.finish(EndReason.CONNECT_FAILED, self.detail)
 
     def _connected(self) -> None:
         backend = self.backend
@@ -242,12 +304,15 @@ class Connection:
         assert backend is not None and sock is not None
         backend.connected(time.monotonic() - self.connect_started)
         self.pool.connect_result(backend, True)
+        if self.state is not State.CONNECTING:
+            return
         try:
             first = self.header(backend.proxy_version)
         except ProxyProtocolError as err:
-            self.finish("header_error", str(err))
+            self.finish(EndReason.HEADER_ERROR, str(err))
             return
         self.proxy_version = backend.proxy_version
+        self._enter(State.RELAYING)  # the sockets are the relay's from here on
         listener = self.listener
         self.relay = listener.start_relay(self.loop, self.client_sock, sock, first, self)
 
@@ -272,39 +337,33 @@ class Connection:
 
     # -- the end -------------------------------------------------------------------------
 
-    def relay_closed(self, reason: str) -> None:
+    def relay_closed(self, reason: EndReason) -> None:
         """Called once by the relay when both sockets are closed."""
-        self.finish(reason, self.detail if reason == "error" else "")
+        self.finish(reason, self.detail if reason is EndReason.ERROR else "")
 
-    def close(self, reason: str) -> None:
-        """End now (idle timeout, shutdown), whatever stage the connection is in."""
-        if self.ended:
+    def close(self, reason: EndReason) -> None:
+        """End now (idle timeout, shutdown), whatever state the connection is in."""
+        state = self.state
+        if state is State.CLOSED:
             return
-        if self.relay is not None:
-            self.relay.close(reason)
+        if state is State.RELAYING:
+            if self.relay is not None:
+                self.relay.close(reason)  # it reports back through relay_closed
             return
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        with _suppress():
-            self.loop.remove_reader(self.client_sock.fileno())
-        sock = self.backend_sock
-        if sock is not None:
-            with _suppress():
-                splice.stop_waiting(self.loop, sock)
         self.finish(reason)
 
-    def finish(self, reason: str, detail: str = "") -> None:
+    def finish(self, reason: EndReason, detail: str = "") -> None:
         """Account for the connection's end, once: counters, admission slot, access log."""
-        if self.ended:
+        if self.state is State.CLOSED:
             return
-        self.ended = True
-        if self.relay is None:
+        relayed = self.state is State.RELAYING
+        self._enter(State.CLOSED)
+        if not relayed:
             # Never relayed: the client socket is still ours to close (with a RST when refused).
-            if reason in ("no_backend", "connect_failed", "header_error"):
+            if reason in _REFUSED:
                 reset_socket(self.client_sock)
             self.client_sock.close()
-            if reason in ("no_backend", "connect_failed"):
+            if reason is EndReason.NO_BACKEND or reason is EndReason.CONNECT_FAILED:
                 log.warning(
                     "event=%s listener=%s pool=%s client=%s detail=%r",
                     reason,
@@ -313,14 +372,14 @@ class Connection:
                     format_hostport(*self.admitted.client[:2]),
                     detail,
                 )
+            if self.backend_sock is not None:
+                self.backend_sock.close()
+                self.backend_sock = None
         backend = self.backend
         if backend is not None:
             backend.active -= 1
             backend.bytes_in += self.bytes_from_client
             backend.bytes_out += self.bytes_to_client
-        if self.relay is None and self.backend_sock is not None:
-            self.backend_sock.close()
-            self.backend_sock = None
         self.listener.connection_ended(self, reason, detail)
 
 

@@ -28,16 +28,15 @@ import contextlib
 import logging
 import os
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from l4lb.config.schema import HealthConfig
 from l4lb.proxy_protocol import local_header
 
 if TYPE_CHECKING:
-    from l4lb.balancer.pool import Pool
+    from l4lb.balancer.pool import Backend, Pool
     from l4lb.balancer.runtime import Balancer
 
 log = logging.getLogger("l4lb.health")
@@ -89,7 +88,7 @@ class CheckSettings:
 
 @dataclass(frozen=True, slots=True)
 class CheckResult:
-    """The outcome of one probe (or of a passive observation)."""
+    """The outcome of one probe (or of a passive observation); /status shows the last one."""
 
     ok: bool
     detail: str
@@ -112,8 +111,8 @@ class Target:
     port: int
     proxy_version: int = 0
     """PROXY version the backend receives (0 = none); ``http``/``send-expect`` send it as LOCAL."""
-    backend: Any = None
-    """The runtime backend object, handed back to ``set_up``."""
+    backend: Backend | None = None
+    """The runtime backend, handed back to ``set_up``; None for a probe on its own."""
 
 
 @dataclass(slots=True)
@@ -323,7 +322,7 @@ class HealthChecks:
 
     def _set_pool_health(self, target: Target, up: bool, result: CheckResult) -> None:
         pool = self._pools.get(target.pool)
-        if pool is not None:
+        if pool is not None and target.backend is not None:
             pool.set_health(target.backend, up, result.detail)
 
     def start(self, plans: Iterable[PoolPlan]) -> None:
@@ -368,7 +367,7 @@ class HealthChecks:
 
     # -- passive checks --------------------------------------------------------------------
 
-    def connect_result(self, backend: Any, ok: bool, detail: str = "") -> None:
+    def connect_result(self, backend: Backend, ok: bool, detail: str = "") -> None:
         """The relay's report of one connect to ``backend``: failures count toward ``fall``."""
         found = self._by_backend.get(id(backend))
         if found is None:
@@ -402,7 +401,7 @@ class HealthChecks:
     def _apply(self, plan: PoolPlan, target: Target, result: CheckResult) -> None:
         record = self._health[(plan.name, target.address)]
         record.last = result
-        if target.backend is not None and hasattr(target.backend, "last_check"):
+        if target.backend is not None:
             target.backend.last_check = ("ok: " if result.ok else "failed: ") + result.detail
         settings = plan.settings
         if result.ok:
@@ -438,19 +437,16 @@ class HealthChecks:
             log.exception("event=health_mark_failed pool=%s backend=%s", plan.name, target.address)
 
 
-_ATTACHED: weakref.WeakKeyDictionary[Balancer, HealthChecks] = weakref.WeakKeyDictionary()
-
-
 def checks_of(balancer: Balancer) -> HealthChecks | None:
     """The health checks attached to ``balancer`` (for /status and /metrics), if any."""
-    return _ATTACHED.get(balancer)
+    return balancer.health_checks
 
 
 def attach(balancer: Balancer) -> HealthChecks:
-    """Runtime extension hook: check the balancer's pools, follow its reloads, stop with it."""
+    """Check the balancer's pools, follow its reloads, stop with it (the runtime calls this)."""
     checks = HealthChecks()
     checks.attach(balancer.pools.values())
     balancer.on_reload.append(lambda b: checks.attach(b.pools.values()))
     balancer.on_stop.append(lambda b: checks.stop())
-    _ATTACHED[balancer] = checks
+    balancer.health_checks = checks
     return checks

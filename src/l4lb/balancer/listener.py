@@ -6,7 +6,8 @@ processes can share the port); one ``add_reader`` callback accepts a batch per w
 clients wait in the kernel's backlog until a connection ends.
 
 Counters for readers: ``active`` (admitted connections open now), ``total`` (admitted since
-start), ``rejected`` (refused by admission), ``rejections`` (by reason, from admission).
+start), ``rejections`` (refused by admission, by reason: admission's own counter, kept across
+reloads) and ``rejected`` (their sum).
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import errno
 import logging
 import socket
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import msgspec
 
 from l4lb.balancer.admission import Admission, Admitted, Rejected
 from l4lb.balancer.connection import Connection
-from l4lb.balancer.relay import StartRelay
+from l4lb.balancer.relay_contract import EndReason, StartRelay
 from l4lb.config.schema import ListenerConfig
 from l4lb.config.values import format_hostport
 
@@ -41,6 +43,10 @@ def _is_wildcard(host: str) -> bool:
 
 class BindError(OSError):
     """A listener could not bind its address (in use, not local, no permission)."""
+
+
+OpenSocket = Callable[[str, int], socket.socket]
+"""Makes a listener's socket for ``(host, port)``; raises :class:`BindError` when it cannot."""
 
 
 def open_listening_socket(host: str, port: int, backlog: int = 4096) -> socket.socket:
@@ -98,8 +104,6 @@ class Listener:
         "loop",
         "max_conns",
         "name",
-        "rejected",
-        "rejections",
         "running",
         "sock",
         "start_relay",
@@ -110,26 +114,25 @@ class Listener:
         self,
         balancer: Balancer,
         config: ListenerConfig,
-        sock: socket.socket | None = None,
+        sock: socket.socket,
+        start_relay: StartRelay,
     ) -> None:
+        """Raises ValueError (CidrError, PolicyError) for a trust policy that cannot be built."""
         self.balancer = balancer
         self.loop: asyncio.AbstractEventLoop = balancer.loop
         self.config = config
         self.name = config.name
         self.max_conns = config.max_conns
-        self.start_relay: StartRelay = balancer.start_relay
-        host, port = config.bind_addr
-        self.sock = sock if sock is not None else open_listening_socket(host, port)
+        self.start_relay = start_relay
+        self.sock = sock
         self.active = 0
         self.total = 0
-        self.rejected = 0
-        self.rejections: Counter[str] = Counter()
         self.running = False
         self.accepting = False
         bound = self.address
         self.local: tuple[str, int] | None = None if _is_wildcard(bound[0]) else bound
         """The listener's own address when every accepted socket shares it (a specific IP)."""
-        self.admission = Admission(self, loop=self.loop, on_reject=self.on_reject)
+        self.admission = Admission(config, loop=self.loop, on_reject=self.on_reject)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -199,7 +202,7 @@ class Listener:
             self._unwatch()
         conn.start()
 
-    def connection_ended(self, conn: Connection, reason: str, detail: str) -> None:
+    def connection_ended(self, conn: Connection, reason: EndReason, detail: str) -> None:
         """The connection is over: free its slot, log it."""
         self.active -= 1
         balancer = self.balancer
@@ -209,14 +212,30 @@ class Listener:
             self._watch()
         balancer.log_connection(conn, reason, detail)
 
+    @property
+    def rejections(self) -> Counter[str]:
+        """Connections refused by admission, by reason."""
+        return self.admission.rejections
+
+    @property
+    def rejected(self) -> int:
+        return sum(self.admission.rejections.values())
+
     def on_reject(self, rejected: Rejected) -> None:
-        """Admission refused a connection: count it by reason, log a line."""
-        self.rejected += 1
-        self.rejections[rejected.reason] += 1
+        """Admission refused (and counted) a connection: log a line."""
         self.balancer.log_rejection(self, rejected)
 
-    def reconfigure(self, config: ListenerConfig) -> None:
-        """Apply a reloaded config with the same bind; a changed trust policy gets a new Admission.
+    def prepare(self, config: ListenerConfig) -> Admission | None:
+        """The Admission a reloaded ``config`` needs (None: the current one serves); nothing
+        changes yet. Raises ValueError for a trust policy that cannot be built."""
+        old = self.config
+        same = msgspec.structs.replace(config, pool=old.pool, max_conns=old.max_conns)
+        if same != old or config.deny_file:  # a deny_file's contents are re-read on reload
+            return Admission(config, loop=self.loop, on_reject=self.on_reject)
+        return None
+
+    def reconfigure(self, config: ListenerConfig, admission: Admission | None) -> None:
+        """Apply a reloaded config with the same bind and the Admission :meth:`prepare` built.
 
         Connections still waiting for their header finish with the old one, which is closed
         after its header timeout.
@@ -225,11 +244,10 @@ class Listener:
         self.config = config
         self.max_conns = config.max_conns
         self.start_relay = self.balancer.start_relay
-        same = msgspec.structs.replace(config, pool=old.pool, max_conns=old.max_conns)
-        if same != old or config.deny_file:  # a deny_file's contents are re-read on reload
+        if admission is not None:
             previous = self.admission
-            self.admission = Admission(self, loop=self.loop, on_reject=self.on_reject)
-            self.admission.adopt(previous)  # per-client counts survive the reload
+            self.admission = admission
+            admission.adopt(previous)  # per-client counts survive the reload
             self.loop.call_later(old.proxy_header_timeout_s + 1.0, previous.close)
         if self.running:
             if self.active >= self.max_conns:

@@ -51,7 +51,7 @@ class Backend:
     - ``active`` connections now, ``total`` connections relayed since start (counted when the
       connect succeeds), ``bytes_in`` (client -> backend) and ``bytes_out`` (backend -> client),
       added when each connection closes;
-    - ``connect_failures`` (all time) and ``consecutive_failures`` (reset by a success);
+    - ``connect_failures`` (all time; the health checker counts consecutive ones);
     - ``last_check``: a short text of the last health-check result, or None;
     - ``latency_counts`` / ``latency_sum``: connect latency histogram over
       :data:`CONNECT_BUCKETS` (``latency_counts[i]`` = connects <= ``CONNECT_BUCKETS[i]``,
@@ -65,7 +65,6 @@ class Backend:
         "bytes_in",
         "bytes_out",
         "connect_failures",
-        "consecutive_failures",
         "health_up",
         "host",
         "last_check",
@@ -91,7 +90,6 @@ class Backend:
         self.bytes_in = 0
         self.bytes_out = 0
         self.connect_failures = 0
-        self.consecutive_failures = 0
         self.last_check: str | None = None
         self.latency_counts = [0] * (len(CONNECT_BUCKETS) + 1)
         self.latency_sum = 0.0
@@ -110,7 +108,6 @@ class Backend:
         """A connect succeeded after ``seconds``."""
         self.latency_counts[bisect.bisect_left(CONNECT_BUCKETS, seconds)] += 1
         self.latency_sum += seconds
-        self.consecutive_failures = 0
         self.total += 1
 
     def __repr__(self) -> str:
@@ -215,8 +212,6 @@ class Pool:
             raise ValueError(f"unknown action {action!r}: expected drain, disable or enable")
         before = backend.state
         backend.admin = states[action]
-        if action == "enable":
-            backend.consecutive_failures = 0
         self._changed(backend, before, f"admin {action}")
         return backend.state
 
@@ -224,7 +219,6 @@ class Pool:
         """A connect to ``backend`` succeeded or failed (relayed to the passive health check)."""
         if not ok:
             backend.connect_failures += 1
-            backend.consecutive_failures += 1
         hook = self.on_connect_result
         if hook is not None:
             hook(backend, ok, detail)

@@ -1,62 +1,28 @@
 """The stream relay: two asyncio Protocols passing bytes between a client and a backend.
 
-The interface every relay implements (the splice relay too)::
-
-    start_relay(loop, client_sock, backend_sock, first, conn) -> Relay
-
-``first`` (the PROXY header, plus any client bytes already read) goes to the backend in one write
-before anything else. ``conn`` is a :class:`RelayConn`: the relay adds to its byte counters and
-calls ``conn.relay_closed(reason)`` once, when both sockets are closed. ``Relay.close(reason)``
-ends it early (idle timeout, shutdown).
-
-Rules kept here: byte-exact in both directions; half-close (a FIN one way becomes
+One implementation of :mod:`l4lb.balancer.relay_contract` (``relay = "stream"``, the default).
+Rules kept here (the contract's): byte-exact in both directions; half-close (a FIN one way becomes
 ``shutdown(SHUT_WR)`` the other way while the opposite direction keeps flowing); a reset on one
 side resets the other at once; backpressure (above a side's write-buffer high-water mark, reading
 from the other side pauses until it drains, so memory stays bounded with a slow reader).
 
 A paused side is not read, so the loop would not see it reset; while paused it sits in a per-loop
-epoll set that reports only errors and hang-ups (:class:`_PausedWatch`), and a reset there resets
-both sides at once instead of at the next write or the idle timeout.
+epoll set that reports only errors and hang-ups (:meth:`~l4lb.balancer.poller.Poller.watch_errors`),
+and a reset there resets both sides at once instead of at the next write or the idle timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
 import logging
-import select
 import socket
-import struct
-import weakref
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol, cast
+from typing import Any, cast
+
+from l4lb.balancer import poller
+from l4lb.balancer.relay_contract import EndReason, Relay, RelayConn, error_reason, reset_socket
 
 log = logging.getLogger("l4lb.relay")
-
-_LINGER_RST = struct.pack("ii", 1, 0)
-"""SO_LINGER on, 0 seconds: close() sends a RST instead of a FIN."""
-_RESET_ERRNOS = (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT)
-
-
-class RelayConn(Protocol):
-    """What a relay needs from the connection it serves."""
-
-    bytes_from_client: int
-    bytes_to_client: int
-
-    def relay_closed(self, reason: str) -> None:
-        """Both sides are closed; ``reason`` is the first thing that ended the connection."""
-
-
-class Relay(Protocol):
-    def close(self, reason: str) -> None:
-        """Close both sides now (idle timeout, shutdown), discarding buffered data."""
-
-
-StartRelay = Callable[
-    [asyncio.AbstractEventLoop, socket.socket, socket.socket, bytes, RelayConn], Relay
-]
 
 
 def drive(coro: Coroutine[Any, Any, Any], on_error: Callable[[BaseException], None]) -> None:
@@ -75,71 +41,10 @@ def drive(coro: Coroutine[Any, Any, Any], on_error: Callable[[BaseException], No
     fut.add_done_callback(lambda _: drive(coro, on_error))
 
 
-def reset_socket(sock: socket.socket) -> None:
-    """Arrange for the next close of ``sock`` to send a RST."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-
-
-class _PausedWatch:
-    """Sockets paused by backpressure, watched for a reset alone: one epoll set per loop.
-
-    Registered with no event bits, so the kernel reports only ``EPOLLERR``/``EPOLLHUP``: no byte
-    is read and backpressure holds. Each socket leaves the set when it resumes or is lost.
-    """
-
-    __slots__ = ("__weakref__", "ep", "sides")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.ep = select.epoll()
-        self.sides: dict[int, _Side] = {}
-        loop.add_reader(self.ep.fileno(), self._dispatch)
-
-    def watch(self, side: _Side) -> None:
-        fd = side.sock.fileno()
-        if fd < 0 or self.sides.get(fd) is side:
-            return
-        try:
-            self.ep.register(fd, 0)
-        except FileExistsError:  # a number reused since an unwatched side closed it
-            self.ep.modify(fd, 0)
-        except OSError:
-            return
-        self.sides[fd] = side
-        side.watched = fd
-
-    def unwatch(self, side: _Side) -> None:
-        fd = side.watched
-        if fd >= 0:
-            side.watched = -1
-            if self.sides.get(fd) is side:
-                del self.sides[fd]
-                with contextlib.suppress(OSError, ValueError):
-                    self.ep.unregister(fd)
-
-    def _dispatch(self) -> None:
-        for fd, _events in self.ep.poll(0):
-            side = self.sides.get(fd)
-            if side is None:
-                with contextlib.suppress(OSError, ValueError):
-                    self.ep.unregister(fd)
-                continue
-            self.unwatch(side)
-            side.paused_hangup()
-
-
-_WATCHES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _PausedWatch] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _paused_watch(loop: asyncio.AbstractEventLoop) -> _PausedWatch | None:
-    if not hasattr(select, "epoll"):
+def _paused_watch(loop: asyncio.AbstractEventLoop) -> poller.Poller | None:
+    if not poller.available():
         return None  # elsewhere a paused side's reset waits for the next write or the timeout
-    watch = _WATCHES.get(loop)
-    if watch is None:
-        watch = _WATCHES[loop] = _PausedWatch(loop)
-    return watch
+    return poller.for_loop(loop)
 
 
 class _Side(asyncio.Protocol):
@@ -158,23 +63,40 @@ class _Side(asyncio.Protocol):
         self.eof = False
         self.lost = False
         self.watched = -1
-        """The descriptor under :class:`_PausedWatch` while reading is paused, else -1."""
+        """The descriptor under the poller's error watch while reading is paused, else -1."""
 
     def pause_writing(self) -> None:
         t = self.peer.transport
         if t is not None and not t.is_closing():
             t.pause_reading()
-            watch = _paused_watch(self.relay.loop)
-            if watch is not None:
-                watch.watch(self.peer)
+            self.peer.watch_errors()
 
     def resume_writing(self) -> None:
         peer = self.peer
-        if peer.watched >= 0:
-            _WATCHES[self.relay.loop].unwatch(peer)
+        peer.unwatch()
         t = peer.transport
         if t is not None and not t.is_closing():
             t.resume_reading()
+
+    def watch_errors(self) -> None:
+        """Paused: have the loop's poller report a reset or hang-up of this side."""
+        watch = _paused_watch(self.relay.loop)
+        fd = self.sock.fileno()
+        if watch is None or fd < 0 or self.watched == fd:
+            return
+        if watch.watch_errors(fd, self):
+            self.watched = fd
+
+    def unwatch(self) -> None:
+        fd = self.watched
+        if fd >= 0:
+            self.watched = -1
+            poller.for_loop(self.relay.loop).unwatch(fd, self)
+
+    def event(self, fd: int, events: int) -> None:
+        """The poller saw an error or hang-up while this side was paused."""
+        self.unwatch()
+        self.paused_hangup()
 
     def paused_hangup(self) -> None:
         """This side, paused, reported an error or hang-up: on a reset, reset both now."""
@@ -188,7 +110,7 @@ class _Side(asyncio.Protocol):
             return  # both FINs seen: nothing is lost by waiting for the resume
         relay = self.relay
         if relay.reason is None:
-            relay.reason = "reset" if code in _RESET_ERRNOS else "error"
+            relay.reason = error_reason(code)
         reset_socket(self.sock)
         reset_socket(self.peer.sock)
         relay.close(relay.reason)
@@ -214,18 +136,17 @@ class _Side(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         relay = self.relay
-        if self.watched >= 0:
-            _WATCHES[relay.loop].unwatch(self)
+        self.unwatch()
         peer = self.peer
         if exc is not None and relay.reason is None:
-            relay.reason = "reset"
+            relay.reason = EndReason.RESET
         if peer.lost:
             relay.done()
             return
         t = peer.transport
         if t is None:
             # The peer is still being attached: it closes itself as soon as it is.
-            relay.aborted = relay.reason or "closed"
+            relay.aborted = relay.reason or EndReason.CLOSED
             return
         if exc is not None:
             reset_socket(peer.sock)
@@ -233,12 +154,12 @@ class _Side(asyncio.Protocol):
         elif not t.is_closing():
             t.close()
 
-    closed_reason = "closed"
+    closed_reason = EndReason.CLOSED
 
 
 class _ClientSide(_Side):
     __slots__ = ()
-    closed_reason = "client_closed"
+    closed_reason = EndReason.CLIENT_CLOSED
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -261,7 +182,7 @@ class _ClientSide(_Side):
 
 class _BackendSide(_Side):
     __slots__ = ()
-    closed_reason = "backend_closed"
+    closed_reason = EndReason.BACKEND_CLOSED
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -311,8 +232,8 @@ class StreamRelay:
         self.conn = conn
         self.first = first
         self.pending: list[bytes] = []
-        self.reason: str | None = None
-        self.aborted: str | None = None
+        self.reason: EndReason | None = None
+        self.aborted: EndReason | None = None
         self.finished = False
         self.client = _ClientSide(self, client_sock)
         self.backend = _BackendSide(self, backend_sock)
@@ -331,13 +252,13 @@ class StreamRelay:
             if side.transport is None:
                 side.lost = True
                 side.sock.close()
-        self.close("error")
+        self.close(EndReason.ERROR)
         if self.client.lost and self.backend.lost:
             self.done()
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: EndReason) -> None:
         """Close both sides now (idle timeout, shutdown), discarding buffered data."""
-        if self.reason is None or reason in ("idle_timeout", "shutdown"):
+        if self.reason is None or reason in (EndReason.IDLE_TIMEOUT, EndReason.SHUTDOWN):
             self.reason = reason
         self.aborted = reason
         for side in (self.client, self.backend):
@@ -348,7 +269,7 @@ class StreamRelay:
     def done(self) -> None:
         if not self.finished:
             self.finished = True
-            self.conn.relay_closed(self.reason or "closed")
+            self.conn.relay_closed(self.reason or EndReason.CLOSED)
 
 
 def start_relay(
@@ -362,18 +283,3 @@ def start_relay(
     relay = StreamRelay(loop, client_sock, backend_sock, first, conn)
     relay.start()
     return relay
-
-
-def get_relay(name: str) -> StartRelay:
-    """The relay implementation for the config's ``relay`` key (``stream`` or ``splice``)."""
-    if name == "splice":
-        try:
-            from l4lb.balancer import splice
-        except ImportError:
-            splice = None  # type: ignore[assignment]
-        if splice is None or not splice.available():
-            log.warning("event=relay_fallback wanted=splice using=stream detail='no os.splice'")
-            return start_relay
-        found: StartRelay = splice.start_splice_relay
-        return found
-    return start_relay

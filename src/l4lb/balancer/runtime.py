@@ -12,45 +12,61 @@
 - :meth:`reload` (a validated Config) and :meth:`reload_file` (re-read the file, as SIGHUP does);
 - ``on_reload`` / ``on_stop``: callbacks run after each applied reload and when stopping.
 
-Extensions (health checks, admin API) plug in by module: each module named in
-:data:`EXTENSIONS` that exists and defines ``attach(balancer)`` (a function or coroutine
-function) is attached after the listeners are up.
+Its parts are passed in or built here from the config, never patched in: the listening-socket
+factory (``open_socket``: workers hand over inherited sockets through it), and, once the listeners
+are up, the health checks, the admin API and the systemd notifications (:func:`attach_parts`;
+each follows reloads itself).
+
+A reload is all or nothing: everything new (access log, sockets, listeners, trust policies,
+pools) is built first, and only when all of it exists is it swapped in.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
-import inspect
 import logging
 import signal
-import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from l4lb.anycast.announcer import Announcer, AnycastError, make_announcer
-from l4lb.balancer.admission import Rejected
-from l4lb.balancer.connection import Connection
-from l4lb.balancer.listener import BindError, Listener, open_listening_socket
+from l4lb.balancer import health
+from l4lb.balancer.admission import Admission, Rejected
+from l4lb.balancer.connection import Connection, State
+from l4lb.balancer.listener import BindError, Listener, OpenSocket, open_listening_socket
 from l4lb.balancer.pool import Pool
-from l4lb.balancer.relay import get_relay
+from l4lb.balancer.relay_contract import EndReason, StartRelay, get_relay
 from l4lb.config.loader import ConfigError, load_config
 from l4lb.config.schema import Config, ListenerConfig
 from l4lb.config.values import format_hostport
+from l4lb.observe import admin, systemd
 from l4lb.observe.access_log import AccessLog
 
 log = logging.getLogger("l4lb.balancer")
 
-EXTENSIONS: tuple[str, ...] = (
-    "l4lb.balancer.health",
-    "l4lb.observe.admin",
-    "l4lb.observe.systemd",
-)
-"""Modules whose ``attach(balancer)`` is called once the listeners are up, if they define it."""
-
 _PROXY_NAMES = ("off", "v1", "v2")
+
+
+@dataclass
+class _Staged:
+    """A reload's new parts, built before anything running is touched."""
+
+    start_relay: StartRelay
+    pools: dict[str, Pool]
+    access_log: AccessLog | None = None
+    listeners: dict[str, Listener] = field(default_factory=dict)
+    """Listeners on newly bound sockets (new names, or a changed bind)."""
+    admissions: dict[str, Admission | None] = field(default_factory=dict)
+    """For kept listeners: a new Admission when the trust policy changed, else None."""
+
+    def discard(self) -> None:
+        for listener in self.listeners.values():
+            listener.sock.close()
+        if self.access_log is not None:
+            self.access_log.close(wait=False)
 
 
 class Balancer:
@@ -61,11 +77,15 @@ class Balancer:
         config: Config,
         config_path: str | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        open_socket: OpenSocket = open_listening_socket,
         announcer: Announcer | None = None,
     ) -> None:
         self.loop = loop if loop is not None else asyncio.get_running_loop()
         self.config = config
         self.config_path = config_path
+        self.open_socket = open_socket
+        """Makes each listener's socket: ``(host, port) -> socket``; BindError if it cannot."""
         self.start_relay = get_relay(config.relay)
         self.pools: dict[str, Pool] = {name: Pool(name, pc) for name, pc in config.pools.items()}
         self.listeners: dict[str, Listener] = {}
@@ -77,6 +97,8 @@ class Balancer:
         self.stopping = False
         self.on_reload: list[Callable[[Balancer], None]] = []
         self.on_stop: list[Callable[[Balancer], None]] = []
+        self.health_checks: health.HealthChecks | None = None
+        """Set by :func:`attach_parts` (the runtime's health checks, for /status and /metrics)."""
         self._sweeper: asyncio.TimerHandle | None = None
         self.announcer = announcer
         """``[anycast]`` (issue 17): announces the VIPs while this balancer can serve them."""
@@ -85,33 +107,36 @@ class Balancer:
 
     def start(self) -> None:
         """Bind every listener (all or none: :class:`BindError` leaves nothing bound), accept."""
-        socks = self._bind([lc for lc in self.config.listeners])
-        for lc in self.config.listeners:
-            self._listen(lc, socks[lc.name])
+        staged = _Staged(self.start_relay, self.pools)
+        try:
+            self._new_listeners(self.config.listeners, staged)
+        except BaseException:
+            staged.discard()
+            raise
+        for listener in staged.listeners.values():
+            self._listen(listener)
         self._schedule_sweep()
 
-    def _listen(self, lc: ListenerConfig, sock: socket.socket) -> None:
-        """Start accepting on ``sock`` for the listener config ``lc``, and say so."""
-        listener = Listener(self, lc, sock=sock)
-        self.listeners[lc.name] = listener
+    def _new_listeners(self, configs: Iterable[ListenerConfig], staged: _Staged) -> None:
+        """Bind and build a listener for each of ``configs`` into ``staged`` (not started)."""
+        for lc in configs:
+            sock = self.open_socket(*lc.bind_addr)
+            try:
+                staged.listeners[lc.name] = Listener(self, lc, sock, staged.start_relay)
+            except BaseException:
+                sock.close()
+                raise
+
+    def _listen(self, listener: Listener) -> None:
+        """Start accepting on a built listener, and say so."""
+        self.listeners[listener.name] = listener
         listener.start()
         log.info(
             "event=listening listener=%s bind=%s pool=%s",
-            lc.name,
+            listener.name,
             format_hostport(*listener.address),
-            lc.pool,
+            listener.config.pool,
         )
-
-    def _bind(self, configs: list[Any]) -> dict[str, Any]:
-        socks: dict[str, Any] = {}
-        try:
-            for lc in configs:
-                socks[lc.name] = open_listening_socket(*lc.bind_addr)
-        except BindError:
-            for sock in socks.values():
-                sock.close()
-            raise
-        return socks
 
     # -- idle sweep --------------------------------------------------------------------------
 
@@ -131,7 +156,7 @@ class Balancer:
         now = self.loop.time()
         idle: list[Connection] = []
         for conn in self.connections:
-            if conn.relay is None:
+            if conn.state is not State.RELAYING:
                 continue
             moved = conn.bytes_from_client + conn.bytes_to_client
             if moved != conn.seen:
@@ -140,13 +165,13 @@ class Balancer:
             elif now - conn.idle_since >= conn.pool.idle_timeout:
                 idle.append(conn)
         for conn in idle:
-            conn.close("idle_timeout")
+            conn.close(EndReason.IDLE_TIMEOUT)
         if not self.stopping:
             self._schedule_sweep()
 
     # -- logs --------------------------------------------------------------------------------
 
-    def log_connection(self, conn: Connection, reason: str, detail: str) -> None:
+    def log_connection(self, conn: Connection, reason: EndReason, detail: str) -> None:
         """The access-log line of a connection that ended."""
         if not self.access_log.enabled:
             return
@@ -189,53 +214,14 @@ class Balancer:
     # -- reload ------------------------------------------------------------------------------
 
     def reload(self, new: Config) -> None:
-        """Apply a validated config; raises :class:`BindError` (nothing changed) if a bind fails.
+        """Apply a validated config, all or nothing: on any error (a bind, a trust policy, the
+        access log) it raises and nothing has changed.
 
         New listeners bind, removed ones stop accepting (their connections run on), changed
         pools apply to new connections; connections in flight keep their pool and backend.
         """
-        fresh = []
-        for lc in new.listeners:
-            current = self.listeners.get(lc.name)
-            if current is None or current.config.bind_addr != lc.bind_addr:
-                fresh.append(lc)
-        reopen = new.log != self.config.log or new.log.access not in ("off", "stdout")
-        new_log = AccessLog(new.log.access) if reopen else None  # reopened: logrotate-friendly
-        try:
-            socks = self._bind(fresh)
-        except BindError:
-            if new_log is not None:
-                new_log.close(wait=False)
-            raise
-        pools: dict[str, Pool] = {}
-        for name, pc in new.pools.items():
-            old = self.pools.get(name)
-            pools[name] = old if old is not None and old.config == pc else Pool(name, pc, old)
-        for name, old in self.pools.items():
-            if name in pools and pools[name] is not old:
-                # the new pool object inherits the backends; keep its hooks (health, admin)
-                pools[name].on_change = old.on_change
-                pools[name].on_connect_result = old.on_connect_result
-        self.pools = pools
-        if new.relay != self.config.relay:
-            self.start_relay = get_relay(new.relay)
-        names = {lc.name for lc in new.listeners}
-        for name, listener in list(self.listeners.items()):
-            if name not in names or name in socks:
-                listener.stop_accepting()
-                del self.listeners[name]
-                log.info("event=listener_stopped listener=%s", name)
-        for lc in new.listeners:
-            if lc.name in socks:
-                self._listen(lc, socks[lc.name])
-            else:
-                self.listeners[lc.name].reconfigure(lc)
-        self.listeners = {lc.name: self.listeners[lc.name] for lc in new.listeners}
-        if new_log is not None:
-            old_log = self.access_log
-            self.access_log = new_log
-            old_log.close(wait=False)
-        self.config = new
+        staged = self._stage(new)
+        self._swap(new, staged)
         self.reloads += 1
         self.last_reload = {"time": time.time(), "ok": True, "errors": []}
         log.info(
@@ -245,6 +231,61 @@ class Balancer:
         )
         for callback in self.on_reload:
             callback(self)
+
+    def _stage(self, new: Config) -> _Staged:
+        """Build what ``new`` needs that is not running yet; raises with nothing left behind."""
+        start_relay = self.start_relay
+        if new.relay != self.config.relay:
+            start_relay = get_relay(new.relay)
+        pools: dict[str, Pool] = {}
+        for name, pc in new.pools.items():
+            old = self.pools.get(name)
+            pools[name] = old if old is not None and old.config == pc else Pool(name, pc, old)
+        staged = _Staged(start_relay, pools)
+        try:
+            reopen = new.log != self.config.log or new.log.access not in ("off", "stdout")
+            if reopen:  # reopened on every reload: logrotate-friendly
+                staged.access_log = AccessLog(new.log.access)
+            fresh = []
+            for lc in new.listeners:
+                current = self.listeners.get(lc.name)
+                if current is None or current.config.bind_addr != lc.bind_addr:
+                    fresh.append(lc)
+                else:
+                    staged.admissions[lc.name] = current.prepare(lc)
+            self._new_listeners(fresh, staged)
+        except BaseException:
+            staged.discard()
+            raise
+        return staged
+
+    def _swap(self, new: Config, staged: _Staged) -> None:
+        """Put the staged parts in force (nothing here can fail on the new config)."""
+        for name, old in self.pools.items():
+            pool = staged.pools.get(name)
+            if pool is not None and pool is not old:
+                # the new pool object inherits the backends; keep its hooks (health, admin)
+                pool.on_change = old.on_change
+                pool.on_connect_result = old.on_connect_result
+        self.pools = staged.pools
+        self.start_relay = staged.start_relay
+        names = {lc.name for lc in new.listeners}
+        for name, listener in list(self.listeners.items()):
+            if name not in names or name in staged.listeners:
+                listener.stop_accepting()
+                del self.listeners[name]
+                log.info("event=listener_stopped listener=%s", name)
+        for lc in new.listeners:
+            if lc.name in staged.listeners:
+                self._listen(staged.listeners[lc.name])
+            else:
+                self.listeners[lc.name].reconfigure(lc, staged.admissions[lc.name])
+        self.listeners = {lc.name: self.listeners[lc.name] for lc in new.listeners}
+        if staged.access_log is not None:
+            old_log = self.access_log
+            self.access_log = staged.access_log
+            old_log.close(wait=False)
+        self.config = new
 
     def reload_file(self) -> list[str]:
         """Re-read the config file and apply it; return its errors (empty when applied).
@@ -260,7 +301,7 @@ class Balancer:
             errors = [str(issue) for issue in err.issues]
             for issue in err.issues:
                 log.error("event=reload_rejected file=%s error=%r", self.config_path, str(issue))
-        except (BindError, OSError) as err:
+        except (OSError, ValueError) as err:  # a bind, the access log, a trust policy
             errors = [str(err)]
             log.error("event=reload_rejected file=%s error=%r", self.config_path, str(err))
         else:
@@ -292,7 +333,7 @@ class Balancer:
         if self.connections:
             log.warning("event=drain_timeout closing=%d", len(self.connections))
             for conn in list(self.connections):
-                conn.close("shutdown")
+                conn.close(EndReason.SHUTDOWN)
             end = self.loop.time() + 2.0
             while self.connections and self.loop.time() < end:
                 await asyncio.sleep(0.01)
@@ -300,36 +341,29 @@ class Balancer:
             self._sweeper.cancel()
         self.access_log.close()
 
-    @property
-    def addresses(self) -> dict[str, tuple[str, int]]:
-        """Listener name -> bound address."""
-        return {name: listener.address for name, listener in self.listeners.items()}
+
+async def attach_parts(balancer: Balancer) -> None:
+    """The parts that run beside the listeners, once they are up: health checks, the admin API
+    (serving when the config has an ``[admin]`` table, following reloads), systemd's notify."""
+    health.attach(balancer)
+    await admin.attach(balancer)
+    systemd.attach(balancer)
 
 
-async def _attach_extensions(balancer: Balancer) -> None:
-    for name in EXTENSIONS:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        attach = getattr(module, "attach", None)
-        if attach is None:
-            continue
-        result = attach(balancer)
-        if inspect.isawaitable(result):
-            await result
-
-
-async def serve(config: Config, config_path: str | None = None) -> int:
+async def serve(
+    config: Config,
+    config_path: str | None = None,
+    open_socket: OpenSocket = open_listening_socket,
+) -> int:
     """Run one worker until SIGTERM/SIGINT; SIGHUP reloads the file. Returns the exit code."""
     loop = asyncio.get_running_loop()
     try:
-        announcer = make_announcer(config)  # issue 17: None without [anycast]
+        announcer = make_announcer(config)  # None without [anycast]
     except AnycastError as err:
         log.error("event=start_failed error=%r", str(err))
         return 1
     try:
-        balancer = Balancer(config, config_path, loop, announcer)
+        balancer = Balancer(config, config_path, loop, open_socket=open_socket, announcer=announcer)
     except OSError as err:
         where = err.filename or config.log.access
         log.error(
@@ -349,7 +383,7 @@ async def serve(config: Config, config_path: str | None = None) -> int:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, balancer.reload_file)
     try:
-        await _attach_extensions(balancer)
+        await attach_parts(balancer)
     except Exception:
         log.exception("event=extension_failed")
     # -- anycast (issue 17): announce once serving ------------------------------------------
@@ -377,10 +411,14 @@ async def serve(config: Config, config_path: str | None = None) -> int:
     return 0
 
 
-def run(config: Config, config_path: str | None = None) -> int:
+def run(
+    config: Config,
+    config_path: str | None = None,
+    open_socket: OpenSocket = open_listening_socket,
+) -> int:
     """Run one worker in the foreground (with uvloop when installed); the exit code."""
     try:
         import uvloop
-    except ImportError:
-        return asyncio.run(serve(config, config_path))
-    return uvloop.run(serve(config, config_path))
+    except ImportError:  # a third-party dependency, installed on Linux only
+        return asyncio.run(serve(config, config_path, open_socket))
+    return uvloop.run(serve(config, config_path, open_socket))

@@ -1,7 +1,6 @@
 """Zero-copy relay: bytes go socket -> pipe -> socket with ``os.splice`` and never enter Python.
 
-For connections whose bytes need no inspection (``relay = "splice"``). It keeps the relay rules
-of the stream relay:
+One implementation of :mod:`l4lb.balancer.relay_contract` (``relay = "splice"``). Its rules:
 
 - **Half-close**: a FIN from one side becomes ``shutdown(SHUT_WR)`` on the other once everything
   before it has been delivered; the other direction keeps flowing until it ends too.
@@ -9,22 +8,22 @@ of the stream relay:
 - **Backpressure**: a direction splices at most one pipe's worth, then pushes it on; while the
   destination would block it reads nothing more, so memory is bounded by one pipe per direction,
   in the kernel.
-- **Idle timeout**: one timer per connection, re-armed lazily from the time of the last progress.
+- **Idle timeout**: not here; the runtime's sweep closes connections whose counters stand still.
 
 Pipes come from a process-wide pool and go back as soon as they are empty, so an idle connection
 holds no pipe (HAProxy does the same): four descriptors only while bytes are in flight, not per
-connection. A pipe that still holds bytes when its connection dies is closed, never reused.
+connection. A pipe that still holds bytes when its connection dies is closed, never reused. When
+no pipe can be made (out of descriptors), that direction copies through userspace instead
+(``event=pipe_unavailable``); ``l4lb run`` budgets :data:`FDS_PER_CONNECTION` descriptors per
+connection in its start-up limit check.
 
 Small messages do not pay for the pipe: each direction starts by copying through one 64 KiB
 buffer per event loop (``recv_into`` + ``send``, nothing kept unless the destination is full) and
 switches to splice for good on its first full read, as HAProxy's ``splice-auto`` does.
 
-Readiness comes from one edge-triggered epoll set per event loop (:class:`_Poller`), itself
-watched by the loop with a single ``add_reader``. Each socket is added once, for input and output,
-and never modified: an edge-triggered direction simply moves bytes until the kernel says
-``EAGAIN``, and closing a socket removes it from the set. This costs two ``epoll_ctl`` calls per
-connection, where ``add_reader``/``remove_reader`` on uvloop cost about five system calls per
-change (libuv's checks, ``FIONBIO`` and io_uring submissions), measured with ``strace -c``.
+Readiness comes from the loop's :class:`~l4lb.balancer.poller.Poller` (edge-triggered, each socket
+added once and never modified; a backend socket is taken over from its connect watch without a
+system call).
 """
 
 from __future__ import annotations
@@ -33,13 +32,14 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import logging
 import os
-import select
 import socket
-import struct
-import weakref
-from collections.abc import Callable
-from typing import Protocol
+import time
+
+from l4lb.balancer import poller
+from l4lb.balancer.poller import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP
+from l4lb.balancer.relay_contract import EndReason, RelayConn, error_reason, reset_socket
 
 __all__ = [
     "PIPE_SIZE",
@@ -47,12 +47,17 @@ __all__ = [
     "SpliceRelay",
     "available",
     "start_splice_relay",
-    "stop_waiting",
-    "wait_connected",
 ]
+
+log = logging.getLogger("l4lb.relay")
 
 PIPE_SIZE = 1 << 20
 """Bytes a pipe holds (F_SETPIPE_SZ; the kernel default is 64 KiB): one splice moves up to this."""
+
+FDS_PER_CONNECTION = 6
+"""Worst case per relayed connection: two sockets, and a pipe (two descriptors) each way."""
+FDS_SPARE = 2 * 64
+"""The pool's spare pipes (``PipePool.keep``)."""
 
 COPY_SIZE = 1 << 16
 """A read of this many bytes marks a direction as bulk: it is spliced from then on."""
@@ -60,41 +65,31 @@ COPY_SIZE = 1 << 16
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _splice = getattr(os, "splice", None)
-_HAVE_EPOLL = hasattr(select, "epoll")
-_LINGER_RST = struct.pack("ii", 1, 0)
-# Linux's values, spelled out so the module imports anywhere (``available()`` says if it runs)
-_EPOLLIN, _EPOLLOUT, _EPOLLERR, _EPOLLHUP, _EPOLLRDHUP, _EPOLLET = (
-    0x1,
-    0x4,
-    0x8,
-    0x10,
-    0x2000,
-    1 << 31,
-)
-_EVENTS = _EPOLLIN | _EPOLLOUT | _EPOLLRDHUP | _EPOLLET
-_IN = _EPOLLIN | _EPOLLRDHUP | _EPOLLHUP
-_OUT = _EPOLLOUT | _EPOLLHUP
-_ERR = _EPOLLERR
-_HUP = _EPOLLRDHUP | _EPOLLHUP | _EPOLLERR
+_IN = EPOLLIN | EPOLLRDHUP | EPOLLHUP
+_OUT = EPOLLOUT | EPOLLHUP
+_ERR = EPOLLERR
+_HUP = EPOLLRDHUP | EPOLLHUP | EPOLLERR
 _BUDGET = 16
 """Pipes' worth one direction moves per wake-up before letting other connections run."""
-"""SO_LINGER on, 0 seconds: close() sends a RST instead of a FIN."""
 
 
 def available() -> bool:
     """True where ``os.splice`` and epoll exist (Linux, Python 3.10+)."""
-    return _splice is not None and _HAVE_EPOLL
+    return _splice is not None and poller.available()
 
 
 class PipePool:
     """Empty non-blocking pipes, reused across connections; at most ``keep`` are kept spare."""
 
-    __slots__ = ("_free", "keep", "size")
+    __slots__ = ("_free", "_quiet_until", "failures", "keep", "size")
 
     def __init__(self, keep: int = 64, size: int = PIPE_SIZE) -> None:
         self._free: list[tuple[int, int]] = []
         self.keep = keep
         self.size = size
+        self.failures = 0
+        """Pipes that could not be made (out of descriptors): those reads were copied."""
+        self._quiet_until = 0.0
 
     def take(self) -> tuple[int, int]:
         if self._free:
@@ -104,6 +99,20 @@ class PipePool:
         with contextlib.suppress(OSError):
             fcntl.fcntl(w, _F_SETPIPE_SZ, self.size)
         return r, w
+
+    def unavailable(self, err: OSError) -> None:
+        """Count a failed :meth:`take`; say so at most every 10 s (it can come in floods)."""
+        self.failures += 1
+        now = time.monotonic()
+        if now >= self._quiet_until:
+            self._quiet_until = now + 10.0
+            log.warning(
+                "event=pipe_unavailable error=%r failures=%d detail='no descriptor for a splice "
+                "pipe: copying through userspace until descriptors free up (raise the "
+                "descriptor limit or lower max_conns)'",
+                err.strerror,
+                self.failures,
+            )
 
     def give(self, pipe: tuple[int, int]) -> None:
         """Return an *empty* pipe."""
@@ -125,129 +134,6 @@ class PipePool:
 
 POOL = PipePool()
 """The process's pool (one event loop per worker process)."""
-
-
-class Connection(Protocol):
-    """What the relay reports to: byte counters and one close callback with the end reason."""
-
-    bytes_from_client: int
-    bytes_to_client: int
-
-    def relay_closed(self, reason: str) -> None: ...
-
-
-class _Handler(Protocol):
-    def event(self, fd: int, events: int) -> None: ...
-
-
-class _Poller:
-    """One edge-triggered epoll set for every splice relay of an event loop."""
-
-    __slots__ = ("__weakref__", "buf", "ep", "fds", "loop")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.buf = memoryview(bytearray(COPY_SIZE))
-        """The copy buffer of every relay on this loop: filled and sent within one callback."""
-        self.ep = select.epoll()
-        self.fds: dict[int, _Handler] = {}
-        loop.add_reader(self.ep.fileno(), self._dispatch)
-
-    def register(self, sock: socket.socket, fd: int, handler: _Handler) -> None:
-        """Send ``sock``'s events to ``handler``; no system call if it is already in the set."""
-        current = self.fds.get(fd)
-        self.fds[fd] = handler
-        if isinstance(current, _Connecting) and current.sock() is sock:
-            return  # added while it connected; still in the set (closing is what removes it)
-        try:
-            self.ep.register(fd, _EVENTS)
-        except FileExistsError:  # a socket we stopped watching but that was never closed
-            self.ep.modify(fd, _EVENTS)
-
-    def _dispatch(self) -> None:
-        fds = self.fds
-        for fd, events in self.ep.poll(0):
-            handler = fds.get(fd)
-            if handler is not None:
-                handler.event(fd, events)
-
-
-class _Connecting:
-    """Waits for one non-blocking ``connect()`` to finish, then stays as a marker.
-
-    The marker lets a splice relay take the socket over without another ``epoll_ctl``; for any
-    other use, the socket's first later event removes it from the set (one ``epoll_ctl``).
-    """
-
-    __slots__ = ("callback", "poller", "sock")
-
-    def __init__(
-        self, poller: _Poller, sock: socket.socket, callback: Callable[[], object] | None
-    ) -> None:
-        self.poller = poller
-        self.sock = weakref.ref(sock)
-        self.callback = callback
-
-    def event(self, fd: int, events: int) -> None:
-        callback = self.callback
-        if callback is None:  # connected and handed to something else: leave the set
-            self.poller.fds.pop(fd, None)
-            with contextlib.suppress(OSError):
-                self.poller.ep.unregister(fd)
-            return
-        if events & (_EPOLLOUT | _ERR | _EPOLLHUP):
-            self.callback = None
-            callback()
-
-
-def wait_connected(
-    loop: asyncio.AbstractEventLoop, sock: socket.socket, callback: Callable[[], object]
-) -> None:
-    """Call ``callback`` once when the connecting ``sock`` is writable (connected or failed).
-
-    A cheaper ``loop.add_writer`` for the backend connect (one ``epoll_ctl`` instead of about
-    eight system calls on uvloop, and none more if a splice relay then takes the socket). Call
-    :func:`stop_waiting` if the wait is abandoned (timeout, shutdown) before closing the socket.
-    """
-    fd = sock.fileno()
-    if not _HAVE_EPOLL:  # elsewhere: the loop's own one-shot writer watch
-
-        def once() -> None:
-            loop.remove_writer(fd)
-            callback()
-
-        loop.add_writer(fd, once)
-        return
-    poller = _poller(loop)
-    poller.fds[fd] = _Connecting(poller, sock, callback)
-    try:
-        poller.ep.register(fd, _EVENTS)
-    except FileExistsError:
-        poller.ep.modify(fd, _EVENTS)
-
-
-def stop_waiting(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    """Forget a :func:`wait_connected` that will not be needed (the caller closes ``sock``)."""
-    if not _HAVE_EPOLL:
-        loop.remove_writer(sock.fileno())
-        return
-    poller = _POLLERS.get(loop)
-    if poller is not None:
-        current = poller.fds.get(sock.fileno())
-        if isinstance(current, _Connecting) and current.sock() is sock:
-            current.callback = None
-
-
-_POLLERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Poller] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _poller(loop: asyncio.AbstractEventLoop) -> _Poller:
-    poller = _POLLERS.get(loop)
-    if poller is None:
-        poller = _POLLERS[loop] = _Poller(loop)
-    return poller
 
 
 class _Direction:
@@ -301,18 +187,9 @@ class _Direction:
             return
         budget = _BUDGET
         while True:
-            pipe = self.pipe
             if self.pending:
-                assert pipe is not None
-                try:
-                    m = _splice(pipe[0], self.dst_fd, self.pending, flags=_FLAGS)  # type: ignore[misc]
-                except BlockingIOError:
-                    return  # the destination's EPOLLOUT edge resumes us
-                except OSError as err:
-                    relay.failed(err)
+                if not self._deliver():
                     return
-                self.pending -= m
-                relay.progress(m, self.to_client)
                 continue
             if self.eof:
                 return
@@ -320,27 +197,58 @@ class _Direction:
             if budget < 0:
                 relay.loop.call_soon(self.resume)
                 return
-            if self.copy:
-                if not self._copy(short_ok):
-                    return
-                continue
+            if not (self._copy(short_ok) if self.copy else self._splice_in()):
+                return
+
+    def _deliver(self) -> bool:
+        """Splice the pipe's bytes on to ``dst``; False when this wake-up is over."""
+        pipe = self.pipe
+        assert pipe is not None
+        try:
+            m = _splice(pipe[0], self.dst_fd, self.pending, flags=_FLAGS)  # type: ignore[misc]
+        except BlockingIOError:
+            return False  # the destination's EPOLLOUT edge resumes us
+        except OSError as err:
+            self.relay.failed(err)
+            return False
+        self.pending -= m
+        self.relay.progress(m, self.to_client)
+        return True
+
+    def _splice_in(self) -> bool:
+        """Splice what ``src`` has into the pipe; False when this wake-up is over."""
+        relay = self.relay
+        pipe = self.pipe
+        if pipe is None:
+            pipe = self.pipe = self._take_pipe()
             if pipe is None:
-                pipe = self.pipe = relay.pool.take()
-            try:
-                n = _splice(self.src_fd, pipe[1], relay.pool.size, flags=_FLAGS)  # type: ignore[misc]
-            except BlockingIOError:
-                self.pipe = None
-                relay.pool.give(pipe)
-                return
-            except OSError as err:
-                relay.failed(err)
-                return
-            if n == 0:
-                self.pipe = None
-                relay.pool.give(pipe)
-                self._ended()
-                return
-            self.pending = n
+                return True  # out of descriptors: the next read is copied
+        try:
+            n = _splice(self.src_fd, pipe[1], relay.pool.size, flags=_FLAGS)  # type: ignore[misc]
+        except BlockingIOError:
+            self.pipe = None
+            relay.pool.give(pipe)
+            return False
+        except OSError as err:
+            relay.failed(err)
+            return False
+        if n == 0:
+            self.pipe = None
+            relay.pool.give(pipe)
+            self._ended()
+            return False
+        self.pending = n
+        return True
+
+    def _take_pipe(self) -> tuple[int, int] | None:
+        """A pipe from the pool; None when out of descriptors (this direction copies again)."""
+        pool = self.relay.pool
+        try:
+            return pool.take()
+        except OSError as err:
+            pool.unavailable(err)
+            self.copy = True
+            return None
 
     def _copy(self, short_ok: bool) -> bool:
         """Relay one read through the loop's shared buffer; False when this wake-up is over.
@@ -350,7 +258,7 @@ class _Direction:
         What the destination does not take at once is kept as ``head`` (at most one buffer).
         """
         relay = self.relay
-        buf = relay.poller.buf
+        buf = relay.poller.scratch
         try:
             n = self.src.recv_into(buf)
         except BlockingIOError:
@@ -422,7 +330,7 @@ class SpliceRelay:
     """Relays one connection between ``client`` and ``backend`` with ``os.splice``.
 
     Owns both sockets from :meth:`start` on and closes them when both directions have ended, on
-    any socket error, on the idle timeout, or on :meth:`close`; then calls
+    any socket error, or on :meth:`close` (idle timeout, shutdown); then calls
     ``conn.relay_closed(reason)`` exactly once.
     """
 
@@ -433,12 +341,9 @@ class SpliceRelay:
         "closed",
         "conn",
         "first_reason",
-        "idle_timeout",
-        "last",
         "loop",
         "poller",
         "pool",
-        "timer",
         "to_backend",
         "to_client",
     )
@@ -448,8 +353,7 @@ class SpliceRelay:
         loop: asyncio.AbstractEventLoop,
         client: socket.socket,
         backend: socket.socket,
-        conn: Connection,
-        idle_timeout: float | None = None,
+        conn: RelayConn,
         pool: PipePool = POOL,
     ) -> None:
         self.loop = loop
@@ -458,14 +362,11 @@ class SpliceRelay:
         self.client_fd = client.fileno()
         self.conn = conn
         self.pool = pool
-        self.poller = _poller(loop)
-        self.idle_timeout = idle_timeout
+        self.poller = poller.for_loop(loop)
         self.to_backend = _Direction(self, client, backend, to_client=False)
         self.to_client = _Direction(self, backend, client, to_client=True)
-        self.first_reason: str | None = None
+        self.first_reason: EndReason | None = None
         self.closed = False
-        self.last = 0.0
-        self.timer: asyncio.TimerHandle | None = None
 
     def start(self, first: bytes = b"") -> None:
         """Send ``first`` (PROXY header + early client bytes) in one write, then relay.
@@ -478,16 +379,17 @@ class SpliceRelay:
             self._send_first(first)
             if self.closed:
                 return
-        poller = self.poller
-        # registering reports what is already pending (edge-triggered sets start "ready")
-        poller.register(self.client, self.client_fd, self)
-        poller.register(self.backend, self.to_client.src_fd, self)
-        if self.idle_timeout:
-            self.last = self.loop.time()
-            self.timer = self.loop.call_at(self.last + self.idle_timeout, self._check_idle)
+        watch = self.poller
+        # registering reports what is already pending (edge-triggered sets start "ready"); the
+        # backend comes from its connect watch, which may have seen its first bytes already
+        watch.take(self.client, self.client_fd, self)
+        backend_fd = self.to_client.src_fd
+        seen = watch.take(self.backend, backend_fd, self)
+        if seen:
+            self.event(backend_fd, seen)
 
     def _send_first(self, first: bytes) -> None:
-        buf = self.poller.buf
+        buf = self.poller.scratch
         size = len(first)
         n = 0
         reset: OSError | None = None
@@ -524,6 +426,12 @@ class SpliceRelay:
         """Readiness of one of our sockets, from the poller."""
         if self.closed:
             return
+        try:
+            self._event(fd, events)
+        except OSError as err:  # whatever a system call said, it ends this connection only
+            self.failed(err)
+
+    def _event(self, fd: int, events: int) -> None:
         if fd == self.client_fd:
             reader, writer = self.to_backend, self.to_client
         else:
@@ -549,47 +457,28 @@ class SpliceRelay:
             self.conn.bytes_to_client += n
         else:
             self.conn.bytes_from_client += n
-        if self.timer is not None:
-            self.last = self.loop.time()
 
     def half_closed(self, to_client: bool) -> None:
         """One direction has ended with a FIN; close when both have."""
         if self.first_reason is None:
-            self.first_reason = "backend_closed" if to_client else "client_closed"
+            self.first_reason = EndReason.BACKEND_CLOSED if to_client else EndReason.CLIENT_CLOSED
         if self.to_backend.eof and self.to_client.eof:
             self.close(self.first_reason)
 
     def failed(self, err: OSError) -> None:
         """A socket error (reset, broken pipe): reset and close both sides now."""
         # like the stream relay: the other side is reset too, not given a clean FIN
-        for sock in (self.client, self.backend):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-        if err.errno in (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT):
-            self.close("reset")
-        else:
-            self.close("error")
+        reset_socket(self.client)
+        reset_socket(self.backend)
+        self.close(error_reason(err.errno))
 
-    def _check_idle(self) -> None:
-        assert self.idle_timeout is not None
-        due = self.last + self.idle_timeout
-        if self.loop.time() >= due:
-            self.timer = None
-            self.close("idle_timeout")
-        else:
-            self.timer = self.loop.call_at(due, self._check_idle)
-
-    def close(self, reason: str) -> None:
+    def close(self, reason: EndReason) -> None:
         """Stop relaying, close both sockets, report ``reason`` (once)."""
         if self.closed:
             return
         self.closed = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        fds = self.poller.fds
-        fds.pop(self.client_fd, None)
-        fds.pop(self.to_client.src_fd, None)
+        self.poller.forget(self.client_fd)
+        self.poller.forget(self.to_client.src_fd)
         self.to_backend.stop()
         self.to_client.stop()
         # closing removes them from the epoll set
@@ -603,8 +492,7 @@ def start_splice_relay(
     client_sock: socket.socket,
     backend_sock: socket.socket,
     first: bytes,
-    conn: Connection,
-    idle_timeout: float | None = None,
+    conn: RelayConn,
 ) -> SpliceRelay:
     """Relay ``client_sock`` <-> ``backend_sock`` by splice; same shape as the stream relay.
 
@@ -615,6 +503,6 @@ def start_splice_relay(
     for sock in (client_sock, backend_sock):
         if sock.gettimeout() != 0.0:
             sock.setblocking(False)
-    relay = SpliceRelay(loop, client_sock, backend_sock, conn, idle_timeout)
+    relay = SpliceRelay(loop, client_sock, backend_sock, conn)
     relay.start(first)
     return relay

@@ -198,15 +198,12 @@ def _default_run_worker(config_path: str, config: Any, index: int) -> int:
     """Run the single-worker balancer in this (forked) process, on the inherited sockets."""
     from l4lb.balancer import listener, runtime
 
-    bind_fresh = listener.open_listening_socket
-
-    def open_inherited(host: str, port: int, backlog: int = 4096) -> socket.socket:
+    def open_inherited(host: str, port: int) -> socket.socket:
         sock = inherited_socket((host, port))
-        return sock if sock is not None else bind_fresh(host, port, backlog)
+        return sock if sock is not None else listener.open_listening_socket(host, port)
 
-    # the runtime binds through this name; in this worker process it serves our sockets first
-    runtime.open_listening_socket = open_inherited  # type: ignore[attr-defined]
-    return int(runtime.run(config, config_path))
+    # the runtime binds through the factory it is given: ours serves the inherited sockets first
+    return int(runtime.run(config, config_path, open_socket=open_inherited))
 
 
 @dataclass(slots=True)

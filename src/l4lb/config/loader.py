@@ -169,8 +169,7 @@ def config_warnings(config: schema.Config) -> list[ConfigIssue]:
         if lst.accept_proxy == "off":
             continue
         for j, text in enumerate(lst.trusted_proxies):
-            network = values.parse_cidr(text)
-            if network.prefixlen == 0 or network == _V4_MAPPED_ALL:
+            if values.parse_cidr(text)[2] == 0:  # 0.0.0.0/0, ::/0, ::ffff:0:0/96 (IPv4's /0)
                 issues.append(
                     ConfigIssue(
                         f"listeners[{i}].trusted_proxies[{j}]",
@@ -181,8 +180,6 @@ def config_warnings(config: schema.Config) -> list[ConfigIssue]:
                 )
     return issues
 
-
-_V4_MAPPED_ALL = ipaddress.ip_network("::ffff:0:0/96")
 
 _HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(?:#.*)?$")
 _PATH_TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")

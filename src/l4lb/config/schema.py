@@ -20,8 +20,6 @@ from msgspec import Meta, Struct
 from l4lb.config import values
 from l4lb.config.anycast import AnycastConfig
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
 CHECKS: dict[str, Callable[[Any], object]] = {
     "duration": values.parse_duration,
     "positive_duration": values.parse_positive_duration,
@@ -268,16 +266,8 @@ class ListenerConfig(_Table, frozen=True):
         return values.parse_hostport(self.bind)
 
     @property
-    def trusted_nets(self) -> tuple[Network, ...]:
-        return tuple(values.parse_cidr(c) for c in self.trusted_proxies)
-
-    @property
-    def allow_nets(self) -> tuple[Network, ...]:
-        return tuple(values.parse_cidr(c) for c in self.allow)
-
-    @property
-    def deny_nets(self) -> tuple[Network, ...]:
-        return tuple(values.parse_cidr(c) for c in self.deny)
+    def trusted_nets(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(c) for c in self.trusted_proxies)
 
     @property
     def proxy_header_timeout_s(self) -> float:

@@ -2,7 +2,7 @@
 
 Each parser takes the string as written and returns its compiled form, or raises ``ValueError`` with
 a message that says what would be valid. The schema uses them to validate; the runtime uses them to
-compile (seconds as float, ``(host, port)`` tuples, ``ipaddress`` networks).
+compile (seconds as float, ``(host, port)`` tuples, CIDR blocks as integers).
 """
 
 from __future__ import annotations
@@ -144,35 +144,16 @@ def format_hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def parse_cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """``"10.0.0.0/8"``, ``"::1/128"``, or a bare address (a /32 or /128); no zone ids."""
-    if "%" in text:
-        addr, _, rest = text.strip().partition("%")
-        plen = rest.partition("/")[2]
-        shown = f"{addr}/{plen}" if plen else addr
-        raise ValueError(
-            f"invalid CIDR {text!r}: zone ids are not allowed in CIDRs (a block matches "
-            f"addresses on every interface); write {shown!r}"
-        )
-    plen = text.strip().partition("/")[2]
-    if plen and not (plen.isascii() and plen.isdigit() and len(plen) <= 3):
-        # ipaddress also takes netmasks ('/255.0.0.0') and hostmasks; the runtime's CIDR sets
-        # (trust/cidr.py) take prefix lengths only, so check must refuse what run would.
-        try:
-            hint = f" such as '{ipaddress.ip_network(text.strip(), strict=False)}'"
-        except ValueError:
-            hint = ""
-        raise ValueError(f"invalid CIDR {text!r}: the part after '/' must be a prefix length{hint}")
+def parse_cidr(text: str) -> tuple[int, int, int]:
+    """``"10.0.0.0/8"``, ``"::1/128"``, or a bare address (a /32 or /128), checked by the parser
+    the balancer reads it with (:func:`l4lb.trust.cidr.parse_cidr`), so ``l4lb check`` accepts
+    exactly what ``l4lb run`` can use. Returns ``(version, network, prefix_length)``."""
+    from l4lb.trust import cidr  # imported here: l4lb.trust's own modules read this one
+
     try:
-        return ipaddress.ip_network(text.strip(), strict=True)
-    except ValueError as err:
-        try:
-            loose = ipaddress.ip_network(text.strip(), strict=False)
-        except ValueError:
-            raise ValueError(
-                f"invalid CIDR {text!r}: expected a network such as '10.0.0.0/8' or '2001:db8::/32'"
-            ) from err
-        raise ValueError(f"invalid CIDR {text!r}: host bits set; did you mean '{loose}'?") from err
+        return cidr.parse_cidr(text)
+    except cidr.CidrError as err:
+        raise ValueError(f"invalid CIDR: {err}") from None
 
 
 HTTP_PATH = re.compile(r"^/[\x21-\x7e]*$")

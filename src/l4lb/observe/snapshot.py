@@ -12,21 +12,11 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from l4lb.balancer.health import CheckResult
+from l4lb.config.values import format_hostport
+
 if TYPE_CHECKING:
     from l4lb.balancer.runtime import Balancer
-
-
-@dataclass(frozen=True, slots=True)
-class CheckStatus:
-    """The last health-check result of a backend."""
-
-    ok: bool
-    detail: str
-    duration: float
-    """Seconds the check took."""
-    at: float
-    """Wall-clock time of the check (Unix seconds)."""
-    source: str = "active"
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +45,7 @@ class BackendStatus:
     bytes_out: int
     """Bytes from this backend, sent on to clients."""
     connect_failures: int
-    check: CheckStatus | None = None
+    check: CheckResult | None = None
     connect_latency: Histogram | None = None
     check_latency: Histogram | None = None
 
@@ -108,7 +98,7 @@ class Snapshot:
             return Histogram(tuple(h["bounds"]), tuple(h["counts"]), h["sum"])
 
         def backend(b: dict[str, Any]) -> BackendStatus:
-            check = CheckStatus(**b["check"]) if b["check"] is not None else None
+            check = CheckResult(**b["check"]) if b["check"] is not None else None
             rest = {
                 k: v for k, v in b.items() if k not in ("check", "connect_latency", "check_latency")
             }
@@ -149,7 +139,7 @@ class Snapshot:
                 return None
             return {"bounds": list(h.bounds), "counts": list(h.counts), "sum": h.sum}
 
-        def check(c: CheckStatus | None) -> dict[str, Any] | None:
+        def check(c: CheckResult | None) -> dict[str, Any] | None:
             if c is None:
                 return None
             return {
@@ -240,7 +230,7 @@ def snapshot_of(balancer: Balancer) -> Snapshot:
         listeners.append(
             ListenerStatus(
                 name=listener.name,
-                bind=f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+                bind=format_hostport(host, port),
                 pool=listener.config.pool,
                 active=listener.active,
                 total=listener.total,
@@ -257,8 +247,7 @@ def snapshot_of(balancer: Balancer) -> Snapshot:
             check = check_latency = None
             if record is not None:
                 if record.last is not None:
-                    r = record.last
-                    check = CheckStatus(r.ok, r.detail, round(r.duration, 6), r.at, r.source)
+                    check = replace(record.last, duration=round(record.last.duration, 6))
                 check_latency = Histogram(
                     CHECK_BUCKETS, tuple(record.check_buckets), record.check_seconds
                 )

@@ -37,6 +37,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from l4lb.config.values import format_hostport
 from l4lb.proxy_protocol import (
     Command,
     HeaderReader,
@@ -411,5 +412,4 @@ def _inet(value: object) -> Address | None:
 
 
 def _format_address(address: Address) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return format_hostport(*address)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import resource
 import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tests.balancer.helpers import backend, echo
+from tests.balancer.helpers import backend, echo, hash_until_eof
 from tests.support.l4lb import config_text
 from tests.support.peers import free_port, stop_process, wait_for
 
@@ -87,3 +89,57 @@ def test_hard_limit_too_low_is_said_at_start_and_overflow_is_logged(tmp_path: Pa
     assert "LimitNOFILE" in log
     assert "Too many open files" in log  # each failure has its line
     assert "Traceback" not in log
+
+
+def test_splice_out_of_pipe_descriptors_copies_instead_and_loses_nothing(tmp_path: Path) -> None:
+    """Bug: each busy splice direction holds a pipe (two descriptors) that nothing budgeted;
+    at EMFILE the pipe pool's OSError escaped the poller's dispatch (tracebacks, the rest of the
+    edge-triggered batch dropped, connections stalled). Now the start-up check counts the pipes,
+    and a direction with no pipe copies through userspace."""
+    size = 4 << 20
+    blob = bytes(range(256)) * (size // 256)
+    digest = hashlib.sha256(blob).hexdigest()
+
+    def handler(sock: socket.socket, header: object, early: bytes) -> None:
+        sock.sendall(blob)  # blocks until the client reads
+        sock.shutdown(socket.SHUT_WR)
+        while sock.recv(1 << 16):
+            pass
+
+    clients = 100
+    port = free_port()
+    with backend(handler) as be:
+        text = config_text(
+            f"127.0.0.1:{port}",
+            [be.address],
+            top={"relay": "splice"},
+            listener={"max_conns": 108},
+            access_log="off",
+        )
+        proc = _run(tmp_path, text, soft=300, hard=300)
+        socks: list[socket.socket] = []
+        try:
+            for _ in range(clients):
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # a slow reader
+                s.settimeout(60)
+                s.connect(("127.0.0.1", port))
+                socks.append(s)
+            # every backend is sending; the relay holds (or wanted) a pipe per connection
+            assert wait_for(lambda: len(be.seen) >= clients, 30)
+            assert wait_for(lambda: "event=pipe_unavailable" in _log(tmp_path), 30), _log(tmp_path)
+            with ThreadPoolExecutor(max_workers=clients) as ex:
+                got = list(ex.map(hash_until_eof, socks))
+            assert proc.poll() is None
+        finally:
+            for s in socks:
+                s.close()
+            stop_process(proc)
+    assert got == [(digest, size)] * clients
+    log = _log(tmp_path)
+    assert "event=fd_limit limit=300 needed=840" in log, log  # 2*64 + 64 spare + 6 * 108
+    assert "Traceback" not in log and "poller_handler_failed" not in log, log
+
+
+def _log(workdir: Path) -> str:
+    return (workdir / "l4lb.log").read_text(errors="replace")

@@ -1,0 +1,241 @@
+"""One epoll set per event loop for the sockets the balancer watches itself.
+
+Three users share it:
+
+- **the backend connect** (:meth:`Poller.wait_connected`): every backend ``connect()``, whatever
+  the relay, is watched here instead of with ``loop.add_writer``/``remove_writer``;
+- **the splice relay** (:meth:`Poller.take`): both sockets, edge-triggered, for input and output;
+- **the stream relay's paused sides** (:meth:`Poller.watch_errors`): a socket whose reading is
+  paused by backpressure, registered with no event bits so only ``EPOLLERR``/``EPOLLHUP`` show.
+
+The loop watches the set itself with a single ``add_reader``. The syscall-saving design: a
+socket is added once, for input and output, edge-triggered, and never modified; an edge-triggered
+reader moves bytes until ``EAGAIN``, and closing a socket removes it from the set. A backend
+socket added while it connects stays in the set as a marker, so a splice relay takes it over
+without another ``epoll_ctl``. This costs two ``epoll_ctl`` calls per connection, where
+``add_reader``/``remove_reader`` on uvloop cost about five system calls per change (libuv's
+checks, ``FIONBIO`` and io_uring submissions). Measured with ``strace -c`` over 2000 new
+connections: the splice relay went from 36 to 29 system calls per connection and the stream
+relay from 48 to 43 when the connect moved here from ``add_writer``.
+
+The connect watcher keeps the events it saw: the event that says "connected" may carry
+``EPOLLIN`` too (a backend that speaks first, such as an SMTP banner, already sent bytes), and an
+edge-triggered set reports that edge only once, so :meth:`Poller.take` hands those events to the
+new owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import select
+import socket
+import weakref
+from collections.abc import Callable
+from typing import Protocol
+
+__all__ = [
+    "EPOLLERR",
+    "EPOLLET",
+    "EPOLLHUP",
+    "EPOLLIN",
+    "EPOLLOUT",
+    "EPOLLRDHUP",
+    "Handler",
+    "Poller",
+    "available",
+    "for_loop",
+    "stop_waiting",
+    "wait_connected",
+]
+
+log = logging.getLogger("l4lb.poller")
+
+# Linux's values, spelled out so the module imports anywhere (``available()`` says if it runs)
+EPOLLIN = 0x1
+EPOLLOUT = 0x4
+EPOLLERR = 0x8
+EPOLLHUP = 0x10
+EPOLLRDHUP = 0x2000
+EPOLLET = 1 << 31
+EDGE_EVENTS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+"""What a socket is registered for (once): both directions, edge-triggered."""
+
+SCRATCH_SIZE = 1 << 16
+
+_HAVE_EPOLL = hasattr(select, "epoll")
+
+
+def available() -> bool:
+    """True where epoll exists (Linux)."""
+    return _HAVE_EPOLL
+
+
+class Handler(Protocol):
+    """Receives the readiness of the descriptors it registered."""
+
+    def event(self, fd: int, events: int) -> None: ...
+
+
+class Poller:
+    """The epoll set of one event loop, and which handler each descriptor's events go to."""
+
+    __slots__ = ("__weakref__", "ep", "fds", "loop", "scratch")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.scratch = memoryview(bytearray(SCRATCH_SIZE))
+        """A buffer any handler may fill and use within one callback (the splice relay's copies)."""
+        self.ep = select.epoll()
+        self.fds: dict[int, Handler] = {}
+        loop.add_reader(self.ep.fileno(), self._dispatch)
+
+    # -- the backend connect -----------------------------------------------------------------
+
+    def wait_connected(self, sock: socket.socket, callback: Callable[[], object]) -> None:
+        """Call ``callback`` once when the connecting ``sock`` is writable (connected or failed)."""
+        fd = sock.fileno()
+        self.fds[fd] = _Connecting(self, sock, callback)
+        try:
+            self.ep.register(fd, EDGE_EVENTS)
+        except FileExistsError:  # a number reused by a socket we stopped watching
+            self.ep.modify(fd, EDGE_EVENTS)
+
+    def stop_waiting(self, sock: socket.socket) -> None:
+        """Forget a :meth:`wait_connected` that will not be needed (the caller closes ``sock``)."""
+        current = self.fds.get(sock.fileno())
+        if isinstance(current, _Connecting) and current.sock() is sock:
+            current.callback = None
+
+    # -- edge-triggered owners (the splice relay) --------------------------------------------
+
+    def take(self, sock: socket.socket, fd: int, handler: Handler) -> int:
+        """Send ``sock``'s events to ``handler`` from now on; returns events not yet handled.
+
+        A socket still in the set from its connect costs no system call; the events its connect
+        watcher saw (``EPOLLIN`` from a backend that spoke first, a hang-up) are returned, since
+        the set will not report those edges again. Otherwise the socket is added, and the
+        registration itself reports what is already pending: 0 is returned.
+        """
+        current = self.fds.get(fd)
+        self.fds[fd] = handler
+        if isinstance(current, _Connecting) and current.sock() is sock:
+            return current.seen
+        try:
+            self.ep.register(fd, EDGE_EVENTS)
+        except FileExistsError:  # a socket we stopped watching but that was never closed
+            self.ep.modify(fd, EDGE_EVENTS)
+        return 0
+
+    def forget(self, fd: int) -> None:
+        """Send ``fd``'s events nowhere; the caller closes it (which removes it from the set)."""
+        self.fds.pop(fd, None)
+
+    # -- error-only watches (the stream relay's paused sides) --------------------------------
+
+    def watch_errors(self, fd: int, handler: Handler) -> bool:
+        """Report only ``EPOLLERR``/``EPOLLHUP`` of ``fd`` (level-triggered) to ``handler``."""
+        try:
+            self.ep.register(fd, 0)
+        except FileExistsError:  # still there from its connect, or a number reused
+            self.ep.modify(fd, 0)
+        except OSError:
+            return False
+        self.fds[fd] = handler
+        return True
+
+    def unwatch(self, fd: int, handler: Handler) -> None:
+        """Remove ``fd`` from the set if ``handler`` still owns it."""
+        if self.fds.get(fd) is handler:
+            del self.fds[fd]
+            with contextlib.suppress(OSError, ValueError):
+                self.ep.unregister(fd)
+
+    # -- dispatch ----------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        fds = self.fds
+        for fd, events in self.ep.poll(0):
+            handler = fds.get(fd)
+            if handler is not None:
+                try:
+                    handler.event(fd, events)
+                except Exception as err:  # a bug in one handler: the rest of the batch runs
+                    log.error("event=poller_handler_failed fd=%d error=%r", fd, err)
+            else:  # nobody owns it any more (an error-only watch would report it again)
+                with contextlib.suppress(OSError, ValueError):
+                    self.ep.unregister(fd)
+
+
+class _Connecting:
+    """Waits for one non-blocking ``connect()`` to finish, then stays as a marker.
+
+    The marker lets a splice relay take the socket over without another ``epoll_ctl``; for any
+    other use, the socket's first later event removes it from the set (one ``epoll_ctl``).
+    """
+
+    __slots__ = ("callback", "poller", "seen", "sock")
+
+    def __init__(
+        self, poller: Poller, sock: socket.socket, callback: Callable[[], object] | None
+    ) -> None:
+        self.poller = poller
+        self.sock = weakref.ref(sock)
+        self.callback = callback
+        self.seen = 0
+        """The events of the wake-up that ended the connect (handed on by :meth:`Poller.take`)."""
+
+    def event(self, fd: int, events: int) -> None:
+        callback = self.callback
+        if callback is None:  # connected and handed to something else: leave the set
+            self.poller.fds.pop(fd, None)
+            with contextlib.suppress(OSError):
+                self.poller.ep.unregister(fd)
+            return
+        if events & (EPOLLOUT | EPOLLERR | EPOLLHUP):
+            self.callback = None
+            self.seen = events & ~EPOLLOUT
+            callback()
+
+
+_POLLERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Poller] = weakref.WeakKeyDictionary()
+
+
+def for_loop(loop: asyncio.AbstractEventLoop) -> Poller:
+    """The loop's poller (created on first use). Only where :func:`available` is true."""
+    poller = _POLLERS.get(loop)
+    if poller is None:
+        poller = _POLLERS[loop] = Poller(loop)
+    return poller
+
+
+def wait_connected(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, callback: Callable[[], object]
+) -> None:
+    """Call ``callback`` once when the connecting ``sock`` is writable (connected or failed).
+
+    A cheaper ``loop.add_writer`` (see the module docstring); where there is no epoll, it is
+    the loop's own one-shot writer watch. Call :func:`stop_waiting` if the wait is abandoned
+    (timeout, shutdown) before closing the socket.
+    """
+    if _HAVE_EPOLL:
+        for_loop(loop).wait_connected(sock, callback)
+        return
+    fd = sock.fileno()
+
+    def once() -> None:
+        loop.remove_writer(fd)
+        callback()
+
+    loop.add_writer(fd, once)
+
+
+def stop_waiting(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Forget a :func:`wait_connected` that will not be needed (the caller closes ``sock``)."""
+    if not _HAVE_EPOLL:
+        loop.remove_writer(sock.fileno())
+        return
+    poller = _POLLERS.get(loop)
+    if poller is not None:
+        poller.stop_waiting(sock)

@@ -1,0 +1,121 @@
+"""What every relay implements and what it reports: the contract between a connection and its relay.
+
+A relay moves bytes between an accepted client socket and a connected backend socket::
+
+    start(loop, client_sock, backend_sock, first, conn) -> Relay
+
+``first`` (the PROXY header, plus any client bytes already read) goes to the backend in one write
+before anything else. ``conn`` is a :class:`RelayConn`: the relay adds to its byte counters and
+calls ``conn.relay_closed(reason)`` exactly once, when both sockets are closed.
+``Relay.close(reason)`` ends it early (idle timeout, shutdown). Every relay keeps the same rules:
+byte-exact both ways; half-close (a FIN one way becomes ``shutdown(SHUT_WR)`` the other way while
+the opposite direction keeps flowing); a reset on one side resets the other at once
+(:func:`reset_socket`); backpressure with bounded memory. Idle timeouts are not the relay's: the
+runtime's sweep watches the byte counters and calls ``close(EndReason.IDLE_TIMEOUT)``.
+
+Two implementations: :mod:`l4lb.balancer.relay` (``stream``, asyncio Protocols) and
+:mod:`l4lb.balancer.splice` (``splice``, zero-copy); :func:`get_relay` picks one by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+import struct
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Protocol
+
+__all__ = [
+    "LINGER_RST",
+    "RESET_ERRNOS",
+    "EndReason",
+    "Relay",
+    "RelayConn",
+    "StartRelay",
+    "error_reason",
+    "get_relay",
+    "reset_socket",
+]
+
+log = logging.getLogger("l4lb.relay")
+
+
+class EndReason(StrEnum):
+    """Why a connection ended: the access log's ``end`` (the values are the log's words)."""
+
+    CLIENT_CLOSED = "client_closed"
+    """The client sent FIN first, then both directions finished."""
+    BACKEND_CLOSED = "backend_closed"
+    """The backend sent FIN first, then both directions finished."""
+    CLOSED = "closed"
+    """Closed with no FIN seen first (a side closed while the relay was being set up)."""
+    RESET = "reset"
+    """A reset, broken pipe or TCP timeout on either socket: both were reset."""
+    ERROR = "error"
+    """Another socket error (the access log's ``detail`` says which when known)."""
+    IDLE_TIMEOUT = "idle_timeout"
+    """No byte moved either way for the pool's ``idle_timeout``."""
+    SHUTDOWN = "shutdown"
+    """Still open when the drain timeout of a stop ran out."""
+    NO_BACKEND = "no_backend"
+    """No backend of the pool was available (the client is reset)."""
+    CONNECT_FAILED = "connect_failed"
+    """Every backend tried refused, timed out or failed (the client is reset)."""
+    HEADER_ERROR = "header_error"
+    """The PROXY header for the backend could not be built (the client is reset)."""
+
+
+LINGER_RST = struct.pack("ii", 1, 0)
+"""SO_LINGER on, 0 seconds: close() sends a RST instead of a FIN."""
+
+RESET_ERRNOS = frozenset((errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT))
+"""Socket errors that mean the peer reset (or the connection died): reason ``reset``."""
+
+
+def error_reason(code: int | None) -> EndReason:
+    """The end reason for a socket error number."""
+    return EndReason.RESET if code in RESET_ERRNOS else EndReason.ERROR
+
+
+def reset_socket(sock: socket.socket) -> None:
+    """Arrange for the next close of ``sock`` to send a RST."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
+
+
+class RelayConn(Protocol):
+    """What a relay needs from the connection it serves."""
+
+    bytes_from_client: int
+    bytes_to_client: int
+
+    def relay_closed(self, reason: EndReason) -> None:
+        """Both sides are closed; ``reason`` is the first thing that ended the connection."""
+
+
+class Relay(Protocol):
+    """A running relay, as its connection sees it."""
+
+    def close(self, reason: EndReason) -> None:
+        """Close both sides now (idle timeout, shutdown), discarding buffered data."""
+
+
+StartRelay = Callable[
+    [asyncio.AbstractEventLoop, socket.socket, socket.socket, bytes, RelayConn], Relay
+]
+"""``start(loop, client_sock, backend_sock, first, conn)``: relay two connected sockets."""
+
+
+def get_relay(name: str) -> StartRelay:
+    """The relay for the config's ``relay`` key (``stream`` or ``splice``)."""
+    from l4lb.balancer import relay, splice
+
+    if name == "splice":
+        if splice.available():
+            return splice.start_splice_relay
+        log.warning("event=relay_fallback wanted=splice using=stream detail='no os.splice'")
+    return relay.start_relay

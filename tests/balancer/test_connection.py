@@ -1,0 +1,413 @@
+"""Connection, the state machine, driven in-process: loopback sockets, a real Pool, no subprocess.
+
+Each test runs an event loop in the test's own thread and plays the client and the backends with
+plain sockets; the owner (what a Listener provides) is a small recorder. Orderings that end-to-end
+tests could only reach with sleeps (closed while connecting, a relay that ends inside its own
+start, a retry after a refusal) are driven here step by step and awaited on the event itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from l4lb.balancer import relay, splice
+from l4lb.balancer.admission import Admitted
+from l4lb.balancer.connection import Connection, State
+from l4lb.balancer.pool import Pool
+from l4lb.balancer.relay_contract import EndReason, RelayConn, StartRelay
+from l4lb.config.schema import BackendConfig, PoolConfig
+from l4lb.proxy_protocol import HeaderReader
+from tests.balancer.conftest import RELAY_MODES
+from tests.balancer.helpers import dead_port
+
+CLIENT = ("127.0.0.7", 40000)
+DESTINATION = ("127.0.0.1", 443)
+
+
+class Owner:
+    """What a Listener gives its connections: a name, the loop, the relay; records the end."""
+
+    name = "unit"
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, start_relay: StartRelay) -> None:
+        self.loop = loop
+        self.admission: Any = None
+        self.start_relay = start_relay
+        self.ends: list[tuple[EndReason, str]] = []
+        self.ended: asyncio.Future[tuple[EndReason, str]] = loop.create_future()
+
+    def connection_ended(self, conn: Connection, reason: EndReason, detail: str) -> None:
+        self.ends.append((reason, detail))
+        if not self.ended.done():
+            self.ended.set_result((reason, detail))
+
+
+class Recorded(Connection):
+    """A Connection that keeps the list of states it went through."""
+
+    def __init__(self, *args: Any) -> None:
+        self.states: list[State] = []
+        super().__init__(*args)
+
+    def _enter(self, state: State) -> None:
+        super()._enter(state)
+        self.states.append(state)
+
+
+def _pool(addresses: list[str], **kw: Any) -> Pool:
+    backends = [BackendConfig(address=a) for a in addresses]
+    return Pool("p", PoolConfig(backends=backends, **kw))
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """(the test's client end, the balancer's accepted end), both TCP over loopback."""
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        a = socket.create_connection(srv.getsockname())
+        b, _ = srv.accept()
+    b.setblocking(False)
+    return a, b
+
+
+def _server() -> socket.socket:
+    srv = socket.create_server(("127.0.0.1", 0))
+    srv.setblocking(False)
+    return srv
+
+
+def _run(body: Callable[[asyncio.AbstractEventLoop], Awaitable[None]]) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(asyncio.wait_for(body(loop), 20))
+    finally:
+        loop.close()
+
+
+def _relay(mode: str) -> StartRelay:
+    if mode == "splice":
+        if not splice.available():
+            pytest.skip("os.splice needs Linux")
+        return splice.start_splice_relay
+    return relay.start_relay
+
+
+async def _read_header(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[Any, bytes]:
+    reader = HeaderReader()
+    header = None
+    while header is None:
+        chunk = await loop.sock_recv(sock, reader.next_read_size())
+        assert chunk, "closed before the header"
+        header = reader.feed(chunk)
+    return header, reader.trailing
+
+
+@pytest.mark.parametrize("mode", RELAY_MODES)
+def test_relays_with_header_then_ends_client_closed(mode: str) -> None:
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        srv = _server()
+        client, accepted = _tcp_pair()
+        owner = Owner(loop, _relay(mode))
+        pool = _pool([f"127.0.0.1:{srv.getsockname()[1]}"])
+        conn = Recorded(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
+        assert conn.state is State.NEW
+        conn.start()
+        far, _ = await loop.sock_accept(srv)
+        header, early = await _read_header(loop, far)
+        assert header.source == CLIENT and header.destination == DESTINATION
+        client.sendall(b"ping")
+        got = early
+        while len(got) < 4:
+            got += await loop.sock_recv(far, 10)
+        assert got == b"ping"
+        assert conn.state is State.RELAYING
+        await loop.sock_sendall(far, b"pong")
+        client.settimeout(5)
+        assert await loop.run_in_executor(None, client.recv, 10) == b"pong"
+        client.shutdown(socket.SHUT_WR)
+        assert await loop.sock_recv(far, 10) == b""
+        far.close()
+        assert await owner.ended == (EndReason.CLIENT_CLOSED, "")
+        assert conn.states == [State.CONNECTING, State.RELAYING, State.CLOSED]
+        assert (conn.bytes_from_client, conn.bytes_to_client) == (4, 4)
+        assert pool.backends[0].active == 0 and pool.backends[0].bytes_in == 4
+        client.close()
+        srv.close()
+
+    _run(body)
+
+
+def test_no_backend_resets_the_client() -> None:
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        client, accepted = _tcp_pair()
+        owner = Owner(loop, relay.start_relay)
+        pool = _pool(["127.0.0.1:9"])
+        pool.set_admin(pool.backends[0], "disable")
+        conn = Recorded(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
+        conn.start()
+        reason, detail = await owner.ended
+        assert reason is EndReason.NO_BACKEND
+        assert detail == "no backend of pool p is available"
+        assert conn.states == [State.CLOSED]
+        client.settimeout(5)
+        with pytest.raises(ConnectionResetError):
+            client.recv(10)
+        client.close()
+
+    _run(body)
+
+
+def test_a_refused_connect_is_retried_on_the_next_backend() -> None:
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        srv = _server()
+        client, accepted = _tcp_pair()
+        owner = Owner(loop, relay.start_relay)
+        dead = f"127.0.0.1:{dead_port()}"
+        live = f"127.0.0.1:{srv.getsockname()[1]}"
+        pool = _pool([dead, live], retries=1)  # roundrobin starts with the first
+        conn = Recorded(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
+        conn.start()
+        far, _ = await loop.sock_accept(srv)
+        await _read_header(loop, far)
+        assert conn.states == [State.CONNECTING, State.CONNECTING, State.RELAYING]
+        assert [b.address for b in conn.tried] == [dead, live]
+        assert pool.by_address[dead].connect_failures == 1
+        assert pool.by_address[dead].active == 0
+        conn.close(EndReason.SHUTDOWN)
+        assert (await owner.ended)[0] is EndReason.SHUTDOWN
+        assert pool.by_address[live].active == 0
+        for s in (client, far, srv):
+            s.close()
+
+    _run(body)
+
+
+def test_every_backend_refusing_ends_connect_failed_with_the_last_error() -> None:
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        client, accepted = _tcp_pair()
+        owner = Owner(loop, relay.start_relay)
+        dead = f"127.0.0.1:{dead_port()}"
+        pool = _pool([dead], retries=2)
+        conn = Recorded(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
+        conn.start()
+        reason, detail = await owner.ended
+        assert reason is EndReason.CONNECT_FAILED
+        assert detail.startswith(f"{dead}: ") and "refused" in detail
+        assert conn.states == [State.CONNECTING, State.CLOSED]
+        assert pool.backends[0].active == 0
+        client.settimeout(5)
+        with pytest.raises(ConnectionResetError):
+            client.recv(10)
+        client.close()
+
+    _run(body)
+
+
+def _unanswered_server() -> tuple[socket.socket, socket.socket]:
+    """A listener whose accept queue is full (backlog 0, one connection waiting): a further
+    connect gets no answer on loopback, so it stays in progress until its timeout."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    filler = socket.create_connection(srv.getsockname())
+    return srv, filler
+
+
+def test_connect_timeout_ends_connect_failed() -> None:
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        srv, filler = _unanswered_server()
+        client, accepted = _tcp_pair()
+        owner = Owner(loop, relay.start_relay)
+        pool = _pool([f"127.0.0.1:{srv.getsockname()[1]}"], connect_timeout="200ms")
+        conn = Recorded(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
+        conn.start()
+        reason, detail = await owner.ended
+        assert reason is EndReason.CONNECT_FAILED
+        assert detail.endswith("connect timeout after 0.2s"), detail
+        assert conn.states == [State.CONNECTING, State.CLOSED]
+        assert conn.timer is None and conn.backend_sock is None
+        for s in (client, filler, srv):
+            s.close()
+
+    _run(body)
+
+
+def test_closed_while_connecting_ends_once_and_never_relays() -> None:
+    """A stop (shutdown) while the connect is in flight: one end, the connect abandoned."""
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        srv, filler = _unanswered_server()  # the connect stays in progress
+        client, accepted = _tcp_pair()
+        relays: list[object] = []
+
+        def start_relay(*args: Any) -> Any:
+            relays.append(args)
+            return relay.start_relay(*args)
+
+        owner = Owner(loop, start_relay)
+        pool = _pool([f"127.0.0.1:{srv.getsockname()[1]}"])
+        conn = Recorded(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
+        conn.start()
+        assert conn.state is State.CONNECTING
+        backend_sock = conn.backend_sock
+        assert backend_sock is not None and conn.timer is not None
+        conn.close(EndReason.SHUTDOWN)
+        assert owner.ends == [(EndReason.SHUTDOWN, "")]
+        assert backend_sock.fileno() == -1 and conn.timer is None
+        conn.close(EndReason.IDLE_TIMEOUT)
+        assert owner.ends == [(EndReason.SHUTDOWN, "")] and relays == []
+        assert conn.states == [State.CONNECTING, State.CLOSED]
+        assert pool.backends[0].active == 0
+        client.settimeout(5)
+        assert client.recv(10) == b""  # closed, not refused: a stop is not the backend's fault
+        for s in (client, filler, srv):
+            s.close()
+
+    _run(body)
+
+
+def test_a_relay_ending_inside_its_own_start_is_accounted_once() -> None:
+    """The relay may report its end before ``start_relay`` returns (the client reset first):
+    the connection is RELAYING by then, so the relay's sockets are not closed twice."""
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        srv = _server()
+        client, accepted = _tcp_pair()
+
+        class Instant:
+            def close(self, reason: EndReason) -> None:
+                raise AssertionError("closed after it ended")
+
+        def start_relay(
+            loop: asyncio.AbstractEventLoop,
+            client_sock: socket.socket,
+            backend_sock: socket.socket,
+            first: bytes,
+            conn: RelayConn,
+        ) -> Instant:
+            client_sock.close()
+            backend_sock.close()
+            conn.relay_closed(EndReason.RESET)
+            return Instant()
+
+        owner = Owner(loop, start_relay)
+        pool = _pool([f"127.0.0.1:{srv.getsockname()[1]}"])
+        conn = Recorded(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
+        conn.start()
+        assert await owner.ended == (EndReason.RESET, "")
+        assert conn.states == [State.CONNECTING, State.RELAYING, State.CLOSED]
+        conn.close(EndReason.SHUTDOWN)
+        assert len(owner.ends) == 1
+        assert pool.backends[0].active == 0
+        for s in (client, srv):
+            s.close()
+
+    _run(body)
+
+
+def test_peek_waits_for_the_client_then_connects_after_the_timeout() -> None:
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        srv = _server()
+        client, accepted = _tcp_pair()
+        owner = Owner(loop, relay.start_relay)
+        pool = _pool(
+            [f"127.0.0.1:{srv.getsockname()[1]}"],
+            proxy_tlvs=["authority"],
+            tls_peek_timeout="100ms",
+        )
+        conn = Recorded(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
+        conn.start()
+        assert conn.state is State.PEEKING
+        far, _ = await loop.sock_accept(srv)  # after the peek timeout: a silent client
+        header, _ = await _read_header(loop, far)
+        assert header.source == CLIENT
+        assert conn.states == [State.PEEKING, State.CONNECTING, State.RELAYING]
+        assert conn.authority is None
+        conn.close(EndReason.SHUTDOWN)
+        assert (await owner.ended)[0] is EndReason.SHUTDOWN
+        for s in (client, far, srv):
+            s.close()
+
+    _run(body)
+
+
+def test_closed_while_peeking_stops_watching_the_client() -> None:
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        client, accepted = _tcp_pair()
+        owner = Owner(loop, relay.start_relay)
+        pool = _pool(["127.0.0.1:9"], proxy_tlvs=["alpn"], tls_peek_timeout="10s")
+        conn = Recorded(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
+        conn.start()
+        conn.close(EndReason.SHUTDOWN)
+        assert owner.ends == [(EndReason.SHUTDOWN, "")]
+        assert conn.states == [State.PEEKING, State.CLOSED]
+        assert conn.timer is None
+        client.settimeout(5)
+        assert client.recv(10) == b""  # a clean close: not refused, just ended
+        client.close()
+
+    _run(body)
+
+
+def test_a_step_out_of_order_is_a_bug_not_a_silent_success() -> None:
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        client, accepted = _tcp_pair()
+        owner = Owner(loop, relay.start_relay)
+        conn = Connection(owner, _pool(["127.0.0.1:9"]), accepted, Admitted(CLIENT, DESTINATION))
+        conn.close(EndReason.SHUTDOWN)
+        with pytest.raises(RuntimeError, match="CLOSED -> CONNECTING"):
+            conn.connect_next()
+        client.close()
+
+    _run(body)
+
+
+def test_a_client_hello_split_over_two_segments_is_waited_for() -> None:
+    """The peek sees the first part (not enough: NEED_DATA), keeps waiting, and takes SNI and
+    ALPN from the whole ClientHello; nothing is consumed, so the backend gets every byte."""
+    from tests.balancer.test_tls_peek import client_hello
+
+    hello_bytes = client_hello("split.example.test", ["h2"])
+
+    class Peeks(Recorded):
+        def __init__(self, *args: Any) -> None:
+            self.peeked: asyncio.Event = asyncio.Event()
+            super().__init__(*args)
+
+        def _peek(self) -> None:
+            super()._peek()
+            self.peeked.set()
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        srv = _server()
+        client, accepted = _tcp_pair()
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        owner = Owner(loop, relay.start_relay)
+        pool = _pool(
+            [f"127.0.0.1:{srv.getsockname()[1]}"],
+            proxy_tlvs=["authority", "alpn"],
+            tls_peek_timeout="10s",
+        )
+        conn = Peeks(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
+        conn.start()
+        client.sendall(hello_bytes[:40])
+        await conn.peeked.wait()  # the first part was looked at: not a whole ClientHello yet
+        assert conn.state is State.PEEKING
+        client.sendall(hello_bytes[40:])
+        far, _ = await loop.sock_accept(srv)
+        header, early = await _read_header(loop, far)
+        assert header.authority == "split.example.test" and header.alpn == b"h2"
+        got = early
+        while len(got) < len(hello_bytes):
+            got += await loop.sock_recv(far, 1 << 16)
+        assert got == hello_bytes
+        assert conn.states == [State.PEEKING, State.CONNECTING, State.RELAYING]
+        conn.close(EndReason.SHUTDOWN)
+        assert (await owner.ended)[0] is EndReason.SHUTDOWN
+        for s in (client, far, srv):
+            s.close()
+
+    _run(body)
