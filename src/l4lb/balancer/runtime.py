@@ -20,11 +20,9 @@ function) is attached after the listeners are up.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib
 import inspect
 import logging
-import signal
 import socket
 import time
 from collections.abc import Callable
@@ -35,6 +33,7 @@ from l4lb.balancer.connection import Connection
 from l4lb.balancer.listener import BindError, Listener, open_listening_socket
 from l4lb.balancer.pool import Pool
 from l4lb.balancer.relay import get_relay
+from l4lb.balancer.signals import StopMode, StopSignals
 from l4lb.config.loader import ConfigError, load_config
 from l4lb.config.schema import Config, ListenerConfig
 from l4lb.config.values import format_hostport
@@ -335,23 +334,28 @@ async def serve(config: Config, config_path: str | None = None) -> int:
         log.error("event=bind_failed error=%r", err.strerror)
         balancer.access_log.close()
         return 3
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, balancer.reload_file)
+    # installed for the whole life: a repeated stop signal or a SIGHUP must never kill the drain
+    signals = StopSignals(loop, balancer.reload_file, lambda: _close_all(balancer))
     try:
         await _attach_extensions(balancer)
     except Exception:
         log.exception("event=extension_failed")
     log.info("event=started workers=1 relay=%s", config.relay)
-    await stop.wait()
-    log.info("event=stopping drain_timeout=%gs", balancer.config.drain_timeout_s)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        with contextlib.suppress(Exception):
-            loop.remove_signal_handler(sig)
-    await balancer.stop()
+    first = await signals.wait()
+    now = signals.mode is StopMode.IMMEDIATE
+    log.info(
+        "event=stopping signal=%s drain_timeout=%gs",
+        first.name,
+        0 if now else balancer.config.drain_timeout_s,
+    )
+    await balancer.stop(0 if now else None)
     log.info("event=stopped")
     return 0
+
+
+def _close_all(balancer: Balancer) -> None:
+    for conn in list(balancer.connections):
+        conn.close("shutdown")
 
 
 def run(config: Config, config_path: str | None = None) -> int:

@@ -19,9 +19,11 @@ Consistency across workers:
   across worker restarts. Where the kernel refuses the program, the kernel's own 4-tuple hash
   spreads connections and the limits become per worker (logged at start).
 
-Signals: SIGTERM/SIGINT stop every worker gracefully (each drains for ``drain_timeout``; whatever
-is left after that and a grace period is killed); SIGHUP is forwarded for a reload. A worker that
-dies on its own is restarted, with a log line and a short back-off if it keeps dying.
+Signals: SIGTERM/SIGINT/SIGUSR1 stop every worker gracefully (each drains for ``drain_timeout``;
+whatever is left after that and a grace period is killed); a repeated one is logged and ignored, as
+the workers do (systemd and Ctrl-C signal the whole group); SIGQUIT is forwarded for an immediate
+stop; SIGHUP is forwarded for a reload (ignored during a stop). A worker that dies on its own is
+restarted, with a log line and a short back-off if it keeps dying.
 """
 
 from __future__ import annotations
@@ -50,7 +52,20 @@ RunWorker = Callable[[str, Any, int], int]
 _INHERITED: dict[Address, socket.socket] = {}
 """In a worker: the listening sockets the supervisor made for it, by bind address."""
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGCHLD,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+"""Everything the supervisor waits for (blocked, then taken with ``sigtimedwait``)."""
+GRACEFUL = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+"""Stop signals that drain (the same set as a worker's, see l4lb.balancer.signals)."""
+_UNTIL_SERVING = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+"""Ignored in a new worker until its own handlers are installed (their default kills)."""
 GRACE = 5.0
 """Seconds beyond ``drain_timeout`` before workers still running are killed."""
 STARTUP = 2.0
@@ -281,7 +296,8 @@ class Supervisor:
                     signal.signal(sig, signal.SIG_DFL)
                 # a reload forwarded before the worker has its own handler must not kill it
                 # (SIGHUP's default action); it starts on the supervisor's current config anyway
-                signal.signal(signal.SIGHUP, signal.SIG_IGN)
+                for sig in _UNTIL_SERVING:
+                    signal.signal(sig, signal.SIG_IGN)
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
                 for i, socks in enumerate(self.sockets):
                     for addr, s in socks.items():
@@ -333,13 +349,30 @@ class Supervisor:
             info = signal.sigtimedwait(SIGNALS, max(0.01, min(waits)))
             if info is not None:
                 sig = info.si_signo
-                if sig in (signal.SIGTERM, signal.SIGINT) and not self.stopping:
+                if sig in GRACEFUL and not self.stopping:
                     deadline = time.monotonic() + self.drain + GRACE
                     self._stop(sig)
+                elif sig in GRACEFUL:  # systemd, a terminal, an impatient operator: not an order
+                    log.info(
+                        "event=stop_signal_repeated signal=%s detail=%r",
+                        signal.Signals(sig).name,
+                        "the workers drain on (bounded by drain_timeout); SIGQUIT stops them now",
+                    )
+                elif sig == signal.SIGQUIT:
+                    log.warning("event=stop_now signal=SIGQUIT workers=%d", self.count)
+                    if not self.stopping:
+                        self._stop(sig)
+                    self._forward(signal.SIGQUIT)
+                    soon = time.monotonic() + GRACE
+                    deadline = soon if deadline is None else min(deadline, soon)
+                elif sig == signal.SIGHUP and self.stopping:
+                    log.info("event=reload_ignored signal=SIGHUP reason=stopping")
                 elif sig == signal.SIGHUP:
                     self._forward(signal.SIGHUP)
                     log.info("event=reload_forwarded workers=%d", self.count)
                     self._reload()
+                elif sig == signal.SIGUSR2:
+                    log.info("event=signal_ignored signal=SIGUSR2")
             self._reap()
 
     def _reload(self) -> None:
@@ -386,8 +419,8 @@ class Supervisor:
             if self.stopping:
                 log.info("event=worker_stopped index=%d pid=%d %s", w.index, pid, how)
                 stopped_by_signal = os.WIFSIGNALED(status) and os.WTERMSIG(status) in (
-                    signal.SIGTERM,
-                    signal.SIGINT,
+                    *GRACEFUL,
+                    signal.SIGQUIT,
                 )  # still starting when asked to stop: nothing to drain
                 if os.waitstatus_to_exitcode(status) != 0 and not stopped_by_signal:
                     self.status = 1
