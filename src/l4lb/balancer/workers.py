@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from l4lb.balancer import logs
+
 __all__ = ["inherited_socket", "steering_program", "supervise"]
 
 log = logging.getLogger("l4lb.workers")
@@ -284,8 +286,7 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
     def _spawn(self, w: _Worker, old_mask: set[int | signal.Signals]) -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        _flush_all()
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
@@ -311,8 +312,7 @@ class Supervisor:
             except BaseException:
                 log.exception("event=worker_failed index=%d", w.index)
             finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
+                _flush_all()  # a closed stdout (EPIPE) must not let the child run on
                 os._exit(code)
         w.pid = pid
         w.started = time.monotonic()
@@ -452,6 +452,14 @@ class Supervisor:
             for s in socks.values():
                 s.close()
         self.sockets = []
+
+
+def _flush_all() -> None:
+    """Flush the log queue and Python's stdout/stderr buffers, whatever state they are in."""
+    logs.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            stream.flush()
 
 
 def _describe(status: int) -> str:

@@ -95,6 +95,10 @@ class Snapshot:
     """Bad PROXY headers received, by reason, over all listeners."""
     workers: int = 1
     """How many worker processes the counters add up."""
+    access_log_dropped: int = 0
+    """Access-log lines dropped (queue full, target not writable, line too long)."""
+    log_dropped: int = 0
+    """Log lines dropped because stderr did not keep up."""
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> Snapshot:
@@ -132,6 +136,8 @@ class Snapshot:
             last_reload=doc["last_reload"],
             proxy_header_errors=dict(doc["proxy_header_errors"]),
             workers=doc.get("workers", 1),
+            access_log_dropped=doc.get("access_log_dropped", 0),
+            log_dropped=doc.get("log_dropped", 0),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -201,6 +207,8 @@ class Snapshot:
             "last_reload": self.last_reload,
             "proxy_header_errors": dict(self.proxy_header_errors),
             "workers": self.workers,
+            "access_log_dropped": self.access_log_dropped,
+            "log_dropped": self.log_dropped,
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -220,8 +228,10 @@ class Snapshot:
 def snapshot_of(balancer: Balancer) -> Snapshot:
     """Read every counter of a running balancer (and its health checks) once."""
     from l4lb import __version__
+    from l4lb.balancer import logs
     from l4lb.balancer.health import CHECK_BUCKETS, checks_of
     from l4lb.balancer.pool import CONNECT_BUCKETS
+    from l4lb.observe import access_log
 
     checks = checks_of(balancer)
     listeners = []
@@ -292,6 +302,8 @@ def snapshot_of(balancer: Balancer) -> Snapshot:
         reloads=balancer.reloads,
         last_reload=balancer.last_reload,
         proxy_header_errors=header_errors,
+        access_log_dropped=access_log.dropped(),
+        log_dropped=logs.dropped(),
     )
 
 
@@ -355,4 +367,6 @@ def merge(own: Snapshot, others: list[Snapshot]) -> Snapshot:
         proxy_header_errors=header_errors,
         started=min([own.started, *(o.started for o in others)]),
         workers=own.workers + sum(o.workers for o in others),
+        access_log_dropped=own.access_log_dropped + sum(o.access_log_dropped for o in others),
+        log_dropped=own.log_dropped + sum(o.log_dropped for o in others),
     )
