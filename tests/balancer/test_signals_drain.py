@@ -205,3 +205,27 @@ def test_sigquit_during_the_drain_closes_everything_at_once(
     assert len(lines) == CLIENTS
     assert {x["end"] for x in lines} == {"shutdown"}
     assert "event=stop_now signal=SIGQUIT" in lb.log_text()
+
+
+def test_a_sighup_that_arrives_while_a_worker_starts_is_replayed_not_lost() -> None:
+    """A new worker remembers a forwarded SIGHUP until its handlers are in, then reloads."""
+    import asyncio
+
+    from l4lb.balancer import signals
+
+    async def main() -> list[str]:
+        calls: list[str] = []
+        loop = asyncio.get_running_loop()
+        previous = signal.signal(signal.SIGHUP, signals.remember)
+        try:
+            os.kill(os.getpid(), signal.SIGHUP)  # before the handlers: remembered
+            stop = signals.StopSignals(loop, lambda: calls.append("reload"), lambda: None)
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            return [*calls, stop.mode.value]
+        finally:
+            for sig in (*signals.GRACEFUL, signals.IMMEDIATE, signal.SIGHUP, *signals.IGNORED):
+                loop.remove_signal_handler(sig)
+            signal.signal(signal.SIGHUP, previous)
+
+    assert asyncio.run(main()) == ["reload", "running"]

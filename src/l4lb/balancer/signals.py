@@ -30,6 +30,21 @@ IGNORED = (signal.SIGUSR2,)
 """Signals whose default action would kill the process, and which mean nothing to l4lb."""
 
 
+_PENDING: list[int] = []
+"""Signals that arrived before the handlers were installed (see :func:`remember`)."""
+
+
+def remember(signum: int, frame: object = None) -> None:
+    """A ``signal.signal`` handler for a worker still starting: keep the signal for later.
+
+    A SIGHUP forwarded while a new worker is still importing and binding must neither kill it
+    (the default action) nor be lost (it may carry a config newer than the one the worker
+    starts on): :class:`StopSignals` replays it once the real handlers are installed.
+    """
+    if signum not in _PENDING:
+        _PENDING.append(signum)
+
+
 class StopMode(enum.Enum):
     RUNNING = "running"
     DRAINING = "draining"
@@ -61,6 +76,20 @@ class StopSignals:
         loop.add_signal_handler(signal.SIGHUP, self._hangup)
         for sig in IGNORED:
             loop.add_signal_handler(sig, self._ignored, sig)
+        while _PENDING:
+            sig = signal.Signals(_PENDING.pop(0))
+            log.info("event=signal_replayed signal=%s detail='arrived while starting'", sig.name)
+            loop.call_soon(self._dispatch, sig)
+
+    def _dispatch(self, sig: signal.Signals) -> None:
+        if sig == signal.SIGHUP:
+            self._hangup()
+        elif sig == IMMEDIATE:
+            self._immediate()
+        elif sig in GRACEFUL:
+            self._graceful(sig)
+        else:
+            self._ignored(sig)
 
     async def wait(self) -> signal.Signals:
         """Until the first stop signal; which one it was."""

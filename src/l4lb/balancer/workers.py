@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from l4lb.balancer import logs
+from l4lb.balancer import logs, signals
 
 __all__ = ["inherited_socket", "steering_program", "supervise"]
 
@@ -53,6 +53,9 @@ RunWorker = Callable[[str, Any, int], int]
 
 _INHERITED: dict[Address, socket.socket] = {}
 """In a worker: the listening sockets the supervisor made for it, by bind address."""
+_CHANNEL: socket.socket | None = None
+"""In a worker: where the supervisor sends the sockets of listeners a reload adds."""
+_MAX_FDS = 64
 
 SIGNALS = (
     signal.SIGTERM,
@@ -78,9 +81,43 @@ def inherited_socket(bind: Address) -> socket.socket | None:
     """The listening socket the supervisor created for this worker on ``bind``, if any.
 
     The listener code asks this before creating a socket of its own, so a worker serves on the
-    socket that keeps its place in the reuseport group.
+    socket that keeps its place in the reuseport group. Sockets of listeners added by a reload
+    arrive over the supervisor's channel (``SCM_RIGHTS``) before its SIGHUP, and are taken here.
     """
+    _receive()
     return _INHERITED.pop(_key(bind), None)
+
+
+def _receive() -> None:
+    """Take what the supervisor sent: a round marker, then one message per added listener.
+
+    A new round closes what an earlier one sent and no reload used (its config was replaced
+    before this worker read it), so no stray copy keeps a removed port listening.
+    """
+    if _CHANNEL is None:
+        return
+    while True:
+        try:
+            data, fds, _, _ = socket.recv_fds(_CHANNEL, 4096, _MAX_FDS)
+        except OSError:  # BlockingIOError: nothing (more) sent
+            return
+        if not data:
+            return
+        if data == b"round":
+            for stale in _INHERITED.values():
+                stale.close()
+            _INHERITED.clear()
+            continue
+        host, _, port = data.decode("ascii", "replace").rpartition(" ")
+        for fd in fds:
+            sock = socket.socket(fileno=fd)
+            if not port.isdigit():
+                sock.close()
+                continue
+            old = _INHERITED.pop(_key((host, int(port))), None)
+            if old is not None:
+                old.close()
+            _INHERITED[_key((host, int(port)))] = sock
 
 
 def _key(bind: Address) -> Address:
@@ -153,9 +190,14 @@ def attach_steering(sock: socket.socket, program: Sequence[Insn]) -> None:
 
 def open_listeners(config: Any, workers: int) -> list[dict[Address, socket.socket]]:
     """For each worker, its own SO_REUSEPORT socket on every listener (raises OSError)."""
+    return open_groups(config.listeners, workers)
+
+
+def open_groups(listeners: Sequence[Any], workers: int) -> list[dict[Address, socket.socket]]:
+    """For each worker, its own SO_REUSEPORT socket on each of ``listeners`` (raises OSError)."""
     per_worker: list[dict[Address, socket.socket]] = [{} for _ in range(workers)]
     try:
-        for listener in config.listeners:
+        for listener in listeners:
             host, port = listener.bind_addr
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             group = []
@@ -229,6 +271,8 @@ def _default_run_worker(config_path: str, config: Any, index: int) -> int:
 @dataclass(slots=True)
 class _Worker:
     index: int
+    channel: socket.socket | None = None
+    """The supervisor's end of the socket pair the worker receives added listeners on."""
     pid: int = 0
     started: float = 0.0
     starts: int = 0
@@ -278,6 +322,9 @@ class Supervisor:
         finally:
             self._close_sockets()
             for w in self.workers:  # never leave a worker behind, whatever happened
+                if w.channel is not None:
+                    w.channel.close()
+                    w.channel = None
                 if w.pid:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(w.pid, signal.SIGKILL)
@@ -287,18 +334,28 @@ class Supervisor:
 
     def _spawn(self, w: _Worker, old_mask: set[int | signal.Signals]) -> None:
         _flush_all()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
             try:
+                global _CHANNEL
                 _stop_with_parent(parent)
+                ours.close()
+                for other in self.workers:
+                    if other.channel is not None:
+                        other.channel.close()
+                theirs.setblocking(False)
+                _CHANNEL = theirs
                 for sig in SIGNALS:
                     signal.signal(sig, signal.SIG_DFL)
-                # a reload forwarded before the worker has its own handler must not kill it
-                # (SIGHUP's default action); it starts on the supervisor's current config anyway
+                # a reload forwarded before the worker has its own handlers must not kill it
+                # (SIGHUP's default action) nor be lost: the config may be newer than the one
+                # this worker starts on. Remembered, and replayed once the handlers are in.
+
                 for sig in _UNTIL_SERVING:
-                    signal.signal(sig, signal.SIG_IGN)
+                    signal.signal(sig, signals.remember)
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
                 for i, socks in enumerate(self.sockets):
                     for addr, s in socks.items():
@@ -314,8 +371,14 @@ class Supervisor:
             finally:
                 _flush_all()  # a closed stdout (EPIPE) must not let the child run on
                 os._exit(code)
+        theirs.close()
+        if w.channel is not None:
+            w.channel.close()
+        ours.setblocking(False)  # a worker that does not read must never block us
+        w.channel = ours
         w.pid = pid
         w.started = time.monotonic()
+
         w.starts += 1
         w.restart_at = None
         log.info("event=worker_started index=%d pid=%d", w.index, pid)
@@ -368,21 +431,70 @@ class Supervisor:
                 elif sig == signal.SIGHUP and self.stopping:
                     log.info("event=reload_ignored signal=SIGHUP reason=stopping")
                 elif sig == signal.SIGHUP:
-                    self._forward(signal.SIGHUP)
-                    log.info("event=reload_forwarded workers=%d", self.count)
                     self._reload()
                 elif sig == signal.SIGUSR2:
                     log.info("event=signal_ignored signal=SIGUSR2")
             self._reap()
 
     def _reload(self) -> None:
-        """Re-read the file too, so a worker restarted later starts on what the others run."""
-        if self.load is None:
+        """Re-read the file, bring the listening sockets in line with it, then tell the workers.
+
+        The supervisor holds a copy of every listening socket (so a crashed worker's queue
+        survives); a listener the reload removes must lose that copy too, or its port would
+        stay open with nobody accepting. A listener it adds gets a socket group like the
+        first ones (one socket per worker, steering attached), sent to each running worker
+        before its SIGHUP; a worker started later inherits it. A new config that cannot bind
+        is refused here, before any worker sees it.
+        """
+        if self.load is not None:
+            try:
+                new = self.load(self.config_path)
+            except Exception as err:  # the workers refuse it as well and keep the old config
+                log.warning("event=supervisor_reload_rejected error=%r", str(err).splitlines()[0])
+            else:
+                try:
+                    self._sync_listeners(self.config, new)
+                except OSError as err:
+                    log.error(
+                        "event=reload_rejected error=%r detail=%r",
+                        err.strerror or str(err),
+                        "the workers keep the running config",
+                    )
+                    return
+                self.config = new
+        self._forward(signal.SIGHUP)
+        log.info("event=reload_forwarded workers=%d", self.count)
+
+    def _sync_listeners(self, old: Any, new: Any) -> None:
+        """Open the groups of added binds, close those of removed ones, send workers theirs."""
+        held = set(self.sockets[0]) if self.sockets else set()
+        wanted = {_key(lc.bind_addr): lc for lc in new.listeners}
+        opened = open_groups([lc for k, lc in wanted.items() if k not in held], self.count)
+        for key in held - set(wanted):
+            for socks in self.sockets:
+                socks.pop(key).close()
+            log.info("event=listener_closed bind=%s", _show(key))
+        for socks, more in zip(self.sockets, opened, strict=True):
+            socks.update(more)
+        # a worker binds afresh every listener whose name is new or whose bind changed
+        before = {(lc.name, _key(lc.bind_addr)) for lc in old.listeners}
+        fresh = [k for k, lc in wanted.items() if (lc.name, k) not in before]
+        for w in self.workers:
+            if w.pid and w.channel is not None:
+                self._send(w, fresh)
+
+    def _send(self, w: _Worker, binds: list[Address]) -> None:
+        assert w.channel is not None
+        if not binds:
             return
         try:
-            self.config = self.load(self.config_path)
-        except Exception as err:  # the workers refuse it as well and keep the old config
-            log.warning("event=supervisor_reload_rejected error=%r", str(err).splitlines()[0])
+            w.channel.send(b"round")
+            for key in binds:
+                sock = self.sockets[w.index][key]
+                message = f"{key[0]} {key[1]}".encode()
+                socket.send_fds(w.channel, [message], [sock.fileno()])
+        except OSError as err:  # a worker that died meanwhile: its replacement inherits them
+            log.warning("event=listener_send_failed index=%d error=%r", w.index, str(err))
 
     def _stop(self, sig: int) -> None:
         self.stopping = True
@@ -473,3 +585,8 @@ def supervise(config_path: str | Path, config: Any) -> int:
     from l4lb.config.loader import load_config
 
     return Supervisor(str(config_path), config, load=load_config).run()
+
+
+def _show(key: Address) -> str:
+    host, port = key
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

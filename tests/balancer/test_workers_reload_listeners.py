@@ -1,0 +1,138 @@
+"""``workers = 2``: a reload that removes, moves, re-adds or adds listeners, on real processes.
+
+The supervisor holds a copy of every listening socket. A removed listener's port must refuse
+connections (not accept them into a queue nobody reads), and an added one must be served by
+every worker, steered like the first ones, also when a worker is restarting during the reload.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.balancer.helpers import Backend, backend, hello
+from tests.support.l4lb import L4lb, l4lb
+from tests.support.peers import free_port, wait_for
+
+CLIENTS = [f"127.0.{n}.{i}" for n in (1, 2) for i in range(1, 21)]
+
+
+def config(be: Backend, listeners: dict[str, int]) -> str:
+    text = 'workers = 2\ndrain_timeout = "5s"\n\n[log]\naccess = "access.log"\n'
+    for name, port in listeners.items():
+        text += f'\n[[listeners]]\nname = "{name}"\nbind = "127.0.0.1:{port}"\npool = "p"\n'
+    return text + f'\n[pools.p]\nbackends = [{{ address = "{be.address}" }}]\n'
+
+
+def served(port: int, source: str) -> bool:
+    with socket.socket() as s:
+        s.settimeout(5)
+        s.bind((source, 0))
+        try:
+            s.connect(("127.0.0.1", port))
+            return s.recv(100).startswith(b"client=")
+        except OSError:
+            return False
+
+
+def refused(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(5)
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def all_served(port: int) -> bool:
+    return all(served(port, ip) for ip in CLIENTS)
+
+
+def reload(lb: L4lb, text: str) -> None:
+    """SIGHUP with ``text``; wait until both workers applied it."""
+    before = lb.log_text().count("event=reloaded")
+    lb.reload(text, wait_for_log=False)
+    assert wait_for(lambda: lb.log_text().count("event=reloaded") >= before + 2, 20), lb.log_text()
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[tuple[L4lb, Backend, dict[str, int]]]:
+    ports = {"a": free_port(), "b": free_port()}
+    with backend(hello) as be, l4lb(tmp_path, config(be, ports)) as lb:
+        assert wait_for(lambda: lb.log_text().count("event=started") == 2, 20)
+        assert all_served(ports["b"])
+        yield lb, be, ports
+
+
+def test_a_removed_listener_refuses_connections(
+    running: tuple[L4lb, Backend, dict[str, int]],
+) -> None:
+    lb, be, ports = running
+    reload(lb, config(be, {"a": ports["a"]}))
+    assert refused(ports["b"]), "the removed listener's port still accepts connections"
+    assert all_served(ports["a"])
+    assert "event=listener_closed" in lb.log_text()
+
+
+def test_a_moved_listener_leaves_its_old_port_and_serves_on_the_new(
+    running: tuple[L4lb, Backend, dict[str, int]],
+) -> None:
+    lb, be, ports = running
+    moved = free_port()
+    reload(lb, config(be, {"a": ports["a"], "b": moved}))
+    assert refused(ports["b"])
+    assert all_served(moved)
+
+
+def test_a_listener_removed_then_added_back_serves_every_client(
+    running: tuple[L4lb, Backend, dict[str, int]],
+) -> None:
+    lb, be, ports = running
+    reload(lb, config(be, {"a": ports["a"]}))
+    assert refused(ports["b"])
+    reload(lb, config(be, ports))
+    assert all_served(ports["b"]), lb.log_text()
+
+
+def test_a_renamed_listener_keeps_serving_on_its_port(
+    running: tuple[L4lb, Backend, dict[str, int]],
+) -> None:
+    lb, be, ports = running
+    reload(lb, config(be, {"a": ports["a"], "b2": ports["b"]}))
+    assert all_served(ports["b"]), lb.log_text()
+
+
+def test_a_listener_added_while_a_worker_restarts_is_served_by_both(
+    running: tuple[L4lb, Backend, dict[str, int]],
+) -> None:
+    lb, be, ports = running
+    pids = [
+        int(x.split("pid=")[1].split()[0])
+        for x in lb.log_text().splitlines()
+        if "event=worker_started" in x
+    ]
+    os.kill(pids[0], signal.SIGKILL)
+    # the reload lands while the replacement is still starting (forked, not yet serving)
+    assert wait_for(lambda: lb.log_text().count("event=worker_started") == 3, 20)
+    added = {**ports, "c": free_port()}
+    lb.reload(config(be, added), wait_for_log=False)
+    assert wait_for(lambda: lb.log_text().count("event=started") == 3, 20)
+    assert wait_for(lambda: all_served(added["c"]), 30), lb.log_text()
+    assert all_served(ports["a"])
+
+
+def test_two_sighups_at_once_leave_one_consistent_set_of_listeners(
+    running: tuple[L4lb, Backend, dict[str, int]],
+) -> None:
+    """Both signals may reach the workers as one (signals coalesce): nothing may be left over."""
+    lb, be, ports = running
+    c = free_port()
+    lb.write_config(config(be, {"a": ports["a"], "c": c}))
+    lb.proc.send_signal(signal.SIGHUP)
+    lb.proc.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: "event=reload_forwarded" in lb.log_text(), 20)
+    assert wait_for(lambda: all_served(c), 30), lb.log_text()
+    assert wait_for(lambda: refused(ports["b"]), 30), lb.log_text()
+    assert all_served(ports["a"])
