@@ -23,8 +23,28 @@ log = logging.getLogger("l4lb.run")
 
 FDS_PER_CONNECTION = 2
 """A relayed connection holds the client's socket and the backend's."""
+FDS_PER_SPLICE = 4
+"""With ``relay = "splice"``, a busy connection also holds a pipe (two descriptors) each way."""
 FDS_SPARE = 64
-"""Listeners, health checks, the admin API, the access log, the event loop's own."""
+"""The process's own: standard streams, epoll, the self-pipe, log files, the supervisor's
+channel, and up to :data:`LISTENERS_IN_SPARE` listening sockets (one worker with one listener
+and no connection holds about 15)."""
+LISTENERS_IN_SPARE = 16
+FDS_ADMIN = 67
+"""The admin API: its listening socket, a worker's private socket, and 64 client slots."""
+
+
+def fds_needed(config: Config) -> int:
+    """Descriptors one process (a worker) may hold at once with every listener full.
+
+    ``max_conns`` counts per worker (each worker enforces it), so this is per process too.
+    """
+    per_conn = FDS_PER_CONNECTION + (FDS_PER_SPLICE if config.relay == "splice" else 0)
+    conns = sum(lc.max_conns for lc in config.listeners)
+    checks = sum(len(p.backends) for p in config.pools.values() if p.health is not None)
+    admin = FDS_ADMIN if config.admin is not None else 0
+    listeners = max(0, len(config.listeners) - LISTENERS_IN_SPARE)
+    return FDS_SPARE + listeners + admin + checks + per_conn * conns
 
 
 def raise_fd_limit(config: Config) -> None:
@@ -34,7 +54,7 @@ def raise_fd_limit(config: Config) -> None:
     the default ``max_conns = 10000`` would then fail connects with 'Too many open files' long
     before the listener is full. Warn when even the hard limit is too low.
     """
-    need = FDS_SPARE + FDS_PER_CONNECTION * sum(lc.max_conns for lc in config.listeners)
+    need = fds_needed(config)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < need:
         target = need if hard == resource.RLIM_INFINITY else min(need, hard)
@@ -46,11 +66,11 @@ def raise_fd_limit(config: Config) -> None:
             else:
                 log.info("event=fd_limit raised_from=%d to=%d needed=%d", soft, target, need)
                 soft = target
-    if soft != resource.RLIM_INFINITY and soft < need - FDS_SPARE:  # the spare is a guess
+    if soft != resource.RLIM_INFINITY and soft < need:
         log.warning(
-            "event=fd_limit limit=%d needed=%d detail='the listeners' max_conns need about %d "
-            "file descriptors: raise the hard limit (ulimit -Hn, systemd LimitNOFILE=) or lower "
-            "max_conns, or connections will fail with Too many open files'",
+            "event=fd_limit limit=%d needed=%d detail='the listeners' max_conns (per worker) need "
+            "about %d file descriptors: raise the hard limit (ulimit -Hn, systemd LimitNOFILE=) "
+            "or lower max_conns, or connections will fail with Too many open files'",
             soft,
             need,
             need,

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from l4lb.balancer import splice, tls_peek
 from l4lb.balancer.admission import Admitted
+from l4lb.balancer.health import local_resource_error
 from l4lb.balancer.relay import Relay, reset_socket
 from l4lb.config.values import format_hostport
 from l4lb.proxy_protocol import TLV, ProxyProtocolError, TLVType, build
@@ -188,7 +189,7 @@ class Connection:
             splice.wait_connected(self.loop, sock, self._on_writable)
             self.timer = self.loop.call_later(pool.connect_timeout, self._connect_timeout)
         else:
-            self._connect_failed(os.strerror(code))
+            self._connect_failed(os.strerror(code), code)
 
     def _on_writable(self) -> None:
         sock = self.backend_sock
@@ -198,7 +199,7 @@ class Connection:
             self.timer = None
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            self._connect_failed(os.strerror(err))
+            self._connect_failed(os.strerror(err), err)
         else:
             self._connected()
 
@@ -209,7 +210,7 @@ class Connection:
             splice.stop_waiting(self.loop, sock)
         self._connect_failed(f"connect timeout after {self.pool.connect_timeout:g}s")
 
-    def _connect_failed(self, why: str) -> None:
+    def _connect_failed(self, why: str, code: int = 0) -> None:
         backend = self.backend
         assert backend is not None
         sock = self.backend_sock
@@ -228,7 +229,9 @@ class Connection:
             why,
             len(self.tried),
         )
-        self.pool.connect_result(backend, False, why)
+        if not local_resource_error(code):  # this host's trouble says nothing of the backend
+            self.pool.connect_result(backend, False, why)
+
         if self.ended:
             return
         if len(self.tried) <= self.pool.retries:

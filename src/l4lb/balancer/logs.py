@@ -213,3 +213,27 @@ def setup_logging(level: int = logging.INFO) -> None:
     root.propagate = False
     _HANDLER = handler
     atexit.register(flush)
+
+
+class Every:
+    """At most one line per ``seconds`` for a repeated condition; counts the ones held back.
+
+    ``due()`` returns None while the condition was reported less than ``seconds`` ago, else the
+    number of occurrences held back since the last report (0 the first time).
+    """
+
+    __slots__ = ("_held", "_last", "seconds")
+
+    def __init__(self, seconds: float = 10.0) -> None:
+        self.seconds = seconds
+        self._last = -seconds
+        self._held = 0
+
+    def due(self, now: float | None = None) -> int | None:
+        now = time.monotonic() if now is None else now
+        if now - self._last < self.seconds:
+            self._held += 1
+            return None
+        self._last = now
+        held, self._held = self._held, 0
+        return held
