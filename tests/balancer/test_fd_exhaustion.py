@@ -31,7 +31,7 @@ def _run(workdir: Path, text: str, nofile: int) -> subprocess.Popen[bytes]:
         [sys.executable, "-m", "l4lb", "run", "--config", "l4lb.toml"],
         cwd=workdir,
         stdout=subprocess.DEVNULL,
-        stderr=open(workdir / "l4lb.log", "wb"),  # noqa: SIM115
+        stderr=open(workdir / "l4lb.log", "wb"),
         preexec_fn=limit,
     )
 
