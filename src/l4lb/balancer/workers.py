@@ -11,13 +11,18 @@ Consistency across workers:
   worker (and every l4lb instance with the same config) builds the same table and picks the same
   backend for a client.
 - **Per-client limits** (``max_conns_per_client``, ``new_conns_per_client``) are counted in each
-  worker's own memory, and stay exact because a client always reaches the *same* worker: a classic
-  BPF program attached to each listener's reuseport group (``SO_ATTACH_REUSEPORT_CBPF``) picks the
-  socket from a hash of the source address (IPv4: the address; IPv6: its first
-  ``min(client_v6_prefix, 64)`` bits, so one limiter key never spans two workers). Because the
-  supervisor holds every worker's socket, the group's order never changes, so the mapping holds
-  across worker restarts. Where the kernel refuses the program, the kernel's own 4-tuple hash
-  spreads connections and the limits become per worker (logged at start).
+  worker's own memory. They are exact when the socket peer is the client: a classic BPF program
+  attached to each listener's reuseport group (``SO_ATTACH_REUSEPORT_CBPF``) picks the socket from
+  a hash of the source address (IPv4: the address; IPv6: its first ``min(client_v6_prefix, 64)``
+  bits, so one limiter key never spans two workers), so a client always reaches the same worker.
+  Because the supervisor holds every worker's socket, the group's order never changes, so the
+  mapping holds across worker restarts. Behind ``accept_proxy`` the socket peer is an upstream
+  proxy, not the client: steering on it would hand everything from one upstream to one worker, so
+  those listeners get no program, the kernel's 4-tuple hash spreads connections, and the limits
+  are per worker (a client may get up to ``workers`` times them; warned at start). Where the
+  kernel refuses the program, the same holds (logged at start).
+- **max_conns** is per worker, as nginx's ``worker_connections`` and HAProxy's per-process
+  ``maxconn`` are: a listener takes up to ``workers × max_conns`` connections in all.
 
 Signals: SIGTERM/SIGINT/SIGUSR1 stop every worker gracefully (each drains for ``drain_timeout``;
 whatever is left after that and a grace period is killed); a repeated one is logged and ignored, as
@@ -217,6 +222,15 @@ def open_groups(listeners: Sequence[Any], workers: int) -> list[dict[Address, so
                 s.listen(4096)
                 s.setblocking(False)
                 group.append(s)
+            if getattr(listener, "accept_proxy", "off") != "off":
+                # the socket peer is an upstream proxy, not the client: steering on it would send
+                # everything from one upstream to one worker; the kernel's 4-tuple hash spreads
+                log.info(
+                    "event=steering_off listener=%s reason=accept_proxy detail=%r",
+                    listener.name,
+                    "connections spread by the kernel's hash: the socket peer is a proxy",
+                )
+                continue
             try:
                 attach_steering(group[0], steering_program(workers, listener.client_v6_prefix))
             except OSError as err:
@@ -233,7 +247,23 @@ def open_groups(listeners: Sequence[Any], workers: int) -> list[dict[Address, so
     return per_worker
 
 
+def warn_per_worker_limits(config: Any) -> None:
+    """Say where per-client limits are counted per worker (a client may get workers × them)."""
+    for lc in config.listeners:
+        limited = lc.max_conns_per_client is not None or lc.new_conns_per_client is not None
+        if limited and lc.accept_proxy != "off":
+            log.warning(
+                "event=per_client_limits_per_worker listener=%s workers=%d detail=%r",
+                lc.name,
+                config.workers,
+                "behind accept_proxy the socket peer is the upstream, not the client, so "
+                "connections are not steered by client: each worker counts its own, and a "
+                "client may get up to workers x max_conns_per_client / new_conns_per_client",
+            )
+
+
 # -- the supervisor -------------------------------------------------------------------------
+
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -308,6 +338,7 @@ class Supervisor:
         except OSError as err:
             log.error("event=start_failed error=%r", err.strerror or str(err))
             return 1
+        warn_per_worker_limits(self.config)
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         try:
             log.info(
