@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import resource
 import sys
 
@@ -77,6 +78,23 @@ def raise_fd_limit(config: Config) -> None:
         )
 
 
+def keep_standard_fds() -> None:
+    """Put ``/dev/null`` on a closed stdin, stdout or stderr.
+
+    Started with one of them closed (``>&-``, some supervisors), the next socket would take its
+    number, and access-log or log lines written to "stdout" or "stderr" would go into a client's
+    connection.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
 def warn_unprotected_admin(config: Config) -> None:
     """Say so when the admin API's POSTs (drain, disable, reload) are open beyond loopback."""
     if config.admin is None or config.admin.token:
@@ -100,6 +118,7 @@ def main(argv: list[str]) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return EXIT_OK if exc.code == 0 else EXIT_USAGE
+    keep_standard_fds()
     setup_logging(getattr(logging, args.log_level.upper()))
     try:
         config = load_config(args.config)

@@ -131,7 +131,7 @@ class AccessLog:
 
     def _open(self) -> int:
         if self.target == "stdout":
-            with contextlib.suppress(OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError, AttributeError):  # None: closed
                 sys.stdout.flush()  # whatever was printed before comes first
             return 1
         return os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
