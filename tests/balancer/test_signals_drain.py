@@ -229,3 +229,33 @@ def test_a_sighup_that_arrives_while_a_worker_starts_is_replayed_not_lost() -> N
             signal.signal(signal.SIGHUP, previous)
 
     assert asyncio.run(main()) == ["reload", "running"]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigusr2_is_ignored_and_sigusr1_stops_gracefully(tmp_path: Path, workers: int) -> None:
+    """Their default action kills: SIGUSR2 means nothing here, SIGUSR1 is HAProxy's soft-stop."""
+    port = free_port()
+    with backend(paced) as be:
+        text = config_text(f"127.0.0.1:{port}", [be.address], top={"workers": workers})
+        lb = start(tmp_path, text)
+        try:
+            assert wait_for(lambda: lb.log_text().count("event=started") == workers, 20)
+            os.killpg(lb.pid, signal.SIGUSR2)  # every process of the group gets it
+            assert wait_for(
+                lambda: (
+                    lb.log_text().count("event=signal_ignored signal=SIGUSR2") == workers + 1
+                    if workers > 1
+                    else "event=signal_ignored signal=SIGUSR2" in lb.log_text()
+                ),
+                20,
+            ), lb.log_text()
+            transfer = Transfer(connect(port))
+            transfer.start()
+            assert transfer.started.wait(20)
+            lb.proc.send_signal(signal.SIGUSR1)
+            assert lb.proc.wait(60) == 0, lb.log_text()
+            transfer.join(30)
+            assert transfer.result == (DIGEST, SIZE)
+            assert "event=stopping signal=SIGUSR1" in lb.log_text()
+        finally:
+            stop_process(lb.proc, timeout=5)

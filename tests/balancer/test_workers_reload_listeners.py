@@ -136,3 +136,37 @@ def test_two_sighups_at_once_leave_one_consistent_set_of_listeners(
     assert wait_for(lambda: all_served(c), 30), lb.log_text()
     assert wait_for(lambda: refused(ports["b"]), 30), lb.log_text()
     assert all_served(ports["a"])
+
+
+def test_a_reload_that_cannot_bind_is_refused_by_the_supervisor(
+    running: tuple[L4lb, Backend, dict[str, int]],
+) -> None:
+    lb, be, ports = running
+    with socket.socket() as taken:  # no SO_REUSEPORT: nobody may share this port
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        busy = taken.getsockname()[1]
+        lb.reload(config(be, {**ports, "c": busy}), wait_for_log=False)
+        assert wait_for(lambda: "event=reload_rejected" in lb.log_text(), 20), lb.log_text()
+        assert "event=reload_forwarded" not in lb.log_text()
+    assert all_served(ports["b"])
+    assert "event=reloaded" not in lb.log_text()
+
+
+def test_a_worker_crashing_in_a_loop_is_restarted_with_a_growing_back_off(
+    running: tuple[L4lb, Backend, dict[str, int]],
+) -> None:
+    lb, _, ports = running
+    for crash in range(1, 5):
+        last = [x for x in lb.log_text().splitlines() if "event=worker_started" in x][-1]
+        os.kill(int(last.split("pid=")[1].split()[0]), signal.SIGKILL)
+        assert wait_for(lambda n=crash: lb.log_text().count("event=worker_started") == 2 + n, 30), (
+            lb.log_text()
+        )
+    backoffs = [
+        float(x.split("restart_in=")[1].rstrip("s"))
+        for x in lb.log_text().splitlines()
+        if "event=worker_crashed" in x
+    ]
+    assert backoffs == [0.1, 0.2, 0.4, 0.8]
+    assert wait_for(lambda: all_served(ports["a"]), 30)
