@@ -170,3 +170,59 @@ def test_a_worker_crashing_in_a_loop_is_restarted_with_a_growing_back_off(
     ]
     assert backoffs == [0.1, 0.2, 0.4, 0.8]
     assert wait_for(lambda: all_served(ports["a"]), 30)
+
+
+def test_a_burst_of_sighups_leaves_the_supervisor_alive(
+    running: tuple[L4lb, Backend, dict[str, int]],
+) -> None:
+    """While the supervisor's main thread is busy with one reload, the next SIGHUP must wait for
+    it: delivered to a helper thread (the log writer) its default action killed the process."""
+    lb, be, ports = running
+    lb.write_config(config(be, {**ports, "c": free_port()}))
+    for _ in range(50):
+        lb.proc.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: "event=reload_forwarded" in lb.log_text(), 20)
+    assert lb.proc.poll() is None, lb.log_text()
+    assert all_served(ports["a"])
+    # every thread but the main one blocks every signal
+    main = lb.pid
+    for tid in os.listdir(f"/proc/{main}/task"):
+        if int(tid) == main:
+            continue
+        with open(f"/proc/{main}/task/{tid}/status") as f:
+            blocked = int(next(x for x in f if x.startswith("SigBlk:")).split()[1], 16)
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            assert blocked & (1 << (sig - 1)), f"thread {tid} can take {sig.name}"
+
+
+def test_a_round_of_added_listeners_never_closes_the_sockets_of_the_fork() -> None:
+    """A worker still starting may read a reload's round before it took its own sockets: the
+    round closes only an earlier round's leftovers, never what the worker inherited at fork."""
+    from l4lb.balancer import workers
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    forked, left, added = socket.socket(), socket.socket(), socket.socket()
+    saved = (workers._CHANNEL, dict(workers._INHERITED), set(workers._RECEIVED))
+    try:
+        theirs.setblocking(False)
+        workers._CHANNEL = theirs
+        workers._INHERITED.clear()
+        workers._INHERITED[("127.0.0.1", 1)] = forked  # from the fork, not taken yet
+        ours.send(b"round")
+        socket.send_fds(ours, [b"127.0.0.1 2"], [left.fileno()])  # a round no reload used
+        assert workers.inherited_socket(("127.0.0.1", 3)) is None
+        ours.send(b"round")
+        socket.send_fds(ours, [b"127.0.0.1 3"], [added.fileno()])
+        got = workers.inherited_socket(("127.0.0.1", 3))
+        assert got is not None and got.fileno() >= 0
+        got.close()
+        assert workers.inherited_socket(("127.0.0.1", 1)) is forked and forked.fileno() >= 0
+        assert ("127.0.0.1", 2) not in workers._INHERITED  # the leftover was closed
+    finally:
+        workers._CHANNEL, inherited, received = saved
+        workers._INHERITED.clear()
+        workers._INHERITED.update(inherited)
+        workers._RECEIVED.clear()
+        workers._RECEIVED.update(received)
+        for s in (ours, theirs, forked, left, added):
+            s.close()

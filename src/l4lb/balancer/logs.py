@@ -22,6 +22,7 @@ import atexit
 import logging
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -141,6 +142,9 @@ class QueuedStderr(logging.Handler):
         return lines
 
     def _run(self) -> None:
+        # a signal sent to the process must reach the main thread: here, one whose action is
+        # the default (the supervisor blocks them and waits with sigtimedwait) would kill
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         get = self._queue.get
         while True:
             try:

@@ -60,6 +60,8 @@ _INHERITED: dict[Address, socket.socket] = {}
 """In a worker: the listening sockets the supervisor made for it, by bind address."""
 _CHANNEL: socket.socket | None = None
 """In a worker: where the supervisor sends the sockets of listeners a reload adds."""
+_RECEIVED: set[Address] = set()
+"""In a worker: the keys of ``_INHERITED`` that came over the channel (not from the fork)."""
 _MAX_FDS = 64
 
 SIGNALS = (
@@ -108,10 +110,12 @@ def _receive() -> None:
             return
         if not data:
             return
-        if data == b"round":
-            for stale in _INHERITED.values():
-                stale.close()
-            _INHERITED.clear()
+        if data == b"round":  # an earlier round's leftovers; never the sockets of the fork
+            for key in _RECEIVED:
+                stale = _INHERITED.pop(key, None)
+                if stale is not None:
+                    stale.close()
+            _RECEIVED.clear()
             continue
         host, _, port = data.decode("ascii", "replace").rpartition(" ")
         for fd in fds:
@@ -123,6 +127,7 @@ def _receive() -> None:
             if old is not None:
                 old.close()
             _INHERITED[_key((host, int(port)))] = sock
+            _RECEIVED.add(_key((host, int(port))))
 
 
 def _key(bind: Address) -> Address:
@@ -250,8 +255,11 @@ def open_groups(listeners: Sequence[Any], workers: int) -> list[dict[Address, so
 def warn_per_worker_limits(config: Any) -> None:
     """Say where per-client limits are counted per worker (a client may get workers × them)."""
     for lc in config.listeners:
-        limited = lc.max_conns_per_client is not None or lc.new_conns_per_client is not None
-        if limited and lc.accept_proxy != "off":
+        limited = (
+            getattr(lc, "max_conns_per_client", None) is not None
+            or getattr(lc, "new_conns_per_client", None) is not None
+        )
+        if limited and getattr(lc, "accept_proxy", "off") != "off":
             log.warning(
                 "event=per_client_limits_per_worker listener=%s workers=%d detail=%r",
                 lc.name,

@@ -32,6 +32,7 @@ import contextlib
 import logging
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -150,6 +151,7 @@ class AccessLog:
             self._queue.put(record)
 
     def _run(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())  # for the main thread
         encode = msgspec.json.Encoder().encode
         get = self._queue.get
         reported = _DROPPED.total
