@@ -134,8 +134,18 @@ def test_the_log_queue_drops_and_reports_instead_of_blocking() -> None:
         assert b"event=log_dropped count=" in got
     finally:
         logger.removeHandler(handler)
-        os.close(w)
-        os.close(r)
+        _shut(handler, r, w)
+
+
+def _shut(handler: QueuedStderr, r: int, w: int) -> None:
+    """Stop the writer (draining the pipe it may be blocked on), then close both ends."""
+    os.set_blocking(r, True)
+    drain = threading.Thread(target=lambda: _read_until(r, b"\0never\0"), daemon=True)
+    drain.start()
+    handler.close()
+    os.close(w)
+    drain.join(10)
+    os.close(r)
 
 
 def _read_until(fd: int, marker: bytes) -> bytes:
@@ -171,5 +181,4 @@ def test_a_flood_of_one_event_is_summarised(tmp_path: Path) -> None:
         assert sum(int(x.split("count=")[1].split()[0]) for x in summaries) == 1000 - rejected
     finally:
         logger.removeHandler(handler)
-        os.close(w)
-        os.close(r)
+        _shut(handler, r, w)

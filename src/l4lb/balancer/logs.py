@@ -34,6 +34,7 @@ BURST = 100
 WINDOW = 1.0
 
 _FLUSH = object()
+_STOP = object()
 
 
 class _Formatter(logging.Formatter):
@@ -162,6 +163,8 @@ class QueuedStderr(logging.Handler):
                 self._write(("\n".join(lines) + "\n").encode("utf-8", "backslashreplace"))
             if self._queue.empty():
                 self._idle.set()
+            if _STOP in items:
+                return
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -175,6 +178,13 @@ class QueuedStderr(logging.Handler):
                 self._reported = self.dropped  # a report would be lost the same way
             finally:
                 self.release()
+
+    def close(self) -> None:
+        """Write what is queued (waiting at most 2 s) and stop the writer thread."""
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join(2.0)
+        super().close()
 
     def flush(self, timeout: float = 2.0) -> None:
         """Wait (up to ``timeout``) until every queued line was written."""
