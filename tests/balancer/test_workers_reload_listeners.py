@@ -226,3 +226,32 @@ def test_a_round_of_added_listeners_never_closes_the_sockets_of_the_fork() -> No
         workers._RECEIVED.update(received)
         for s in (ours, theirs, forked, left, added):
             s.close()
+
+
+def test_post_reload_that_removes_a_listener_closes_the_supervisors_copies(tmp_path: Path) -> None:
+    """``POST /reload`` reloads the workers directly: the supervisor must follow them."""
+    from tests.observe.live import http
+
+    ports = {"a": free_port(), "b": free_port()}
+    admin = free_port()
+    tail = f'\n[admin]\nbind = "127.0.0.1:{admin}"\n'
+    with backend(hello) as be, l4lb(tmp_path, config(be, ports) + tail) as lb:
+        assert wait_for(lambda: lb.log_text().count("event=started") == 2, 20)
+        assert wait_for(lambda: "event=admin_listening" in lb.log_text(), 20)
+
+        def post_reload(listeners: dict[str, int]) -> None:
+            before = lb.log_text().count("event=reloaded")
+            lb.write_config(config(be, listeners) + tail)
+            code, body = http(f"http://127.0.0.1:{admin}/reload", "POST")
+            assert code == 200, body
+            assert wait_for(lambda: lb.log_text().count("event=reloaded") >= before + 2, 20)
+
+        post_reload({"a": ports["a"]})
+        assert wait_for(lambda: refused(ports["b"]), 20), lb.log_text()
+        post_reload(ports)  # added back by the workers themselves
+        assert all_served(ports["b"]), lb.log_text()
+        reload(lb, config(be, ports) + tail)  # a SIGHUP after it opens no second group
+        assert all_served(ports["b"]), lb.log_text()
+        reload(lb, config(be, {"a": ports["a"]}) + tail)
+        assert wait_for(lambda: refused(ports["b"]), 20), lb.log_text()
+        assert all_served(ports["a"])

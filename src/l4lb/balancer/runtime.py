@@ -45,6 +45,7 @@ EXTENSIONS: tuple[str, ...] = (
     "l4lb.balancer.health",
     "l4lb.observe.admin",
     "l4lb.observe.systemd",
+    "l4lb.balancer.workers",
 )
 """Modules whose ``attach(balancer)`` is called once the listeners are up, if they define it."""
 

@@ -339,6 +339,8 @@ class Supervisor:
         self.sockets: list[dict[Address, socket.socket]] = []
         self.stopping = False
         self.status = 0
+        self.worker_owned: set[Address] = set()
+        """Binds a worker-local reload (``POST /reload``) added: the workers bound them."""
 
     def run(self) -> int:
         try:
@@ -449,6 +451,7 @@ class Supervisor:
             if deadline is not None:
                 waits.append(deadline - now)
             info = signal.sigtimedwait(SIGNALS, max(0.01, min(waits)))
+            self._follow_workers()  # before a SIGHUP: what they applied comes first
             if info is not None:
                 sig = info.si_signo
                 if sig in GRACEFUL and not self.stopping:
@@ -508,7 +511,9 @@ class Supervisor:
         """Open the groups of added binds, close those of removed ones, send workers theirs."""
         held = set(self.sockets[0]) if self.sockets else set()
         wanted = {_key(lc.bind_addr): lc for lc in new.listeners}
-        opened = open_groups([lc for k, lc in wanted.items() if k not in held], self.count)
+        mine = [lc for k, lc in wanted.items() if k not in held and k not in self.worker_owned]
+        opened = open_groups(mine, self.count)
+        self.worker_owned &= set(wanted)
         for key in held - set(wanted):
             for socks in self.sockets:
                 socks.pop(key).close()
@@ -518,6 +523,7 @@ class Supervisor:
         # a worker binds afresh every listener whose name is new or whose bind changed
         before = {(lc.name, _key(lc.bind_addr)) for lc in old.listeners}
         fresh = [k for k, lc in wanted.items() if (lc.name, k) not in before]
+        fresh = [k for k in fresh if k not in self.worker_owned]
         for w in self.workers:
             if w.pid and w.channel is not None:
                 self._send(w, fresh)
@@ -598,6 +604,34 @@ class Supervisor:
                 w.backoff,
             )
 
+    def _follow_workers(self) -> None:
+        """A worker applied a reload of its own (``POST /reload``): follow the file.
+
+        The supervisor did not open what that reload added (the workers bound those
+        themselves), but it must let go of what it removed, or the port stays open.
+        """
+        told = False
+        for w in self.workers:
+            while w.channel is not None:
+                try:
+                    told |= w.channel.recv(64) == b"reloaded"
+                except OSError:  # BlockingIOError: nothing (more)
+                    break
+        if not told or self.stopping or self.load is None:
+            return
+        try:
+            new = self.load(self.config_path)
+        except Exception:  # the worker applied it a moment ago; changed since: next time
+            return
+        held = set(self.sockets[0]) if self.sockets else set()
+        wanted = {_key(lc.bind_addr) for lc in new.listeners}
+        for key in held - wanted:
+            for socks in self.sockets:
+                socks.pop(key).close()
+            log.info("event=listener_closed bind=%s", _show(key))
+        self.worker_owned = wanted - held
+        self.config = new
+
     def _close_sockets(self) -> None:
         for socks in self.sockets:
             for s in socks.values():
@@ -624,6 +658,22 @@ def supervise(config_path: str | Path, config: Any) -> int:
     from l4lb.config.loader import load_config
 
     return Supervisor(str(config_path), config, load=load_config).run()
+
+
+def attach(balancer: Any) -> None:
+    """Runtime extension hook: in a worker, tell the supervisor after every applied reload.
+
+    A reload through the admin API (``POST /reload``) happens in the workers alone; told, the
+    supervisor follows the file and closes its copies of the listeners that reload removed.
+    """
+    if _CHANNEL is not None:
+        balancer.on_reload.append(_tell_reloaded)
+
+
+def _tell_reloaded(balancer: Any) -> None:
+    if _CHANNEL is not None:
+        with contextlib.suppress(OSError):
+            _CHANNEL.send(b"reloaded")
 
 
 def _show(key: Address) -> str:
