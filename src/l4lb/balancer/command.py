@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import resource
 import sys
 
@@ -22,9 +23,33 @@ log = logging.getLogger("l4lb.run")
 
 
 FDS_PER_CONNECTION = 2
-"""A relayed connection holds the client's socket and the backend's (the stream relay)."""
+"""A relayed connection holds the client's socket and the backend's (the stream relay; the
+splice relay's own figures, pipes included, are ``splice.FDS_PER_CONNECTION`` and
+``splice.FDS_SPARE``)."""
 FDS_SPARE = 64
-"""Listeners, health checks, the admin API, the access log, the event loop's own."""
+"""The process's own: standard streams, epoll, the self-pipe, log files, the supervisor's
+channel, and up to :data:`LISTENERS_IN_SPARE` listening sockets (one worker with one listener
+and no connection holds about 15)."""
+LISTENERS_IN_SPARE = 16
+FDS_ADMIN = 67
+"""The admin API: its listening socket, a worker's private socket, and 64 client slots."""
+
+
+def fds_needed(config: Config) -> int:
+    """Descriptors one process (a worker) may hold at once with every listener full.
+
+    ``max_conns`` counts per worker (each worker enforces it), so this is per process too.
+    """
+    per_conn, spare = FDS_PER_CONNECTION, FDS_SPARE
+    if config.relay == "splice":  # and a pipe for each busy direction, spare pipes kept
+        from l4lb.balancer import splice
+
+        per_conn, spare = splice.FDS_PER_CONNECTION, spare + splice.FDS_SPARE
+    conns = sum(lc.max_conns for lc in config.listeners)
+    checks = sum(len(p.backends) for p in config.pools.values() if p.health is not None)
+    admin = FDS_ADMIN if config.admin is not None else 0
+    listeners = max(0, len(config.listeners) - LISTENERS_IN_SPARE)
+    return spare + listeners + admin + checks + per_conn * conns
 
 
 def raise_fd_limit(config: Config) -> None:
@@ -35,12 +60,7 @@ def raise_fd_limit(config: Config) -> None:
     before the listener is full. With ``relay = "splice"`` each busy direction also holds a
     pipe (two descriptors). Warn when even the hard limit is too low.
     """
-    per_connection, spare = FDS_PER_CONNECTION, FDS_SPARE
-    if config.relay == "splice":  # and a pipe for each busy direction, spare pipes kept
-        from l4lb.balancer import splice
-
-        per_connection, spare = splice.FDS_PER_CONNECTION, spare + splice.FDS_SPARE
-    need = spare + per_connection * sum(lc.max_conns for lc in config.listeners)
+    need = fds_needed(config)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < need:
         target = need if hard == resource.RLIM_INFINITY else min(need, hard)
@@ -52,15 +72,32 @@ def raise_fd_limit(config: Config) -> None:
             else:
                 log.info("event=fd_limit raised_from=%d to=%d needed=%d", soft, target, need)
                 soft = target
-    if soft != resource.RLIM_INFINITY and soft < need - FDS_SPARE:  # the spare is a guess
+    if soft != resource.RLIM_INFINITY and soft < need:
         log.warning(
-            "event=fd_limit limit=%d needed=%d detail='the listeners' max_conns need about %d "
-            "file descriptors: raise the hard limit (ulimit -Hn, systemd LimitNOFILE=) or lower "
-            "max_conns, or connections will fail with Too many open files'",
+            "event=fd_limit limit=%d needed=%d detail='the listeners' max_conns (per worker) need "
+            "about %d file descriptors: raise the hard limit (ulimit -Hn, systemd LimitNOFILE=) "
+            "or lower max_conns, or connections will fail with Too many open files'",
             soft,
             need,
             need,
         )
+
+
+def keep_standard_fds() -> None:
+    """Put ``/dev/null`` on a closed stdin, stdout or stderr.
+
+    Started with one of them closed (``>&-``, some supervisors), the next socket would take its
+    number, and access-log or log lines written to "stdout" or "stderr" would go into a client's
+    connection.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
 
 
 def warn_unprotected_admin(config: Config) -> None:
@@ -86,6 +123,7 @@ def main(argv: list[str]) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return EXIT_OK if exc.code == 0 else EXIT_USAGE
+    keep_standard_fds()
     setup_logging(getattr(logging, args.log_level.upper()))
     warnings: list[ConfigIssue] = []
     try:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from l4lb.balancer import poller, tls_peek
 from l4lb.balancer.admission import Admitted
+from l4lb.balancer.health import local_resource_error
 from l4lb.balancer.relay_contract import EndReason, Relay, StartRelay, reset_socket
 from l4lb.config.values import format_hostport
 from l4lb.proxy_protocol import TLV, ProxyProtocolError, TLVType, build
@@ -254,7 +255,7 @@ class Connection:
             poller.wait_connected(self.loop, sock, self._on_writable)
             self.timer = self.loop.call_later(pool.connect_timeout, self._connect_timeout)
         else:
-            self._connect_failed(os.strerror(code))
+            self._connect_failed(os.strerror(code), code)
 
     def _on_writable(self) -> None:
         sock = self.backend_sock
@@ -262,7 +263,7 @@ class Connection:
             return
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            self._connect_failed(os.strerror(err))
+            self._connect_failed(os.strerror(err), err)
         else:
             self._connected()
 
@@ -270,7 +271,7 @@ class Connection:
         self.timer = None
         self._connect_failed(f"connect timeout after {self.pool.connect_timeout:g}s")
 
-    def _connect_failed(self, why: str) -> None:
+    def _connect_failed(self, why: str, code: int = 0) -> None:
         backend = self.backend
         assert backend is not None
         sock = self.backend_sock
@@ -290,7 +291,8 @@ class Connection:
             why,
             len(self.tried),
         )
-        self.pool.connect_result(backend, False, why)
+        if not local_resource_error(code):  # this host's trouble says nothing of the backend
+            self.pool.connect_result(backend, False, why)
         if self.state is State.CLOSED:
             return
         if len(self.tried) <= self.pool.retries:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import errno
 import logging
 import os
 import time
@@ -32,6 +33,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from l4lb.balancer.logs import Every
 from l4lb.config.schema import HealthConfig
 from l4lb.proxy_protocol import local_header
 
@@ -47,6 +49,21 @@ CHECK_BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 _MAX_READ = 65536
 
 
+LOCAL_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
+)
+"""Errors of this host, not of a backend: out of descriptors, buffers, memory, local ports."""
+
+
+def local_resource_error(code: int | None) -> bool:
+    """True when a failed connect says nothing about the backend (see :data:`LOCAL_ERRNOS`).
+
+    Neither an active check nor a passive report may count such a failure against a backend:
+    at EMFILE every backend would go down together and the pool would empty itself.
+    """
+    return code in LOCAL_ERRNOS
+
+
 def _why(err: OSError) -> str:
     """``Connection refused`` rather than asyncio's ``Connect call failed ('127.0.0.1', 9)``."""
     if err.errno:
@@ -56,6 +73,10 @@ def _why(err: OSError) -> str:
 
 class CheckFailed(Exception):
     """A probe found the backend unhealthy; the message says why, for the log and /status."""
+
+
+class LocalError(CheckFailed):
+    """The probe could not run for a reason of this host (see :func:`local_resource_error`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +118,8 @@ class CheckResult:
     at: float
     """Wall-clock time (``time.time()``) when it finished."""
     source: str = "active"
-    """``active`` for a probe, ``passive`` for a connect failure seen by the relay."""
+    """``active`` for a probe, ``passive`` for a connect failure seen by the relay, ``local``
+    for a probe that could not run for a reason of this host (never counted)."""
 
 
 @dataclass(slots=True)
@@ -141,6 +163,8 @@ async def _open(target: Target) -> tuple[asyncio.StreamReader, asyncio.StreamWri
     try:
         return await asyncio.open_connection(target.host, target.port)
     except OSError as err:
+        if local_resource_error(err.errno):
+            raise LocalError(f"connect to {target.address}: {_why(err)}") from err
         raise CheckFailed(f"connect to {target.address} failed: {_why(err)}") from err
 
 
@@ -252,9 +276,14 @@ async def run_probe(target: Target, settings: CheckSettings) -> CheckResult:
         ok = True
     except TimeoutError:
         ok, detail = False, f"timeout after {settings.timeout:g}s"
+    except LocalError as err:
+        return CheckResult(False, str(err), time.monotonic() - start, time.time(), "local")
     except CheckFailed as err:
         ok, detail = False, str(err)
     except OSError as err:  # anything the socket layer raises that a probe did not wrap
+        if local_resource_error(err.errno):
+            detail = f"{type(err).__name__}: {_why(err)}"
+            return CheckResult(False, detail, time.monotonic() - start, time.time(), "local")
         ok, detail = False, f"{type(err).__name__}: {_why(err)}"
     return CheckResult(ok, detail, time.monotonic() - start, time.time())
 
@@ -300,6 +329,7 @@ class HealthChecks:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._health: dict[tuple[str, str], Health] = {}
         self._by_backend: dict[int, tuple[PoolPlan, Target]] = {}
+        self._local_errors = Every(10.0)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -399,6 +429,18 @@ class HealthChecks:
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
     def _apply(self, plan: PoolPlan, target: Target, result: CheckResult) -> None:
+        if result.source == "local":  # this host's trouble, not the backend's
+            held = self._local_errors.due()
+            if held is not None:
+                log.warning(
+                    "event=health_check_local_error pool=%s backend=%s error=%r more=%d detail=%r",
+                    plan.name,
+                    target.address,
+                    result.detail,
+                    held,
+                    "a resource of this host ran out; not counted against the backend",
+                )
+            return
         record = self._health[(plan.name, target.address)]
         record.last = result
         if target.backend is not None:

@@ -2,13 +2,39 @@
 
 Every message in the balancer starts with ``event=NAME`` and goes on with ``key=value`` pairs
 (values with spaces are quoted with ``%r``), so ``grep event=connect_failed`` finds them all.
+
+Logging never blocks the event loop: a record is formatted where it is logged and put on a
+bounded queue; a writer thread writes the lines to stderr. When stderr does not keep up (a
+stalled journal, a pipe nobody reads), new lines are dropped and counted, and the writer says so
+once it can write again (``event=log_dropped count=N total=M``); :func:`dropped` is exported as
+``l4lb_log_dropped_total``.
+
+A flood of one kind of line (a rejection or a connect failure per connection, under attack or
+with a dead backend) is limited as journald's ``RateLimitBurst`` limits it: at most
+:data:`BURST` lines per second of one message template at INFO or WARNING, then one
+``event=log_suppressed`` line a second with the count. Errors are never suppressed. (The
+per-connection facts are all in the access log, one JSON line each, as HAProxy logs them.)
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
+import queue
+import signal
 import sys
+import threading
 import time
+
+MAX_QUEUED = 10_000
+"""Lines waiting for stderr before new ones are dropped."""
+BURST = 100
+"""Lines of one message template per second before the rest of that second is suppressed."""
+WINDOW = 1.0
+
+_FLUSH = object()
+_STOP = object()
 
 
 class _Formatter(logging.Formatter):
@@ -21,15 +47,207 @@ class _Formatter(logging.Formatter):
         return line
 
 
+def _event(template: str) -> str:
+    head = template.split(" ", 1)[0]
+    return head[6:] if head.startswith("event=") else "?"
+
+
+class QueuedStderr(logging.Handler):
+    """Formats in the caller's thread, writes to ``fd`` from a thread of its own."""
+
+    def __init__(self, fd: int = 2, max_queued: int = MAX_QUEUED) -> None:
+        super().__init__()
+        self.fd = fd
+        self.max_queued = max_queued
+        self.dropped = 0
+        self._reported = 0
+        self._windows: dict[tuple[str, str], tuple[float, int]] = {}
+        """(logger, template) -> (window start, lines in it)."""
+        self._suppressed: dict[tuple[str, str], int] = {}
+        self._start()
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        """A worker: its own counts, queue and writer (threads do not survive a fork)."""
+        self.dropped = self._reported = 0
+        self._windows = {}
+        self._suppressed = {}
+        self._start()
+
+    def _start(self) -> None:
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread = threading.Thread(target=self._run, name="l4lb-log", daemon=True)
+        self._thread.start()
+
+    # -- the caller's side (under the handler's lock) ------------------------------------------
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno < logging.ERROR and not self._admit(record):
+            return
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        self._put(line)
+
+    def _admit(self, record: logging.LogRecord) -> bool:
+        key = (record.name, str(record.msg))
+        now = time.monotonic()
+        start, count = self._windows.get(key, (0.0, 0))
+        if now - start >= WINDOW:
+            self._windows[key] = (now, 1)
+            if len(self._windows) > 4096:  # templates are few; a bound all the same
+                self._windows = {key: (now, 1)}
+            return True
+        if count < BURST:
+            self._windows[key] = (start, count + 1)
+            return True
+        self._suppressed[key] = self._suppressed.get(key, 0) + 1
+        return False
+
+    def _put(self, line: str) -> None:
+        if self._queue.qsize() >= self.max_queued:
+            self.dropped += 1
+            return
+        self._idle.clear()
+        self._queue.put(line)
+
+    # -- the writer thread -------------------------------------------------------------------
+
+    def _summaries(self) -> list[str]:
+        """``log_suppressed`` and ``log_dropped`` lines due now (called by the writer)."""
+        lines = []
+        when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + ".000Z"
+        self.acquire()
+        try:
+            suppressed, self._suppressed = self._suppressed, {}
+            dropped = self.dropped
+        finally:
+            self.release()
+        for (name, template), count in suppressed.items():
+            lines.append(
+                f"{when} level=warning logger={name} event=log_suppressed "
+                f"event_name={_event(template)} count={count} window={WINDOW:g}s "
+                f"detail='more than {BURST} lines a second of this event'"
+            )
+        if dropped != self._reported:
+            lines.append(
+                f"{when} level=warning logger=l4lb.log event=log_dropped "
+                f"count={dropped - self._reported} total={dropped} "
+                "detail='stderr did not keep up: log lines lost'"
+            )
+            self._reported = dropped
+        return lines
+
+    def _run(self) -> None:
+        # a signal sent to the process must reach the main thread: here, one whose action is
+        # the default (the supervisor blocks them and waits with sigtimedwait) would kill
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        get = self._queue.get
+        while True:
+            try:
+                items = [get(timeout=WINDOW)]
+            except queue.Empty:
+                items = []
+            while True:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            lines = [item for item in items if isinstance(item, str)]
+            lines += self._summaries()
+            if lines:
+                self._write(("\n".join(lines) + "\n").encode("utf-8", "backslashreplace"))
+            if self._queue.empty():
+                self._idle.set()
+            if _STOP in items:
+                return
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError:  # stderr closed (EPIPE, EBADF): nobody to tell, count what is lost
+            self.acquire()
+            try:
+                self.dropped += bytes(view).count(b"\n")
+                self._reported = self.dropped  # a report would be lost the same way
+            finally:
+                self.release()
+
+    def close(self) -> None:
+        """Write what is queued (waiting at most 2 s) and stop the writer thread."""
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join(2.0)
+        super().close()
+
+    def flush(self, timeout: float = 2.0) -> None:
+        """Wait (up to ``timeout``) until every queued line was written."""
+        if self._thread.is_alive():
+            self._idle.clear()
+            self._queue.put(_FLUSH)
+            self._idle.wait(timeout)
+
+
+_HANDLER: QueuedStderr | None = None
+
+
+def dropped() -> int:
+    """Log lines this process dropped because stderr did not keep up."""
+    return _HANDLER.dropped if _HANDLER is not None else 0
+
+
+def flush(timeout: float = 2.0) -> None:
+    """Write out what is queued (bounded: a stalled stderr must not hang an exit)."""
+    if _HANDLER is not None:
+        _HANDLER.flush(timeout)
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Send ``l4lb.*`` loggers to stderr in the one-line format (idempotent)."""
+    global _HANDLER
     root = logging.getLogger("l4lb")
     for handler in root.handlers:
         if getattr(handler, "_l4lb", False):
             return
-    handler = logging.StreamHandler(sys.stderr)
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, ValueError, OSError):  # None (closed) or not a file (captured)
+        fd = 2
+    handler = QueuedStderr(fd)
     handler.setFormatter(_Formatter())
     handler._l4lb = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
+    _HANDLER = handler
+    atexit.register(flush)
+
+
+class Every:
+    """At most one line per ``seconds`` for a repeated condition; counts the ones held back.
+
+    ``due()`` returns None while the condition was reported less than ``seconds`` ago, else the
+    number of occurrences held back since the last report (0 the first time).
+    """
+
+    __slots__ = ("_held", "_last", "seconds")
+
+    def __init__(self, seconds: float = 10.0) -> None:
+        self.seconds = seconds
+        self._last = -seconds
+        self._held = 0
+
+    def due(self, now: float | None = None) -> int | None:
+        now = time.monotonic() if now is None else now
+        if now - self._last < self.seconds:
+            self._held += 1
+            return None
+        self._last = now
+        held, self._held = self._held, 0
+        return held

@@ -24,21 +24,20 @@ pools) is built first, and only when all of it exists is it swapped in.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from l4lb.anycast.announcer import Announcer, AnycastError, make_announcer
-from l4lb.balancer import health
+from l4lb.balancer import health, workers
 from l4lb.balancer.admission import Admission, Rejected
 from l4lb.balancer.connection import Connection, State
 from l4lb.balancer.listener import BindError, Listener, OpenSocket, open_listening_socket
 from l4lb.balancer.pool import Pool
 from l4lb.balancer.relay_contract import EndReason, StartRelay, get_relay
+from l4lb.balancer.signals import StopMode, StopSignals
 from l4lb.config.loader import ConfigError, load_config
 from l4lb.config.schema import Config, ListenerConfig
 from l4lb.config.values import format_hostport
@@ -348,6 +347,7 @@ async def attach_parts(balancer: Balancer) -> None:
     health.attach(balancer)
     await admin.attach(balancer)
     systemd.attach(balancer)
+    workers.attach(balancer)  # in a worker: tells the supervisor of each applied reload
 
 
 async def serve(
@@ -378,16 +378,13 @@ async def serve(
         log.error("event=bind_failed error=%r", err.strerror)
         balancer.access_log.close()
         return 3
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, balancer.reload_file)
+    # installed for the whole life: a repeated stop signal or a SIGHUP must never kill the drain
+    signals = StopSignals(loop, balancer.reload_file, lambda: _close_all(balancer))
     try:
         await attach_parts(balancer)
     except Exception:
         log.exception("event=extension_failed")
-    # -- anycast (issue 17): announce once serving ------------------------------------------
-    if announcer is not None:
+    if announcer is not None:  # announce once serving
         try:
             await announcer.start(balancer)
         except (AnycastError, OSError) as err:
@@ -395,20 +392,26 @@ async def serve(
             await announcer.close()
             await balancer.stop(timeout=0)
             return 1
-    # -- end anycast ---------------------------------------------------------------------------
     log.info("event=started workers=1 relay=%s", config.relay)
-    await stop.wait()
-    if announcer is not None:  # anycast: withdraw first, new connections go to the other nodes
+    first = await signals.wait()
+    now = signals.mode is StopMode.IMMEDIATE
+    if announcer is not None and not now:  # withdraw first: new connections go to other nodes
         await announcer.drain()
-    log.info("event=stopping drain_timeout=%gs", balancer.config.drain_timeout_s)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        with contextlib.suppress(Exception):
-            loop.remove_signal_handler(sig)
-    await balancer.stop()
-    if announcer is not None:  # anycast: ExaBGP and the second-chance rules go last
+    log.info(
+        "event=stopping signal=%s drain_timeout=%gs",
+        first.name,
+        0 if now else balancer.config.drain_timeout_s,
+    )
+    await balancer.stop(0 if signals.mode is StopMode.IMMEDIATE else None)
+    if announcer is not None:  # ExaBGP and the second-chance rules go last
         await announcer.close()
     log.info("event=stopped")
     return 0
+
+
+def _close_all(balancer: Balancer) -> None:
+    for conn in list(balancer.connections):
+        conn.close(EndReason.SHUTDOWN)
 
 
 def run(

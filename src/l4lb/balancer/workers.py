@@ -11,17 +11,24 @@ Consistency across workers:
   worker (and every l4lb instance with the same config) builds the same table and picks the same
   backend for a client.
 - **Per-client limits** (``max_conns_per_client``, ``new_conns_per_client``) are counted in each
-  worker's own memory, and stay exact because a client always reaches the *same* worker: a classic
-  BPF program attached to each listener's reuseport group (``SO_ATTACH_REUSEPORT_CBPF``) picks the
-  socket from a hash of the source address (IPv4: the address; IPv6: its first
-  ``min(client_v6_prefix, 64)`` bits, so one limiter key never spans two workers). Because the
-  supervisor holds every worker's socket, the group's order never changes, so the mapping holds
-  across worker restarts. Where the kernel refuses the program, the kernel's own 4-tuple hash
-  spreads connections and the limits become per worker (logged at start).
+  worker's own memory. They are exact when the socket peer is the client: a classic BPF program
+  attached to each listener's reuseport group (``SO_ATTACH_REUSEPORT_CBPF``) picks the socket from
+  a hash of the source address (IPv4: the address; IPv6: its first ``min(client_v6_prefix, 64)``
+  bits, so one limiter key never spans two workers), so a client always reaches the same worker.
+  Because the supervisor holds every worker's socket, the group's order never changes, so the
+  mapping holds across worker restarts. Behind ``accept_proxy`` the socket peer is an upstream
+  proxy, not the client: steering on it would hand everything from one upstream to one worker, so
+  those listeners get no program, the kernel's 4-tuple hash spreads connections, and the limits
+  are per worker (a client may get up to ``workers`` times them; warned at start). Where the
+  kernel refuses the program, the same holds (logged at start).
+- **max_conns** is per worker, as nginx's ``worker_connections`` and HAProxy's per-process
+  ``maxconn`` are: a listener takes up to ``workers × max_conns`` connections in all.
 
-Signals: SIGTERM/SIGINT stop every worker gracefully (each drains for ``drain_timeout``; whatever
-is left after that and a grace period is killed); SIGHUP is forwarded for a reload. A worker that
-dies on its own is restarted, with a log line and a short back-off if it keeps dying.
+Signals: SIGTERM/SIGINT/SIGUSR1 stop every worker gracefully (each drains for ``drain_timeout``;
+whatever is left after that and a grace period is killed); a repeated one is logged and ignored, as
+the workers do (systemd and Ctrl-C signal the whole group); SIGQUIT is forwarded for an immediate
+stop; SIGHUP is forwarded for a reload (ignored during a stop). A worker that dies on its own is
+restarted, with a log line and a short back-off if it keeps dying.
 """
 
 from __future__ import annotations
@@ -40,6 +47,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from l4lb.balancer import logs, signals
+from l4lb.config.values import format_hostport
+
 __all__ = ["inherited_socket", "steering_program", "supervise"]
 
 log = logging.getLogger("l4lb.workers")
@@ -49,8 +59,26 @@ RunWorker = Callable[[str, Any, int], int]
 
 _INHERITED: dict[Address, socket.socket] = {}
 """In a worker: the listening sockets the supervisor made for it, by bind address."""
+_CHANNEL: socket.socket | None = None
+"""In a worker: where the supervisor sends the sockets of listeners a reload adds."""
+_RECEIVED: set[Address] = set()
+"""In a worker: the keys of ``_INHERITED`` that came over the channel (not from the fork)."""
+_MAX_FDS = 64
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGCHLD,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+"""Everything the supervisor waits for (blocked, then taken with ``sigtimedwait``)."""
+GRACEFUL = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+"""Stop signals that drain (the same set as a worker's, see l4lb.balancer.signals)."""
+_UNTIL_SERVING = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+"""Ignored in a new worker until its own handlers are installed (their default kills)."""
 GRACE = 5.0
 """Seconds beyond ``drain_timeout`` before workers still running are killed."""
 STARTUP = 2.0
@@ -61,9 +89,46 @@ def inherited_socket(bind: Address) -> socket.socket | None:
     """The listening socket the supervisor created for this worker on ``bind``, if any.
 
     The listener code asks this before creating a socket of its own, so a worker serves on the
-    socket that keeps its place in the reuseport group.
+    socket that keeps its place in the reuseport group. Sockets of listeners added by a reload
+    arrive over the supervisor's channel (``SCM_RIGHTS``) before its SIGHUP, and are taken here.
     """
+    _receive()
     return _INHERITED.pop(_key(bind), None)
+
+
+def _receive() -> None:
+    """Take what the supervisor sent: a round marker, then one message per added listener.
+
+    A new round closes what an earlier one sent and no reload used (its config was replaced
+    before this worker read it), so no stray copy keeps a removed port listening.
+    """
+    if _CHANNEL is None:
+        return
+    while True:
+        try:
+            data, fds, _, _ = socket.recv_fds(_CHANNEL, 4096, _MAX_FDS)
+        except OSError:  # BlockingIOError: nothing (more) sent
+            return
+        if not data:
+            return
+        if data == b"round":  # an earlier round's leftovers; never the sockets of the fork
+            for key in _RECEIVED:
+                stale = _INHERITED.pop(key, None)
+                if stale is not None:
+                    stale.close()
+            _RECEIVED.clear()
+            continue
+        host, _, port = data.decode("ascii", "replace").rpartition(" ")
+        for fd in fds:
+            sock = socket.socket(fileno=fd)
+            if not port.isdigit():
+                sock.close()
+                continue
+            old = _INHERITED.pop(_key((host, int(port))), None)
+            if old is not None:
+                old.close()
+            _INHERITED[_key((host, int(port)))] = sock
+            _RECEIVED.add(_key((host, int(port))))
 
 
 def _key(bind: Address) -> Address:
@@ -136,9 +201,14 @@ def attach_steering(sock: socket.socket, program: Sequence[Insn]) -> None:
 
 def open_listeners(config: Any, workers: int) -> list[dict[Address, socket.socket]]:
     """For each worker, its own SO_REUSEPORT socket on every listener (raises OSError)."""
+    return open_groups(config.listeners, workers)
+
+
+def open_groups(listeners: Sequence[Any], workers: int) -> list[dict[Address, socket.socket]]:
+    """For each worker, its own SO_REUSEPORT socket on each of ``listeners`` (raises OSError)."""
     per_worker: list[dict[Address, socket.socket]] = [{} for _ in range(workers)]
     try:
-        for listener in config.listeners:
+        for listener in listeners:
             host, port = listener.bind_addr
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             group = []
@@ -158,6 +228,15 @@ def open_listeners(config: Any, workers: int) -> list[dict[Address, socket.socke
                 s.listen(4096)
                 s.setblocking(False)
                 group.append(s)
+            if getattr(listener, "accept_proxy", "off") != "off":
+                # the socket peer is an upstream proxy, not the client: steering on it would send
+                # everything from one upstream to one worker; the kernel's 4-tuple hash spreads
+                log.info(
+                    "event=steering_off listener=%s reason=accept_proxy detail=%r",
+                    listener.name,
+                    "connections spread by the kernel's hash: the socket peer is a proxy",
+                )
+                continue
             try:
                 attach_steering(group[0], steering_program(workers, listener.client_v6_prefix))
             except OSError as err:
@@ -174,7 +253,26 @@ def open_listeners(config: Any, workers: int) -> list[dict[Address, socket.socke
     return per_worker
 
 
+def warn_per_worker_limits(config: Any) -> None:
+    """Say where per-client limits are counted per worker (a client may get workers × them)."""
+    for lc in config.listeners:
+        limited = (
+            getattr(lc, "max_conns_per_client", None) is not None
+            or getattr(lc, "new_conns_per_client", None) is not None
+        )
+        if limited and getattr(lc, "accept_proxy", "off") != "off":
+            log.warning(
+                "event=per_client_limits_per_worker listener=%s workers=%d detail=%r",
+                lc.name,
+                config.workers,
+                "behind accept_proxy the socket peer is the upstream, not the client, so "
+                "connections are not steered by client: each worker counts its own, and a "
+                "client may get up to workers x max_conns_per_client / new_conns_per_client",
+            )
+
+
 # -- the supervisor -------------------------------------------------------------------------
+
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -209,6 +307,8 @@ def _default_run_worker(config_path: str, config: Any, index: int) -> int:
 @dataclass(slots=True)
 class _Worker:
     index: int
+    channel: socket.socket | None = None
+    """The supervisor's end of the socket pair the worker receives added listeners on."""
     pid: int = 0
     started: float = 0.0
     starts: int = 0
@@ -237,6 +337,8 @@ class Supervisor:
         self.sockets: list[dict[Address, socket.socket]] = []
         self.stopping = False
         self.status = 0
+        self.worker_owned: set[Address] = set()
+        """Binds a worker-local reload (``POST /reload``) added: the workers bound them."""
 
     def run(self) -> int:
         try:
@@ -244,6 +346,7 @@ class Supervisor:
         except OSError as err:
             log.error("event=start_failed error=%r", err.strerror or str(err))
             return 1
+        warn_per_worker_limits(self.config)
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         try:
             log.info(
@@ -258,6 +361,9 @@ class Supervisor:
         finally:
             self._close_sockets()
             for w in self.workers:  # never leave a worker behind, whatever happened
+                if w.channel is not None:
+                    w.channel.close()
+                    w.channel = None
                 if w.pid:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(w.pid, signal.SIGKILL)
@@ -266,19 +372,29 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
     def _spawn(self, w: _Worker, old_mask: set[int | signal.Signals]) -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        _flush_all()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
             try:
+                global _CHANNEL
                 _stop_with_parent(parent)
+                ours.close()
+                for other in self.workers:
+                    if other.channel is not None:
+                        other.channel.close()
+                theirs.setblocking(False)
+                _CHANNEL = theirs
                 for sig in SIGNALS:
                     signal.signal(sig, signal.SIG_DFL)
-                # a reload forwarded before the worker has its own handler must not kill it
-                # (SIGHUP's default action); it starts on the supervisor's current config anyway
-                signal.signal(signal.SIGHUP, signal.SIG_IGN)
+                # a reload forwarded before the worker has its own handlers must not kill it
+                # (SIGHUP's default action) nor be lost: the config may be newer than the one
+                # this worker starts on. Remembered, and replayed once the handlers are in.
+
+                for sig in _UNTIL_SERVING:
+                    signal.signal(sig, signals.remember)
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
                 for i, socks in enumerate(self.sockets):
                     for addr, s in socks.items():
@@ -292,11 +408,16 @@ class Supervisor:
             except BaseException:
                 log.exception("event=worker_failed index=%d", w.index)
             finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
+                _flush_all()  # a closed stdout (EPIPE) must not let the child run on
                 os._exit(code)
+        theirs.close()
+        if w.channel is not None:
+            w.channel.close()
+        ours.setblocking(False)  # a worker that does not read must never block us
+        w.channel = ours
         w.pid = pid
         w.started = time.monotonic()
+
         w.starts += 1
         w.restart_at = None
         log.info("event=worker_started index=%d pid=%d", w.index, pid)
@@ -328,25 +449,95 @@ class Supervisor:
             if deadline is not None:
                 waits.append(deadline - now)
             info = signal.sigtimedwait(SIGNALS, max(0.01, min(waits)))
+            self._follow_workers()  # before a SIGHUP: what they applied comes first
             if info is not None:
                 sig = info.si_signo
-                if sig in (signal.SIGTERM, signal.SIGINT) and not self.stopping:
+                if sig in GRACEFUL and not self.stopping:
                     deadline = time.monotonic() + self.drain + GRACE
                     self._stop(sig)
+                elif sig in GRACEFUL:  # systemd, a terminal, an impatient operator: not an order
+                    log.info(
+                        "event=stop_signal_repeated signal=%s detail=%r",
+                        signal.Signals(sig).name,
+                        "the workers drain on (bounded by drain_timeout); SIGQUIT stops them now",
+                    )
+                elif sig == signal.SIGQUIT:
+                    log.warning("event=stop_now signal=SIGQUIT workers=%d", self.count)
+                    if not self.stopping:
+                        self._stop(sig)
+                    self._forward(signal.SIGQUIT)
+                    soon = time.monotonic() + GRACE
+                    deadline = soon if deadline is None else min(deadline, soon)
+                elif sig == signal.SIGHUP and self.stopping:
+                    log.info("event=reload_ignored signal=SIGHUP reason=stopping")
                 elif sig == signal.SIGHUP:
-                    self._forward(signal.SIGHUP)
-                    log.info("event=reload_forwarded workers=%d", self.count)
                     self._reload()
+                elif sig == signal.SIGUSR2:
+                    log.info("event=signal_ignored signal=SIGUSR2")
             self._reap()
 
     def _reload(self) -> None:
-        """Re-read the file too, so a worker restarted later starts on what the others run."""
-        if self.load is None:
+        """Re-read the file, bring the listening sockets in line with it, then tell the workers.
+
+        The supervisor holds a copy of every listening socket (so a crashed worker's queue
+        survives); a listener the reload removes must lose that copy too, or its port would
+        stay open with nobody accepting. A listener it adds gets a socket group like the
+        first ones (one socket per worker, steering attached), sent to each running worker
+        before its SIGHUP; a worker started later inherits it. A new config that cannot bind
+        is refused here, before any worker sees it.
+        """
+        if self.load is not None:
+            try:
+                new = self.load(self.config_path)
+            except Exception as err:  # the workers refuse it as well and keep the old config
+                log.warning("event=supervisor_reload_rejected error=%r", str(err).splitlines()[0])
+            else:
+                try:
+                    self._sync_listeners(self.config, new)
+                except OSError as err:
+                    log.error(
+                        "event=reload_rejected error=%r detail=%r",
+                        err.strerror or str(err),
+                        "the workers keep the running config",
+                    )
+                    return
+                self.config = new
+        self._forward(signal.SIGHUP)
+        log.info("event=reload_forwarded workers=%d", self.count)
+
+    def _sync_listeners(self, old: Any, new: Any) -> None:
+        """Open the groups of added binds, close those of removed ones, send workers theirs."""
+        held = set(self.sockets[0]) if self.sockets else set()
+        wanted = {_key(lc.bind_addr): lc for lc in new.listeners}
+        mine = [lc for k, lc in wanted.items() if k not in held and k not in self.worker_owned]
+        opened = open_groups(mine, self.count)
+        self.worker_owned &= set(wanted)
+        for key in held - set(wanted):
+            for socks in self.sockets:
+                socks.pop(key).close()
+            log.info("event=listener_closed bind=%s", format_hostport(*key))
+        for socks, more in zip(self.sockets, opened, strict=True):
+            socks.update(more)
+        # a worker binds afresh every listener whose name is new or whose bind changed
+        before = {(lc.name, _key(lc.bind_addr)) for lc in old.listeners}
+        fresh = [k for k, lc in wanted.items() if (lc.name, k) not in before]
+        fresh = [k for k in fresh if k not in self.worker_owned]
+        for w in self.workers:
+            if w.pid and w.channel is not None:
+                self._send(w, fresh)
+
+    def _send(self, w: _Worker, binds: list[Address]) -> None:
+        assert w.channel is not None
+        if not binds:
             return
         try:
-            self.config = self.load(self.config_path)
-        except Exception as err:  # the workers refuse it as well and keep the old config
-            log.warning("event=supervisor_reload_rejected error=%r", str(err).splitlines()[0])
+            w.channel.send(b"round")
+            for key in binds:
+                sock = self.sockets[w.index][key]
+                message = f"{key[0]} {key[1]}".encode()
+                socket.send_fds(w.channel, [message], [sock.fileno()])
+        except OSError as err:  # a worker that died meanwhile: its replacement inherits them
+            log.warning("event=listener_send_failed index=%d error=%r", w.index, str(err))
 
     def _stop(self, sig: int) -> None:
         self.stopping = True
@@ -383,8 +574,8 @@ class Supervisor:
             if self.stopping:
                 log.info("event=worker_stopped index=%d pid=%d %s", w.index, pid, how)
                 stopped_by_signal = os.WIFSIGNALED(status) and os.WTERMSIG(status) in (
-                    signal.SIGTERM,
-                    signal.SIGINT,
+                    *GRACEFUL,
+                    signal.SIGQUIT,
                 )  # still starting when asked to stop: nothing to drain
                 if os.waitstatus_to_exitcode(status) != 0 and not stopped_by_signal:
                     self.status = 1
@@ -411,11 +602,47 @@ class Supervisor:
                 w.backoff,
             )
 
+    def _follow_workers(self) -> None:
+        """A worker applied a reload of its own (``POST /reload``): follow the file.
+
+        The supervisor did not open what that reload added (the workers bound those
+        themselves), but it must let go of what it removed, or the port stays open.
+        """
+        told = False
+        for w in self.workers:
+            while w.channel is not None:
+                try:
+                    told |= w.channel.recv(64) == b"reloaded"
+                except OSError:  # BlockingIOError: nothing (more)
+                    break
+        if not told or self.stopping or self.load is None:
+            return
+        try:
+            new = self.load(self.config_path)
+        except Exception:  # the worker applied it a moment ago; changed since: next time
+            return
+        held = set(self.sockets[0]) if self.sockets else set()
+        wanted = {_key(lc.bind_addr) for lc in new.listeners}
+        for key in held - wanted:
+            for socks in self.sockets:
+                socks.pop(key).close()
+            log.info("event=listener_closed bind=%s", format_hostport(*key))
+        self.worker_owned = wanted - held
+        self.config = new
+
     def _close_sockets(self) -> None:
         for socks in self.sockets:
             for s in socks.values():
                 s.close()
         self.sockets = []
+
+
+def _flush_all() -> None:
+    """Flush the log queue and Python's stdout/stderr buffers, whatever state they are in."""
+    logs.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            stream.flush()
 
 
 def _describe(status: int) -> str:
@@ -429,3 +656,19 @@ def supervise(config_path: str | Path, config: Any) -> int:
     from l4lb.config.loader import load_config
 
     return Supervisor(str(config_path), config, load=load_config).run()
+
+
+def attach(balancer: Any) -> None:
+    """Runtime extension hook: in a worker, tell the supervisor after every applied reload.
+
+    A reload through the admin API (``POST /reload``) happens in the workers alone; told, the
+    supervisor follows the file and closes its copies of the listeners that reload removed.
+    """
+    if _CHANNEL is not None:
+        balancer.on_reload.append(_tell_reloaded)
+
+
+def _tell_reloaded(balancer: Any) -> None:
+    if _CHANNEL is not None:
+        with contextlib.suppress(OSError):
+            _CHANNEL.send(b"reloaded")

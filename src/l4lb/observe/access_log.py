@@ -12,18 +12,33 @@ null), ``backend`` (or null), ``proxy`` (``v1``, ``v2`` or ``off``), ``unique_id
 
 Rejection line keys: ``time``, ``event`` ("rejected"), ``listener``, ``peer`` (the socket's peer),
 ``client`` (the claimed client, if a header was read), ``reason``, ``detail``.
+
+Lines reach their target in whole-line writes (``write(2)``) of at most ``PIPE_BUF`` (4096)
+bytes, so several worker processes sharing one stdout pipe (the journal) never cut a line into
+another: the kernel keeps such a write to a pipe in one piece. A line longer than that (a long
+``detail``, a long listener name) has every string value cut to 256 characters and
+``"truncated": true`` added, so it still fits in one write and stays valid JSON.
+
+The queue is bounded (:data:`MAX_QUEUED` lines), as HAProxy's log ring is: when the target does
+not keep up (stdout not read), new lines are dropped and counted, never buffered without end.
+The count is the process-wide :func:`dropped` (exported as ``l4lb_access_log_dropped_total``),
+and the writer reports it on stderr (``event=access_log_dropped count=N total=M``) once it can
+write again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
+import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import Any
 
 import msgspec
 
@@ -31,44 +46,116 @@ log = logging.getLogger("l4lb.access")
 
 _STOP = object()
 _BATCH = 256
+PIPE_BUF = 4096
+"""The largest write a pipe keeps whole (POSIX; Linux: 4096)."""
+MAX_QUEUED = 65_536
+"""Lines waiting for the writer before new ones are dropped (about 30 MB at most)."""
+_CUT = 256
+
+
+class _Dropped:
+    """The process-wide count of access-log lines lost (queue full, unwritable, too long)."""
+
+    __slots__ = ("lock", "total")
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self.lock:
+            self.total += n
+
+
+_DROPPED = _Dropped()
+
+
+def dropped() -> int:
+    """Access-log lines this process dropped since it started (across reloads)."""
+    return _DROPPED.total
 
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _fit(item: dict[str, Any], encode: Callable[[Any], bytes]) -> bytes | None:
+    """One line (newline included) of at most PIPE_BUF bytes, or None if it cannot fit."""
+    line = encode(item) + b"\n"
+    if len(line) <= PIPE_BUF:
+        return line
+    cut = {k: v[:_CUT] if isinstance(v, str) else v for k, v in item.items()}
+    cut["truncated"] = True
+    line = encode(cut) + b"\n"
+    return line if len(line) <= PIPE_BUF else None
+
+
+def chunks(lines: list[bytes]) -> list[bytes]:
+    """Whole lines (each at most PIPE_BUF) joined into writes of at most PIPE_BUF bytes."""
+    out: list[bytes] = []
+    current: list[bytes] = []
+    size = 0
+    for line in lines:
+        if size + len(line) > PIPE_BUF and current:
+            out.append(b"".join(current))
+            current, size = [], 0
+        current.append(line)
+        size += len(line)
+    if current:
+        out.append(b"".join(current))
+    return out
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """One write(2) for a pipe (at most PIPE_BUF: all or nothing); a file may take several."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 class AccessLog:
     """Where access lines go: ``"stdout"``, ``"off"`` or a file path (appended to)."""
 
-    __slots__ = ("_queue", "_thread", "enabled", "target")
+    __slots__ = ("_fd", "_queue", "_thread", "enabled", "max_queued", "target")
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, max_queued: int = MAX_QUEUED) -> None:
         self.target = target
+        self.max_queued = max_queued
         self.enabled = target != "off"
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._fd = -1
         if self.enabled:
-            stream = self._open()
-            self._thread = threading.Thread(
-                target=self._run, args=(stream,), name="l4lb-access-log", daemon=True
-            )
+            self._fd = self._open()
+            self._thread = threading.Thread(target=self._run, name="l4lb-access-log", daemon=True)
             self._thread.start()
 
-    def _open(self) -> IO[bytes]:
+    def _open(self) -> int:
         if self.target == "stdout":
-            return sys.stdout.buffer
-        return open(self.target, "ab")
+            with contextlib.suppress(OSError, ValueError, AttributeError):  # None: closed
+                sys.stdout.flush()  # whatever was printed before comes first
+            return 1
+        return os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
 
     def write(self, record: dict[str, Any]) -> None:
-        """Queue one line; ``time`` is added now (the close time) if absent."""
+        """Queue one line; ``time`` is added now (the close time) if absent.
+
+        Never blocks: past ``max_queued`` waiting lines, the line is dropped and counted.
+        """
         if self.enabled:
+            if self._queue.qsize() >= self.max_queued:
+                _DROPPED.add(1)
+                return
             if "time" not in record:
                 record["time"] = time.time()
             self._queue.put(record)
 
-    def _run(self, stream: IO[bytes]) -> None:
+    def _run(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())  # for the main thread
         encode = msgspec.json.Encoder().encode
         get = self._queue.get
+        reported = _DROPPED.total
+        failing = ""
         while True:
             items = [get()]
             with contextlib.suppress(queue.Empty):
@@ -81,16 +168,36 @@ class AccessLog:
                     stop = True
                     continue
                 item["time"] = _iso(item["time"])
-                lines.append(encode(item))
-            if lines:
+                line = _fit(item, encode)
+                if line is None:
+                    _DROPPED.add(1)
+                else:
+                    lines.append(line)
+            for chunk in chunks(lines):
                 try:
-                    stream.write(b"\n".join(lines) + b"\n")
-                    stream.flush()
-                except (OSError, ValueError) as err:
-                    log.error("event=access_log_write_failed target=%s error=%r", self.target, err)
+                    _write_all(self._fd, chunk)
+                except OSError as err:  # EPIPE (stdout closed), ENOSPC, EBADF: count and go on
+                    _DROPPED.add(chunk.count(b"\n"))
+                    if str(err) != failing:
+                        failing = str(err)
+                        log.error(
+                            "event=access_log_write_failed target=%s error=%r", self.target, failing
+                        )
+                else:
+                    failing = ""
+            total = _DROPPED.total
+            if total != reported and not failing:
+                log.warning(
+                    "event=access_log_dropped count=%d total=%d target=%s detail=%r",
+                    total - reported,
+                    total,
+                    self.target,
+                    "the access log did not keep up (queue full or write failed): lines lost",
+                )
+                reported = total
             if stop:
-                if stream is not sys.stdout.buffer:
-                    stream.close()
+                if self._fd > 2:
+                    os.close(self._fd)
                 return
 
     def close(self, timeout: float = 5.0, wait: bool = True) -> None:

@@ -61,6 +61,16 @@ class BalancerCollector(Collector):
         yield CounterMetricFamily(
             "l4lb_reloads", "Configuration reloads applied", value=snap.reloads
         )
+        yield CounterMetricFamily(
+            "l4lb_access_log_dropped",
+            "Access-log lines dropped: the target did not keep up (queue full) or failed",
+            value=snap.access_log_dropped,
+        )
+        yield CounterMetricFamily(
+            "l4lb_log_dropped",
+            "Log lines dropped because stderr did not keep up",
+            value=snap.log_dropped,
+        )
 
         conns = CounterMetricFamily(
             "l4lb_connections", "Connections accepted per listener", labels=["listener"]

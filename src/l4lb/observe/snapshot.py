@@ -87,6 +87,10 @@ class Snapshot:
     """How many worker processes the counters add up."""
     anycast: dict[str, Any] | None = None
     """``[anycast]``: VIPs (announced, reason), BGP sessions, second-chance counters."""
+    access_log_dropped: int = 0
+    """Access-log lines dropped (queue full, target not writable, line too long)."""
+    log_dropped: int = 0
+    """Log lines dropped because stderr did not keep up."""
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> Snapshot:
@@ -125,6 +129,8 @@ class Snapshot:
             proxy_header_errors=dict(doc["proxy_header_errors"]),
             workers=doc.get("workers", 1),
             anycast=doc.get("anycast"),
+            access_log_dropped=doc.get("access_log_dropped", 0),
+            log_dropped=doc.get("log_dropped", 0),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -195,6 +201,8 @@ class Snapshot:
             "proxy_header_errors": dict(self.proxy_header_errors),
             "workers": self.workers,
             "anycast": self.anycast,
+            "access_log_dropped": self.access_log_dropped,
+            "log_dropped": self.log_dropped,
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -214,8 +222,10 @@ class Snapshot:
 def snapshot_of(balancer: Balancer) -> Snapshot:
     """Read every counter of a running balancer (and its health checks) once."""
     from l4lb import __version__
+    from l4lb.balancer import logs
     from l4lb.balancer.health import CHECK_BUCKETS, checks_of
     from l4lb.balancer.pool import CONNECT_BUCKETS
+    from l4lb.observe import access_log
 
     checks = checks_of(balancer)
     listeners = []
@@ -286,6 +296,8 @@ def snapshot_of(balancer: Balancer) -> Snapshot:
         last_reload=balancer.last_reload,
         proxy_header_errors=header_errors,
         anycast=_anycast(balancer),
+        access_log_dropped=access_log.dropped(),
+        log_dropped=logs.dropped(),
     )
 
 
@@ -358,4 +370,6 @@ def merge(own: Snapshot, others: list[Snapshot]) -> Snapshot:
         proxy_header_errors=header_errors,
         started=min([own.started, *(o.started for o in others)]),
         workers=own.workers + sum(o.workers for o in others),
+        access_log_dropped=own.access_log_dropped + sum(o.access_log_dropped for o in others),
+        log_dropped=own.log_dropped + sum(o.log_dropped for o in others),
     )
