@@ -291,8 +291,9 @@ class Connection:
         if backend is not None and backend.source is transparent.CLIENT:
             client = self.admitted.client[0]
             why += (
-                f" from the client's address {client}: no reply came back (the backend's route "
-                "to the client must go through this host; docs/transparent.md)"
+                f" from the client's address {client}: no reply came back (the backend's "
+                "replies to the client do not reach this host: the return route or the ip rule "
+                "is missing; docs/transparent.md)"
             )
             self._connect_failed(why, EndReason.SOURCE_FAILED)
             return
