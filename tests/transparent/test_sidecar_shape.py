@@ -20,6 +20,7 @@ connection ends with ``source_failed`` and a reset, not a hang).
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -62,7 +63,9 @@ def bracket(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def sidecar_config(workdir: Path, name: str, routing: str) -> str:
+def sidecar_config(
+    workdir: Path, name: str, routing: str, ports: tuple[int, ...] = (8080, 8081)
+) -> str:
     text = f"""\
 workers = 1
 drain_timeout = "2s"
@@ -85,7 +88,7 @@ source = "client"
 send_proxy = "off"
 connect_timeout = "1s"
 retries = 0
-backends = [{{ address = "{bracket(LOOP[v])}:8080" }}, {{ address = "{bracket(LOOP[v])}:8081" }}]
+backends = [{", ".join(f'{{ address = "{bracket(LOOP[v])}:{p}" }}' for p in ports)}]
 """
     return text
 
@@ -341,3 +344,18 @@ def test_missing_rule_at_run_time_ends_with_a_reason_not_a_hang(shape: Shape) ->
         assert "event=source_failed" in (shape.workdir / f"{name}.log").read_text()
     finally:
         stop_process(proc, 15)
+
+
+def test_managed_rules_follow_a_reload(shape: Shape, sidecar: subprocess.Popen[bytes]) -> None:
+    name = f"sidecar-{test_managed_rules_follow_a_reload.__name__}"
+    path = shape.workdir / f"{name}.toml"
+    ports = lambda: sorted((r["src"], r["sport"]) for r in rules(shape.host))  # noqa: E731
+    assert ports() == [("127.0.0.1", 8080), ("127.0.0.1", 8081), ("::1", 8080), ("::1", 8081)]
+    # the socketserver leaves both pools: its two rules go, nginx's stay
+    path.write_text(sidecar_config(shape.workdir, name, "manage", ports=(8080,)))
+    log = shape.workdir / f"{name}.log"
+    sidecar.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: "event=reloaded" in log.read_text(), 10), log.read_text()
+    assert ports() == [("127.0.0.1", 8080), ("::1", 8080)]
+    answer = request(shape.client, CLIENTS[6][2], "[2001:db8:c::1]:81", http_get("/reloaded"))
+    assert answer.endswith(f"hello {CLIENTS[6][2]}\n".encode())
