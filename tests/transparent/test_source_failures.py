@@ -4,7 +4,11 @@ is never left hanging, a mixed pool moves on to a PROXY backend; a fixed ``sourc
 
 from __future__ import annotations
 
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -122,3 +126,34 @@ def test_reload_adding_a_transparent_backend_without_routing_is_rejected(tmp_pat
             client.shutdown(socket.SHUT_WR)
             assert recv_all(client) == b"peer=127.0.0.1\nz"
             client.close()
+
+
+def test_without_the_capability_the_start_is_refused(tmp_path: Path) -> None:
+    """Run as nobody with no capabilities (setpriv): refused, saying which capability."""
+    shared = Path(tempfile.mkdtemp(prefix="l4t-cap-"))
+    try:
+        shared.chmod(0o755)
+        path = shared / "l4lb.toml"
+        path.write_text(
+            config_text(
+                f"127.0.0.1:{free_port()}",
+                ["127.0.0.1:9"],
+                top={"transparent_routing": "off"},
+                pool={"source": "client", "send_proxy": "off"},
+                access_log="off",
+            )
+        )
+        path.chmod(0o644)
+        args = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
+        done = subprocess.run(
+            [*args, sys.executable, "-m", "l4lb", "run", "--config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+    assert done.returncode == 1, done.stderr
+    assert "needs CAP_NET_ADMIN" in done.stderr
+    assert "AmbientCapabilities=CAP_NET_ADMIN" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -237,12 +237,9 @@ def capability_problem() -> Problem | None:
         probe.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
     except PermissionError:
         return Problem(
-            "source = 'client' needs CAP_NET_ADMIN to bind the client's address (IP_TRANSPARENT)",
-            (
-                "run l4lb as root, or give it the capability: "
-                "setcap cap_net_admin+ep $(readlink -f $(which python3)) "
-                "(systemd: AmbientCapabilities=CAP_NET_ADMIN)",
-            ),
+            "source = 'client' needs CAP_NET_ADMIN to bind the client's address "
+            "(IP_TRANSPARENT): run l4lb as root or with that capability only "
+            "(systemd: AmbientCapabilities=CAP_NET_ADMIN)"
         )
     finally:
         probe.close()
