@@ -157,3 +157,22 @@ def test_without_the_capability_the_start_is_refused(tmp_path: Path) -> None:
     assert "needs CAP_NET_ADMIN" in done.stderr
     assert "AmbientCapabilities=CAP_NET_ADMIN" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_with_several_workers_the_refusal_comes_once(tmp_path: Path) -> None:
+    """The supervisor refuses before forking: no worker starts, fails and is restarted."""
+    text = config_text(
+        f"127.0.0.1:{free_port()}",
+        ["127.0.0.1:9"],
+        top={"workers": 2},
+        pool={"source": "client", "send_proxy": "off"},
+    )
+    lb = start_l4lb(tmp_path, text, wait=False)
+    try:
+        assert lb.proc.wait(20) == 1
+    finally:
+        stop_process(lb.proc)
+    log = lb.log_text()
+    assert "workers_start" not in log
+    rule = "ip -4 rule add pref 100 from 127.0.0.1 ipproto tcp sport 9 iif lo lookup 100"
+    assert fixes(tmp_path / "l4lb.log")[0] == rule  # then the table's route, unless present
