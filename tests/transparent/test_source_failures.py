@@ -176,3 +176,22 @@ def test_with_several_workers_the_refusal_comes_once(tmp_path: Path) -> None:
     assert "workers_start" not in log
     rule = "ip -4 rule add pref 100 from 127.0.0.1 ipproto tcp sport 9 iif lo lookup 100"
     assert fixes(tmp_path / "l4lb.log")[0] == rule  # then the table's route, unless present
+
+
+def test_an_ipv4_client_of_a_dual_stack_listener_is_bound_as_ipv4(tmp_path: Path) -> None:
+    with backend(peer_and_echo, proxy=False) as be:
+        port = free_port()
+        text = config_text(
+            f"[::]:{port}",
+            [be.address],
+            top={"transparent_routing": "off"},
+            pool={"source": "client", "send_proxy": "off"},
+        )
+        with l4lb(tmp_path, text) as lb:
+            client = connect(port, "127.0.0.25")  # accepted as ::ffff:127.0.0.25
+            client.sendall(b"w")
+            client.shutdown(socket.SHUT_WR)
+            assert recv_all(client) == b"peer=127.0.0.25\nw"
+            client.close()
+            (line,) = lb.wait_access(1)
+            assert line["end"] == "client_closed"
