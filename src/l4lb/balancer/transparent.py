@@ -40,14 +40,19 @@ from l4lb.config.schema import Config, source_value
 log = logging.getLogger("l4lb.transparent")
 
 __all__ = [
+    "CLIENT",
+    "Problem",
     "ReturnRoute",
     "Routing",
     "Source",
     "SourceKind",
     "TransparentError",
     "diagnose",
+    "log_problems",
     "open_socket",
     "parse_source",
+    "prepare",
+    "targets",
 ]
 
 TABLE = "100"
@@ -264,7 +269,7 @@ def address_problem(address: str) -> Problem | None:
     return None
 
 
-Target = tuple[str, int, "Source"]
+Target = tuple[str, int, Source]
 """A backend (host, port) and its source."""
 
 
