@@ -1,4 +1,4 @@
-"""Anycast: announce this node's VIPs over BGP while it can serve them (issue 17).
+"""Anycast: announce this node's VIPs over BGP while it can serve them.
 
 - :mod:`~l4lb.anycast.state`: the enums (why a VIP is or is not announced, BGP session states);
 - :mod:`~l4lb.anycast.exabgp`: ExaBGP as a child process, driven through its process API;

@@ -148,7 +148,13 @@ def main(argv: list[str]) -> int:
             )
             return EXIT_BIND
     if config.workers > 1:
-        from l4lb.balancer import workers
+        from l4lb.balancer import transparent, workers
+
+        try:  # refuse once here, not in every worker the supervisor would restart
+            transparent.prepare(config, None)
+        except transparent.TransparentError as err:
+            transparent.log_problems(err, "start_failed")
+            return EXIT_CONFIG
 
         code: int = workers.supervise(args.config, config)
         return code

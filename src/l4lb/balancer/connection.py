@@ -29,7 +29,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Protocol
 
-from l4lb.balancer import poller, tls_peek
+from l4lb.balancer import poller, tls_peek, transparent
 from l4lb.balancer.admission import Admitted
 from l4lb.balancer.health import local_resource_error
 from l4lb.balancer.relay_contract import EndReason, Relay, StartRelay, reset_socket
@@ -80,8 +80,16 @@ _NEXT: dict[State, frozenset[State]] = {
     State.CLOSED: frozenset(),
 }
 
-_REFUSED = frozenset((EndReason.NO_BACKEND, EndReason.CONNECT_FAILED, EndReason.HEADER_ERROR))
+_REFUSED = frozenset(
+    (
+        EndReason.NO_BACKEND,
+        EndReason.CONNECT_FAILED,
+        EndReason.HEADER_ERROR,
+        EndReason.SOURCE_FAILED,
+    )
+)
 """Ends before the relay that reset the client (it must not take a clean FIN for an answer)."""
+_LOGGED = frozenset((EndReason.NO_BACKEND, EndReason.CONNECT_FAILED, EndReason.SOURCE_FAILED))
 
 
 class Owner(Protocol):
@@ -111,6 +119,7 @@ class Connection:
         "client_sock",
         "connect_started",
         "detail",
+        "failed",
         "idle_since",
         "listener",
         "loop",
@@ -155,6 +164,8 @@ class Connection:
         self.authority: str | None = None
         self.alpn: bytes | None = None
         self.detail = ""
+        self.failed = EndReason.CONNECT_FAILED
+        """How the last backend attempt failed (SOURCE_FAILED: its source, not the backend)."""
         self.connect_started = 0.0
         uid = None
         for tlv in admitted.pass_tlvs:
@@ -228,7 +239,7 @@ class Connection:
         if backend is None:
             if self.tried:
                 why = self.detail or "every backend tried failed"
-                self.finish(EndReason.CONNECT_FAILED, why)
+                self.finish(self.failed, why)
             else:
                 why = f"no backend of pool {pool.name} is available"
                 self.finish(EndReason.NO_BACKEND, why)
@@ -238,12 +249,19 @@ class Connection:
         self.backend = backend
         backend.active += 1
         family = socket.AF_INET6 if ":" in backend.host else socket.AF_INET
+        source = backend.source
         try:
-            sock = socket.socket(family, _STREAM_NONBLOCK)
+            if source is None:
+                sock = socket.socket(family, _STREAM_NONBLOCK)
+            else:  # from the client's address (transparent) or a fixed one
+                sock = transparent.open_socket(family, source, ip)
         except OSError as err:
-            backend.active -= 1
-            self.backend = None
-            self.finish(EndReason.CONNECT_FAILED, f"socket(): {err.strerror}")
+            if source is None:
+                backend.active -= 1
+                self.backend = None
+                self.finish(EndReason.CONNECT_FAILED, f"socket(): {err.strerror}")
+            else:
+                self._connect_failed(err.strerror or str(err), EndReason.SOURCE_FAILED)
             return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.backend_sock = sock
@@ -255,7 +273,7 @@ class Connection:
             poller.wait_connected(self.loop, sock, self._on_writable)
             self.timer = self.loop.call_later(pool.connect_timeout, self._connect_timeout)
         else:
-            self._connect_failed(os.strerror(code), code)
+            self._connect_failed(os.strerror(code), code=code)
 
     def _on_writable(self) -> None:
         sock = self.backend_sock
@@ -263,17 +281,31 @@ class Connection:
             return
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            self._connect_failed(os.strerror(err), err)
+            self._connect_failed(os.strerror(err), code=err)
         else:
             self._connected()
 
     def _connect_timeout(self) -> None:
         self.timer = None
-        self._connect_failed(f"connect timeout after {self.pool.connect_timeout:g}s")
+        why = f"connect timeout after {self.pool.connect_timeout:g}s"
+        backend = self.backend
+        if backend is not None and backend.source is transparent.CLIENT:
+            client = self.admitted.client[0]
+            why += (
+                f" from the client's address {client}: no reply came back (the backend's "
+                "replies to the client do not reach this host: the return route or the ip rule "
+                "is missing; docs/transparent.md)"
+            )
+            self._connect_failed(why, EndReason.SOURCE_FAILED)
+            return
+        self._connect_failed(why)
 
-    def _connect_failed(self, why: str, code: int = 0) -> None:
+    def _connect_failed(
+        self, why: str, reason: EndReason = EndReason.CONNECT_FAILED, code: int = 0
+    ) -> None:
         backend = self.backend
         assert backend is not None
+        self.failed = reason
         sock = self.backend_sock
         if sock is not None:
             poller.stop_waiting(self.loop, sock)
@@ -291,14 +323,16 @@ class Connection:
             why,
             len(self.tried),
         )
-        if not local_resource_error(code):  # this host's trouble says nothing of the backend
+        # a refused bind (no socket) or a local resource error is this host's trouble, and says
+        # nothing of the backend
+        if sock is not None and not local_resource_error(code):
             self.pool.connect_result(backend, False, why)
         if self.state is State.CLOSED:
             return
         if len(self.tried) <= self.pool.retries:
             self.connect_next()
         else:
-            self.finish(EndReason.CONNECT_FAILED, self.detail)
+            self.finish(reason, self.detail)
 
     def _connected(self) -> None:
         backend = self.backend
@@ -365,7 +399,7 @@ class Connection:
             if reason in _REFUSED:
                 reset_socket(self.client_sock)
             self.client_sock.close()
-            if reason is EndReason.NO_BACKEND or reason is EndReason.CONNECT_FAILED:
+            if reason in _LOGGED:
                 log.warning(
                     "event=%s listener=%s pool=%s client=%s detail=%r",
                     reason,

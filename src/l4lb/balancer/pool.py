@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable
 
 from l4lb.balancer.algorithms import ALGORITHMS, Algorithm
+from l4lb.balancer.transparent import Source, parse_source
 from l4lb.config.schema import BackendConfig, PoolConfig
 from l4lb.config.values import parse_hostport
 
@@ -73,6 +74,7 @@ class Backend:
         "max_conns",
         "port",
         "proxy_version",
+        "source",
         "total",
         "weight",
     )
@@ -83,6 +85,8 @@ class Backend:
         self.weight = config.weight
         self.max_conns = config.max_conns
         self.proxy_version = proxy_version
+        self.source: Source | None = None
+        """Where connections to it come from; None: the balancer's own address."""
         self.health_up = True
         self.admin: BackendState | None = None
         self.active = 0
@@ -164,6 +168,7 @@ class Pool:
             else:
                 backend.weight, backend.max_conns = bc.weight, bc.max_conns
                 backend.proxy_version = version
+            backend.source = parse_source(config.backend_source(bc))
             self.backends.append(backend)
         self.by_address: dict[str, Backend] = {b.address: b for b in self.backends}
         self.algorithm: Algorithm = ALGORITHMS[config.balance]()

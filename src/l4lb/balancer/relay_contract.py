@@ -67,6 +67,10 @@ class EndReason(StrEnum):
     """Every backend tried refused, timed out or failed (the client is reset)."""
     HEADER_ERROR = "header_error"
     """The PROXY header for the backend could not be built (the client is reset)."""
+    SOURCE_FAILED = "source_failed"
+    """A backend connection could not come from its ``source``: the bind of the
+    client's or the fixed address was refused, or a transparent connect got no reply back (the
+    return route); the detail says which (the client is reset)."""
 
 
 LINGER_RST = struct.pack("ii", 1, 0)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from l4lb.anycast.announcer import Announcer, AnycastError, make_announcer
-from l4lb.balancer import health, workers
+from l4lb.balancer import health, transparent, workers
 from l4lb.balancer.admission import Admission, Rejected
 from l4lb.balancer.connection import Connection, State
 from l4lb.balancer.listener import BindError, Listener, OpenSocket, open_listening_socket
@@ -100,12 +100,19 @@ class Balancer:
         """Set by :func:`attach_parts` (the runtime's health checks, for /status and /metrics)."""
         self._sweeper: asyncio.TimerHandle | None = None
         self.announcer = announcer
-        """``[anycast]`` (issue 17): announces the VIPs while this balancer can serve them."""
+        """``[anycast]``: announces the VIPs while this balancer can serve them."""
+        self.routing: transparent.Routing | None = None
+        """Transparent mode's routing installed by l4lb (``transparent_routing = "manage"``)."""
 
     # -- start -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Bind every listener (all or none: :class:`BindError` leaves nothing bound), accept."""
+        """Bind every listener (all or none: :class:`BindError` leaves nothing bound), accept.
+
+        :class:`~l4lb.balancer.transparent.TransparentError` first when transparent backends
+        lack what they need (nothing bound then).
+        """
+        self.routing = transparent.prepare(self.config, self.routing)
         staged = _Staged(self.start_relay, self.pools)
         try:
             self._new_listeners(self.config.listeners, staged)
@@ -233,6 +240,7 @@ class Balancer:
 
     def _stage(self, new: Config) -> _Staged:
         """Build what ``new`` needs that is not running yet; raises with nothing left behind."""
+        self.routing = transparent.prepare(new, self.routing)  # TransparentError
         start_relay = self.start_relay
         if new.relay != self.config.relay:
             start_relay = get_relay(new.relay)
@@ -300,6 +308,9 @@ class Balancer:
             errors = [str(issue) for issue in err.issues]
             for issue in err.issues:
                 log.error("event=reload_rejected file=%s error=%r", self.config_path, str(issue))
+        except transparent.TransparentError as err:  # the missing pieces, the fixes
+            errors = [str(problem) for problem in err.problems]
+            transparent.log_problems(err, "reload_rejected")
         except (OSError, ValueError) as err:  # a bind, the access log, a trust policy
             errors = [str(err)]
             log.error("event=reload_rejected file=%s error=%r", self.config_path, str(err))
@@ -338,6 +349,8 @@ class Balancer:
                 await asyncio.sleep(0.01)
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self.routing is not None:  # the rules l4lb added, once no socket needs them
+            self.routing.remove()
         self.access_log.close()
 
 
@@ -378,6 +391,12 @@ async def serve(
         log.error("event=bind_failed error=%r", err.strerror)
         balancer.access_log.close()
         return 3
+    except transparent.TransparentError as err:  # say what to add, start nothing
+        transparent.log_problems(err, "start_failed")
+        if balancer.routing is not None:
+            balancer.routing.remove()
+        balancer.access_log.close()
+        return 1
     # installed for the whole life: a repeated stop signal or a SIGHUP must never kill the drain
     signals = StopSignals(loop, balancer.reload_file, lambda: _close_all(balancer))
     try:

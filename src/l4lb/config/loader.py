@@ -575,6 +575,7 @@ def _cross_checks(config: schema.Config) -> list[ConfigIssue]:
                         "use 'v2' or move this backend to a pool without proxy_tlvs",
                     )
                 )
+        issues += _source_issues(name, pool)
         if pool.proxy_tlvs and pool.send_proxy != "v2":
             issues.append(
                 ConfigIssue(
@@ -582,4 +583,49 @@ def _cross_checks(config: schema.Config) -> list[ConfigIssue]:
                     f"TLVs need send_proxy = 'v2' (the pool sends {pool.send_proxy!r})",
                 )
             )
+    if config.transparent_routing == "manage" and config.workers > 1:
+        issues.append(
+            ConfigIssue(
+                "transparent_routing",
+                "'manage' needs workers = 1 (each worker would add and remove the same rules); "
+                "with several workers add the rules once (docs/transparent.md) and use 'check'",
+            )
+        )
+    return issues
+
+
+def _source_issues(name: str, pool: schema.PoolConfig) -> list[ConfigIssue]:
+    """The ``source`` key's rules: a transparent backend gets no PROXY header, and a
+    fixed source address has the backend's family."""
+    issues: list[ConfigIssue] = []
+    pool_level = False
+    for j, backend in enumerate(pool.backends):
+        where = f"pools.{name}.backends[{j}]"
+        source = pool.backend_source(backend)
+        proxy = pool.backend_proxy(backend)
+        if source == "client" and proxy != "off":
+            if backend.send_proxy is not None or backend.source is not None:
+                path = f"{where}.send_proxy" if backend.send_proxy is not None else where
+            elif pool_level:
+                continue
+            else:
+                path, pool_level = f"pools.{name}.send_proxy", True
+            issues.append(
+                ConfigIssue(
+                    path,
+                    f"source = 'client' connects from the client's own address and sends no "
+                    f"PROXY header, but send_proxy is {proxy!r} here: set send_proxy = 'off' "
+                    "for the transparent backends",
+                )
+            )
+        elif source not in ("client", "balancer"):
+            backend_v6 = ":" in backend.addr[0]
+            if (":" in source) != backend_v6:
+                issues.append(
+                    ConfigIssue(
+                        f"{where}.source" if backend.source is not None else f"pools.{name}.source",
+                        f"source {source!r} is IPv{6 if ':' in source else 4} but backend "
+                        f"{backend.address!r} is IPv{6 if backend_v6 else 4}",
+                    )
+                )
     return issues

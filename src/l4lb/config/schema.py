@@ -32,6 +32,7 @@ CHECKS: dict[str, Callable[[Any], object]] = {
     "cidr": values.parse_cidr,
     "rate": values.parse_rate,
     "tlv": values.tlv_type,
+    "source": lambda text: source_value(text),
 }
 """Extra checks named in a type's ``Meta(extra={"check": ...})``: raise ``ValueError`` if bad."""
 
@@ -109,12 +110,37 @@ default ceiling on one process's descriptors is fs.nr_open = 1048576, so a large
 be reached, and a typo of twenty digits would only overflow the descriptor arithmetic."""
 Count = Annotated[int, Meta(ge=1, le=MAX_COUNT)]
 
+
+def source_value(text: str) -> str:
+    """A ``source`` value: ``"balancer"``, ``"client"`` or an IP literal (normalized).
+
+    Raises ValueError for anything else.
+    """
+    if text in ("balancer", "client"):
+        return text
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ValueError(
+            f"invalid source {text!r}: expected 'balancer', 'client' (transparent: the client's "
+            "own address) or an IP address of this host such as '198.51.100.5'"
+        ) from None
+
+
+Source = Annotated[
+    str,
+    Meta(
+        description="'balancer', 'client' or an IP address such as '198.51.100.5'",
+        extra={"check": "source"},
+    ),
+]
 ProxyVersion = Literal["off", "v1", "v2"]
 Balance = Literal["roundrobin", "leastconn", "random2", "maglev"]
 ProxyTlv = Literal["unique_id", "authority", "alpn", "crc32c", "noop"]
 AcceptProxy = Literal["off", "optional", "required"]
 CheckKind = Literal["tcp", "proxy-local", "http", "send-expect"]
 RelayKind = Literal["stream", "splice"]
+TransparentRouting = Literal["check", "manage", "off"]
 
 
 class _Table(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -184,6 +210,8 @@ class BackendConfig(_Table, frozen=True):
     max_conns: Count | None = None
     send_proxy: ProxyVersion | None = None
     """Overrides the pool's ``send_proxy`` for this backend."""
+    source: Source | None = None
+    """Overrides the pool's ``source`` for this backend."""
 
     @property
     def addr(self) -> tuple[str, int]:
@@ -202,6 +230,10 @@ class PoolConfig(_Table, frozen=True):
     idle_timeout: Timeout = "10m"
     retries: Annotated[int, Meta(ge=0, le=100)] = 2
     health: HealthConfig | None = None
+    source: Source = "balancer"
+    """The backend connection's local address: ``"balancer"`` (the kernel's choice),
+    ``"client"`` (transparent: the real client's IP, no PROXY header; docs/transparent.md) or a
+    fixed IP address of this host (HAProxy's ``source ADDR``)."""
 
     def __post_init__(self) -> None:
         if len(set(self.proxy_tlvs)) != len(self.proxy_tlvs):
@@ -210,6 +242,10 @@ class PoolConfig(_Table, frozen=True):
     def backend_proxy(self, backend: BackendConfig) -> ProxyVersion:
         """The PROXY version sent to ``backend`` (its override, else the pool's)."""
         return backend.send_proxy if backend.send_proxy is not None else self.send_proxy
+
+    def backend_source(self, backend: BackendConfig) -> str:
+        """The ``source`` of ``backend`` (its override, else the pool's), normalized."""
+        return source_value(backend.source if backend.source is not None else self.source)
 
     @property
     def connect_timeout_s(self) -> float:
@@ -307,7 +343,11 @@ class Config(_Table, frozen=True):
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     admin: AdminConfig | None = None
     anycast: AnycastConfig | None = None
-    """Announce VIPs over BGP (issue 17; l4lb.config.anycast)."""
+    """Announce VIPs over BGP (l4lb.config.anycast)."""
+    transparent_routing: TransparentRouting = "check"
+    """For ``source = "client"`` backends: ``"check"`` refuses to start (or reload)
+    when the routing that brings replies back is missing, naming the commands; ``"manage"``
+    adds it at start and removes it at stop; ``"off"`` trusts the operator's own setup."""
 
     @property
     def drain_timeout_s(self) -> float:
