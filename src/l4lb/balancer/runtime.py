@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from l4lb.anycast.announcer import Announcer, AnycastError, make_announcer
-from l4lb.balancer import health
+from l4lb.balancer import discovery, health
 from l4lb.balancer.admission import Admission, Rejected
 from l4lb.balancer.connection import Connection, State
 from l4lb.balancer.listener import BindError, Listener, OpenSocket, open_listening_socket
@@ -99,6 +99,8 @@ class Balancer:
         self.on_stop: list[Callable[[Balancer], None]] = []
         self.health_checks: health.HealthChecks | None = None
         """Set by :func:`attach_parts` (the runtime's health checks, for /status and /metrics)."""
+        self.discovery: discovery.Discovery | None = None
+        """Set by :func:`attach_parts`: the DNS backends' resolution (/status, /metrics)."""
         self._sweeper: asyncio.TimerHandle | None = None
         self.announcer = announcer
         """``[anycast]`` (issue 17): announces the VIPs while this balancer can serve them."""
@@ -166,8 +168,18 @@ class Balancer:
                 idle.append(conn)
         for conn in idle:
             conn.close(EndReason.IDLE_TIMEOUT)
+        if any([pool.forget_drained() for pool in self.pools.values()]):
+            self.members_changed()
         if not self.stopping:
             self._schedule_sweep()
+
+    # -- membership ------------------------------------------------------------------------
+
+    def members_changed(self) -> None:
+        """A pool gained or lost a backend (DNS, the API, a drained one forgotten): the health
+        checks follow (a new backend is checked, ``rise`` times, before it takes traffic)."""
+        if self.health_checks is not None:
+            self.health_checks.attach(self.pools.values())
 
     # -- logs --------------------------------------------------------------------------------
 
@@ -267,6 +279,9 @@ class Balancer:
                 # the new pool object inherits the backends; keep its hooks (health, admin)
                 pool.on_change = old.on_change
                 pool.on_connect_result = old.on_connect_result
+        keep_api = new.admin is not None and new.admin.keep_api_backends
+        for name, pool in staged.pools.items():
+            pool.reconcile(self.pools.get(name), keep_api)  # DNS and API backends
         self.pools = staged.pools
         self.start_relay = staged.start_relay
         names = {lc.name for lc in new.listeners}
@@ -346,6 +361,8 @@ async def attach_parts(balancer: Balancer) -> None:
     """The parts that run beside the listeners, once they are up: health checks, the admin API
     (serving when the config has an ``[admin]`` table, following reloads), systemd's notify."""
     health.attach(balancer)
+    if balancer.discovery is None:
+        discovery.attach(balancer)
     await admin.attach(balancer)
     systemd.attach(balancer)
 
@@ -372,6 +389,13 @@ async def serve(
             "(expected a writable file path, 'stdout' or 'off')",
         )
         return 1
+    found = discovery.Discovery(balancer)
+    try:
+        await found.prime()  # DNS backends resolved before the first connection
+    except discovery.ResolveError as err:
+        log.error("event=start_failed error=%r", str(err))
+        balancer.access_log.close()
+        return 1
     try:
         balancer.start()
     except BindError as err:
@@ -382,6 +406,7 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, balancer.reload_file)
+    discovery.attach(balancer, found)
     try:
         await attach_parts(balancer)
     except Exception:

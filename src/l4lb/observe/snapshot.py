@@ -48,6 +48,27 @@ class BackendStatus:
     check: CheckResult | None = None
     connect_latency: Histogram | None = None
     check_latency: Histogram | None = None
+    origin: str = "config"
+    """Where the backend came from: ``config``, ``dns`` or ``api``."""
+    name: str | None = None
+    """For ``dns``: the config entry it was resolved from (``app.internal:8443``)."""
+    max_conns: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ResolveStatus:
+    """One DNS backend entry: its last good answer and how resolving it went."""
+
+    pool: str
+    name: str
+    addresses: tuple[str, ...]
+    resolutions: int
+    failures: dict[str, int]
+    """Failed resolutions by reason (timeout, nxdomain, no_address, servfail, error)."""
+    ttl: float | None = None
+    last_error: str | None = None
+    last_at: float | None = None
+    next_in: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +108,8 @@ class Snapshot:
     """How many worker processes the counters add up."""
     anycast: dict[str, Any] | None = None
     """``[anycast]``: VIPs (announced, reason), BGP sessions, second-chance counters."""
+    dns: tuple[ResolveStatus, ...] = ()
+    """Backend entries resolved by DNS."""
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> Snapshot:
@@ -125,6 +148,10 @@ class Snapshot:
             proxy_header_errors=dict(doc["proxy_header_errors"]),
             workers=doc.get("workers", 1),
             anycast=doc.get("anycast"),
+            dns=tuple(
+                ResolveStatus(**{**r, "addresses": tuple(r["addresses"])})
+                for r in doc.get("dns", ())
+            ),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -184,6 +211,9 @@ class Snapshot:
                             "check": check(b.check),
                             "connect_latency": hist(b.connect_latency),
                             "check_latency": hist(b.check_latency),
+                            "origin": b.origin,
+                            "name": b.name,
+                            "max_conns": b.max_conns,
                         }
                         for b in p.backends
                     ],
@@ -195,6 +225,20 @@ class Snapshot:
             "proxy_header_errors": dict(self.proxy_header_errors),
             "workers": self.workers,
             "anycast": self.anycast,
+            "dns": [
+                {
+                    "pool": r.pool,
+                    "name": r.name,
+                    "addresses": list(r.addresses),
+                    "resolutions": r.resolutions,
+                    "failures": dict(r.failures),
+                    "ttl": r.ttl,
+                    "last_error": r.last_error,
+                    "last_at": r.last_at,
+                    "next_in": r.next_in,
+                }
+                for r in self.dns
+            ],
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -266,6 +310,9 @@ def snapshot_of(balancer: Balancer) -> Snapshot:
                         CONNECT_BUCKETS, tuple(b.latency_counts), b.latency_sum
                     ),
                     check_latency=check_latency,
+                    origin=b.origin.value,
+                    name=b.name,
+                    max_conns=b.max_conns,
                 )
             )
         pools.append(
@@ -286,6 +333,27 @@ def snapshot_of(balancer: Balancer) -> Snapshot:
         last_reload=balancer.last_reload,
         proxy_header_errors=header_errors,
         anycast=_anycast(balancer),
+        dns=_dns(balancer),
+    )
+
+
+def _dns(balancer: Balancer) -> tuple[ResolveStatus, ...]:
+    found = balancer.discovery
+    if found is None:
+        return ()
+    return tuple(
+        ResolveStatus(
+            pool=r.pool,
+            name=r.name,
+            addresses=r.addresses,
+            resolutions=r.resolutions,
+            failures=dict(r.failures),
+            ttl=r.ttl,
+            last_error=r.last_error,
+            last_at=r.last_at,
+            next_in=round(r.next_in, 3),
+        )
+        for r in found.records.values()
     )
 
 
@@ -348,8 +416,19 @@ def merge(own: Snapshot, others: list[Snapshot]) -> Snapshot:
                         connect_latency=_add_hist(found.connect_latency, b.connect_latency),
                         check_latency=_add_hist(found.check_latency, b.check_latency),
                     )
+    resolves = {(r.pool, r.name): r for r in own.dns}
+    for other in others:
+        for r in other.dns:
+            seen = resolves.get((r.pool, r.name))
+            if seen is not None:
+                resolves[(r.pool, r.name)] = replace(
+                    seen,
+                    resolutions=seen.resolutions + r.resolutions,
+                    failures=_add(seen.failures, r.failures),
+                )
     return replace(
         own,
+        dns=tuple(resolves[(r.pool, r.name)] for r in own.dns),
         listeners=tuple(listeners[lst.name] for lst in own.listeners),
         pools=tuple(
             replace(p, backends=tuple(backends[(p.name, b.address)] for b in p.backends))
