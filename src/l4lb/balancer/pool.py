@@ -256,6 +256,7 @@ class Pool:
             hook(backend, ok, detail)
 
     def _changed(self, backend: Backend, before: BackendState, detail: str) -> None:
+        self._settle_leavers()  # a backend that came up relieves the removed ones
         after = backend.state
         if after is not before:
             log.warning(
@@ -326,19 +327,50 @@ class Pool:
         return backend
 
     def remove_backend(self, backend: Backend, detail: str) -> None:
-        """Take a backend out: no new connections; forgotten when its connections have ended
-        (at once if it has none)."""
-        if backend.active == 0:
+        """Take a backend out: it drains (no new connections), and is forgotten when its
+        connections have ended (at once if it has none).
+
+        Make before break: while no other backend is in rotation (its replacement is still
+        being health-checked) it keeps taking connections, and drains when one is up.
+        """
+        backend.leaving = True
+        if backend.active == 0 and not self._needed(backend):
             self._forget(backend, detail)
             return
         before = backend.state
-        backend.leaving = True
-        backend.admin = BackendState.DRAIN
+        self._settle_leavers()
+        if backend.admin is None:
+            log.warning(
+                "event=backend_leaving_kept pool=%s backend=%s detail=%r",
+                self.name,
+                backend.address,
+                "no other backend is up yet: it takes connections until one is",
+            )
         self._changed(backend, before, detail)
+
+    def _needed(self, backend: Backend) -> bool:
+        """True when ``backend`` is in rotation and no backend that stays is."""
+        return backend.in_rotation and not any(
+            b.in_rotation and not b.leaving for b in self.backends
+        )
+
+    def _settle_leavers(self) -> None:
+        """Drain the leaving backends still in rotation once a backend that stays is up."""
+        if not any(b.in_rotation and not b.leaving for b in self.backends):
+            return
+        for b in self.backends:
+            if b.leaving and b.admin is None:
+                b.admin = BackendState.DRAIN
+                log.warning(
+                    "event=backend_state pool=%s backend=%s from=up to=drain detail=%r",
+                    self.name,
+                    b.address,
+                    "leaving: another backend is up",
+                )
 
     def forget_drained(self) -> list[Backend]:
         """Forget the removed backends whose last connection has ended; returns them."""
-        gone = [b for b in self.backends if b.leaving and b.active == 0]
+        gone = [b for b in self.backends if b.leaving and not b.in_rotation and b.active == 0]
         for backend in gone:
             self._forget(backend, "drained")
         return gone
@@ -439,8 +471,8 @@ class Pool:
             if not stays and not backend.leaving:
                 if backend.active == 0:
                     continue
-                backend.leaving, backend.admin = True, BackendState.DRAIN
-            elif backend.leaving and backend.active == 0:
+                backend.leaving = True
+            elif backend.leaving and backend.active == 0 and not backend.in_rotation:
                 continue
             result.append(backend)
             taken.add(backend.address)
@@ -450,4 +482,5 @@ class Pool:
             self._apply_limits(backend)
         self.backends = result
         self.by_address = {b.address: b for b in result}
+        self._settle_leavers()
         self.rebuild()
