@@ -16,7 +16,7 @@ import pytest
 from tests.observe.live import Running, eventually, l4lb_run
 from tests.support.dns_server import DnsServer, Mode
 from tests.support.echo_backend import EchoBackend
-from tests.support.peers import free_port
+from tests.support.peers import connect_from, free_port
 from tests.support.traffic import steady_traffic
 
 A, B, C = "127.0.0.21", "127.0.0.22", "127.0.0.23"
@@ -295,3 +295,32 @@ def test_srv_records_give_port_and_weight_and_priority_decides(
         assert traffic.failures == []
         doc = json.loads(lb.get("/status")[1])
         assert doc["dns"][0]["addresses"] == [c.address]
+
+
+def test_every_worker_follows_the_records(tmp_path: Path, dns: DnsServer) -> None:
+    """With workers = 2 each worker resolves on its own: after a change, clients spread over
+    both workers (BPF steering by client address) all reach the new address."""
+    port = shared_port()
+    dns.set("app.test", "A", [A], ttl=1)
+    text = config(dns, f'[{{ address = "app.test:{port}" }}]').replace("workers = 1", "workers = 2")
+    sources = [f"127.0.{i}.{j}" for i in range(1, 5) for j in range(2, 7)]
+
+    def served() -> set[str]:
+        names = set()
+        for source in sources:
+            with connect_from(source, "127.0.0.1", lb.port("front"), timeout=10) as sock:
+                sock.shutdown(socket.SHUT_WR)
+                names.add(sock.recv(2).decode().strip())
+        return names
+
+    with (
+        EchoBackend("a", A, port),
+        EchoBackend("b", B, port),
+        l4lb_run(tmp_path, text) as lb,
+    ):
+        eventually(lambda: lb.status()["workers"] == 2, what="both workers in /status")
+        assert served() == {"a"}
+        dns.set("app.test", "A", [B], ttl=1)
+        eventually(lambda: served() == {"b"}, what="every worker sends every client to b")
+        # (a still listens: a worker that had not followed the record would still reach it)
+        assert lb.status()["dns"][0]["addresses"] == [f"{B}:{port}"]
