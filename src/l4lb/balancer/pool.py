@@ -360,11 +360,13 @@ class Pool:
             return
         for b in self.backends:
             if b.leaving and b.admin is None:
+                before = b.state
                 b.admin = BackendState.DRAIN
                 log.warning(
-                    "event=backend_state pool=%s backend=%s from=up to=drain detail=%r",
+                    "event=backend_state pool=%s backend=%s from=%s to=drain detail=%r",
                     self.name,
                     b.address,
+                    before.value,
                     "leaving: another backend is up",
                 )
 
