@@ -324,3 +324,15 @@ def test_every_worker_follows_the_records(tmp_path: Path, dns: DnsServer) -> Non
         eventually(lambda: served() == {"b"}, what="every worker sends every client to b")
         # (a still listens: a worker that had not followed the record would still reach it)
         assert lb.status()["dns"][0]["addresses"] == [f"{B}:{port}"]
+
+
+def test_a_large_answer_comes_over_tcp(tmp_path: Path, dns: DnsServer) -> None:
+    """200 A records do not fit a UDP answer: the server truncates it, the resolver asks again
+    over TCP, and every address joins the pool."""
+    hosts = [f"127.0.{i // 250 + 100}.{i % 250 + 1}" for i in range(200)]
+    dns.set("many.test", "A", hosts, ttl=60)
+    text = config(dns, '[{ address = "many.test:9" }]', health=False)
+    with l4lb_run(tmp_path, text) as lb:
+        assert len(backends_of(lb)) == 200
+    transports = {q.transport for q in dns.queries("many.test", "A")}
+    assert transports == {"udp", "tcp"}

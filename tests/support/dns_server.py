@@ -8,7 +8,8 @@ address, records a test changes while it runs, and a log of the queries it answe
         dns.wait_queries(lambda qs: len(qs) >= 3)
 
 Every name it does not know gets NXDOMAIN; a known name without the asked type gets an empty
-answer (NOERROR), as an authoritative server does.
+answer (NOERROR), as an authoritative server does. An answer too large for the client's UDP
+payload is sent truncated (TC), so the client asks again over TCP.
 """
 
 from __future__ import annotations
@@ -155,7 +156,13 @@ class DnsServer:
             response.answer.append(
                 dns.rrset.from_text_list(name, ttl, dns.rdataclass.IN, rdtype, values)
             )
-        return response.to_wire()
+        wire = response.to_wire()
+        limit = query.payload if query.edns >= 0 else 512
+        if transport == "udp" and len(wire) > limit:  # RFC 1035 4.2.1: truncate, ask over TCP
+            response.answer.clear()
+            response.flags |= dns.flags.TC
+            wire = response.to_wire()
+        return wire
 
     def _serve(self) -> None:
         sel = selectors.DefaultSelector()
