@@ -52,6 +52,7 @@ def config(
     health: bool = True,
     resolver: str = 'resolve_min = "200ms"\nresolve_max = "2s"\ntimeout = "500ms"',
     pools: str = "",
+    front: str = "",
 ) -> str:
     checks = (
         '\n[pools.web.health]\ncheck = "tcp"\ninterval = "200ms"\nrise = 2\nfall = 2\n'
@@ -64,7 +65,7 @@ drain_timeout = "2s"
 
 [[listeners]]
 name = "front"
-bind = "127.0.0.1:{free_port()}"
+bind = "{front or f"127.0.0.1:{free_port()}"}"
 pool = "web"
 
 [pools.web]
@@ -336,3 +337,18 @@ def test_a_large_answer_comes_over_tcp(tmp_path: Path, dns: DnsServer) -> None:
         assert len(backends_of(lb)) == 200
     transports = {q.transport for q in dns.queries("many.test", "A")}
     assert transports == {"udp", "tcp"}
+
+
+def test_an_address_that_is_the_balancer_itself_is_left_out(tmp_path: Path, dns: DnsServer) -> None:
+    """What `l4lb check` refuses for an IP:PORT backend (a loop into the balancer's own
+    listener) is left out of a DNS answer, and said."""
+    port = free_port(A)
+    text = config(dns, f'[{{ address = "self.test:{port}" }}]', health=False, front=f"{A}:{port}")
+    dns.set("self.test", "A", [A, B], ttl=60)
+    with EchoBackend("b", B, port), l4lb_run(tmp_path, text) as lb:
+        assert set(backends_of(lb)) == {f"{B}:{port}"}
+        assert f"event=resolved_to_self pool=web name=self.test:{port} address={A}:{port}" in (
+            lb.log_text()
+        )
+        with socket.create_connection((A, port), timeout=10) as sock:
+            assert sock.recv(2) == b"b\n"

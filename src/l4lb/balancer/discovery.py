@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from l4lb.config.loader import own_listener
 from l4lb.config.schema import BackendConfig, ResolverConfig
 from l4lb.config.values import AddressKind, BackendAddress, format_hostport
 
@@ -342,15 +343,29 @@ class Discovery:
                 record.next_in,
             )
             return record.next_in
-        members = [
-            BackendConfig(
-                address=format_hostport(m.host, m.port),
-                weight=m.weight if entry.target.kind is AddressKind.SRV else entry.weight,
-                max_conns=entry.max_conns,
-                send_proxy=entry.send_proxy,
+        members = []
+        for m in answer.members:
+            address = format_hostport(m.host, m.port)
+            loop = own_listener((m.host, m.port), self.balancer.config.listeners)
+            if loop is not None:  # what `l4lb check` refuses for an IP:PORT backend
+                log.error(
+                    "event=resolved_to_self pool=%s name=%s address=%s listener=%s detail=%r",
+                    pool,
+                    entry.address,
+                    address,
+                    loop,
+                    "left out: connections would loop back into the balancer",
+                )
+                continue
+            weight = m.weight if entry.target.kind is AddressKind.SRV else entry.weight
+            members.append(
+                BackendConfig(
+                    address=address,
+                    weight=weight,
+                    max_conns=entry.max_conns,
+                    send_proxy=entry.send_proxy,
+                )
             )
-            for m in answer.members
-        ]
         record.resolutions += 1
         record.consecutive_failures = 0
         record.last_error = None

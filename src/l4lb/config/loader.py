@@ -457,9 +457,7 @@ def _unmapped(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ip
 
 
-def _own_listener(
-    addr: tuple[str, int], listeners: tuple[schema.ListenerConfig, ...]
-) -> str | None:
+def own_listener(addr: tuple[str, int], listeners: tuple[schema.ListenerConfig, ...]) -> str | None:
     """The name of a listener that ``addr`` would connect to (a backend pointing at us)."""
     host, port = addr
     ip = _unmapped(host)
@@ -579,7 +577,7 @@ def _cross_checks(config: schema.Config) -> list[ConfigIssue]:
             loop = (
                 None
                 if target.dynamic
-                else _own_listener((target.host, target.port), config.listeners)
+                else own_listener((target.host, target.port), config.listeners)
             )
             if loop is not None:
                 issues.append(
