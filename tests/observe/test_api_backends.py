@@ -123,6 +123,7 @@ def test_bad_calls_are_refused_with_what_to_do(tmp_path: Path) -> None:
             (f"/pools/web/backends/{other}/add?weight=1&weight=2", 400, "more than once"),
             (f"/pools/web/backends/{a.address}/set", 400, "set needs weight"),
             ("/pools/web/backends/app.internal:80/add", 400, "DNS names go in the config"),
+            (f"/pools/web/backends/127.0.0.1:{lb.port('front')}/add", 400, "own listener"),
         ]
         for path, status, text in cases:
             code, doc = call(lb, path)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote, urlencode
 
 from l4lb.balancer.pool import Backend, BackendState, Origin, Pool
+from l4lb.config.loader import own_listener
 from l4lb.config.schema import MAX_COUNT, BackendConfig
 from l4lb.config.values import format_hostport, parse_hostport
 from l4lb.observe import cluster
@@ -166,6 +167,12 @@ class BalancerControl:
             raise ValueError(
                 f"{err} (the API adds IP addresses; DNS names go in the config)"
             ) from None
+        loop = own_listener((host, port), self.balancer.config.listeners)
+        if loop is not None:
+            raise ValueError(
+                f"{address!r} is the balancer's own listener {loop!r}: connections would loop "
+                "back into it"
+            )
         config = BackendConfig(
             address=format_hostport(host, port),
             weight=values.get("weight", 1),
