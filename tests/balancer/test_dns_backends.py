@@ -352,3 +352,28 @@ def test_an_address_that_is_the_balancer_itself_is_left_out(tmp_path: Path, dns:
         )
         with socket.create_connection((A, port), timeout=10) as sock:
             assert sock.recv(2) == b"b\n"
+
+
+def test_a_reload_follows_the_names_in_the_file(tmp_path: Path, dns: DnsServer) -> None:
+    """A reload that takes a name out forgets its backends and stops resolving it; one that
+    puts it back resolves it again at once."""
+    port = shared_port()
+    dns.set("app.test", "A", [A], ttl=60)
+    with (
+        EchoBackend("a", A, port) as a,
+        EchoBackend("b", B, port) as b,
+        l4lb_run(tmp_path, config(dns, f'[{{ address = "app.test:{port}" }}]')) as lb,
+    ):
+        assert set(backends_of(lb)) == {a.address}
+        named = lb.config.read_text()
+        lb.config.write_text(named.replace(f"app.test:{port}", b.address))
+        assert lb.post("/reload")[0] == 200
+        assert set(backends_of(lb)) == {b.address}
+        assert backends_of(lb)[b.address]["origin"] == "config"
+        assert lb.status()["dns"] == []
+        asked = len(dns.queries("app.test", "A"))
+        lb.config.write_text(named)
+        assert lb.post("/reload")[0] == 200
+        eventually(lambda: a.address in backends_of(lb), what="the name resolved again")
+        assert len(dns.queries("app.test", "A")) > asked
+        assert backends_of(lb)[a.address]["origin"] == "dns"
