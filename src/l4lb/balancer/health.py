@@ -364,7 +364,9 @@ class HealthChecks:
         self._by_backend = {}
         for plan in self._plans.values():
             for target in plan.targets:
-                self._health.setdefault((plan.name, target.address), Health())
+                # a backend added at run time (DNS, API) starts down: up after ``rise`` checks
+                up = target.backend.health_up if target.backend is not None else True
+                self._health.setdefault((plan.name, target.address), Health(up=up))
                 if target.backend is not None:
                     self._by_backend[id(target.backend)] = (plan, target)
             self._tasks[plan.name] = asyncio.get_running_loop().create_task(

@@ -42,6 +42,14 @@ class BackendState(enum.Enum):
     DISABLED = "disabled"
 
 
+class Origin(enum.Enum):
+    """Where a backend came from: the config file, a DNS answer, or the admin API."""
+
+    CONFIG = "config"
+    DNS = "dns"
+    API = "api"
+
+
 class Backend:
     """One backend of a pool, with its live counters.
 
@@ -56,13 +64,21 @@ class Backend:
     - ``last_check``: a short text of the last health-check result, or None;
     - ``latency_counts`` / ``latency_sum``: connect latency histogram over
       :data:`CONNECT_BUCKETS` (``latency_counts[i]`` = connects <= ``CONNECT_BUCKETS[i]``,
-      non-cumulative; the last entry counts the slower ones).
+      non-cumulative; the last entry counts the slower ones);
+    - ``origin`` (:class:`Origin`), ``name``: the config entry a DNS backend was resolved from
+      (``app.internal:8443``, ``srv+_https._tcp.app.internal``), else None;
+    - ``leaving``: removed (by the API, or gone from DNS): drained, then forgotten when its last
+      connection ends (:meth:`Pool.forget_drained`);
+    - ``base_limits``: weight and max_conns as the config or DNS gives them; ``api_limits``:
+      those set through the API (in force while not None).
     """
 
     __slots__ = (
         "active",
         "address",
         "admin",
+        "api_limits",
+        "base_limits",
         "bytes_in",
         "bytes_out",
         "connect_failures",
@@ -71,7 +87,10 @@ class Backend:
         "last_check",
         "latency_counts",
         "latency_sum",
+        "leaving",
         "max_conns",
+        "name",
+        "origin",
         "port",
         "proxy_version",
         "source",
@@ -79,7 +98,18 @@ class Backend:
         "weight",
     )
 
-    def __init__(self, config: BackendConfig, proxy_version: int) -> None:
+    def __init__(
+        self,
+        config: BackendConfig,
+        proxy_version: int,
+        origin: Origin = Origin.CONFIG,
+        name: str | None = None,
+    ) -> None:
+        self.origin = origin
+        self.name = name
+        self.leaving = False
+        self.base_limits: tuple[int, int | None] = (config.weight, config.max_conns)
+        self.api_limits: tuple[int, int | None] | None = None
         self.address = config.address
         self.host, self.port = parse_hostport(config.address)
         self.weight = config.weight
@@ -161,6 +191,8 @@ class Pool:
         self.backends: list[Backend] = []
         old: dict[str, Backend] = previous.by_address if previous is not None else {}
         for bc in config.backends:
+            if bc.dynamic:  # a DNS name: its backends come from l4lb.balancer.discovery
+                continue
             version = PROXY_VERSIONS[config.backend_proxy(bc)]
             backend = old.get(bc.address)
             if backend is None:
@@ -229,6 +261,7 @@ class Pool:
             hook(backend, ok, detail)
 
     def _changed(self, backend: Backend, before: BackendState, detail: str) -> None:
+        self._settle_leavers()  # a backend that came up relieves the removed ones
         after = backend.state
         if after is not before:
             log.warning(
@@ -248,3 +281,213 @@ class Pool:
     @property
     def active(self) -> int:
         return sum(b.active for b in self.backends)
+
+    # -- membership: backends from DNS and the admin API -----------------------------------------
+
+    @property
+    def checked(self) -> bool:
+        """True when new backends wait for their health checks (``rise``) before taking traffic."""
+        return self.config.health is not None
+
+    def add_backend(
+        self, config: BackendConfig, origin: Origin, name: str | None = None, up: bool = False
+    ) -> Backend:
+        """Add a backend (from DNS or the API); it takes connections once it passes ``rise``
+        health checks (at once when the pool is not checked, or when ``up``: the first answer
+        at start, taken as up as configured addresses are).
+
+        A backend still draining after a removal by the same source comes back as it was (its
+        health and counters); an address the pool already has otherwise is a ``ValueError``.
+        """
+        found = self.by_address.get(config.address)
+        if found is not None:
+            if found.leaving and found.origin is origin and found.name == name:
+                found.leaving = False
+                found.base_limits = (config.weight, config.max_conns)
+                found.api_limits = None
+                self._apply_limits(found)
+                before = found.state
+                found.admin = None
+                self._changed(found, before, f"{origin.value} added again")
+                return found
+            raise ValueError(
+                f"pool {self.name!r} already has backend {config.address!r} "
+                f"(from {found.origin.value}{' ' + found.name if found.name else ''})"
+            )
+        backend = Backend(config, PROXY_VERSIONS[self.config.backend_proxy(config)], origin, name)
+        backend.health_up = up or not self.checked
+        self.backends.append(backend)
+        self.by_address[backend.address] = backend
+        log.warning(
+            "event=backend_added pool=%s backend=%s origin=%s%s state=%s",
+            self.name,
+            backend.address,
+            origin.value,
+            f" name={name}" if name else "",
+            backend.state.value,
+        )
+        self.rebuild()
+        for callback in self.on_change:
+            callback(self, backend)
+        return backend
+
+    def remove_backend(self, backend: Backend, detail: str) -> None:
+        """Take a backend out: it drains (no new connections), and is forgotten when its
+        connections have ended (at once if it has none).
+
+        Make before break: while no other backend is in rotation (its replacement is still
+        being health-checked) it keeps taking connections, and drains when one is up.
+        """
+        backend.leaving = True
+        if backend.active == 0 and not self._needed(backend):
+            self._forget(backend, detail)
+            return
+        before = backend.state
+        self._settle_leavers()
+        if backend.admin is None:
+            log.warning(
+                "event=backend_leaving_kept pool=%s backend=%s detail=%r",
+                self.name,
+                backend.address,
+                "no other backend is up yet: it takes connections until one is",
+            )
+        self._changed(backend, before, detail)
+
+    def _needed(self, backend: Backend) -> bool:
+        """True when ``backend`` is in rotation and no backend that stays is."""
+        return backend.in_rotation and not any(
+            b.in_rotation and not b.leaving for b in self.backends
+        )
+
+    def _settle_leavers(self) -> None:
+        """Drain the leaving backends still in rotation once a backend that stays is up."""
+        if not any(b.in_rotation and not b.leaving for b in self.backends):
+            return
+        for b in self.backends:
+            if b.leaving and b.admin is None:
+                before = b.state
+                b.admin = BackendState.DRAIN
+                log.warning(
+                    "event=backend_state pool=%s backend=%s from=%s to=drain detail=%r",
+                    self.name,
+                    b.address,
+                    before.value,
+                    "leaving: another backend is up",
+                )
+
+    def forget_drained(self) -> list[Backend]:
+        """Forget the removed backends whose last connection has ended; returns them."""
+        gone = [b for b in self.backends if b.leaving and not b.in_rotation and b.active == 0]
+        for backend in gone:
+            self._forget(backend, "drained")
+        return gone
+
+    def _forget(self, backend: Backend, detail: str) -> None:
+        self.backends.remove(backend)
+        if self.by_address.get(backend.address) is backend:
+            del self.by_address[backend.address]
+        log.warning(
+            "event=backend_removed pool=%s backend=%s origin=%s detail=%r",
+            self.name,
+            backend.address,
+            backend.origin.value,
+            detail,
+        )
+        self.rebuild()
+        for callback in self.on_change:
+            callback(self, backend)
+
+    def set_limits(self, backend: Backend, weight: int, max_conns: int | None) -> None:
+        """The API's weight and max_conns (None: no limit); in force until a reload (see
+        :meth:`reconcile`)."""
+        backend.api_limits = (weight, max_conns)
+        self._apply_limits(backend)
+        log.warning(
+            "event=backend_limits pool=%s backend=%s weight=%d max_conns=%s",
+            self.name,
+            backend.address,
+            weight,
+            "none" if max_conns is None else max_conns,
+        )
+        self.rebuild()
+        for callback in self.on_change:
+            callback(self, backend)
+
+    @staticmethod
+    def _apply_limits(backend: Backend) -> None:
+        backend.weight, backend.max_conns = backend.api_limits or backend.base_limits
+
+    def sync_dns(self, name: str, members: list[BackendConfig], up: bool = False) -> bool:
+        """Make the backends resolved from config entry ``name`` be ``members``: new addresses
+        join (after their health checks), gone ones drain. True when membership changed.
+
+        An address the pool has from another source (the config, the API, another name) is
+        left to it.
+        """
+        mine = {b.address: b for b in self.backends if b.origin is Origin.DNS and b.name == name}
+        wanted = {m.address: m for m in members}
+        changed = False
+        for address, member in wanted.items():
+            backend = mine.get(address)
+            if backend is None or backend.leaving:
+                other = self.by_address.get(address)
+                if other is not None and other is not backend:
+                    continue
+                self.add_backend(member, Origin.DNS, name, up)
+                changed = True
+            elif backend.base_limits != (member.weight, member.max_conns):
+                backend.base_limits = (member.weight, member.max_conns)
+                self._apply_limits(backend)
+                self.rebuild()
+        for address, backend in mine.items():
+            if address not in wanted and not backend.leaving:
+                self.remove_backend(backend, f"no longer in the DNS answer for {name}")
+                changed = True
+        return changed
+
+    def reconcile(self, previous: Pool | None, keep_api: bool) -> None:
+        """After a reload: take over the backends that ``previous`` had from DNS and the API.
+
+        DNS backends stay while their config entry does; API backends stay when ``keep_api``
+        (``[admin] keep_api_backends``), and so do the weights and max_conns set through the
+        API. What does not stay drains (then is forgotten) when it has connections.
+        """
+        entries = {bc.address: bc for bc in self.config.backends}
+        configured = {bc.address for bc in self.config.backends if not bc.dynamic}
+        result: list[Backend] = []
+        for backend in self.backends:
+            if backend.address in configured:
+                if backend.origin is not Origin.CONFIG or backend.leaving:
+                    backend.origin, backend.name, backend.leaving = Origin.CONFIG, None, False
+                    if backend.admin is BackendState.DRAIN:
+                        backend.admin = None
+                bc = entries[backend.address]
+                backend.base_limits = (bc.weight, bc.max_conns)
+                result.append(backend)
+        taken = {b.address for b in result}
+        for backend in previous.backends if previous is not None else ():
+            if backend.origin is Origin.CONFIG or backend.address in taken:
+                continue
+            if backend.origin is Origin.DNS:
+                entry = entries.get(backend.name or "")
+                stays = entry is not None and entry.dynamic
+                if stays and entry is not None and entry.target.port:
+                    backend.base_limits = (entry.weight, entry.max_conns)
+            else:
+                stays = keep_api
+            if not stays and not backend.leaving:
+                if backend.active == 0:
+                    continue
+                backend.leaving = True
+            elif backend.leaving and backend.active == 0 and not backend.in_rotation:
+                continue
+            result.append(backend)
+            taken.add(backend.address)
+        for backend in result:
+            if not keep_api:
+                backend.api_limits = None
+            self._apply_limits(backend)
+        self.backends = result
+        self.by_address = {b.address: b for b in result}
+        self._settle_leavers()
+        self.rebuild()

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from l4lb.anycast.announcer import Announcer, AnycastError, make_announcer
-from l4lb.balancer import health, transparent, workers
+from l4lb.balancer import discovery, health, transparent, workers
 from l4lb.balancer.admission import Admission, Rejected
 from l4lb.balancer.connection import Connection, State
 from l4lb.balancer.listener import BindError, Listener, OpenSocket, open_listening_socket
@@ -98,6 +98,8 @@ class Balancer:
         self.on_stop: list[Callable[[Balancer], None]] = []
         self.health_checks: health.HealthChecks | None = None
         """Set by :func:`attach_parts` (the runtime's health checks, for /status and /metrics)."""
+        self.discovery: discovery.Discovery | None = None
+        """Set by :func:`attach_parts`: the DNS backends' resolution (/status, /metrics)."""
         self._sweeper: asyncio.TimerHandle | None = None
         self.announcer = announcer
         """``[anycast]``: announces the VIPs while this balancer can serve them."""
@@ -172,8 +174,18 @@ class Balancer:
                 idle.append(conn)
         for conn in idle:
             conn.close(EndReason.IDLE_TIMEOUT)
+        if any([pool.forget_drained() for pool in self.pools.values()]):
+            self.members_changed()
         if not self.stopping:
             self._schedule_sweep()
+
+    # -- membership ------------------------------------------------------------------------
+
+    def members_changed(self) -> None:
+        """A pool gained or lost a backend (DNS, the API, a drained one forgotten): the health
+        checks follow (a new backend is checked, ``rise`` times, before it takes traffic)."""
+        if self.health_checks is not None:
+            self.health_checks.attach(self.pools.values())
 
     # -- logs --------------------------------------------------------------------------------
 
@@ -274,6 +286,9 @@ class Balancer:
                 # the new pool object inherits the backends; keep its hooks (health, admin)
                 pool.on_change = old.on_change
                 pool.on_connect_result = old.on_connect_result
+        keep_api = new.admin is not None and new.admin.keep_api_backends
+        for name, pool in staged.pools.items():
+            pool.reconcile(self.pools.get(name), keep_api)  # DNS and API backends
         self.pools = staged.pools
         self.start_relay = staged.start_relay
         names = {lc.name for lc in new.listeners}
@@ -358,6 +373,8 @@ async def attach_parts(balancer: Balancer) -> None:
     """The parts that run beside the listeners, once they are up: health checks, the admin API
     (serving when the config has an ``[admin]`` table, following reloads), systemd's notify."""
     health.attach(balancer)
+    if balancer.discovery is None:
+        discovery.attach(balancer)
     await admin.attach(balancer)
     systemd.attach(balancer)
     workers.attach(balancer)  # in a worker: tells the supervisor of each applied reload
@@ -385,6 +402,13 @@ async def serve(
             "(expected a writable file path, 'stdout' or 'off')",
         )
         return 1
+    found = discovery.Discovery(balancer)
+    try:
+        await found.prime()  # DNS backends resolved before the first connection
+    except discovery.ResolveError as err:
+        log.error("event=start_failed error=%r", str(err))
+        balancer.access_log.close()
+        return 1
     try:
         balancer.start()
     except BindError as err:
@@ -399,6 +423,7 @@ async def serve(
         return 1
     # installed for the whole life: a repeated stop signal or a SIGHUP must never kill the drain
     signals = StopSignals(loop, balancer.reload_file, lambda: _close_all(balancer))
+    discovery.attach(balancer, found)
     try:
         await attach_parts(balancer)
     except Exception:

@@ -457,9 +457,7 @@ def _unmapped(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ip
 
 
-def _own_listener(
-    addr: tuple[str, int], listeners: tuple[schema.ListenerConfig, ...]
-) -> str | None:
+def own_listener(addr: tuple[str, int], listeners: tuple[schema.ListenerConfig, ...]) -> str | None:
     """The name of a listener that ``addr`` would connect to (a backend pointing at us)."""
     host, port = addr
     ip = _unmapped(host)
@@ -505,6 +503,15 @@ def _not_a_list_file(path: str) -> str | None:
     return None
 
 
+def _have_dnspython() -> bool:
+    """Whether the resolver library of DNS-named backends can be imported (the ``dns`` extra)."""
+    try:
+        import dns.asyncresolver  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _cross_checks(config: schema.Config) -> list[ConfigIssue]:
     issues: list[ConfigIssue] = []
     names: dict[str, int] = {}
@@ -546,19 +553,32 @@ def _cross_checks(config: schema.Config) -> list[ConfigIssue]:
     if config.admin is not None and config.admin.bind_addr in binds:
         issues.append(ConfigIssue("admin.bind", f"{config.admin.bind!r} is also a listener's bind"))
     for name, pool in config.pools.items():
-        seen: dict[tuple[str, int], int] = {}
+        seen: dict[tuple[str, str, int], int] = {}
         for j, backend in enumerate(pool.backends):
             where = f"pools.{name}.backends[{j}]"
-            addr = backend.addr
-            if addr in seen:
+            target = backend.target
+            key = (target.kind.value, target.host, target.port)
+            if key in seen:
                 issues.append(
                     ConfigIssue(
                         f"{where}.address",
-                        f"duplicate backend {backend.address!r} (also backends[{seen[addr]}])",
+                        f"duplicate backend {backend.address!r} (also backends[{seen[key]}])",
                     )
                 )
-            seen.setdefault(addr, j)
-            loop = _own_listener(addr, config.listeners)
+            seen.setdefault(key, j)
+            if target.dynamic and not _have_dnspython():
+                issues.append(
+                    ConfigIssue(
+                        f"{where}.address",
+                        f"{backend.address!r} is a DNS name, and resolving it needs dnspython, "
+                        "which is not installed: pip install 'l4lb[dns]' (or write an IP:PORT)",
+                    )
+                )
+            loop = (
+                None
+                if target.dynamic
+                else own_listener((target.host, target.port), config.listeners)
+            )
             if loop is not None:
                 issues.append(
                     ConfigIssue(

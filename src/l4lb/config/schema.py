@@ -29,6 +29,9 @@ CHECKS: dict[str, Callable[[Any], object]] = {
     "token": values.parse_token,
     "access": values.parse_access_target,
     "hostport": values.parse_hostport,
+    "backend_address": values.parse_backend_address,
+    "nameserver": values.parse_nameserver,
+    "resolve_interval": values.parse_resolve_interval,
     "cidr": values.parse_cidr,
     "rate": values.parse_rate,
     "tlv": values.tlv_type,
@@ -89,6 +92,23 @@ AccessTarget = Annotated[
 ]
 HostPort = Annotated[
     str, Meta(description="IP:PORT, IPv6 as '[::1]:8443'", extra={"check": "hostport"})
+]
+BackendAddressText = Annotated[
+    str,
+    Meta(
+        description="IP:PORT, NAME:PORT (A/AAAA records) or 'srv+_SERVICE._PROTO.NAME' (SRV)",
+        extra={"check": "backend_address"},
+    ),
+]
+NameServer = Annotated[
+    str, Meta(description="IP or IP:PORT, IPv6 as '[::1]:53'", extra={"check": "nameserver"})
+]
+ResolveInterval = Annotated[
+    str,
+    Meta(
+        description="a duration of at least '100ms' such as '1s', '5m'",
+        extra={"check": "resolve_interval"},
+    ),
 ]
 Cidr = Annotated[str, Meta(description="a CIDR such as '10.0.0.0/8'", extra={"check": "cidr"})]
 Rate = Annotated[str, Meta(description="a rate such as '50/s' or '100/m'", extra={"check": "rate"})]
@@ -162,6 +182,9 @@ class AdminConfig(_Table, frozen=True):
     """Bearer token required for state-changing calls, if set (never empty)."""
     hosts: tuple[HostName, ...] = ()
     """Names accepted in requests' ``Host`` besides IP literals and localhost (DNS rebinding)."""
+    keep_api_backends: bool = False
+    """Whether a reload keeps the backends added (and the weights and max_conns set) through
+    the API. False: a reload makes every pool what the file says, as HAProxy's does."""
 
     @property
     def bind_addr(self) -> tuple[str, int]:
@@ -205,7 +228,10 @@ class BackendConfig(_Table, frozen=True):
     connections, like HAProxy's weight 0.
     """
 
-    address: HostPort
+    address: BackendAddressText
+    """``IP:PORT``; ``NAME:PORT`` (every A and AAAA address of NAME, on PORT); or
+    ``srv+_SERVICE._PROTO.NAME`` (the SRV record's targets, ports and weights). Names are
+    resolved at start and again when their TTL runs out (``[resolver]``)."""
     weight: Annotated[int, Meta(ge=0, le=1000)] = 1
     max_conns: Count | None = None
     send_proxy: ProxyVersion | None = None
@@ -215,7 +241,54 @@ class BackendConfig(_Table, frozen=True):
 
     @property
     def addr(self) -> tuple[str, int]:
+        """``(ip, port)`` of an ``IP:PORT`` address (ValueError for a DNS name)."""
         return values.parse_hostport(self.address)
+
+    @property
+    def target(self) -> values.BackendAddress:
+        """The parsed address: an IP, a DNS name or an SRV record."""
+        return values.parse_backend_address(self.address)
+
+    @property
+    def dynamic(self) -> bool:
+        """True when DNS decides this entry's addresses."""
+        return self.target.dynamic
+
+
+class ResolverConfig(_Table, frozen=True):
+    """``[resolver]``: how backend names (``NAME:PORT``, ``srv+...``) are resolved."""
+
+    nameservers: tuple[NameServer, ...] = ()
+    """Where to ask (``IP`` or ``IP:PORT``); empty: the system's ``/etc/resolv.conf``."""
+    timeout: Timeout = "2s"
+    """How long one resolution (all nameservers, A and AAAA together) may take."""
+    resolve_min: ResolveInterval = "1s"
+    """The shortest time between two resolutions of a name, whatever its TTL (TTL 0 included)."""
+    resolve_max: ResolveInterval = "5m"
+    """The longest: a name is asked for again after this even when its TTL is longer."""
+
+    def __post_init__(self) -> None:
+        if values.parse_duration(self.resolve_min) > values.parse_duration(self.resolve_max):
+            raise ValueError(
+                f"resolve_min ({self.resolve_min}) must not be longer than "
+                f"resolve_max ({self.resolve_max})"
+            )
+
+    @property
+    def nameserver_addrs(self) -> tuple[tuple[str, int], ...]:
+        return tuple(values.parse_nameserver(n) for n in self.nameservers)
+
+    @property
+    def timeout_s(self) -> float:
+        return values.parse_duration(self.timeout)
+
+    @property
+    def resolve_min_s(self) -> float:
+        return values.parse_duration(self.resolve_min)
+
+    @property
+    def resolve_max_s(self) -> float:
+        return values.parse_duration(self.resolve_max)
 
 
 class PoolConfig(_Table, frozen=True):
@@ -342,6 +415,8 @@ class Config(_Table, frozen=True):
     relay: RelayKind = "stream"
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     admin: AdminConfig | None = None
+    resolver: ResolverConfig = msgspec.field(default_factory=ResolverConfig)
+    """How backend names are resolved (only used when a backend address is a name)."""
     anycast: AnycastConfig | None = None
     """Announce VIPs over BGP (l4lb.config.anycast)."""
     transparent_routing: TransparentRouting = "check"

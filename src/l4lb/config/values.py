@@ -7,8 +7,10 @@ compile (seconds as float, ``(host, port)`` tuples, CIDR blocks as integers).
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import re
+from dataclasses import dataclass
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -98,6 +100,29 @@ def parse_check_interval(text: str) -> float:
     )
 
 
+RESOLVE_FLOOR = 0.100
+"""The shortest re-resolution interval (``[resolver] resolve_min``): 100ms. A record with TTL 0
+would otherwise be asked for in a loop, spending the balancer's CPU and the DNS server's."""
+
+
+def parse_resolve_interval(text: str) -> float:
+    """``resolve_min`` / ``resolve_max``: a duration of at least :data:`RESOLVE_FLOOR`."""
+    return _at_least(
+        text, RESOLVE_FLOOR, "100ms", "a TTL of 0 would otherwise be asked for in a loop"
+    )
+
+
+def parse_nameserver(text: str) -> tuple[str, int]:
+    """A nameserver: ``IP`` (port 53), ``IP:PORT`` or ``[IPv6]:PORT``."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return parse_hostport(text)
+    if "%" in text:
+        raise ValueError(f"invalid nameserver {text!r}: IPv6 zone ids are not supported")
+    return str(ipaddress.ip_address(text)), 53
+
+
 def parse_access_target(text: str) -> str:
     """``[log] access``: ``"stdout"``, ``"off"`` or a file path; an empty string is refused."""
     if not text.strip():
@@ -137,6 +162,82 @@ def parse_hostport(text: str) -> tuple[str, int]:
     if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         raise ValueError(f"invalid address {text!r}: port must be 1..65535")
     return str(ip), int(port)
+
+
+SRV_PREFIX = "srv+"
+"""How a backend ``address`` names an SRV record: ``srv+_https._tcp.app.internal``."""
+
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?$")
+_SRV_NAME = re.compile(
+    rf"^(?=.{{1,253}}$)_[A-Za-z0-9]([A-Za-z0-9-]{{0,61}}[A-Za-z0-9])?\._(tcp|udp|[A-Za-z0-9-]+)"
+    rf"(\.{_LABEL})+\.?$"
+)
+
+
+class AddressKind(enum.Enum):
+    """What a backend ``address`` names: an IP, a DNS name (A/AAAA), or an SRV record."""
+
+    IP = "ip"
+    NAME = "name"
+    SRV = "srv"
+
+
+@dataclass(frozen=True, slots=True)
+class BackendAddress:
+    """A parsed backend ``address``: ``host`` is the IP or DNS name; ``port`` is 0 for SRV
+    (the record gives it)."""
+
+    kind: AddressKind
+    host: str
+    port: int
+
+    @property
+    def dynamic(self) -> bool:
+        """True when DNS decides the addresses (a name or an SRV record)."""
+        return self.kind is not AddressKind.IP
+
+
+def parse_backend_address(text: str) -> BackendAddress:
+    """A backend's ``address``: ``IP:PORT``, ``[IPv6]:PORT``, ``NAME:PORT`` (A and AAAA
+    records, the port as written), or ``srv+_SERVICE._PROTO.NAME`` (an SRV record: port and
+    weight from it). Checks the form only; nothing is resolved here."""
+    if text.startswith(SRV_PREFIX):
+        name = text[len(SRV_PREFIX) :]
+        if not _SRV_NAME.match(name):
+            raise ValueError(
+                f"invalid SRV address {text!r}: expected 'srv+_SERVICE._PROTO.NAME' such as "
+                "'srv+_https._tcp.app.internal' (the record gives port and weight: no ':PORT')"
+            )
+        return BackendAddress(AddressKind.SRV, name.rstrip(".").lower(), 0)
+    host, sep, port = text.rpartition(":")
+    if sep and not text.startswith("[") and ":" not in host and host and not _is_ip_text(host):
+        if not _HOSTNAME.match(host):
+            raise ValueError(
+                f"invalid address {text!r}: {host!r} is neither an IP address nor a DNS name "
+                "(letters, digits and '-' in dot-separated labels of at most 63 characters); "
+                "expected IP:PORT, NAME:PORT such as 'app.internal:8443', or "
+                "'srv+_https._tcp.app.internal'"
+            )
+        if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+            raise ValueError(f"invalid address {text!r}: port must be 1..65535")
+        return BackendAddress(AddressKind.NAME, host.rstrip(".").lower(), int(port))
+    if not sep:
+        raise ValueError(
+            f"invalid address {text!r}: missing port; expected IP:PORT, NAME:PORT such as "
+            "'app.internal:8443', or 'srv+_https._tcp.app.internal' (an SRV record)"
+        )
+    try:
+        ip, number = parse_hostport(text)
+    except ValueError as err:
+        message = str(err).replace(" (hostnames are not resolved)", "")
+        raise ValueError(message) from None
+    return BackendAddress(AddressKind.IP, ip, number)
+
+
+def _is_ip_text(host: str) -> bool:
+    """True when ``host`` looks like an IPv4 literal (digits and dots): parse_hostport judges it."""
+    return all(part.isdigit() for part in host.split(".")) or "%" in host
 
 
 def format_hostport(host: str, port: int) -> str:

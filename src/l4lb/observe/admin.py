@@ -9,6 +9,12 @@ Routes::
     POST /pools/{pool}/backends/{address}/drain          no new connections, existing ones run on
     POST /pools/{pool}/backends/{address}/disable        out of rotation (and health checks ignored)
     POST /pools/{pool}/backends/{address}/enable         back in rotation
+    POST /pools/{pool}/backends/{address}/add[?weight=N&max_conns=N&send_proxy=v2]
+                                                        a new backend (IP:PORT), in rotation once
+                                                        it passes its health checks (rise)
+    POST /pools/{pool}/backends/{address}/remove        drain, then forget (API-added backends)
+    POST /pools/{pool}/backends/{address}/set?weight=N&max_conns=N|none
+                                                        change its weight and/or max_conns
     POST /reload                                        re-read the config file and apply it
     POST /drain                                         anycast: withdraw the VIPs, then stop
 
@@ -46,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from l4lb.observe import cluster, metrics, status_page
-from l4lb.observe.control import BalancerControl, ClusterControl, Control
+from l4lb.observe.control import MEMBERSHIP, BalancerControl, ClusterControl, Conflict, Control
 from l4lb.observe.snapshot import Snapshot
 
 if TYPE_CHECKING:
@@ -372,12 +378,18 @@ class AdminServer:
         ]
         if len(parts) == 5 and parts[0] == "pools" and parts[2] == "backends":
             pool, address, action = parts[1], parts[3], parts[4]
-            if action not in ACTIONS:
+            if action in MEMBERSHIP:
+                params = _single(query)
+                routes.append(
+                    (True, ("POST",), lambda: self._membership(pool, address, action, params))
+                )
+            elif action not in ACTIONS:
                 raise AdminError(
                     HTTPStatus.NOT_FOUND,
-                    f"unknown action {action!r}: use one of {', '.join(ACTIONS)}",
+                    f"unknown action {action!r}: use one of {', '.join(ACTIONS + MEMBERSHIP)}",
                 )
-            routes.append((True, ("POST",), lambda: self._backend(pool, address, action)))
+            else:
+                routes.append((True, ("POST",), lambda: self._backend(pool, address, action)))
         for matches, methods, run in routes:
             if not matches:
                 continue
@@ -392,7 +404,7 @@ class AdminServer:
         raise AdminError(
             HTTPStatus.NOT_FOUND,
             f"no such resource {path!r}: try /, /status, /metrics, POST /reload or "
-            "POST /pools/{pool}/backends/{address}/drain|disable|enable",
+            "POST /pools/{pool}/backends/{address}/drain|disable|enable|add|remove|set",
         )
 
     def _check_host(self, host: str) -> None:
@@ -487,16 +499,48 @@ class AdminServer:
         log.warning("event=admin_action action=drain withdrawn=%s", ",".join(withdrawn) or "-")
         return _json(HTTPStatus.OK, {"draining": True, "withdrawn": withdrawn})
 
+    async def _membership(
+        self, pool: str, address: str, action: str, params: dict[str, str]
+    ) -> Response:
+        try:
+            result = self.control.membership(pool, address, action, params)
+            doc = await result if inspect.isawaitable(result) else result
+        except LookupError as err:
+            raise AdminError(HTTPStatus.NOT_FOUND, str(err.args[0] if err.args else err)) from err
+        except Conflict as err:
+            raise AdminError(HTTPStatus.CONFLICT, str(err)) from err
+        except ValueError as err:
+            raise AdminError(HTTPStatus.BAD_REQUEST, str(err)) from err
+        log.warning(
+            "event=admin_action action=%s pool=%s backend=%s params=%s state=%s",
+            action,
+            pool,
+            address,
+            ",".join(f"{k}={v}" for k, v in params.items()) or "-",
+            doc.get("state"),
+        )
+        return _json(HTTPStatus.OK, doc)
+
     async def _backend(self, pool: str, address: str, action: str) -> Response:
         try:
             result = self.control.backend_action(pool, address, action)
             state = await result if inspect.isawaitable(result) else result
         except LookupError as err:
             raise AdminError(HTTPStatus.NOT_FOUND, str(err.args[0] if err.args else err)) from err
+        except Conflict as err:
+            raise AdminError(HTTPStatus.CONFLICT, str(err)) from err
         log.warning(
             "event=admin_action action=%s pool=%s backend=%s state=%s", action, pool, address, state
         )
         return _json(HTTPStatus.OK, {"pool": pool, "backend": address, "state": state})
+
+
+def _single(query: dict[str, list[str]]) -> dict[str, str]:
+    """Query parameters given once each (``?weight=1&weight=5`` is ambiguous: refused)."""
+    for key, given in query.items():
+        if len(given) != 1:
+            raise AdminError(HTTPStatus.BAD_REQUEST, f"parameter {key!r} given more than once")
+    return {key: given[0] for key, given in query.items()}
 
 
 def _same_user(writer: asyncio.StreamWriter) -> bool:

@@ -163,8 +163,32 @@ class BalancerCollector(Collector):
         yield from (b_total, b_active, b_bytes, b_fail, b_up, b_state, b_weight, b_check_ok)
         yield check_hist
         yield connect_hist
+        if snap.dns:
+            yield from _dns_metrics(snap)
         if snap.anycast is not None:
             yield from _anycast_metrics(snap.anycast)
+
+
+def _dns_metrics(snap: Snapshot) -> Iterator[Metric]:
+    """Backends from DNS: resolutions by result, and how many addresses the last answer had."""
+    resolutions = CounterMetricFamily(
+        "l4lb_dns_resolutions",
+        "Resolutions of DNS-named backend entries: result=ok, or why it failed (the last good "
+        "answer is kept)",
+        labels=["pool", "name", "result"],
+    )
+    addresses = GaugeMetricFamily(
+        "l4lb_dns_addresses",
+        "Addresses in the last good answer of a DNS-named backend entry",
+        labels=["pool", "name"],
+    )
+    for r in snap.dns:
+        resolutions.add_metric([r.pool, r.name, "ok"], r.resolutions)
+        for reason, count in sorted(r.failures.items()):
+            resolutions.add_metric([r.pool, r.name, reason], count)
+        addresses.add_metric([r.pool, r.name], len(r.addresses))
+    yield resolutions
+    yield addresses
 
 
 def _anycast_metrics(doc: dict[str, Any]) -> Iterator[Metric]:

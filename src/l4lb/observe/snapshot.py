@@ -48,6 +48,27 @@ class BackendStatus:
     check: CheckResult | None = None
     connect_latency: Histogram | None = None
     check_latency: Histogram | None = None
+    origin: str = "config"
+    """Where the backend came from: ``config``, ``dns`` or ``api``."""
+    name: str | None = None
+    """For ``dns``: the config entry it was resolved from (``app.internal:8443``)."""
+    max_conns: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ResolveStatus:
+    """One DNS backend entry: its last good answer and how resolving it went."""
+
+    pool: str
+    name: str
+    addresses: tuple[str, ...]
+    resolutions: int
+    failures: dict[str, int]
+    """Failed resolutions by reason (timeout, nxdomain, no_address, servfail, error)."""
+    ttl: float | None = None
+    last_error: str | None = None
+    last_at: float | None = None
+    next_in: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +112,8 @@ class Snapshot:
     """Access-log lines dropped (queue full, target not writable, line too long)."""
     log_dropped: int = 0
     """Log lines dropped because stderr did not keep up."""
+    dns: tuple[ResolveStatus, ...] = ()
+    """Backend entries resolved by DNS."""
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> Snapshot:
@@ -131,6 +154,10 @@ class Snapshot:
             anycast=doc.get("anycast"),
             access_log_dropped=doc.get("access_log_dropped", 0),
             log_dropped=doc.get("log_dropped", 0),
+            dns=tuple(
+                ResolveStatus(**{**r, "addresses": tuple(r["addresses"])})
+                for r in doc.get("dns", ())
+            ),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -190,6 +217,9 @@ class Snapshot:
                             "check": check(b.check),
                             "connect_latency": hist(b.connect_latency),
                             "check_latency": hist(b.check_latency),
+                            "origin": b.origin,
+                            "name": b.name,
+                            "max_conns": b.max_conns,
                         }
                         for b in p.backends
                     ],
@@ -203,6 +233,20 @@ class Snapshot:
             "anycast": self.anycast,
             "access_log_dropped": self.access_log_dropped,
             "log_dropped": self.log_dropped,
+            "dns": [
+                {
+                    "pool": r.pool,
+                    "name": r.name,
+                    "addresses": list(r.addresses),
+                    "resolutions": r.resolutions,
+                    "failures": dict(r.failures),
+                    "ttl": r.ttl,
+                    "last_error": r.last_error,
+                    "last_at": r.last_at,
+                    "next_in": r.next_in,
+                }
+                for r in self.dns
+            ],
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -276,6 +320,9 @@ def snapshot_of(balancer: Balancer) -> Snapshot:
                         CONNECT_BUCKETS, tuple(b.latency_counts), b.latency_sum
                     ),
                     check_latency=check_latency,
+                    origin=b.origin.value,
+                    name=b.name,
+                    max_conns=b.max_conns,
                 )
             )
         pools.append(
@@ -298,6 +345,27 @@ def snapshot_of(balancer: Balancer) -> Snapshot:
         anycast=_anycast(balancer),
         access_log_dropped=access_log.dropped(),
         log_dropped=logs.dropped(),
+        dns=_dns(balancer),
+    )
+
+
+def _dns(balancer: Balancer) -> tuple[ResolveStatus, ...]:
+    found = balancer.discovery
+    if found is None:
+        return ()
+    return tuple(
+        ResolveStatus(
+            pool=r.pool,
+            name=r.name,
+            addresses=r.addresses,
+            resolutions=r.resolutions,
+            failures=dict(r.failures),
+            ttl=r.ttl,
+            last_error=r.last_error,
+            last_at=r.last_at,
+            next_in=round(r.next_in, 3),
+        )
+        for r in found.records.values()
     )
 
 
@@ -360,8 +428,19 @@ def merge(own: Snapshot, others: list[Snapshot]) -> Snapshot:
                         connect_latency=_add_hist(found.connect_latency, b.connect_latency),
                         check_latency=_add_hist(found.check_latency, b.check_latency),
                     )
+    resolves = {(r.pool, r.name): r for r in own.dns}
+    for other in others:
+        for r in other.dns:
+            seen = resolves.get((r.pool, r.name))
+            if seen is not None:
+                resolves[(r.pool, r.name)] = replace(
+                    seen,
+                    resolutions=seen.resolutions + r.resolutions,
+                    failures=_add(seen.failures, r.failures),
+                )
     return replace(
         own,
+        dns=tuple(resolves[(r.pool, r.name)] for r in own.dns),
         listeners=tuple(listeners[lst.name] for lst in own.listeners),
         pools=tuple(
             replace(p, backends=tuple(backends[(p.name, b.address)] for b in p.backends))
