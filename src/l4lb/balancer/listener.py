@@ -13,9 +13,13 @@ reloads) and ``rejected`` (their sum).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import errno
 import logging
+import os
 import socket
+import sys
 from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -35,6 +39,87 @@ log = logging.getLogger("l4lb.listener")
 
 ACCEPT_BATCH = 64
 _EMFILE_PAUSE = 0.1
+_TCP_DEFER_ACCEPT = getattr(socket, "TCP_DEFER_ACCEPT", 9)
+_RETRY_ACCEPT = frozenset((errno.ECONNABORTED, errno.EINTR, errno.EPROTO))
+"""accept() errors about one connection (it went away in the backlog): take the next one."""
+
+Peer = tuple[str, int]
+Accept = Callable[[], tuple[socket.socket, Peer]]
+"""Takes one connection: a non-blocking socket and the client's address; raises
+``BlockingIOError`` when none is waiting, ``OSError`` otherwise."""
+
+
+def _accept4_function() -> Callable[..., int] | None:
+    """libc's ``accept4``, where ctypes finds it (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.accept4
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32), ctypes.c_int)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_ACCEPT4 = _accept4_function()
+_ACCEPT4_FLAGS = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
+_NONBLOCKING_STREAM = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
+
+
+def accept_function(sock: socket.socket) -> Accept:
+    """An :data:`Accept` for the listening ``sock``.
+
+    ``socket.accept()`` calls ``accept4(SOCK_CLOEXEC)`` and the socket then needs an ``ioctl``
+    to be non-blocking; ``accept4(SOCK_NONBLOCK | SOCK_CLOEXEC)`` through ctypes makes it so in
+    the same system call, and the socket object is told so by its type (no ``ioctl`` either).
+    Where ctypes has no ``accept4``, the standard library's accept and ``setblocking``.
+    """
+    family = sock.family
+    lfd = sock.fileno()
+    fn = _ACCEPT4
+    if fn is None or not _ACCEPT4_FLAGS or family not in (socket.AF_INET, socket.AF_INET6):
+        std_accept = sock._accept  # type: ignore[attr-defined]
+
+        def accept_std() -> tuple[socket.socket, Peer]:
+            # _accept(): socket.accept() without its per-call IntEnum conversions
+            fd, peer = std_accept()
+            new = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+            new.setblocking(False)
+            return new, (peer[0], peer[1])
+
+        return accept_std
+
+    addr = ctypes.create_string_buffer(28)  # a sockaddr_in6, the larger of the two
+    size = ctypes.c_uint32()
+    size_ref = ctypes.byref(size)
+    get_errno = ctypes.get_errno
+    ntop = socket.inet_ntop
+    v4 = socket.AF_INET
+    v6 = socket.AF_INET6
+    flags = _ACCEPT4_FLAGS
+    order = sys.byteorder
+
+    def accept4() -> tuple[socket.socket, Peer]:
+        size.value = 28
+        fd = fn(lfd, addr, size_ref, flags)
+        if fd < 0:
+            code = get_errno()
+            if code == errno.EAGAIN:
+                raise BlockingIOError(code, "no connection waiting")
+            raise OSError(code, os.strerror(code))
+        raw = addr.raw
+        port = (raw[2] << 8) | raw[3]
+        if int.from_bytes(raw[0:2], order) == v4:  # sa_family, in host byte order
+            host = ntop(v4, raw[4:8])
+        else:
+            host = ntop(v6, raw[8:24])
+            scope = int.from_bytes(raw[24:28], order)
+            if scope:  # a link-local client, as socket.accept() names it
+                with contextlib.suppress(OSError):
+                    host = f"{host}%{socket.if_indextoname(scope)}"
+        return socket.socket(family, _NONBLOCKING_STREAM, 0, fd), (host, port)
+
+    return accept4
 
 
 def _is_wildcard(host: str) -> bool:
@@ -50,11 +135,13 @@ OpenSocket = Callable[[str, int], socket.socket]
 
 
 def open_listening_socket(host: str, port: int, backlog: int = 4096) -> socket.socket:
-    """A non-blocking listening socket with SO_REUSEADDR and SO_REUSEPORT."""
+    """A non-blocking listening socket with SO_REUSEADDR and SO_REUSEPORT (and TCP_NODELAY,
+    which accepted sockets inherit)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if hasattr(socket, "SO_REUSEPORT"):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:  # "[::]:443" takes IPv4 too, whatever bindv6only says
@@ -95,6 +182,7 @@ class Listener:
     """One ``[[listeners]]`` entry at run time."""
 
     __slots__ = (
+        "accept",
         "accepting",
         "active",
         "admission",
@@ -132,6 +220,12 @@ class Listener:
         bound = self.address
         self.local: tuple[str, int] | None = None if _is_wildcard(bound[0]) else bound
         """The listener's own address when every accepted socket shares it (a specific IP)."""
+        self.accept = accept_function(sock)
+        # Options accepted sockets inherit, set once here rather than on each of them: a
+        # socket opened elsewhere (a worker's shared one, a test's) gets them too.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._set_defer_accept(config.defer_accept_s)
         self.admission = Admission(config, loop=self.loop, on_reject=self.on_reject)
 
     @property
@@ -139,6 +233,20 @@ class Listener:
         """The bound address (the real port when the config says port 0)."""
         name = self.sock.getsockname()
         return name[0], name[1]
+
+    def _set_defer_accept(self, seconds: int) -> None:
+        """``TCP_DEFER_ACCEPT``: the accept comes with the client's first bytes (or after
+        ``seconds``, so a client waiting for a banner still gets in); 0 turns it off."""
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, _TCP_DEFER_ACCEPT, seconds)
+        except OSError as err:
+            if seconds:
+                log.warning(
+                    "event=defer_accept_unavailable listener=%s error=%r detail='accepting "
+                    "at once'",
+                    self.name,
+                    err.strerror,
+                )
 
     def start(self) -> None:
         self.running = True
@@ -155,8 +263,7 @@ class Listener:
             self.loop.remove_reader(self.sock.fileno())
 
     def _accept(self) -> None:
-        accept = self.sock._accept  # type: ignore[attr-defined]
-        family = self.sock.family
+        accept = self.accept
         admit = self.admission.admit
         local = self.local
         for _ in range(ACCEPT_BATCH):
@@ -164,19 +271,17 @@ class Listener:
                 self._unwatch()
                 return
             try:
-                # _accept(): socket.accept() without its per-call IntEnum conversions
-                fd, peer = accept()
+                sock, peer = accept()  # non-blocking, TCP_NODELAY inherited from the listener
             except BlockingIOError:
                 return
             except OSError as err:
+                if err.errno in _RETRY_ACCEPT:
+                    continue
                 # Out of descriptors (EMFILE/ENFILE) or buffers: back off instead of spinning.
                 log.error("event=accept_failed listener=%s error=%r", self.name, err.strerror)
                 self._unwatch()
                 self.loop.call_later(_EMFILE_PAUSE, self._watch)
                 return
-            sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
-            sock.setblocking(False)  # accept() gave a blocking descriptor
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             here = local
             if here is None:  # a wildcard bind: the address the client reached is per socket
                 try:
@@ -185,7 +290,7 @@ class Listener:
                     sock.close()
                     continue
                 here = (name[0], name[1])
-            admit(sock, (peer[0], peer[1]), here, self._admitted)
+            admit(sock, peer, here, self._admitted)
 
     def _admitted(self, sock: socket.socket, admitted: Admitted) -> None:
         balancer = self.balancer
@@ -243,6 +348,8 @@ class Listener:
         old = self.config
         self.config = config
         self.max_conns = config.max_conns
+        if config.defer_accept_s != old.defer_accept_s:
+            self._set_defer_accept(config.defer_accept_s)
         self.start_relay = self.balancer.start_relay
         if admission is not None:
             previous = self.admission

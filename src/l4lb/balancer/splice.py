@@ -503,6 +503,8 @@ def start_splice_relay(
     for sock in (client_sock, backend_sock):
         if sock.gettimeout() != 0.0:
             sock.setblocking(False)
+    # the client's comes from the listening socket; a copied small reply must not wait on Nagle
+    backend_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     relay = SpliceRelay(loop, client_sock, backend_sock, conn)
     relay.start(first)
     return relay
