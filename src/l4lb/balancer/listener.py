@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import logging
-import os
 import socket
-import sys
 from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -42,84 +39,6 @@ _EMFILE_PAUSE = 0.1
 _TCP_DEFER_ACCEPT = getattr(socket, "TCP_DEFER_ACCEPT", 9)
 _RETRY_ACCEPT = frozenset((errno.ECONNABORTED, errno.EINTR, errno.EPROTO))
 """accept() errors about one connection (it went away in the backlog): take the next one."""
-
-Peer = tuple[str, int]
-Accept = Callable[[], tuple[socket.socket, Peer]]
-"""Takes one connection: a non-blocking socket and the client's address; raises
-``BlockingIOError`` when none is waiting, ``OSError`` otherwise."""
-
-
-def _accept4_function() -> Callable[..., int] | None:
-    """libc's ``accept4``, where ctypes finds it (Linux)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.accept4
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32), ctypes.c_int)
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_ACCEPT4 = _accept4_function()
-_ACCEPT4_FLAGS = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
-_NONBLOCKING_STREAM = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
-
-
-def accept_function(sock: socket.socket) -> Accept:
-    """An :data:`Accept` for the listening ``sock``.
-
-    ``socket.accept()`` calls ``accept4(SOCK_CLOEXEC)`` and the socket then needs an ``ioctl``
-    to be non-blocking; ``accept4(SOCK_NONBLOCK | SOCK_CLOEXEC)`` through ctypes makes it so in
-    the same system call, and the socket object is told so by its type (no ``ioctl`` either).
-    Where ctypes has no ``accept4``, the standard library's accept and ``setblocking``.
-    """
-    family = sock.family
-    lfd = sock.fileno()
-    fn = _ACCEPT4
-    if fn is None or not _ACCEPT4_FLAGS or family not in (socket.AF_INET, socket.AF_INET6):
-        std_accept = sock._accept  # type: ignore[attr-defined]
-
-        def accept_std() -> tuple[socket.socket, Peer]:
-            # _accept(): socket.accept() without its per-call IntEnum conversions
-            fd, peer = std_accept()
-            new = socket.socket(family, socket.SOCK_STREAM, 0, fd)
-            new.setblocking(False)
-            return new, (peer[0], peer[1])
-
-        return accept_std
-
-    addr = ctypes.create_string_buffer(28)  # a sockaddr_in6, the larger of the two
-    size = ctypes.c_uint32()
-    size_ref = ctypes.byref(size)
-    get_errno = ctypes.get_errno
-    ntop = socket.inet_ntop
-    v4 = socket.AF_INET
-    v6 = socket.AF_INET6
-    flags = _ACCEPT4_FLAGS
-    order = sys.byteorder
-
-    def accept4() -> tuple[socket.socket, Peer]:
-        size.value = 28
-        fd = fn(lfd, addr, size_ref, flags)
-        if fd < 0:
-            code = get_errno()
-            if code == errno.EAGAIN:
-                raise BlockingIOError(code, "no connection waiting")
-            raise OSError(code, os.strerror(code))
-        raw = addr.raw
-        port = (raw[2] << 8) | raw[3]
-        if int.from_bytes(raw[0:2], order) == v4:  # sa_family, in host byte order
-            host = ntop(v4, raw[4:8])
-        else:
-            host = ntop(v6, raw[8:24])
-            scope = int.from_bytes(raw[24:28], order)
-            if scope:  # a link-local client, as socket.accept() names it
-                with contextlib.suppress(OSError):
-                    host = f"{host}%{socket.if_indextoname(scope)}"
-        return socket.socket(family, _NONBLOCKING_STREAM, 0, fd), (host, port)
-
-    return accept4
 
 
 def _is_wildcard(host: str) -> bool:
@@ -182,7 +101,6 @@ class Listener:
     """One ``[[listeners]]`` entry at run time."""
 
     __slots__ = (
-        "accept",
         "accepting",
         "active",
         "admission",
@@ -220,7 +138,6 @@ class Listener:
         bound = self.address
         self.local: tuple[str, int] | None = None if _is_wildcard(bound[0]) else bound
         """The listener's own address when every accepted socket shares it (a specific IP)."""
-        self.accept = accept_function(sock)
         # Options accepted sockets inherit, set once here rather than on each of them: a
         # socket opened elsewhere (a worker's shared one, a test's) gets them too.
         with contextlib.suppress(OSError):
@@ -263,7 +180,8 @@ class Listener:
             self.loop.remove_reader(self.sock.fileno())
 
     def _accept(self) -> None:
-        accept = self.accept
+        accept = self.sock._accept  # type: ignore[attr-defined]
+        family = self.sock.family
         admit = self.admission.admit
         local = self.local
         for _ in range(ACCEPT_BATCH):
@@ -271,7 +189,10 @@ class Listener:
                 self._unwatch()
                 return
             try:
-                sock, peer = accept()  # non-blocking, TCP_NODELAY inherited from the listener
+                # _accept(): socket.accept() without its per-call IntEnum conversions. It calls
+                # accept4(SOCK_CLOEXEC); SOCK_NONBLOCK through ctypes would save the ioctl below
+                # but costs more user-space instructions than it saves (docs/performance.md).
+                fd, peer = accept()
             except BlockingIOError:
                 return
             except OSError as err:
@@ -282,6 +203,8 @@ class Listener:
                 self._unwatch()
                 self.loop.call_later(_EMFILE_PAUSE, self._watch)
                 return
+            sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+            sock.setblocking(False)  # TCP_NODELAY is inherited from the listening socket
             here = local
             if here is None:  # a wildcard bind: the address the client reached is per socket
                 try:
@@ -290,7 +213,7 @@ class Listener:
                     sock.close()
                     continue
                 here = (name[0], name[1])
-            admit(sock, peer, here, self._admitted)
+            admit(sock, (peer[0], peer[1]), here, self._admitted)
 
     def _admitted(self, sock: socket.socket, admitted: Admitted) -> None:
         balancer = self.balancer

@@ -1,6 +1,7 @@
 """Zero-copy relay: bytes go socket -> pipe -> socket with ``os.splice`` and never enter Python.
 
-One implementation of :mod:`l4lb.balancer.relay_contract` (``relay = "splice"``). Its rules:
+One implementation of :mod:`l4lb.balancer.relay_contract` (``relay = "splice"``, the default: it
+costs fewer system calls and less CPU per connection than the stream relay). Its rules:
 
 - **Half-close**: a FIN from one side becomes ``shutdown(SHUT_WR)`` on the other once everything
   before it has been delivered; the other direction keeps flowing until it ends too.

@@ -322,7 +322,7 @@ class Config(_Table, frozen=True):
     pools: dict[Name, PoolConfig]
     workers: Workers = msgspec.field(default_factory=_default_workers)
     drain_timeout: Duration = "30s"
-    relay: RelayKind = "stream"
+    relay: RelayKind = "splice"
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     admin: AdminConfig | None = None
     anycast: AnycastConfig | None = None
