@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import contenders as cont
-from harness.figures import MEASUREMENTS, SINGLE_ROUND, Settings, merge_rounds
+from harness.figures import MEASUREMENTS, SINGLE_ROUND, Settings, add_machine_net, merge_rounds
 from harness.report import table
 
 BENCH = Path(__file__).resolve().parent
@@ -127,9 +127,15 @@ def main(argv: list[str] | None = None) -> int:
             c.stop()
         backend.stop()
 
+    add_machine_net(results)
     print()
     print(table(results, names))
     print("\n† load-generator-bound: core 0 ≥ 90 % busy while the balancer used < 85 % of core 1")
+    print(
+        "machine CPU: busy time of every core (/proc/stat) per operation, minus the same for "
+        "direct;\nit counts anything else running on the machine too: on a shared machine, "
+        "read it within one run only"
+    )
     doc = {
         "time": stamp,
         "commit": _git_commit(),

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from harness import procs
 from harness.contenders import Contender
@@ -148,6 +149,8 @@ def _bulk(c: Contender, s: Settings, streams: int, size: int) -> dict[str, objec
     res.update(cpu.summary(_core(s)))
     if c.pids():
         res["balancer_cpu_s_per_gb"] = round(cpu.balancer_cpu / (total / 1e9), 3)
+    if total:
+        res["machine_cpu_s_per_gb"] = round(cpu.machine_cpu / (total / 1e9), 3)
     return res
 
 
@@ -261,7 +264,44 @@ ROWS: list[tuple[str, str, str, bool]] = [
     ("balancer CPU us per new conn", "newconn", "balancer_cpu_us_per_op", False),
     ("balancer CPU us per keep-alive req", "keepalive", "balancer_cpu_us_per_op", False),
     ("balancer CPU s per GB (8 streams)", "bulk8", "balancer_cpu_s_per_gb", False),
+    ("machine CPU us per new conn, minus direct", "newconn", "machine_cpu_us_per_op_net", False),
+    (
+        "machine CPU us per keep-alive req, - direct",
+        "keepalive",
+        "machine_cpu_us_per_op_net",
+        False,
+    ),
+    ("machine CPU s per GB (8 streams), - direct", "bulk8", "machine_cpu_s_per_gb_net", False),
 ]
+
+NO_BALANCER = "direct"
+_NET = {
+    "newconn": "machine_cpu_us_per_op",
+    "keepalive": "machine_cpu_us_per_op",
+    "bulk8": "machine_cpu_s_per_gb",
+    "bulk1": "machine_cpu_s_per_gb",
+}
+
+
+def add_machine_net(results: dict[str, dict[str, Any]]) -> None:
+    """Each contender's machine-wide CPU per operation minus the no-balancer run's (``direct``).
+
+    All cores, from /proc/stat: with a kernel data path the work leaves the balancer's process
+    for softirq time on whichever core the packets arrive, which per-process CPU does not see.
+    What remains after subtracting ``direct`` is what the balancer added, wherever it ran (on a
+    shared machine, plus whatever else ran during the figure: compare within one run only).
+    """
+    base = results.get(NO_BALANCER, {})
+    for name, figures in results.items():
+        if name == NO_BALANCER:
+            continue
+        for measurement, key in _NET.items():
+            res, ref = figures.get(measurement), base.get(measurement)
+            if not isinstance(res, dict) or not isinstance(ref, dict):
+                continue
+            if isinstance(res.get(key), (int, float)) and isinstance(ref.get(key), (int, float)):
+                res[f"{key}_net"] = round(float(res[key]) - float(ref[key]), 3)
+
 
 SINGLE_ROUND = {"idle"}
 """Measurements taken once even with several rounds (holding 9,000 connections is slow)."""

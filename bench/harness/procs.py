@@ -150,6 +150,9 @@ class CpuWindow:
     wall: float = 0.0
     cores: dict[int, float] = field(default_factory=dict)
     balancer_cpu: float = 0.0
+    machine_cpu: float = 0.0
+    """Busy CPU seconds of every core (/proc/stat): balancer, generator, backend, softirq time
+    wherever packets landed, and whatever else ran on the machine meanwhile."""
 
     def __enter__(self) -> CpuWindow:
         self.start_wall = time.monotonic()
@@ -167,6 +170,10 @@ class CpuWindow:
             if c in self.start_cores
         }
         self.balancer_cpu = cpu_seconds(self.balancer_pids) - self.start_cpu
+        self.machine_cpu = (
+            sum(end[c][0] - self.start_cores[c][0] for c in end if c in self.start_cores)
+            / CLOCK_TICKS
+        )
 
     def summary(self, generator_core: int, ops: float | None = None) -> dict[str, object]:
         """Core use, balancer use (fraction of one core), and whether the generator was the limit.
@@ -183,6 +190,8 @@ class CpuWindow:
         }
         if ops and self.balancer_pids:
             out["balancer_cpu_us_per_op"] = round(self.balancer_cpu / ops * 1e6, 2)
+        if ops:  # for direct too: the run without a balancer, subtracted in the table
+            out["machine_cpu_us_per_op"] = round(self.machine_cpu / ops * 1e6, 2)
         return out
 
 

@@ -12,6 +12,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
+
+from tests.balancer.conftest import RELAY_MODES
 from tests.balancer.helpers import backend, echo, hash_until_eof
 from tests.support.l4lb import config_text
 from tests.support.peers import free_port, stop_process, wait_for
@@ -59,24 +62,38 @@ def _echoed(port: int, wait: float = 10.0) -> int:
             s.close()
 
 
-def test_soft_limit_raised_and_every_connection_served(tmp_path: Path) -> None:
+NEEDED = {"stream": 664, "splice": 1992}
+"""Descriptors 300 connections need: 64 spare + 2 each (stream); 64 + 128 spare pipes' + 6 each
+(splice: two sockets and a pipe each way)."""
+
+
+@pytest.mark.parametrize("mode", RELAY_MODES)
+def test_soft_limit_raised_and_every_connection_served(tmp_path: Path, mode: str) -> None:
     port = free_port()
     with backend(echo) as be:
-        text = config_text(f"127.0.0.1:{port}", [be.address], listener={"max_conns": 300})
+        text = config_text(
+            f"127.0.0.1:{port}", [be.address], top={"relay": mode}, listener={"max_conns": 300}
+        )
         proc = _run(tmp_path, text, soft=128, hard=4096)
         try:
             assert _echoed(port) == CLIENTS  # 128 descriptors were not enough for 150 pairs
         finally:
             stop_process(proc)
     log = (tmp_path / "l4lb.log").read_text()
-    assert "event=fd_limit raised_from=128 to=664 needed=664" in log, log
+    need = NEEDED[mode]
+    assert f"event=fd_limit raised_from=128 to={need} needed={need}" in log, log
     assert "Traceback" not in log
 
 
-def test_hard_limit_too_low_is_said_at_start_and_overflow_is_logged(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", RELAY_MODES)
+def test_hard_limit_too_low_is_said_at_start_and_overflow_is_logged(
+    tmp_path: Path, mode: str
+) -> None:
     port = free_port()
     with backend(echo) as be:
-        text = config_text(f"127.0.0.1:{port}", [be.address], listener={"max_conns": 300})
+        text = config_text(
+            f"127.0.0.1:{port}", [be.address], top={"relay": mode}, listener={"max_conns": 300}
+        )
         proc = _run(tmp_path, text, soft=128, hard=128)
         try:
             served = _echoed(port, wait=2.0)
@@ -85,7 +102,7 @@ def test_hard_limit_too_low_is_said_at_start_and_overflow_is_logged(tmp_path: Pa
         finally:
             stop_process(proc)
     log = (tmp_path / "l4lb.log").read_text()
-    assert "event=fd_limit limit=128 needed=664" in log, log
+    assert f"event=fd_limit limit=128 needed={NEEDED[mode]}" in log, log
     assert "LimitNOFILE" in log
     assert "Too many open files" in log  # each failure has its line
     assert "Traceback" not in log

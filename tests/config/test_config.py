@@ -99,8 +99,9 @@ def test_full_example_loads_with_compiled_forms(tmp_path: Path) -> None:
 def test_defaults() -> None:
     config = parse_config(BASE)
     assert config.workers >= 1
-    assert config.relay == "stream"
+    assert config.relay == "splice"  # issue 16: the cheaper relay is the default
     assert config.admin is None
+    assert config.listeners[0].defer_accept_s == 0  # off: server-speaks-first must work
     assert config.log.access == "stdout"
     lst = config.listeners[0]
     assert (lst.max_conns, lst.accept_proxy, lst.client_v6_prefix) == (10000, "off", 64)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import time
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -233,3 +234,21 @@ def test_reader_accepts_bytearray_and_memoryview_chunks() -> None:
     reader.feed(memoryview(wire)[10:20])
     assert reader.feed(memoryview(bytearray(wire[20:]))) == VALID[0].header
     assert reader.trailing == b"tail"
+
+
+@pytest.mark.parametrize(
+    "tlv",
+    [
+        (0x20, b""),  # SSL TLV shorter than its 5-byte head
+        (0x20, bytes(6)),  # a sub-TLV header cut short
+        (0x20, bytes(7) + b"\x01"),  # a sub-TLV longer than the SSL TLV
+        (0x05, bytes(129)),  # UNIQUE_ID over 128 bytes
+    ],
+)
+def test_build_refuses_a_tlv_that_parse_would_refuse(tlv: tuple[int, bytes]) -> None:
+    """Found by test_build_returns_bytes_or_project_error: build wrote SSL TLVs that parse then
+    rejected (a header l4lb sent would have been refused by its own backends)."""
+    from l4lb.proxy_protocol import build
+
+    with pytest.raises(ProxyProtocolError):
+        build(2, ("192.0.2.1", 1), ("198.51.100.2", 2), tlvs=[tlv])

@@ -203,7 +203,8 @@ class Admission:
         if gate.decision is not None:  # required, untrusted: not one byte is read
             self._decided(sock, gate.decision, done)
             return
-        sock.setblocking(False)
+        if sock.gettimeout() != 0.0:  # the listener's are non-blocking already (no ioctl)
+            sock.setblocking(False)
         waiting = _Waiting(sock, gate.peer, gate, done, self.loop.time() + policy.header_timeout)
         # The header usually arrives with the connection: try before registering anything.
         if self._advance(waiting):

@@ -263,8 +263,7 @@ class Connection:
             else:
                 self._connect_failed(err.strerror or str(err), EndReason.SOURCE_FAILED)
             return
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.backend_sock = sock
+        self.backend_sock = sock  # TCP_NODELAY: the relay's (uvloop sets it on its transports)
         self.connect_started = time.monotonic()
         code = sock.connect_ex((backend.host, backend.port))
         if code == 0:
@@ -278,6 +277,9 @@ class Connection:
     def _on_writable(self) -> None:
         sock = self.backend_sock
         if self.state is not State.CONNECTING or sock is None:
+            return
+        if poller.connected_cleanly(self.loop, sock):
+            self._connected()
             return
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:

@@ -1,7 +1,9 @@
 """A listening socket and its accept loop, feeding admitted connections to their pool.
 
 The socket is raw and non-blocking (``SO_REUSEADDR`` + ``SO_REUSEPORT``, so several worker
-processes can share the port); one ``add_reader`` callback accepts a batch per wake-up. At
+processes can share the port); one ``add_reader`` callback accepts a batch per wake-up. Options
+the accepted sockets inherit (``TCP_NODELAY``) are set once on the listening socket, and
+``defer_accept`` sets ``TCP_DEFER_ACCEPT`` there. At
 ``max_conns`` the listener stops watching the socket instead of accepting and dropping: new
 clients wait in the kernel's backlog until a connection ends.
 
@@ -13,6 +15,7 @@ reloads) and ``rejected`` (their sum).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import socket
@@ -35,6 +38,9 @@ log = logging.getLogger("l4lb.listener")
 
 ACCEPT_BATCH = 64
 _EMFILE_PAUSE = 0.1
+_TCP_DEFER_ACCEPT = getattr(socket, "TCP_DEFER_ACCEPT", 9)
+_RETRY_ACCEPT = frozenset((errno.ECONNABORTED, errno.EINTR, errno.EPROTO))
+"""accept() errors about one connection (it went away in the backlog): take the next one."""
 
 
 def _is_wildcard(host: str) -> bool:
@@ -50,11 +56,13 @@ OpenSocket = Callable[[str, int], socket.socket]
 
 
 def open_listening_socket(host: str, port: int, backlog: int = 4096) -> socket.socket:
-    """A non-blocking listening socket with SO_REUSEADDR and SO_REUSEPORT."""
+    """A non-blocking listening socket with SO_REUSEADDR and SO_REUSEPORT (and TCP_NODELAY,
+    which accepted sockets inherit)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if hasattr(socket, "SO_REUSEPORT"):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:  # "[::]:443" takes IPv4 too, whatever bindv6only says
@@ -132,6 +140,11 @@ class Listener:
         bound = self.address
         self.local: tuple[str, int] | None = None if _is_wildcard(bound[0]) else bound
         """The listener's own address when every accepted socket shares it (a specific IP)."""
+        # Options accepted sockets inherit, set once here rather than on each of them: a
+        # socket opened elsewhere (a worker's shared one, a test's) gets them too.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._set_defer_accept(config.defer_accept_s)
         self.admission = Admission(config, loop=self.loop, on_reject=self.on_reject)
 
     @property
@@ -139,6 +152,20 @@ class Listener:
         """The bound address (the real port when the config says port 0)."""
         name = self.sock.getsockname()
         return name[0], name[1]
+
+    def _set_defer_accept(self, seconds: int) -> None:
+        """``TCP_DEFER_ACCEPT``: the accept comes with the client's first bytes (or after
+        ``seconds``, so a client waiting for a banner still gets in); 0 turns it off."""
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, _TCP_DEFER_ACCEPT, seconds)
+        except OSError as err:
+            if seconds:
+                log.warning(
+                    "event=defer_accept_unavailable listener=%s error=%r detail='accepting "
+                    "at once'",
+                    self.name,
+                    err.strerror,
+                )
 
     def start(self) -> None:
         self.running = True
@@ -164,19 +191,22 @@ class Listener:
                 self._unwatch()
                 return
             try:
-                # _accept(): socket.accept() without its per-call IntEnum conversions
+                # _accept(): socket.accept() without its per-call IntEnum conversions. It calls
+                # accept4(SOCK_CLOEXEC); SOCK_NONBLOCK through ctypes would save the ioctl below
+                # but costs more user-space instructions than it saves (docs/performance.md).
                 fd, peer = accept()
             except BlockingIOError:
                 return
             except OSError as err:
+                if err.errno in _RETRY_ACCEPT:
+                    continue
                 # Out of descriptors (EMFILE/ENFILE) or buffers: back off instead of spinning.
                 log.error("event=accept_failed listener=%s error=%r", self.name, err.strerror)
                 self._unwatch()
                 self.loop.call_later(_EMFILE_PAUSE, self._watch)
                 return
             sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
-            sock.setblocking(False)  # accept() gave a blocking descriptor
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setblocking(False)  # TCP_NODELAY is inherited from the listening socket
             here = local
             if here is None:  # a wildcard bind: the address the client reached is per socket
                 try:
@@ -243,6 +273,8 @@ class Listener:
         old = self.config
         self.config = config
         self.max_conns = config.max_conns
+        if config.defer_accept_s != old.defer_accept_s:
+            self._set_defer_accept(config.defer_accept_s)
         self.start_relay = self.balancer.start_relay
         if admission is not None:
             previous = self.admission

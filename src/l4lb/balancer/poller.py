@@ -45,6 +45,7 @@ __all__ = [
     "Handler",
     "Poller",
     "available",
+    "connected_cleanly",
     "for_loop",
     "stop_waiting",
     "wait_connected",
@@ -107,6 +108,17 @@ class Poller:
         current = self.fds.get(sock.fileno())
         if isinstance(current, _Connecting) and current.sock() is sock:
             current.callback = None
+
+    def connected_cleanly(self, sock: socket.socket) -> bool:
+        """True when the wake-up that ended ``sock``'s connect said "writable" and nothing
+        else: the connect succeeded, no ``SO_ERROR`` look-up needed. False: ask ``SO_ERROR``."""
+        current = self.fds.get(sock.fileno())
+        return (
+            isinstance(current, _Connecting)
+            and current.sock() is sock
+            and current.writable
+            and not current.seen & (EPOLLERR | EPOLLHUP)
+        )
 
     # -- edge-triggered owners (the splice relay) --------------------------------------------
 
@@ -175,7 +187,7 @@ class _Connecting:
     other use, the socket's first later event removes it from the set (one ``epoll_ctl``).
     """
 
-    __slots__ = ("callback", "poller", "seen", "sock")
+    __slots__ = ("callback", "poller", "seen", "sock", "writable")
 
     def __init__(
         self, poller: Poller, sock: socket.socket, callback: Callable[[], object] | None
@@ -185,6 +197,8 @@ class _Connecting:
         self.callback = callback
         self.seen = 0
         """The events of the wake-up that ended the connect (handed on by :meth:`Poller.take`)."""
+        self.writable = False
+        """Whether that wake-up had ``EPOLLOUT``."""
 
     def event(self, fd: int, events: int) -> None:
         callback = self.callback
@@ -196,6 +210,7 @@ class _Connecting:
         if events & (EPOLLOUT | EPOLLERR | EPOLLHUP):
             self.callback = None
             self.seen = events & ~EPOLLOUT
+            self.writable = bool(events & EPOLLOUT)
             callback()
 
 
@@ -229,6 +244,15 @@ def wait_connected(
         callback()
 
     loop.add_writer(fd, once)
+
+
+def connected_cleanly(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bool:
+    """Inside a :func:`wait_connected` callback: True when the connect surely succeeded
+    (writable, no error or hang-up), so ``getsockopt(SO_ERROR)`` can be skipped."""
+    if not _HAVE_EPOLL:
+        return False
+    poller = _POLLERS.get(loop)
+    return poller is not None and poller.connected_cleanly(sock)
 
 
 def stop_waiting(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:

@@ -1,6 +1,7 @@
 """The stream relay: two asyncio Protocols passing bytes between a client and a backend.
 
-One implementation of :mod:`l4lb.balancer.relay_contract` (``relay = "stream"``, the default).
+One implementation of :mod:`l4lb.balancer.relay_contract` (``relay = "stream"``; the default is
+``"splice"``, which falls back to this one where ``os.splice`` is missing).
 Rules kept here (the contract's): byte-exact in both directions; half-close (a FIN one way becomes
 ``shutdown(SHUT_WR)`` the other way while the opposite direction keeps flowing); a reset on one
 side resets the other at once; backpressure (above a side's write-buffer high-water mark, reading

@@ -10,6 +10,7 @@ its key path. Cross-table rules (a listener's pool exists, unique names) live in
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
@@ -338,6 +339,10 @@ class PoolConfig(_Table, frozen=True):
         return "authority" in self.proxy_tlvs or "alpn" in self.proxy_tlvs
 
 
+MAX_DEFER_ACCEPT_S = 30
+"""The longest ``defer_accept``: it bounds how long a silent client waits to be accepted."""
+
+
 class ListenerConfig(_Table, frozen=True):
     """One ``[[listeners]]`` entry: where clients connect, and the trust policy (issue 4)."""
 
@@ -360,6 +365,10 @@ class ListenerConfig(_Table, frozen=True):
     """Token bucket size for ``new_conns_per_client``; default: one second's worth (at least 1)."""
     client_v6_prefix: Annotated[int, Meta(ge=1, le=128)] = 64
     max_pending_headers: Count = 1000
+    defer_accept: Duration = "0s"
+    """Accept once the client's first bytes arrive, or after this long at most (Linux
+    ``TCP_DEFER_ACCEPT``, whole seconds, rounded up); "0s" is off. For client-speaks-first
+    protocols: a client that waits for a banner is only accepted after this delay."""
 
     def __post_init__(self) -> None:
         if self.accept_proxy != "off" and not self.trusted_proxies:
@@ -369,6 +378,11 @@ class ListenerConfig(_Table, frozen=True):
             )
         if self.new_conns_burst is not None and self.new_conns_per_client is None:
             raise ValueError("new_conns_burst needs new_conns_per_client")
+        if self.defer_accept_s > MAX_DEFER_ACCEPT_S:
+            raise ValueError(
+                f"defer_accept = {self.defer_accept!r} is over {MAX_DEFER_ACCEPT_S}s: a client "
+                "that waits for a banner is accepted only after it (use '1s' to '3s')"
+            )
 
     @property
     def bind_addr(self) -> tuple[str, int]:
@@ -381,6 +395,11 @@ class ListenerConfig(_Table, frozen=True):
     @property
     def proxy_header_timeout_s(self) -> float:
         return values.parse_duration(self.proxy_header_timeout)
+
+    @property
+    def defer_accept_s(self) -> int:
+        """``defer_accept`` in whole seconds for ``TCP_DEFER_ACCEPT`` (0: off)."""
+        return math.ceil(values.parse_duration(self.defer_accept))
 
     @property
     def pass_tlv_types(self) -> frozenset[int]:
@@ -412,7 +431,7 @@ class Config(_Table, frozen=True):
     pools: dict[Name, PoolConfig]
     workers: Workers = msgspec.field(default_factory=_default_workers)
     drain_timeout: Duration = "30s"
-    relay: RelayKind = "stream"
+    relay: RelayKind = "splice"
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     admin: AdminConfig | None = None
     resolver: ResolverConfig = msgspec.field(default_factory=ResolverConfig)

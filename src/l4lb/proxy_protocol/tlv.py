@@ -134,6 +134,13 @@ def encode_tlvs(tlvs: Iterable[TLVLike]) -> bytes:
             raise InvalidHeader(Reason.UNENCODABLE, f"TLV type {t!r} is not a byte")
         if len(value) > 0xFFFF:
             raise InvalidHeader(Reason.UNENCODABLE, f"TLV 0x{t:02X} value exceeds 65535 bytes")
+        if t in _SPECIAL:  # never write what parse_tlvs refuses
+            if t == _T_SSL:
+                parse_ssl(value)
+            elif t == _T_UNIQUE_ID and len(value) > MAX_UNIQUE_ID:
+                raise InvalidHeader(
+                    Reason.UNENCODABLE, f"UNIQUE_ID is {len(value)} bytes, at most {MAX_UNIQUE_ID}"
+                )
         out += _TL.pack(t, len(value))
         out += value
     return bytes(out)
