@@ -505,6 +505,44 @@ def _not_a_list_file(path: str) -> str | None:
     return None
 
 
+def _route_issues(
+    where: str, lst: schema.ListenerConfig, config: schema.Config
+) -> list[ConfigIssue]:
+    """Routes to missing pools, and routes an earlier route shadows (they can never match)."""
+    from l4lb.balancer.routes import unreachable
+
+    issues = []
+    valid = ", ".join(repr(p) for p in sorted(config.pools)) or "none are defined"
+    for k, route in enumerate(lst.routes):
+        if route.pool not in config.pools:
+            issues.append(
+                ConfigIssue(
+                    f"{where}.routes[{k}].pool", f"no pool {route.pool!r}; defined pools: {valid}"
+                )
+            )
+    for k, earlier in unreachable(lst.routes):
+        issues.append(
+            ConfigIssue(
+                f"{where}.routes[{k}]",
+                f"unreachable: routes[{earlier}] ({lst.routes[earlier].label!r}) matches every "
+                f"connection this route ({lst.routes[k].label!r}) would; first match wins, so "
+                "put the more specific route first or remove it",
+            )
+        )
+    labels: dict[str, int] = {}
+    for k, route in enumerate(lst.routes):
+        if route.label in labels:
+            issues.append(
+                ConfigIssue(
+                    f"{where}.routes[{k}].name",
+                    f"route name {route.label!r} is also routes[{labels[route.label]}]'s: "
+                    "give each route its own name (access log and metrics tell them apart by it)",
+                )
+            )
+        labels.setdefault(route.label, k)
+    return issues
+
+
 def _cross_checks(config: schema.Config) -> list[ConfigIssue]:
     issues: list[ConfigIssue] = []
     names: dict[str, int] = {}
@@ -533,6 +571,7 @@ def _cross_checks(config: schema.Config) -> list[ConfigIssue]:
             issues.append(
                 ConfigIssue(f"{where}.pool", f"no pool {lst.pool!r}; defined pools: {valid}")
             )
+        issues += _route_issues(where, lst, config)
         problem = _not_a_list_file(lst.deny_file) if lst.deny_file is not None else None
         if problem is not None:
             issues.append(ConfigIssue(f"{where}.deny_file", problem))

@@ -73,9 +73,16 @@ class BalancerCollector(Collector):
             "Connections refused before reaching a backend, by listener and reason",
             labels=["listener", "reason"],
         )
+        routed = CounterMetricFamily(
+            "l4lb_route_connections",
+            "Connections per listener and route taken (a route's name, or default)",
+            labels=["listener", "route"],
+        )
         for lst in snap.listeners:
             conns.add_metric([lst.name], lst.total)
             active.add_metric([lst.name], lst.active)
+            for route, count in sorted(lst.routes.items()):
+                routed.add_metric([lst.name, route], count)
             by_reason: dict[str, int] = {}
             for reason, count in lst.rejections.items():
                 # "bad_header:<codec reason>" -> "bad_header"; the codec's reasons go to
@@ -87,6 +94,7 @@ class BalancerCollector(Collector):
         yield conns
         yield active
         yield rejected
+        yield routed
 
         header_errors = CounterMetricFamily(
             "l4lb_proxy_header_errors",

@@ -69,6 +69,8 @@ class ListenerStatus:
     rejected: int
     rejections: dict[str, int] = field(default_factory=dict)
     """Rejections by reason (untrusted, spoofing, bad_header, header_timeout, denied, ...)."""
+    routes: dict[str, int] = field(default_factory=dict)
+    """Connections per route taken (a route's name, or ``default``), with routes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +165,7 @@ class Snapshot:
                     "total": lst.total,
                     "rejected": lst.rejected,
                     "rejections": dict(lst.rejections),
+                    "routes": dict(lst.routes),
                 }
                 for lst in self.listeners
             ],
@@ -236,6 +239,7 @@ def snapshot_of(balancer: Balancer) -> Snapshot:
                 total=listener.total,
                 rejected=listener.rejected,
                 rejections=rejections,
+                routes=dict(listener.route_counts),
             )
         )
     pools = []
@@ -333,6 +337,7 @@ def merge(own: Snapshot, others: list[Snapshot]) -> Snapshot:
                     total=mine.total + lst.total,
                     rejected=mine.rejected + lst.rejected,
                     rejections=_add(mine.rejections, lst.rejections),
+                    routes=_add(mine.routes, lst.routes),
                 )
         for pool in other.pools:
             for b in pool.backends:
