@@ -46,8 +46,11 @@ class SmoothRoundRobin:
         self.current: list[int] = []
 
     def rebuild(self, members: Sequence[Backend], configured: Sequence[Backend] = ()) -> None:
+        # Members that stay keep their place in the cycle: a slow start rebuilds every step,
+        # and starting every cycle over would starve a backend whose weight is still 1.
+        kept = dict(zip(map(id, self.members), self.current, strict=True))
         self.members = list(members)
-        self.current = [0] * len(self.members)
+        self.current = [kept.get(id(b), 0) for b in self.members]
 
     def pick(self, client_ip: str, exclude: Collection[Backend]) -> Backend | None:
         current = self.current

@@ -48,6 +48,9 @@ class BackendStatus:
     check: CheckResult | None = None
     connect_latency: Histogram | None = None
     check_latency: Histogram | None = None
+    effective_weight: int | None = None
+    """The weight in use now: lower than ``weight`` during a slow start."""
+    backup: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +190,8 @@ class Snapshot:
                             "check": check(b.check),
                             "connect_latency": hist(b.connect_latency),
                             "check_latency": hist(b.check_latency),
+                            "effective_weight": b.effective_weight,
+                            "backup": b.backup,
                         }
                         for b in p.backends
                     ],
@@ -265,6 +270,8 @@ def snapshot_of(balancer: Balancer) -> Snapshot:
                     bytes_in=b.bytes_in,
                     bytes_out=b.bytes_out,
                     connect_failures=b.connect_failures,
+                    effective_weight=b.eff_weight,
+                    backup=b.backup,
                     check=check,
                     connect_latency=Histogram(
                         CONNECT_BUCKETS, tuple(b.latency_counts), b.latency_sum
