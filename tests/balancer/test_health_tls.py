@@ -187,3 +187,57 @@ def test_a_broken_tls_backend_is_marked_down(backends: Ports, tmp_path: Path) ->
     log = (tmp_path / "l4lb.log").read_text()
     assert f"event=health_down pool=main backend={broken} check=tls" in log
     assert "TLS handshake failed" in log
+
+
+HEALTH_CONFIG = """
+[[listeners]]
+name = "main"
+bind = "127.0.0.1:8443"
+pool = "main"
+[pools.main]
+backends = [{{ address = "127.0.0.1:9001" }}]
+[pools.main.health]
+{health}
+"""
+
+
+def test_tls_check_keys_in_the_config(backends: Ports, tmp_path: Path) -> None:
+    from l4lb.config.loader import parse_config
+
+    (tmp_path / "ca.pem").write_bytes(backends.ca.read_bytes())
+    health = (
+        'check = "http"\nhttps = true\nhttp_host = "api.example.com"\nhttp_method = "HEAD"\n'
+        'expect_status = "200,300-399"\ntls_verify = true\ntls_ca_file = "ca.pem"\n'
+    )
+    text = HEALTH_CONFIG.format(health=health)
+    cfg = parse_config(text, base_dir=tmp_path).pools["main"].health
+    assert cfg is not None and cfg.tls_ca_file == str(tmp_path / "ca.pem")  # relative to the file
+    assert cfg is not None
+    settings = CheckSettings.from_config(cfg)
+    assert settings.expect_status == ((200, 200), (300, 399))
+    assert settings.sni == "api.example.com" and settings.http_method == "HEAD"
+    assert settings.tls is not None and settings.tls.check_hostname
+
+
+@pytest.mark.parametrize(
+    ("health", "message"),
+    [
+        ('check = "http"\nexpect_status = "2xx"', "invalid status list '2xx'"),
+        ('check = "http"\nexpect_status = "399-200"', "100 <= low <= high <= 599"),
+        ('check = "http"\nexpect_status = "600"', "100 <= low <= high <= 599"),
+        ('check = "tcp"\nhttps = true', "https = true applies to check = 'http'"),
+        ('check = "tls"\ntls_ca_file = "/x.pem"', "tls_ca_file needs tls_verify = true"),
+        ('check = "http"\nhttp_method = "DELETE"', "http_method"),
+        ('check = "tls"\nsni = "not a name"', "sni"),
+        (
+            'check = "tls"\ntls_verify = true\ntls_ca_file = "/nonexistent/ca.pem"',
+            "health.tls_ca_file: cannot load CA certificates from /nonexistent/ca.pem",
+        ),
+    ],
+)
+def test_bad_tls_check_keys_are_config_errors(health: str, message: str) -> None:
+    from l4lb.config.loader import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as err:
+        parse_config(HEALTH_CONFIG.format(health=health))
+    assert message in str(err.value)

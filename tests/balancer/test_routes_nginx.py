@@ -191,3 +191,54 @@ def test_reject_refuses_what_no_route_matches(routed: tuple[L4lb, int]) -> None:
     assert ends[1][0] == "api" and ends[1][2] == "api"
     refusal = next(x for x in lines if x["end"] == "no_route")
     assert refusal["sni"] == "www.example.com" and "www.example.com" in refusal["detail"]
+
+
+def test_l4lb_check_reports_unreachable_routes_and_missing_pools(tmp_path: Path) -> None:
+    path = tmp_path / "routes.toml"
+    path.write_text(
+        """
+[[listeners]]
+name = "tls"
+bind = "127.0.0.1:8443"
+pool = "default"
+routes = [
+  { sni = "*.example.com", pool = "web" },
+  { sni = "api.example.com", pool = "api" },
+  { sni = "shop.example.com", pool = "shop" },
+]
+[pools.default]
+backends = [{ address = "127.0.0.1:9001" }]
+[pools.web]
+backends = [{ address = "127.0.0.1:9002" }]
+[pools.api]
+backends = [{ address = "127.0.0.1:9003" }]
+"""
+    )
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "l4lb", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    out = result.stdout + result.stderr
+    assert "listeners[0].routes[1]: unreachable: routes[0] ('*.example.com')" in out
+    assert "listeners[0].routes[2]: unreachable" in out
+    assert "listeners[0].routes[2].pool: no pool 'shop'" in out
+    assert "Traceback" not in out
+
+
+def test_a_reload_changes_where_a_name_goes(routed: tuple[L4lb, int]) -> None:
+    lb, _ = routed
+    assert curl("api.example.com", lb.port, "--http1.1").stdout.startswith("api.example.com")
+    text = lb.config_path.read_text()
+    lb.reload(
+        text.replace(
+            '{ sni = "api.example.com", pool = "api" }',
+            '{ sni = "api.example.com", pool = "default" }',
+        )
+    )
+    after = curl("api.example.com", lb.port, "--http1.1")
+    assert after.returncode == 0 and after.stdout.startswith("default.test"), after

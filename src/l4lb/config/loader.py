@@ -14,6 +14,7 @@ import difflib
 import ipaddress
 import os
 import re
+import ssl
 import stat
 import tomllib
 import types
@@ -413,7 +414,13 @@ def _resolve_paths(config: schema.Config, base_dir: Path | None) -> schema.Confi
     log = config.log
     if log.access not in ("stdout", "off"):
         log = msgspec.structs.replace(log, access=resolve(log.access))
-    return msgspec.structs.replace(config, listeners=listeners, log=log)
+    pools = dict(config.pools)
+    for name, pool in pools.items():
+        health = pool.health
+        if health is not None and health.tls_ca_file is not None:
+            health = msgspec.structs.replace(health, tls_ca_file=resolve(health.tls_ca_file))
+            pools[name] = msgspec.structs.replace(pool, health=health)
+    return msgspec.structs.replace(config, listeners=listeners, log=log, pools=pools)
 
 
 def _raw_cross_checks(raw: dict[str, Any]) -> list[ConfigIssue]:
@@ -612,6 +619,19 @@ def _cross_checks(config: schema.Config) -> list[ConfigIssue]:
                         f"{where}.send_proxy",
                         f"{backend.send_proxy!r} cannot carry the pool's proxy_tlvs; "
                         "use 'v2' or move this backend to a pool without proxy_tlvs",
+                    )
+                )
+        ca_file = pool.health.tls_ca_file if pool.health is not None else None
+        if ca_file is not None:
+            try:
+                ssl.create_default_context(cafile=ca_file)
+            except (OSError, ssl.SSLError) as err:
+                why = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+                issues.append(
+                    ConfigIssue(
+                        f"pools.{name}.health.tls_ca_file",
+                        f"cannot load CA certificates from {ca_file}: {why} "
+                        "(expected a PEM file of CA certificates)",
                     )
                 )
         if pool.proxy_tlvs and pool.send_proxy != "v2":
