@@ -125,6 +125,7 @@ def test_a_valid_route_table_loads() -> None:
             "route name 'x' is also routes[0]'s",
         ),
         ('{ sni = "a.test", pool = "api" }', 'default = "drop"', "default"),
+        ('{ sni = "a.test", pool = "api" }', 'tls_peek_timeout = "0s"', "more than 0s"),
     ],
 )
 def test_bad_routes_are_config_errors(routes: str, extra: str, message: str) -> None:

@@ -371,6 +371,10 @@ class ListenerConfig(_Table, frozen=True):
             raise ValueError("new_conns_burst needs new_conns_per_client")
         if self.default == "reject" and not self.routes:
             raise ValueError("default = 'reject' needs routes (it would refuse every connection)")
+        if self.routes and values.parse_duration(self.tls_peek_timeout) == 0:
+            raise ValueError(
+                "tls_peek_timeout must be more than 0s with routes (the ClientHello is waited for)"
+            )
 
     @property
     def tls_peek_timeout_s(self) -> float:
