@@ -90,6 +90,11 @@ def test_slowstart_gives_a_returning_backend_a_small_share(tmp_path: Path) -> No
             _admin(admin, f"/pools/main/backends/{b.address}/enable", post=True)
             status = _backends(admin)[b.address]
             assert (status["weight"], status["effective_weight"]) == (100, 1)
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as resp:
+                metrics = resp.read().decode()
+            labels = rf'{{[^}}]*backend="{re.escape(b.address)}"[^}}]*}}'
+            found = re.search(rf"l4lb_backend_effective_weight{labels} (\S+)", metrics)
+            assert found is not None and float(found.group(1)) == 1.0
             got = Counter(_who(lb.port) for _ in range(100))
             assert got["b"] <= 1 and got["a"] >= 99, got  # 1 in 101 while the ramp is at 1%
 
