@@ -242,3 +242,18 @@ def test_plain_text_goes_to_the_default_pool_at_once() -> None:
             s.close()
 
     _run(body)
+
+
+def test_the_routes_example_in_the_docs_is_valid() -> None:
+    """docs/balancer.md's routes example, as written, plus the pools it names."""
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[2] / "docs" / "balancer.md").read_text()
+    section = doc.split("## Routes by SNI and ALPN", 1)[1]
+    example = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    pools = "".join(
+        f'\n[pools.{name}]\nbackends = [{{ address = "192.0.2.{i}:443" }}]\n'
+        for i, name in enumerate(("default", "api", "web-h2", "web"), 1)
+    )
+    config = parse_config(example + pools)
+    assert [r.pool for r in config.listeners[0].routes] == ["api", "web-h2", "web"]
