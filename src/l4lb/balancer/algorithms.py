@@ -3,7 +3,10 @@
 Every algorithm is given the backends *in rotation* (state up, weight > 0), and all the
 configured ones, by :meth:`rebuild`, called again whenever that set changes, and skips at pick
 time the ones that are full (``max_conns``) or excluded (already tried for this connection).
-``pick`` gets the real client IP, which only Maglev uses.
+``pick`` gets the real client IP, which only Maglev uses. The weighted algorithms read
+``Backend.eff_weight`` (the weight, lowered during a slow start); Maglev's table uses the
+configured ``weight`` only, so a slow start does not move clients between backends: a backend
+coming back up gets its own clients back at once.
 """
 
 from __future__ import annotations
@@ -43,8 +46,11 @@ class SmoothRoundRobin:
         self.current: list[int] = []
 
     def rebuild(self, members: Sequence[Backend], configured: Sequence[Backend] = ()) -> None:
+        # Members that stay keep their place in the cycle: a slow start rebuilds every step,
+        # and starting every cycle over would starve a backend whose weight is still 1.
+        kept = dict(zip(map(id, self.members), self.current, strict=True))
         self.members = list(members)
-        self.current = [0] * len(self.members)
+        self.current = [kept.get(id(b), 0) for b in self.members]
 
     def pick(self, client_ip: str, exclude: Collection[Backend]) -> Backend | None:
         current = self.current
@@ -54,8 +60,8 @@ class SmoothRoundRobin:
             m = b.max_conns
             if (m is not None and b.active >= m) or b in exclude:
                 continue
-            current[i] += b.weight
-            total += b.weight
+            current[i] += b.eff_weight
+            total += b.eff_weight
             if best < 0 or current[i] > current[best]:
                 best = i
         if best < 0:
@@ -88,7 +94,7 @@ class LeastConn:
             b = members[(start + k) % n]
             if not _free(b, exclude):
                 continue
-            load = b.active / b.weight
+            load = b.active / b.eff_weight
             if best is None or load < best_load:
                 best, best_load = b, load
         return best
@@ -109,7 +115,7 @@ class RandomTwo:
         total = 0
         self.cum = []
         for b in self.members:
-            total += b.weight
+            total += b.eff_weight
             self.cum.append(total)
 
     def pick(self, client_ip: str, exclude: Collection[Backend]) -> Backend | None:
@@ -118,11 +124,11 @@ class RandomTwo:
         a, b = self.rng.choices(self.members, cum_weights=self.cum, k=2)
         fa, fb = _free(a, exclude), _free(b, exclude)
         if fa and fb:
-            return a if a.active / a.weight <= b.active / b.weight else b
+            return a if a.active / a.eff_weight <= b.active / b.eff_weight else b
         if fa or fb:
             return a if fa else b
         free = [m for m in self.members if _free(m, exclude)]
-        return min(free, key=lambda m: m.active / m.weight) if free else None
+        return min(free, key=lambda m: m.active / m.eff_weight) if free else None
 
 
 def _hash64(data: str, salt: bytes) -> int:

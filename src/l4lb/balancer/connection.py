@@ -14,8 +14,9 @@ Everything here runs from event-loop callbacks (no Task per connection): a raw n
 ``connect()`` watched with ``poller.wait_connected`` (one ``epoll_ctl``) and one timer, then the
 relay. Client bytes are not read until a backend is connected (they wait in the kernel), so
 trying another backend after a failed connect loses nothing. With ``authority``/``alpn`` TLVs
-requested, the ClientHello is peeked (``MSG_PEEK``, nothing consumed) for up to
-``tls_peek_timeout`` first.
+requested, or a listener with ``routes``, the ClientHello is peeked (``MSG_PEEK``, nothing
+consumed) for up to ``tls_peek_timeout`` first; with routes, the pool is chosen when the peek
+is done (:mod:`l4lb.balancer.routes`), the listener's pool being the default.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 from typing import TYPE_CHECKING, Protocol
 
 from l4lb.balancer import poller, tls_peek, transparent
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
 
     from l4lb.balancer.admission import Admission
     from l4lb.balancer.pool import Backend, Pool
+    from l4lb.balancer.routes import RouteTable
 
 log = logging.getLogger("l4lb.conn")
 
@@ -86,10 +89,24 @@ _REFUSED = frozenset(
         EndReason.CONNECT_FAILED,
         EndReason.HEADER_ERROR,
         EndReason.SOURCE_FAILED,
+        EndReason.NO_ROUTE,
     )
 )
 """Ends before the relay that reset the client (it must not take a clean FIN for an answer)."""
 _LOGGED = frozenset((EndReason.NO_BACKEND, EndReason.CONNECT_FAILED, EndReason.SOURCE_FAILED))
+
+
+DEFAULT_ROUTE = "default"
+"""The access log's ``route`` of a connection no route matched, sent to the listener's pool."""
+
+
+def set_keepalive(sock: socket.socket, idle: int, interval: int, count: int) -> None:
+    """TCP keepalive: first probe after ``idle`` s of silence, then every ``interval`` s,
+    the connection reset after ``count`` unanswered probes."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
 
 
 class Owner(Protocol):
@@ -99,6 +116,11 @@ class Owner(Protocol):
     loop: asyncio.AbstractEventLoop
     admission: Admission
     start_relay: StartRelay
+    route_counts: Counter[str]
+    """Connections per route taken (with routes only)."""
+
+    def pool_named(self, name: str) -> Pool | None:
+        """The running pool of that name (routes choose pools by name)."""
 
     def connection_ended(self, conn: Connection, reason: EndReason, detail: str) -> None:
         """The connection is closed: free its slot, log it (called once)."""
@@ -111,11 +133,14 @@ class Connection:
         "admission",
         "admitted",
         "alpn",
+        "alpn_offers",
         "authority",
         "backend",
         "backend_sock",
         "bytes_from_client",
         "bytes_to_client",
+        "client_seen",
+        "client_since",
         "client_sock",
         "connect_started",
         "detail",
@@ -126,7 +151,11 @@ class Connection:
         "pool",
         "proxy_version",
         "relay",
+        "route",
+        "routes",
         "seen",
+        "server_seen",
+        "server_since",
         "started",
         "state",
         "timer",
@@ -140,8 +169,13 @@ class Connection:
         pool: Pool,
         sock: socket.socket,
         admitted: Admitted,
+        routes: RouteTable | None = None,
     ) -> None:
         self.listener = listener
+        self.routes = routes
+        """The listener's routes: the pool is chosen after the peek (None: ``pool`` serves)."""
+        self.route: str | None = None
+        """The route taken (a route's label, or :data:`DEFAULT_ROUTE`), with routes only."""
         self.loop: asyncio.AbstractEventLoop = listener.loop
         self.pool = pool
         self.client_sock = sock
@@ -150,7 +184,8 @@ class Connection:
         """The admission that let it in (a reload may give the listener a new one)."""
         self.state = State.NEW
         self.started = time.monotonic()
-        self.idle_since = self.loop.time()
+        self.idle_since = self.client_since = self.server_since = self.loop.time()
+        self.client_seen = self.server_seen = 0
         self.backend: Backend | None = None
         self.backend_sock: socket.socket | None = None
         self.tried: tuple[Backend, ...] = ()
@@ -163,6 +198,8 @@ class Connection:
         self.proxy_version = 0
         self.authority: str | None = None
         self.alpn: bytes | None = None
+        """The client's preferred ALPN protocol (its first offer)."""
+        self.alpn_offers: tuple[bytes, ...] = ()
         self.detail = ""
         self.failed = EndReason.CONNECT_FAILED
         """How the last backend attempt failed (SOURCE_FAILED: its source, not the backend)."""
@@ -192,11 +229,13 @@ class Connection:
     # -- the steps -----------------------------------------------------------------------
 
     def start(self) -> None:
-        if self.pool.tls_peek_timeout > 0:
+        routes = self.routes
+        timeout = routes.peek_timeout if routes is not None else self.pool.tls_peek_timeout
+        if timeout > 0:
             self._enter(State.PEEKING)
             self.loop.add_reader(self.client_sock.fileno(), self._peek)
-            self.timer = self.loop.call_later(self.pool.tls_peek_timeout, self._peek_done)
-        else:
+            self.timer = self.loop.call_later(timeout, self._peek_done)
+        elif self._route():
             self.connect_next()
 
     def _peek(self) -> None:
@@ -219,6 +258,7 @@ class Connection:
         if isinstance(result, tls_peek.ClientHello):
             self.authority = result.server_name
             self.alpn = result.alpn[0] if result.alpn else None
+            self.alpn_offers = result.alpn
         self._peek_done()
 
     def _peek_again(self) -> None:
@@ -226,8 +266,36 @@ class Connection:
             self.loop.add_reader(self.client_sock.fileno(), self._peek)
 
     def _peek_done(self) -> None:
-        if self.state is State.PEEKING:
+        if self.state is State.PEEKING and self._route():
             self.connect_next()
+
+    def _route(self) -> bool:
+        """With routes, choose the pool from the peeked ClientHello; False when refused."""
+        routes = self.routes
+        if routes is None:
+            return True
+        route = routes.match(self.authority, self.alpn_offers)
+        if route is None:
+            if routes.reject:
+                self.finish(EndReason.NO_ROUTE, self._no_route())
+                return False
+            label = DEFAULT_ROUTE
+        else:
+            pool = self.listener.pool_named(route.pool)
+            if pool is None:  # removed by a reload since this connection was admitted
+                self.finish(EndReason.NO_BACKEND, f"route {route.label}: no pool {route.pool}")
+                return False
+            self.pool = pool
+            label = route.label
+        self.route = label
+        self.listener.route_counts[label] += 1
+        return True
+
+    def _no_route(self) -> str:
+        if self.authority is None and not self.alpn_offers:
+            return "no route matches (no TLS ClientHello with SNI or ALPN)"
+        offers = ",".join(a.decode("ascii", "replace") for a in self.alpn_offers)
+        return f"no route matches sni={self.authority!r} alpn={offers!r}"
 
     def connect_next(self) -> None:
         """Pick a backend not tried yet and start connecting to it."""
@@ -263,6 +331,12 @@ class Connection:
             else:
                 self._connect_failed(err.strerror or str(err), EndReason.SOURCE_FAILED)
             return
+        keepalive = pool.keepalive
+        if keepalive is not None:
+            set_keepalive(sock, *keepalive)
+            if len(self.tried) == 1:
+                with _suppress():  # the client may be gone already: the relay will see it
+                    set_keepalive(self.client_sock, *keepalive)
         self.backend_sock = sock  # TCP_NODELAY: the relay's (uvloop sets it on its transports)
         self.connect_started = time.monotonic()
         code = sock.connect_ex((backend.host, backend.port))

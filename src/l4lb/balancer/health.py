@@ -12,7 +12,11 @@ Probes live in one registry by name (``check = "tcp"`` looks up :data:`PROBES`):
   ``UNKNOWN``; nothing when it receives none), as HAProxy's ``check-send-proxy`` does, so backends
   that require the PROXY protocol accept the check.
 - ``http``: the backend's PROXY header as ``LOCAL`` (v1 ``UNKNOWN``; nothing when the pool
-  sends none), then ``GET http_path``; any 2xx or 3xx status is up.
+  sends none), then ``http_method http_path`` (``Host: http_host``), over TLS with ``https``;
+  up when the status is in ``expect_status`` (default 200-399). A plain check that meets a
+  TLS port (a TLS alert, or a 400 where a TLS handshake succeeds) says so.
+- ``tls``: the PROXY header as for ``http``, then a TLS handshake (``sni``; the certificate
+  verified with ``tls_verify``).
 - ``send-expect``: the PROXY header as for ``http``, then ``send``; up when ``expect``
   appears in what the backend answers.
 
@@ -28,6 +32,7 @@ import contextlib
 import errno
 import logging
 import os
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -91,6 +96,13 @@ class CheckSettings:
     http_path: str = "/"
     send: str = ""
     expect: str = ""
+    http_method: str = "GET"
+    http_host: str | None = None
+    expect_status: tuple[tuple[int, int], ...] = ((200, 399),)
+    https: bool = False
+    sni: str | None = None
+    tls: ssl.SSLContext | None = None
+    """The client context of ``tls`` and ``https`` checks (built once per pool)."""
 
     @classmethod
     def from_config(cls, cfg: HealthConfig) -> CheckSettings:
@@ -104,7 +116,26 @@ class CheckSettings:
             http_path=cfg.http_path,
             send=cfg.send or "",
             expect=cfg.expect or "",
+            http_method=cfg.http_method,
+            http_host=cfg.http_host,
+            expect_status=cfg.expect_statuses,
+            https=cfg.https,
+            sni=cfg.sni or cfg.http_host,
+            tls=tls_context(cfg.tls_verify, cfg.tls_ca_file)
+            if cfg.check == "tls" or cfg.https
+            else None,
         )
+
+
+def tls_context(verify: bool, ca_file: str | None = None) -> ssl.SSLContext:
+    """The checks' TLS client context: no verification (a check asks "does it answer TLS?"),
+    or the chain and the name verified against ``ca_file`` (default: the system's CAs)."""
+    if verify:
+        return ssl.create_default_context(cafile=ca_file)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +221,12 @@ async def _read_until(reader: asyncio.StreamReader, done: Callable[[bytes], bool
     return data
 
 
+def _drop(writer: asyncio.StreamWriter) -> None:
+    """Abort a check's connection that went (or tried to go) TLS: a failed ``start_tls`` leaves
+    a stream whose ``wait_closed`` never returns, and a check needs no close_notify."""
+    writer.transport.abort()
+
+
 def _local(target: Target) -> bytes:
     return local_header(version=target.proxy_version) if target.proxy_version else b""
 
@@ -220,27 +257,117 @@ async def probe_proxy_local(target: Target, settings: CheckSettings) -> str:
     return f"connected, PROXY v{target.proxy_version} LOCAL sent"
 
 
+_TLS_RECORD = (0x15, 0x16)  # alert, handshake: what a TLS server answers plain text with
+_LOOKS_TLS = "the port speaks TLS; set https = true (or use check = 'tls')"
+
+
+def _server_name(target: Target, settings: CheckSettings) -> str | None:
+    """The SNI (and, verifying, the name checked): ``sni``, else the backend's host."""
+    ctx = settings.tls
+    if settings.sni is not None:
+        return settings.sni
+    return target.host if ctx is not None and ctx.check_hostname else None
+
+
+async def _handshake(writer: asyncio.StreamWriter, target: Target, settings: CheckSettings) -> str:
+    """Upgrade the check's connection to TLS; the negotiated version, or CheckFailed."""
+    assert settings.tls is not None
+    try:
+        await writer.start_tls(
+            settings.tls,
+            server_hostname=_server_name(target, settings),
+            ssl_handshake_timeout=settings.timeout,
+        )
+    except ssl.SSLCertVerificationError as err:
+        raise CheckFailed(f"TLS certificate not accepted: {err.verify_message}") from err
+    except ssl.SSLError as err:
+        raise CheckFailed(f"TLS handshake failed: {err.reason or err}") from err
+    except (OSError, EOFError) as err:
+        why = _why(err) if isinstance(err, OSError) else "closed"
+        raise CheckFailed(f"TLS handshake failed: {why}") from err
+    tls = writer.get_extra_info("ssl_object")
+    return str(tls.version()) if tls is not None else "TLS"
+
+
+async def _speaks_tls(target: Target, settings: CheckSettings) -> bool:
+    """True when a TLS handshake on the target succeeds (to explain a failed plain check)."""
+    probe = CheckSettings(
+        sni=settings.sni or settings.http_host,
+        tls=tls_context(False),
+        timeout=max(0.1, settings.timeout / 2),
+    )
+    try:
+        _, writer = await _open(target)
+    except CheckFailed:
+        return False
+    try:
+        if target.proxy_version:
+            writer.write(_local(target))
+        await _handshake(writer, target, probe)
+    except (CheckFailed, OSError):
+        return False
+    finally:
+        _drop(writer)
+    return True
+
+
+async def probe_tls(target: Target, settings: CheckSettings) -> str:
+    """The PROXY LOCAL header when the backend receives one, then a TLS handshake."""
+    _, writer = await _open(target)
+    try:
+        if target.proxy_version:
+            writer.write(_local(target))
+        version = await _handshake(writer, target, settings)
+    finally:
+        _drop(writer)
+    return f"TLS handshake ok ({version})"
+
+
 async def probe_http(target: Target, settings: CheckSettings) -> str:
     reader, writer = await _open(target)
+    what = f"{settings.http_method} {settings.http_path}"
     try:
-        host = f"[{target.host}]" if ":" in target.host else target.host
+        if settings.https:
+            if target.proxy_version:
+                writer.write(_local(target))
+            await _handshake(writer, target, settings)
+            prefix = b""
+        else:
+            prefix = _local(target)
+        if settings.http_host is not None:
+            host = settings.http_host
+        else:
+            host = f"[{target.host}]" if ":" in target.host else target.host
+            host = f"{host}:{target.port}"
         request = (
-            f"GET {settings.http_path} HTTP/1.0\r\nHost: {host}:{target.port}\r\n"
+            f"{what} HTTP/1.0\r\nHost: {host}\r\n"
             "User-Agent: l4lb-health-check\r\nConnection: close\r\n\r\n"
         )
-        writer.write(_local(target) + request.encode("ascii", "replace"))
+        writer.write(prefix + request.encode("ascii", "replace"))
         data = await _read_until(reader, lambda d: b"\n" in d)
     finally:
-        await _close(writer)
+        if settings.https:
+            _drop(writer)
+        else:
+            await _close(writer)
+    if not settings.https and data and data[0] in _TLS_RECORD and data[1:2] == b"\x03":
+        raise CheckFailed(f"{what}: answered with a TLS record (alert): {_LOOKS_TLS}")
     line = data.split(b"\n", 1)[0].strip().decode("latin-1")
     parts = line.split(" ", 2)
     if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
         shown = line[:60] if line else "nothing"
-        raise CheckFailed(f"GET {settings.http_path}: not an HTTP response (got {shown!r})")
+        hint = ""
+        if not settings.https and await _speaks_tls(target, settings):
+            hint = f"; {_LOOKS_TLS}"
+        raise CheckFailed(f"{what}: not an HTTP response (got {shown!r}){hint}")
     status = int(parts[1])
-    if not 200 <= status < 400:
-        raise CheckFailed(f"GET {settings.http_path}: HTTP {status}")
-    return f"HTTP {status}"
+    if not any(low <= status <= high for low, high in settings.expect_status):
+        hint = ""
+        if status == 400 and not settings.https and await _speaks_tls(target, settings):
+            hint = f"; {_LOOKS_TLS}"
+        over = " over TLS" if settings.https else ""
+        raise CheckFailed(f"{what}: HTTP {status}{over}{hint}")
+    return f"HTTP {status}" if not settings.https else f"HTTP {status} over TLS"
 
 
 async def probe_send_expect(target: Target, settings: CheckSettings) -> str:
@@ -262,6 +389,7 @@ PROBES: dict[str, Probe] = {
     "proxy-local": probe_proxy_local,
     "http": probe_http,
     "send-expect": probe_send_expect,
+    "tls": probe_tls,
 }
 """Health checks by the name used in ``[pools.NAME.health] check``."""
 

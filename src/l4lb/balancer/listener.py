@@ -28,10 +28,12 @@ import msgspec
 from l4lb.balancer.admission import Admission, Admitted, Rejected
 from l4lb.balancer.connection import Connection
 from l4lb.balancer.relay_contract import EndReason, StartRelay
+from l4lb.balancer.routes import RouteTable
 from l4lb.config.schema import ListenerConfig
 from l4lb.config.values import format_hostport
 
 if TYPE_CHECKING:
+    from l4lb.balancer.pool import Pool
     from l4lb.balancer.runtime import Balancer
 
 log = logging.getLogger("l4lb.listener")
@@ -112,6 +114,8 @@ class Listener:
         "loop",
         "max_conns",
         "name",
+        "route_counts",
+        "routes",
         "running",
         "sock",
         "start_relay",
@@ -135,6 +139,9 @@ class Listener:
         self.sock = sock
         self.active = 0
         self.total = 0
+        self.routes = RouteTable.of(config)
+        self.route_counts: Counter[str] = Counter()
+        """Connections per route taken (a route's label, or ``default``), with routes."""
         self.running = False
         self.accepting = False
         bound = self.address
@@ -226,11 +233,14 @@ class Listener:
             return
         self.active += 1
         self.total += 1
-        conn = Connection(self, pool, sock, admitted)
+        conn = Connection(self, pool, sock, admitted, self.routes)
         balancer.connections.add(conn)
         if self.active >= self.max_conns:
             self._unwatch()
         conn.start()
+
+    def pool_named(self, name: str) -> Pool | None:
+        return self.balancer.pools.get(name)
 
     def connection_ended(self, conn: Connection, reason: EndReason, detail: str) -> None:
         """The connection is over: free its slot, log it."""
@@ -259,7 +269,14 @@ class Listener:
         """The Admission a reloaded ``config`` needs (None: the current one serves); nothing
         changes yet. Raises ValueError for a trust policy that cannot be built."""
         old = self.config
-        same = msgspec.structs.replace(config, pool=old.pool, max_conns=old.max_conns)
+        same = msgspec.structs.replace(
+            config,
+            pool=old.pool,
+            max_conns=old.max_conns,
+            routes=old.routes,
+            default=old.default,
+            tls_peek_timeout=old.tls_peek_timeout,
+        )
         if same != old or config.deny_file:  # a deny_file's contents are re-read on reload
             return Admission(config, loop=self.loop, on_reject=self.on_reject)
         return None
@@ -275,6 +292,7 @@ class Listener:
         self.max_conns = config.max_conns
         if config.defer_accept_s != old.defer_accept_s:
             self._set_defer_accept(config.defer_accept_s)
+        self.routes = RouteTable.of(config)
         self.start_relay = self.balancer.start_relay
         if admission is not None:
             previous = self.admission

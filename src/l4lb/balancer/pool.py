@@ -7,6 +7,13 @@ A backend's :attr:`Backend.state` combines two inputs: health (``set_health``: u
 active checks or passive connect failures) and the admin's choice (``set_admin``: drain,
 disable, enable). Only ``UP`` backends with weight > 0 are in rotation; every algorithm also
 skips a backend at its ``max_conns``.
+
+Backup backends (``backup = true``) are given to the algorithm only while no non-backup backend
+is in rotation (then all the backups in rotation share the load, as nginx's ``backup`` and
+HAProxy's ``option allbackups`` do). A backend with ``slowstart`` that comes back up (health,
+or an admin's enable) gets an effective weight (:attr:`Backend.eff_weight`, what the algorithms
+read) that grows linearly from ``weight/100`` (at least 1) to ``weight`` over ``slowstart``; the
+pool steps the ramp when it picks (at most every :data:`RAMP_STEP`), so nothing runs on a timer.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ from __future__ import annotations
 import bisect
 import enum
 import logging
+import math
+import time
 from collections.abc import Callable
 
 from l4lb.balancer.algorithms import ALGORITHMS, Algorithm
@@ -27,6 +36,11 @@ CONNECT_BUCKETS: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
 """Upper bounds (seconds) of the connect-latency histogram; a last bucket counts the rest."""
 
 PROXY_VERSIONS = {"off": 0, "v1": 1, "v2": 2}
+
+RAMP_STEP = 0.1
+"""Seconds between two steps of a slow start's weight ramp (a rebuild of the algorithm each)."""
+
+Clock = Callable[[], float]
 
 
 class BackendState(enum.Enum):
@@ -78,10 +92,12 @@ class Backend:
         "address",
         "admin",
         "api_limits",
+        "backup",
         "base_limits",
         "bytes_in",
         "bytes_out",
         "connect_failures",
+        "eff_weight",
         "health_up",
         "host",
         "last_check",
@@ -93,6 +109,8 @@ class Backend:
         "origin",
         "port",
         "proxy_version",
+        "ramp_from",
+        "slowstart",
         "source",
         "total",
         "weight",
@@ -113,6 +131,12 @@ class Backend:
         self.address = config.address
         self.host, self.port = parse_hostport(config.address)
         self.weight = config.weight
+        self.eff_weight = config.weight
+        """The weight the algorithms use: ``weight``, or less during a slow start."""
+        self.backup = config.backup
+        self.slowstart = config.slowstart_s
+        self.ramp_from: float | None = None
+        """The clock's time this backend came back up, while its slow start lasts."""
         self.max_conns = config.max_conns
         self.proxy_version = proxy_version
         self.source: Source | None = None
@@ -160,13 +184,18 @@ class Pool:
         "algorithm",
         "backends",
         "by_address",
+        "client_timeout",
+        "clock",
         "config",
         "connect_timeout",
         "idle_timeout",
+        "keepalive",
         "name",
         "on_change",
         "on_connect_result",
+        "ramp_next",
         "retries",
+        "server_timeout",
         "tls_peek_timeout",
         "tlv_alpn",
         "tlv_authority",
@@ -175,11 +204,23 @@ class Pool:
         "tlv_unique_id",
     )
 
-    def __init__(self, name: str, config: PoolConfig, previous: Pool | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: PoolConfig,
+        previous: Pool | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
         self.name = name
         self.config = config
+        self.clock = clock
+        self.ramp_next: float | None = None
+        """When the next slow-start step is due (None: no backend is ramping)."""
         self.connect_timeout = config.connect_timeout_s
         self.idle_timeout = config.idle_timeout_s
+        self.client_timeout = config.client_timeout_s
+        self.server_timeout = config.server_timeout_s
+        self.keepalive = config.keepalive
         self.tls_peek_timeout = config.tls_peek_timeout_s if config.peeks_tls else 0.0
         self.retries = config.retries
         tlvs = set(config.proxy_tlvs)
@@ -200,6 +241,7 @@ class Pool:
             else:
                 backend.weight, backend.max_conns = bc.weight, bc.max_conns
                 backend.proxy_version = version
+                backend.backup, backend.slowstart = bc.backup, bc.slowstart_s
             backend.source = parse_source(config.backend_source(bc))
             self.backends.append(backend)
         self.by_address: dict[str, Backend] = {b.address: b for b in self.backends}
@@ -211,12 +253,41 @@ class Pool:
         self.rebuild()
 
     def rebuild(self) -> None:
-        """Give the algorithm the backends now in rotation."""
-        self.algorithm.rebuild([b for b in self.backends if b.in_rotation], self.backends)
+        """Give the algorithm the backends now in rotation: the non-backup ones, or, when none
+        of them is, the backups."""
+        self._ramp(self.clock())
+        primary = [b for b in self.backends if not b.backup]
+        members = [b for b in primary if b.in_rotation]
+        if not members:
+            backups = [b for b in self.backends if b.backup]
+            if backups:
+                primary, members = backups, [b for b in backups if b.in_rotation]
+        self.algorithm.rebuild(members, primary)
 
     def pick(self, client_ip: str, exclude: tuple[Backend, ...] = ()) -> Backend | None:
         """The backend for a new connection from ``client_ip``, or None if none can take it."""
+        due = self.ramp_next
+        if due is not None and self.clock() >= due:
+            self.rebuild()
         return self.algorithm.pick(client_ip, exclude)
+
+    def _ramp(self, now: float) -> None:
+        """Set each backend's effective weight for ``now`` (slow start)."""
+        ramping = False
+        for b in self.backends:
+            start = b.ramp_from
+            if start is None:
+                b.eff_weight = b.weight
+                continue
+            elapsed = now - start
+            if elapsed >= b.slowstart or b.weight == 0:
+                b.ramp_from = None
+                b.eff_weight = b.weight
+                continue
+            # HAProxy's ramp: from about 1% of the weight (never 0) to all of it.
+            b.eff_weight = max(1, math.ceil(b.weight * max(elapsed, 0.0) / b.slowstart))
+            ramping = True
+        self.ramp_next = now + RAMP_STEP if ramping else None
 
     def backend(self, address: str) -> Backend:
         """The backend with this address (as in the config, or normalised); LookupError if none."""
@@ -240,6 +311,7 @@ class Pool:
             return
         before = backend.state
         backend.health_up = up
+        self._came_up(backend, before)
         self._changed(backend, before, detail)
 
     def set_admin(self, backend: Backend, action: str) -> BackendState:
@@ -249,6 +321,7 @@ class Pool:
             raise ValueError(f"unknown action {action!r}: expected drain, disable or enable")
         before = backend.state
         backend.admin = states[action]
+        self._came_up(backend, before)
         self._changed(backend, before, f"admin {action}")
         return backend.state
 
@@ -259,6 +332,12 @@ class Pool:
         hook = self.on_connect_result
         if hook is not None:
             hook(backend, ok, detail)
+
+    def _came_up(self, backend: Backend, before: BackendState) -> None:
+        """Start the slow start of a backend that just became UP (not at start)."""
+        up = backend.state is BackendState.UP
+        if backend.slowstart > 0 and before is not BackendState.UP and up:
+            backend.ramp_from = self.clock()
 
     def _changed(self, backend: Backend, before: BackendState, detail: str) -> None:
         self._settle_leavers()  # a backend that came up relieves the removed ones

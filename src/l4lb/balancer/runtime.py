@@ -149,31 +149,51 @@ class Balancer:
     # -- idle sweep --------------------------------------------------------------------------
 
     def _sweep_interval(self) -> float:
-        shortest = min((p.idle_timeout for p in self.pools.values()), default=60.0)
+        timeouts = [p.idle_timeout for p in self.pools.values()]
+        for p in self.pools.values():
+            timeouts += [t for t in (p.client_timeout, p.server_timeout) if t is not None]
+        shortest = min(timeouts, default=60.0)
         return min(5.0, max(0.05, shortest / 10))
 
     def _schedule_sweep(self) -> None:
         self._sweeper = self.loop.call_later(self._sweep_interval(), self._sweep)
 
     def _sweep(self) -> None:
-        """Close relayed connections that moved no byte for their pool's idle_timeout.
+        """Close relayed connections that moved no byte for their pool's idle_timeout, whose
+        client sent nothing for its client_timeout, or whose backend sent nothing for its
+        server_timeout.
 
         One pass over the connections instead of a timer per connection: each pass compares
         the byte counters with the previous pass, so the hot path only counts bytes.
         """
         now = self.loop.time()
-        idle: list[Connection] = []
+        idle: list[tuple[Connection, EndReason]] = []
         for conn in self.connections:
             if conn.state is not State.RELAYING:
                 continue
+            pool = conn.pool
             moved = conn.bytes_from_client + conn.bytes_to_client
             if moved != conn.seen:
                 conn.seen = moved
                 conn.idle_since = now
-            elif now - conn.idle_since >= conn.pool.idle_timeout:
-                idle.append(conn)
-        for conn in idle:
-            conn.close(EndReason.IDLE_TIMEOUT)
+            elif now - conn.idle_since >= pool.idle_timeout:
+                idle.append((conn, EndReason.IDLE_TIMEOUT))
+                continue
+            if pool.client_timeout is not None:
+                if conn.bytes_from_client != conn.client_seen:
+                    conn.client_seen = conn.bytes_from_client
+                    conn.client_since = now
+                elif now - conn.client_since >= pool.client_timeout:
+                    idle.append((conn, EndReason.CLIENT_TIMEOUT))
+                    continue
+            if pool.server_timeout is not None:
+                if conn.bytes_to_client != conn.server_seen:
+                    conn.server_seen = conn.bytes_to_client
+                    conn.server_since = now
+                elif now - conn.server_since >= pool.server_timeout:
+                    idle.append((conn, EndReason.SERVER_TIMEOUT))
+        for conn, reason in idle:
+            conn.close(reason)
         if any([pool.forget_drained() for pool in self.pools.values()]):
             self.members_changed()
         if not self.stopping:
@@ -199,6 +219,11 @@ class Balancer:
         record: dict[str, Any] = {
             "event": "connection",
             "listener": conn.listener.name,
+            "sni": conn.authority,
+            "alpn": conn.alpn.decode("ascii", "replace") if conn.alpn is not None else None,
+            "alpn_offers": [a.decode("ascii", "replace") for a in conn.alpn_offers],
+            "route": conn.route,
+            "pool": conn.pool.name if reason is not EndReason.NO_ROUTE else None,
             "client": format_hostport(admitted.client[0], admitted.client[1]),
             "upstream": format_hostport(upstream[0], upstream[1]) if upstream else None,
             "backend": backend.address if backend is not None else None,

@@ -14,6 +14,7 @@ import difflib
 import ipaddress
 import os
 import re
+import ssl
 import stat
 import tomllib
 import types
@@ -413,7 +414,13 @@ def _resolve_paths(config: schema.Config, base_dir: Path | None) -> schema.Confi
     log = config.log
     if log.access not in ("stdout", "off"):
         log = msgspec.structs.replace(log, access=resolve(log.access))
-    return msgspec.structs.replace(config, listeners=listeners, log=log)
+    pools = dict(config.pools)
+    for name, pool in pools.items():
+        health = pool.health
+        if health is not None and health.tls_ca_file is not None:
+            health = msgspec.structs.replace(health, tls_ca_file=resolve(health.tls_ca_file))
+            pools[name] = msgspec.structs.replace(pool, health=health)
+    return msgspec.structs.replace(config, listeners=listeners, log=log, pools=pools)
 
 
 def _raw_cross_checks(raw: dict[str, Any]) -> list[ConfigIssue]:
@@ -512,6 +519,44 @@ def _have_dnspython() -> bool:
     return True
 
 
+def _route_issues(
+    where: str, lst: schema.ListenerConfig, config: schema.Config
+) -> list[ConfigIssue]:
+    """Routes to missing pools, and routes an earlier route shadows (they can never match)."""
+    from l4lb.balancer.routes import unreachable
+
+    issues = []
+    valid = ", ".join(repr(p) for p in sorted(config.pools)) or "none are defined"
+    for k, route in enumerate(lst.routes):
+        if route.pool not in config.pools:
+            issues.append(
+                ConfigIssue(
+                    f"{where}.routes[{k}].pool", f"no pool {route.pool!r}; defined pools: {valid}"
+                )
+            )
+    for k, earlier in unreachable(lst.routes):
+        issues.append(
+            ConfigIssue(
+                f"{where}.routes[{k}]",
+                f"unreachable: routes[{earlier}] ({lst.routes[earlier].label!r}) matches every "
+                f"connection this route ({lst.routes[k].label!r}) would; first match wins, so "
+                "put the more specific route first or remove it",
+            )
+        )
+    labels: dict[str, int] = {}
+    for k, route in enumerate(lst.routes):
+        if route.label in labels:
+            issues.append(
+                ConfigIssue(
+                    f"{where}.routes[{k}].name",
+                    f"route name {route.label!r} is also routes[{labels[route.label]}]'s: "
+                    "give each route its own name (access log and metrics tell them apart by it)",
+                )
+            )
+        labels.setdefault(route.label, k)
+    return issues
+
+
 def _cross_checks(config: schema.Config) -> list[ConfigIssue]:
     issues: list[ConfigIssue] = []
     names: dict[str, int] = {}
@@ -540,6 +585,7 @@ def _cross_checks(config: schema.Config) -> list[ConfigIssue]:
             issues.append(
                 ConfigIssue(f"{where}.pool", f"no pool {lst.pool!r}; defined pools: {valid}")
             )
+        issues += _route_issues(where, lst, config)
         problem = _not_a_list_file(lst.deny_file) if lst.deny_file is not None else None
         if problem is not None:
             issues.append(ConfigIssue(f"{where}.deny_file", problem))
@@ -596,6 +642,19 @@ def _cross_checks(config: schema.Config) -> list[ConfigIssue]:
                     )
                 )
         issues += _source_issues(name, pool)
+        ca_file = pool.health.tls_ca_file if pool.health is not None else None
+        if ca_file is not None:
+            try:
+                ssl.create_default_context(cafile=ca_file)
+            except (OSError, ssl.SSLError) as err:
+                why = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+                issues.append(
+                    ConfigIssue(
+                        f"pools.{name}.health.tls_ca_file",
+                        f"cannot load CA certificates from {ca_file}: {why} "
+                        "(expected a PEM file of CA certificates)",
+                    )
+                )
         if pool.proxy_tlvs and pool.send_proxy != "v2":
             issues.append(
                 ConfigIssue(

@@ -37,6 +37,7 @@ CHECKS: dict[str, Callable[[Any], object]] = {
     "rate": values.parse_rate,
     "tlv": values.tlv_type,
     "source": lambda text: source_value(text),
+    "status_ranges": values.parse_status_ranges,
 }
 """Extra checks named in a type's ``Meta(extra={"check": ...})``: raise ``ValueError`` if bad."""
 
@@ -159,7 +160,28 @@ ProxyVersion = Literal["off", "v1", "v2"]
 Balance = Literal["roundrobin", "leastconn", "random2", "maglev"]
 ProxyTlv = Literal["unique_id", "authority", "alpn", "crc32c", "noop"]
 AcceptProxy = Literal["off", "optional", "required"]
-CheckKind = Literal["tcp", "proxy-local", "http", "send-expect"]
+CheckKind = Literal["tcp", "proxy-local", "http", "send-expect", "tls"]
+HttpMethod = Literal["GET", "HEAD", "OPTIONS", "POST"]
+NoRoute = Literal["pool", "reject"]
+SniPattern = Annotated[
+    str,
+    Meta(
+        pattern=r"^(\*\.)?(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+        r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*$",
+        description="a server name such as 'api.example.com', or a wildcard such as "
+        "'*.example.com' (any name ending in '.example.com')",
+    ),
+]
+AlpnName = Annotated[
+    str, Meta(min_length=1, max_length=255, description="an ALPN protocol id such as 'h2'")
+]
+StatusRanges = Annotated[
+    str,
+    Meta(
+        description="HTTP statuses such as '200', '200-399' or '200,204,300-399'",
+        extra={"check": "status_ranges"},
+    ),
+]
 RelayKind = Literal["stream", "splice"]
 TransparentRouting = Literal["check", "manage", "off"]
 
@@ -201,10 +223,29 @@ class HealthConfig(_Table, frozen=True):
     rise: PositiveInt = 2
     fall: PositiveInt = 3
     http_path: HttpPath = "/"
+    http_method: HttpMethod = "GET"
+    """The ``http`` check's method (HAProxy ``http-check send meth``)."""
+    http_host: HostName | None = None
+    """The ``http`` check's ``Host`` header (default: the backend's address)."""
+    https: bool = False
+    """Run the ``http`` check over TLS (HAProxy ``check-ssl``)."""
+    expect_status: StatusRanges = "200-399"
+    """Statuses that count as up for ``http`` (HAProxy ``http-check expect status``)."""
+    sni: HostName | None = None
+    """The server name sent by ``tls`` checks and ``https`` (HAProxy ``check-sni``); default:
+    ``http_host`` if set, else none."""
+    tls_verify: bool = False
+    """Verify the backend's certificate chain and name (HAProxy ``verify required``)."""
+    tls_ca_file: str | None = None
+    """CA bundle for ``tls_verify`` (default: the system's); HAProxy ``ca-file``."""
     send: str | None = None
     expect: str | None = None
 
     def __post_init__(self) -> None:
+        if self.tls_ca_file is not None and not self.tls_verify:
+            raise ValueError("tls_ca_file needs tls_verify = true")
+        if self.https and self.check != "http":
+            raise ValueError("https = true applies to check = 'http' (use check = 'tls' alone)")
         if self.check == "send-expect" and (self.send is None or self.expect is None):
             raise ValueError("check = 'send-expect' needs both 'send' and 'expect'")
         if self.check == "send-expect" and self.expect == "":
@@ -216,6 +257,10 @@ class HealthConfig(_Table, frozen=True):
     @property
     def interval_s(self) -> float:
         return values.parse_duration(self.interval)
+
+    @property
+    def expect_statuses(self) -> tuple[tuple[int, int], ...]:
+        return values.parse_status_ranges(self.expect_status)
 
     @property
     def timeout_s(self) -> float:
@@ -239,6 +284,15 @@ class BackendConfig(_Table, frozen=True):
     """Overrides the pool's ``send_proxy`` for this backend."""
     source: Source | None = None
     """Overrides the pool's ``source`` for this backend."""
+    backup: bool = False
+    """Only used while no non-backup backend of the pool is up (HAProxy/nginx ``backup``)."""
+    slowstart: Duration | None = None
+    """After coming back up, the weight ramps from ~0 to ``weight`` over this long (HAProxy
+    ``slowstart``, nginx ``slow_start``); never at start."""
+
+    @property
+    def slowstart_s(self) -> float:
+        return values.parse_duration(self.slowstart) if self.slowstart else 0.0
 
     @property
     def addr(self) -> tuple[str, int]:
@@ -302,6 +356,15 @@ class PoolConfig(_Table, frozen=True):
     tls_peek_timeout: Duration = "200ms"
     connect_timeout: Timeout = "3s"
     idle_timeout: Timeout = "10m"
+    client_timeout: Timeout | None = None
+    """Close when the client sent nothing for this long (HAProxy ``timeout client``)."""
+    server_timeout: Timeout | None = None
+    """Close when the backend sent nothing for this long (HAProxy ``timeout server``)."""
+    tcp_keepalive: PositiveDuration | None = None
+    """SO_KEEPALIVE on the client and backend sockets, first probe after this much idleness
+    (HAProxy ``option clitcpka``/``srvtcpka`` + ``*tcpka-idle``, nginx ``so_keepalive``)."""
+    tcp_keepalive_interval: PositiveDuration = "10s"
+    tcp_keepalive_count: Annotated[int, Meta(ge=1, le=127)] = 3
     retries: Annotated[int, Meta(ge=0, le=100)] = 2
     health: HealthConfig | None = None
     source: Source = "balancer"
@@ -334,6 +397,23 @@ class PoolConfig(_Table, frozen=True):
         return values.parse_duration(self.tls_peek_timeout)
 
     @property
+    def client_timeout_s(self) -> float | None:
+        return values.parse_duration(self.client_timeout) if self.client_timeout else None
+
+    @property
+    def server_timeout_s(self) -> float | None:
+        return values.parse_duration(self.server_timeout) if self.server_timeout else None
+
+    @property
+    def keepalive(self) -> tuple[int, int, int] | None:
+        """``(idle, interval, count)`` in whole seconds (at least 1), or None when off."""
+        if self.tcp_keepalive is None:
+            return None
+        idle = max(1, round(values.parse_duration(self.tcp_keepalive)))
+        interval = max(1, round(values.parse_duration(self.tcp_keepalive_interval)))
+        return idle, interval, self.tcp_keepalive_count
+
+    @property
     def peeks_tls(self) -> bool:
         """True when the header carries ClientHello data (the client's first bytes are awaited)."""
         return "authority" in self.proxy_tlvs or "alpn" in self.proxy_tlvs
@@ -341,6 +421,29 @@ class PoolConfig(_Table, frozen=True):
 
 MAX_DEFER_ACCEPT_S = 30
 """The longest ``defer_accept``: it bounds how long a silent client waits to be accepted."""
+
+
+class RouteConfig(_Table, frozen=True):
+    """One entry of a listener's ``routes``: a ClientHello match and the pool it sends to."""
+
+    pool: str
+    sni: SniPattern | None = None
+    """An exact server name or ``*.domain`` (any name ending in ``.domain``); case-insensitive."""
+    alpn: AlpnName | None = None
+    """Matches when the client offers this protocol (any of its offers)."""
+    name: Name | None = None
+    """The route's name in the access log and metrics (default: ``sni`` and ``alpn``)."""
+
+    def __post_init__(self) -> None:
+        if self.sni is None and self.alpn is None:
+            raise ValueError("a route needs sni, alpn or both (the listener's pool is the default)")
+
+    @property
+    def label(self) -> str:
+        if self.name is not None:
+            return self.name
+        label = (self.sni or "*").lower()
+        return f"{label}/{self.alpn}" if self.alpn is not None else label
 
 
 class ListenerConfig(_Table, frozen=True):
@@ -369,6 +472,12 @@ class ListenerConfig(_Table, frozen=True):
     """Accept once the client's first bytes arrive, or after this long at most (Linux
     ``TCP_DEFER_ACCEPT``, whole seconds, rounded up); "0s" is off. For client-speaks-first
     protocols: a client that waits for a banner is only accepted after this delay."""
+    routes: tuple[RouteConfig, ...] = ()
+    """Pools chosen by the TLS ClientHello's SNI/ALPN, first match wins (issue 13)."""
+    default: NoRoute = "pool"
+    """When no route matches: ``"pool"`` uses ``pool``, ``"reject"`` resets the connection."""
+    tls_peek_timeout: Duration = "1s"
+    """With ``routes``: how long to wait for the ClientHello before using the default."""
 
     def __post_init__(self) -> None:
         if self.accept_proxy != "off" and not self.trusted_proxies:
@@ -383,6 +492,16 @@ class ListenerConfig(_Table, frozen=True):
                 f"defer_accept = {self.defer_accept!r} is over {MAX_DEFER_ACCEPT_S}s: a client "
                 "that waits for a banner is accepted only after it (use '1s' to '3s')"
             )
+        if self.default == "reject" and not self.routes:
+            raise ValueError("default = 'reject' needs routes (it would refuse every connection)")
+        if self.routes and values.parse_duration(self.tls_peek_timeout) == 0:
+            raise ValueError(
+                "tls_peek_timeout must be more than 0s with routes (the ClientHello is waited for)"
+            )
+
+    @property
+    def tls_peek_timeout_s(self) -> float:
+        return values.parse_duration(self.tls_peek_timeout)
 
     @property
     def bind_addr(self) -> tuple[str, int]:

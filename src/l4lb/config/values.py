@@ -319,3 +319,25 @@ def tlv_type(name: str | int) -> int:
             "or a type number 0..255"
         )
     return TLV_NAMES[name]
+
+
+def parse_status_ranges(text: str) -> tuple[tuple[int, int], ...]:
+    """``"200-399"``, ``"200,204"``, ``"200,300-399"`` -> ``((low, high), ...)`` (100..599)."""
+    out = []
+    for part in text.split(","):
+        low_text, dash, high_text = part.strip().partition("-")
+        if not _digits(low_text) or (dash and not _digits(high_text)):
+            raise ValueError(
+                f"invalid status list {text!r}: expected statuses or ranges such as "
+                "'200', '200-399' or '200,204,300-399'"
+            )
+        low = int(low_text)
+        high = int(high_text) if dash else low
+        if not 100 <= low <= high <= 599:
+            raise ValueError(f"invalid status range {part.strip()!r}: 100 <= low <= high <= 599")
+        out.append((low, high))
+    return tuple(out)
+
+
+def _digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()

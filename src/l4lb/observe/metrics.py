@@ -83,9 +83,16 @@ class BalancerCollector(Collector):
             "Connections refused before reaching a backend, by listener and reason",
             labels=["listener", "reason"],
         )
+        routed = CounterMetricFamily(
+            "l4lb_route_connections",
+            "Connections per listener and route taken (a route's name, or default)",
+            labels=["listener", "route"],
+        )
         for lst in snap.listeners:
             conns.add_metric([lst.name], lst.total)
             active.add_metric([lst.name], lst.active)
+            for route, count in sorted(lst.routes.items()):
+                routed.add_metric([lst.name, route], count)
             by_reason: dict[str, int] = {}
             for reason, count in lst.rejections.items():
                 # "bad_header:<codec reason>" -> "bad_header"; the codec's reasons go to
@@ -97,6 +104,7 @@ class BalancerCollector(Collector):
         yield conns
         yield active
         yield rejected
+        yield routed
 
         header_errors = CounterMetricFamily(
             "l4lb_proxy_header_errors",
@@ -131,6 +139,11 @@ class BalancerCollector(Collector):
             labels=[*labels, "state"],
         )
         b_weight = GaugeMetricFamily("l4lb_backend_weight", "Configured weight", labels=labels)
+        b_eff = GaugeMetricFamily(
+            "l4lb_backend_effective_weight",
+            "Weight in use now (lower during a slow start)",
+            labels=labels,
+        )
         b_check_ok = GaugeMetricFamily(
             "l4lb_check_success", "1 when the last health check passed", labels=labels
         )
@@ -152,6 +165,8 @@ class BalancerCollector(Collector):
                 for state in STATES:
                     b_state.add_metric([*key, state], 1 if be.state == state else 0)
                 b_weight.add_metric(key, be.weight)
+                eff = be.effective_weight
+                b_eff.add_metric(key, be.weight if eff is None else eff)
                 if be.check is not None:
                     b_check_ok.add_metric(key, 1 if be.check.ok else 0)
                 if be.check_latency is not None:
@@ -160,7 +175,7 @@ class BalancerCollector(Collector):
                 if be.connect_latency is not None:
                     h = be.connect_latency
                     connect_hist.add_metric(key, _buckets(h), h.sum)
-        yield from (b_total, b_active, b_bytes, b_fail, b_up, b_state, b_weight, b_check_ok)
+        yield from (b_total, b_active, b_bytes, b_fail, b_up, b_state, b_weight, b_eff, b_check_ok)
         yield check_hist
         yield connect_hist
         if snap.dns:

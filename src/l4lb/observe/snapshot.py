@@ -53,6 +53,9 @@ class BackendStatus:
     name: str | None = None
     """For ``dns``: the config entry it was resolved from (``app.internal:8443``)."""
     max_conns: int | None = None
+    effective_weight: int | None = None
+    """The weight in use now: lower than ``weight`` during a slow start."""
+    backup: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +93,8 @@ class ListenerStatus:
     rejected: int
     rejections: dict[str, int] = field(default_factory=dict)
     """Rejections by reason (untrusted, spoofing, bad_header, header_timeout, denied, ...)."""
+    routes: dict[str, int] = field(default_factory=dict)
+    """Connections per route taken (a route's name, or ``default``), with routes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +201,7 @@ class Snapshot:
                     "total": lst.total,
                     "rejected": lst.rejected,
                     "rejections": dict(lst.rejections),
+                    "routes": dict(lst.routes),
                 }
                 for lst in self.listeners
             ],
@@ -220,6 +226,8 @@ class Snapshot:
                             "origin": b.origin,
                             "name": b.name,
                             "max_conns": b.max_conns,
+                            "effective_weight": b.effective_weight,
+                            "backup": b.backup,
                         }
                         for b in p.backends
                     ],
@@ -290,6 +298,7 @@ def snapshot_of(balancer: Balancer) -> Snapshot:
                 total=listener.total,
                 rejected=listener.rejected,
                 rejections=rejections,
+                routes=dict(listener.route_counts),
             )
         )
     pools = []
@@ -315,6 +324,8 @@ def snapshot_of(balancer: Balancer) -> Snapshot:
                     bytes_in=b.bytes_in,
                     bytes_out=b.bytes_out,
                     connect_failures=b.connect_failures,
+                    effective_weight=b.eff_weight,
+                    backup=b.backup,
                     check=check,
                     connect_latency=Histogram(
                         CONNECT_BUCKETS, tuple(b.latency_counts), b.latency_sum
@@ -413,6 +424,7 @@ def merge(own: Snapshot, others: list[Snapshot]) -> Snapshot:
                     total=mine.total + lst.total,
                     rejected=mine.rejected + lst.rejected,
                     rejections=_add(mine.rejections, lst.rejections),
+                    routes=_add(mine.routes, lst.routes),
                 )
         for pool in other.pools:
             for b in pool.backends:
