@@ -39,7 +39,8 @@ def _run(workdir: Path, text: str, nofile: int) -> subprocess.Popen[bytes]:
 
 def test_a_limit_just_short_of_the_need_is_said_at_start(tmp_path: Path) -> None:
     port = free_port()
-    text = config_text(f"127.0.0.1:{port}", ["127.0.0.1:9"])  # max_conns = 10000
+    # max_conns = 10000 on the stream relay: 2 descriptors a connection, 64 of the process's own
+    text = config_text(f"127.0.0.1:{port}", ["127.0.0.1:9"], top={"relay": "stream"})
     proc = _run(tmp_path, text, 20_000)
     log = lambda: (tmp_path / "l4lb.log").read_text()  # noqa: E731
     try:
@@ -50,7 +51,12 @@ def test_a_limit_just_short_of_the_need_is_said_at_start(tmp_path: Path) -> None
 
 
 def test_the_estimate_counts_splice_pipes_health_checks_and_the_admin_api(tmp_path: Path) -> None:
-    text = config_text("127.0.0.1:1", ["127.0.0.1:9", "127.0.0.1:10"], listener={"max_conns": 100})
+    text = config_text(
+        "127.0.0.1:1",
+        ["127.0.0.1:9", "127.0.0.1:10"],
+        listener={"max_conns": 100},
+        top={"relay": "stream"},
+    )
     path = tmp_path / "a.toml"
     path.write_text(text)
     assert fds_needed(load_config(path)) == FDS_SPARE + 2 * 100
