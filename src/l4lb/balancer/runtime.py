@@ -94,6 +94,8 @@ class Balancer:
         self.reloads = 0
         self.last_reload: dict[str, Any] | None = None
         self.stopping = False
+        self.draining = False
+        """A stop signal arrived (set before an anycast withdraw): readiness answers 503."""
         self.on_reload: list[Callable[[Balancer], None]] = []
         self.on_stop: list[Callable[[Balancer], None]] = []
         self.health_checks: health.HealthChecks | None = None
@@ -190,10 +192,11 @@ class Balancer:
     # -- logs --------------------------------------------------------------------------------
 
     def log_connection(self, conn: Connection, reason: EndReason, detail: str) -> None:
-        """The access-log line of a connection that ended."""
-        if not self.access_log.enabled:
-            return
+        """The access-log line of a connection that ended (none for an upstream's health
+        check, which would log one line per check interval)."""
         admitted = conn.admitted
+        if not self.access_log.enabled or admitted.health_check:
+            return
         upstream = admitted.upstream
         backend = conn.backend or (conn.tried[-1] if conn.tried else None)
         record: dict[str, Any] = {
@@ -438,6 +441,7 @@ async def serve(
             return 1
     log.info("event=started workers=1 relay=%s", config.relay)
     first = await signals.wait()
+    balancer.draining = True
     now = signals.mode is StopMode.IMMEDIATE
     if announcer is not None and not now:  # withdraw first: new connections go to other nodes
         await announcer.drain()

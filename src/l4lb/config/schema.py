@@ -369,6 +369,12 @@ class ListenerConfig(_Table, frozen=True):
     """Accept once the client's first bytes arrive, or after this long at most (Linux
     ``TCP_DEFER_ACCEPT``, whole seconds, rounded up); "0s" is off. For client-speaks-first
     protocols: a client that waits for a banner is only accepted after this delay."""
+    local_checks: Literal["pass", "answer"] = "pass"
+    """PROXY ``LOCAL`` (v1 ``UNKNOWN``) connections from a trusted upstream are its health
+    checks: "pass" hands them to a backend (an upstream HTTP check then reaches the
+    application); "answer" closes them right after the header, without a backend connection
+    (an upstream TCP check succeeds while l4lb runs). Either way they are counted as health
+    checks, not client connections, and get no access-log line."""
 
     def __post_init__(self) -> None:
         if self.accept_proxy != "off" and not self.trusted_proxies:

@@ -83,7 +83,14 @@ class BalancerCollector(Collector):
             "Connections refused before reaching a backend, by listener and reason",
             labels=["listener", "reason"],
         )
+        checks = CounterMetricFamily(
+            "l4lb_health_checks",
+            "Upstream health checks (PROXY LOCAL) per listener: answered here or passed on",
+            labels=["listener", "action"],
+        )
         for lst in snap.listeners:
+            for action, count in sorted(lst.health_checks.items()):
+                checks.add_metric([lst.name, action], count)
             conns.add_metric([lst.name], lst.total)
             active.add_metric([lst.name], lst.active)
             by_reason: dict[str, int] = {}
@@ -97,6 +104,7 @@ class BalancerCollector(Collector):
         yield conns
         yield active
         yield rejected
+        yield checks
 
         header_errors = CounterMetricFamily(
             "l4lb_proxy_header_errors",

@@ -89,6 +89,8 @@ class ListenerStatus:
     total: int
     rejected: int
     rejections: dict[str, int] = field(default_factory=dict)
+    health_checks: dict[str, int] = field(default_factory=dict)
+    """Upstream health checks (PROXY LOCAL) by what was done: ``answered`` or ``passed``."""
     """Rejections by reason (untrusted, spoofing, bad_header, header_timeout, denied, ...)."""
 
 
@@ -114,6 +116,8 @@ class Snapshot:
     """Log lines dropped because stderr did not keep up."""
     dns: tuple[ResolveStatus, ...] = ()
     """Backend entries resolved by DNS."""
+    stopping: bool = False
+    """A stop signal was received: the node drains (readiness answers 503)."""
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> Snapshot:
@@ -154,6 +158,7 @@ class Snapshot:
             anycast=doc.get("anycast"),
             access_log_dropped=doc.get("access_log_dropped", 0),
             log_dropped=doc.get("log_dropped", 0),
+            stopping=doc.get("stopping", False),
             dns=tuple(
                 ResolveStatus(**{**r, "addresses": tuple(r["addresses"])})
                 for r in doc.get("dns", ())
@@ -196,6 +201,7 @@ class Snapshot:
                     "total": lst.total,
                     "rejected": lst.rejected,
                     "rejections": dict(lst.rejections),
+                    "health_checks": dict(lst.health_checks),
                 }
                 for lst in self.listeners
             ],
@@ -233,6 +239,7 @@ class Snapshot:
             "anycast": self.anycast,
             "access_log_dropped": self.access_log_dropped,
             "log_dropped": self.log_dropped,
+            "stopping": self.stopping,
             "dns": [
                 {
                     "pool": r.pool,
@@ -280,7 +287,10 @@ def snapshot_of(balancer: Balancer) -> Snapshot:
             if reason.startswith("bad_header:"):
                 key = reason.split(":", 1)[1]
                 header_errors[key] = header_errors.get(key, 0) + count
-        host, port = listener.address
+        try:
+            host, port = listener.address
+        except OSError:  # stopped accepting (draining): the socket is closed
+            host, port = listener.config.bind_addr
         listeners.append(
             ListenerStatus(
                 name=listener.name,
@@ -290,6 +300,7 @@ def snapshot_of(balancer: Balancer) -> Snapshot:
                 total=listener.total,
                 rejected=listener.rejected,
                 rejections=rejections,
+                health_checks=dict(listener.admission.health_checks),
             )
         )
     pools = []
@@ -346,6 +357,7 @@ def snapshot_of(balancer: Balancer) -> Snapshot:
         access_log_dropped=access_log.dropped(),
         log_dropped=logs.dropped(),
         dns=_dns(balancer),
+        stopping=balancer.stopping or balancer.draining,
     )
 
 
@@ -413,6 +425,7 @@ def merge(own: Snapshot, others: list[Snapshot]) -> Snapshot:
                     total=mine.total + lst.total,
                     rejected=mine.rejected + lst.rejected,
                     rejections=_add(mine.rejections, lst.rejections),
+                    health_checks=_add(mine.health_checks, lst.health_checks),
                 )
         for pool in other.pools:
             for b in pool.backends:
@@ -451,4 +464,5 @@ def merge(own: Snapshot, others: list[Snapshot]) -> Snapshot:
         workers=own.workers + sum(o.workers for o in others),
         access_log_dropped=own.access_log_dropped + sum(o.access_log_dropped for o in others),
         log_dropped=own.log_dropped + sum(o.log_dropped for o in others),
+        stopping=own.stopping or any(o.stopping for o in others),
     )
