@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from l4lb.anycast.announcer import Announcer, AnycastError, make_announcer
-from l4lb.balancer import discovery, health, transparent, workers
+from l4lb.balancer import discovery, health, reload_status, transparent, workers
 from l4lb.balancer.admission import Admission, Rejected
 from l4lb.balancer.connection import Connection, State
 from l4lb.balancer.listener import BindError, Listener, OpenSocket, open_listening_socket
@@ -94,6 +95,8 @@ class Balancer:
         self.reloads = 0
         self.last_reload: dict[str, Any] | None = None
         self.stopping = False
+        self.reloads_refused = 0
+        self.on_reload_refused: list[Callable[[Balancer, list[str]], None]] = []
         self.draining = False
         """A stop signal arrived (set before an anycast withdraw): readiness answers 503."""
         self.on_reload: list[Callable[[Balancer], None]] = []
@@ -250,6 +253,10 @@ class Balancer:
             ",".join(self.listeners),
             ",".join(self.pools),
         )
+        if staged.access_log is None:  # the same target: follow a rotated file
+            self.access_log.reopen()
+        summary = f"listeners={','.join(self.listeners)} pools={','.join(self.pools)}"
+        reload_status.write(self._signalled_pid(), True, summary=summary)
         for callback in self.on_reload:
             callback(self)
 
@@ -335,7 +342,16 @@ class Balancer:
         else:
             return []
         self.last_reload = {"time": time.time(), "ok": False, "errors": errors}
+        self.reloads_refused += 1
+        reload_status.write(self._signalled_pid(), False, errors)
+        self.access_log.reopen()  # a refused reload still follows a rotated log
+        for callback in self.on_reload_refused:
+            callback(self, errors)
         return errors
+
+    def _signalled_pid(self) -> int:
+        """The process ``l4lb reload`` signals: this one, or the supervisor of the workers."""
+        return os.getppid() if self.config.workers > 1 else os.getpid()
 
     # -- stop --------------------------------------------------------------------------------
 
@@ -425,7 +441,12 @@ async def serve(
         balancer.access_log.close()
         return 1
     # installed for the whole life: a repeated stop signal or a SIGHUP must never kill the drain
-    signals = StopSignals(loop, balancer.reload_file, lambda: _close_all(balancer))
+    signals = StopSignals(
+        loop,
+        balancer.reload_file,
+        lambda: _close_all(balancer),
+        reopen=lambda: balancer.access_log.reopen(),
+    )
     discovery.attach(balancer, found)
     try:
         await attach_parts(balancer)

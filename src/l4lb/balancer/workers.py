@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from l4lb.balancer import logs, signals
+from l4lb.balancer import logs, reload_status, signals
 from l4lb.config.values import format_hostport
 
 __all__ = ["inherited_socket", "steering_program", "supervise"]
@@ -472,8 +472,8 @@ class Supervisor:
                     log.info("event=reload_ignored signal=SIGHUP reason=stopping")
                 elif sig == signal.SIGHUP:
                     self._reload()
-                elif sig == signal.SIGUSR2:
-                    log.info("event=signal_ignored signal=SIGUSR2")
+                elif sig == signal.SIGUSR2:  # the workers write the access log
+                    self._forward(signal.SIGUSR2)
             self._reap()
 
     def _reload(self) -> None:
@@ -500,6 +500,8 @@ class Supervisor:
                         err.strerror or str(err),
                         "the workers keep the running config",
                     )
+                    reload_status.write(os.getpid(), False, [err.strerror or str(err)])
+                    self._forward(signal.SIGUSR2)  # a refused reload still reopens the logs
                     return
                 self.config = new
         self._forward(signal.SIGHUP)

@@ -58,9 +58,14 @@ class BalancerCollector(Collector):
         yield GaugeMetricFamily(
             "l4lb_start_time_seconds", "Start time of the process (Unix seconds)", snap.started
         )
-        yield CounterMetricFamily(
-            "l4lb_reloads", "Configuration reloads applied", value=snap.reloads
+        reloads = CounterMetricFamily(
+            "l4lb_reloads",
+            "Configuration reloads, by result: applied, or refused (the running config kept)",
+            labels=["result"],
         )
+        reloads.add_metric(["applied"], snap.reloads)
+        reloads.add_metric(["refused"], snap.reloads_refused)
+        yield reloads
         yield CounterMetricFamily(
             "l4lb_access_log_dropped",
             "Access-log lines dropped: the target did not keep up (queue full) or failed",

@@ -103,6 +103,7 @@ class Snapshot:
     listeners: tuple[ListenerStatus, ...]
     pools: tuple[PoolStatus, ...]
     reloads: int = 0
+    reloads_refused: int = 0
     last_reload: dict[str, Any] | None = None
     proxy_header_errors: dict[str, int] = field(default_factory=dict)
     """Bad PROXY headers received, by reason, over all listeners."""
@@ -152,6 +153,7 @@ class Snapshot:
                 for p in doc["pools"]
             ),
             reloads=doc["reloads"],
+            reloads_refused=doc.get("reloads_refused", 0),
             last_reload=doc["last_reload"],
             proxy_header_errors=dict(doc["proxy_header_errors"]),
             workers=doc.get("workers", 1),
@@ -233,6 +235,7 @@ class Snapshot:
                 for p in self.pools
             ],
             "reloads": self.reloads,
+            "reloads_refused": self.reloads_refused,
             "last_reload": self.last_reload,
             "proxy_header_errors": dict(self.proxy_header_errors),
             "workers": self.workers,
@@ -351,6 +354,7 @@ def snapshot_of(balancer: Balancer) -> Snapshot:
         listeners=tuple(listeners),
         pools=tuple(pools),
         reloads=balancer.reloads,
+        reloads_refused=balancer.reloads_refused,
         last_reload=balancer.last_reload,
         proxy_header_errors=header_errors,
         anycast=_anycast(balancer),
