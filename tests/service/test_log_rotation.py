@@ -89,10 +89,9 @@ def test_a_refused_reload_still_reopens_the_access_log(tmp_path: Path) -> None:
             with socket.socket() as taken:  # the new file's second listener cannot bind
                 taken.bind(("127.0.0.1", 0))
                 taken.listen()
-                busy = "127.0.0.1:{}".format(taken.getsockname()[1])
+                busy = f"127.0.0.1:{taken.getsockname()[1]}"
                 lb.write_config(
-                    config
-                    + f'\n[[listeners]]\nname = "second"\nbind = "{busy}"\npool = "main"\n'
+                    config + f'\n[[listeners]]\nname = "second"\nbind = "{busy}"\npool = "main"\n'
                 )
                 lb.proc.send_signal(signal.SIGHUP)
                 assert wait_for(lambda: "event=reload_rejected" in lb.log_text(), 10)
