@@ -381,6 +381,7 @@ class Supervisor:
             try:
                 global _CHANNEL
                 _stop_with_parent(parent)
+                logs.set_worker(w.index)
                 ours.close()
                 for other in self.workers:
                     if other.channel is not None:

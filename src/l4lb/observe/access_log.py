@@ -42,6 +42,8 @@ from typing import Any
 
 import msgspec
 
+from l4lb.balancer import logs
+
 log = logging.getLogger("l4lb.access")
 
 _STOP = object()
@@ -149,6 +151,9 @@ class AccessLog:
                 return
             if "time" not in record:
                 record["time"] = time.time()
+            worker = logs.worker_index()
+            if worker is not None:
+                record["worker"] = worker
             self._queue.put(record)
 
     def _run(self) -> None:
