@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from l4lb.anycast.announcer import Announcer, AnycastError, make_announcer
-from l4lb.balancer import discovery, health, reload_status, transparent, workers
+from l4lb.balancer import discovery, health, reload_status, state_file, transparent, workers
 from l4lb.balancer.admission import Admission, Rejected
 from l4lb.balancer.connection import Connection, State
 from l4lb.balancer.listener import BindError, Listener, OpenSocket, open_listening_socket
@@ -428,6 +428,7 @@ async def serve(
         log.error("event=start_failed error=%r", str(err))
         balancer.access_log.close()
         return 1
+    state_file.attach(balancer)  # drained/disabled backends stay so, before the first accept
     try:
         balancer.start()
     except BindError as err:

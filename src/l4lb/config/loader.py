@@ -438,7 +438,8 @@ def _resolve_paths(config: schema.Config, base_dir: Path | None) -> schema.Confi
     log = config.log
     if log.access not in ("stdout", "off"):
         log = msgspec.structs.replace(log, access=resolve(log.access))
-    return msgspec.structs.replace(config, listeners=listeners, log=log)
+    state = None if config.state_file is None else resolve(config.state_file)
+    return msgspec.structs.replace(config, listeners=listeners, log=log, state_file=state)
 
 
 def _raw_cross_checks(raw: dict[str, Any]) -> list[ConfigIssue]:

@@ -444,6 +444,9 @@ class Config(_Table, frozen=True):
     """How backend names are resolved (only used when a backend address is a name)."""
     anycast: AnycastConfig | None = None
     """Announce VIPs over BGP (l4lb.config.anycast)."""
+    state_file: str | None = None
+    """Where drained/disabled backends are kept across restarts (l4lb.balancer.state_file);
+    relative to the config file. None: not kept."""
     transparent_routing: TransparentRouting = "check"
     """For ``source = "client"`` backends: ``"check"`` refuses to start (or reload)
     when the routing that brings replies back is missing, naming the commands; ``"manage"``
