@@ -34,3 +34,22 @@ def test_each_line_names_its_worker(tmp_path: Path) -> None:
     assert sorted(re.findall(r" worker=(\d) ", " ".join(started))) == ["0", "1"], started
     supervisor = [line for line in lb.log_text().splitlines() if "event=workers_start" in line]
     assert supervisor and " worker=" not in supervisor[0], supervisor
+
+
+def test_the_supervisor_says_once_how_many_workers_start_and_stop(tmp_path: Path) -> None:
+    port = free_port()
+    with EchoBackend("echo") as backend:
+        text = config_text(f"127.0.0.1:{port}", [backend.address], top={"workers": 2})
+        lb = start_l4lb(tmp_path / "lb", text)
+        try:
+            assert wait_for(lambda: "event=workers_started" in lb.log_text(), 20), lb.log_text()
+        finally:
+            lb.stop()
+    lines = lb.log_text().splitlines()
+    started = [line for line in lines if "event=workers_started" in line]
+    assert len(started) == 1 and "workers=2 " in started[0], started
+    assert " worker=" not in started[0]
+    per_worker = [line for line in lines if "event=started" in line]
+    assert len(per_worker) == 2 and all("workers=1" not in line for line in per_worker), lines
+    stopped = [line for line in lines if "event=workers_stopped" in line]
+    assert len(stopped) == 1 and "workers=2 status=0" in stopped[0], lines

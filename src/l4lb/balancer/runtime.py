@@ -461,7 +461,10 @@ async def serve(
             await announcer.close()
             await balancer.stop(timeout=0)
             return 1
-    log.info("event=started workers=1 relay=%s", config.relay)
+    if workers.is_worker():  # worker=N is in the line; the supervisor says how many run
+        log.info("event=started relay=%s", config.relay)
+    else:
+        log.info("event=started workers=1 relay=%s", config.relay)
     first = await signals.wait()
     balancer.draining = True
     now = signals.mode is StopMode.IMMEDIATE

@@ -338,6 +338,9 @@ class Supervisor:
         self.stopping = False
         self.status = 0
         self.worker_owned: set[Address] = set()
+        self.serving: set[int] = set()
+        """Workers that said they serve (the supervisor logs ``workers_started`` once)."""
+        self.announced = False
         """Binds a worker-local reload (``POST /reload``) added: the workers bound them."""
 
     def run(self) -> int:
@@ -428,6 +431,7 @@ class Supervisor:
         while True:
             now = time.monotonic()
             if self.stopping and not any(w.pid for w in self.workers):
+                log.info("event=workers_stopped workers=%d status=%d", self.count, self.status)
                 return self.status
             if deadline is not None and now >= deadline:
                 for w in self.workers:
@@ -615,9 +619,20 @@ class Supervisor:
         for w in self.workers:
             while w.channel is not None:
                 try:
-                    told |= w.channel.recv(64) == b"reloaded"
+                    message = w.channel.recv(64)
                 except OSError:  # BlockingIOError: nothing (more)
                     break
+                told |= message == b"reloaded"
+                if message == b"serving":
+                    self.serving.add(w.index)
+        if not self.announced and len(self.serving) == self.count:
+            self.announced = True  # once, with the true count (a restarted worker: its own line)
+            log.info(
+                "event=workers_started workers=%d pid=%d relay=%s",
+                self.count,
+                os.getpid(),
+                self.config.relay,
+            )
         if not told or self.stopping or self.load is None:
             return
         try:
@@ -669,6 +684,13 @@ def attach(balancer: Any) -> None:
     """
     if _CHANNEL is not None:
         balancer.on_reload.append(_tell_reloaded)
+        with contextlib.suppress(OSError):
+            _CHANNEL.send(b"serving")
+
+
+def is_worker() -> bool:
+    """True in a worker process forked by the supervisor."""
+    return _CHANNEL is not None
 
 
 def _tell_reloaded(balancer: Any) -> None:
