@@ -14,6 +14,10 @@ from collections.abc import Callable, Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("l4lb.balancer.command", "run the load balancer: l4lb run --config FILE.toml"),
     "check": ("l4lb.config.command", "validate a config file: l4lb check --config FILE.toml"),
+    "reload": (
+        "l4lb.balancer.reload_command",
+        "validate, reload the running l4lb, report the outcome: l4lb reload --config FILE --pid N",
+    ),
     "demo": ("l4lb.demo.command", "run the balancer in front of two built-in demo backends"),
     "demo-backend": ("l4lb.demo.backend_command", "run one demo backend that requires PROXY"),
     "decode": ("l4lb.decode", "decode a PROXY header from hex or raw stdin"),

@@ -81,11 +81,14 @@ def test_haproxy_to_l4lb_to_backend_keeps_client_and_unique_id(tmp_path: Path) -
         header = by_client[client]
         assert header.unique_id == uids[client].encode(), (header.unique_id, uids[client])
         assert uids[client].startswith(f"chain-{client.split(':')[0]}-")
-    # HAProxy's checks arrive as LOCAL and are accepted with the connection's own addresses
-    # (client == upstream); l4lb rejected nothing
+    # HAProxy's checks arrive as LOCAL: passed on (local_checks = "pass"), counted as health
+    # checks and kept out of the access log (one line per check interval otherwise)
     access = lb.access_lines()
     assert not [line for line in access if line["event"] == "rejected"], access
-    assert [line for line in access if line["client"] == line["upstream"]], access
+    assert not [line for line in access if line["client"] == line["upstream"]], access
+    assert [h for h in headers if h.command is Command.PROXY and h.source is None] or any(
+        h.source and h.source[0] == "127.0.0.1" for h in headers
+    ), headers
     logged = {line["client"]: line for line in access if line["event"] == "connection"}
     for client in own:
         assert logged[client]["unique_id"] == uids[client]

@@ -15,7 +15,9 @@ UNIT = Path(__file__).parents[2] / "contrib" / "l4lb.service"
 def test_unit_declares_notify_and_reload() -> None:
     text = UNIT.read_text()
     assert "Type=notify" in text
-    assert "ExecReload=/bin/kill -HUP $MAINPID" in text
+    assert "ExecReload=/opt/l4lb/bin/l4lb reload --config ${L4LB_CONFIG} --pid $MAINPID" in text
+    for directory in ("LogsDirectory=l4lb", "StateDirectory=l4lb", "RuntimeDirectory=l4lb"):
+        assert directory in text
     assert "l4lb run --config" in text and "l4lb check --config" in text
 
 
@@ -23,7 +25,7 @@ def test_unit_declares_notify_and_reload() -> None:
 def test_systemd_analyze_verify(tmp_path: Path) -> None:
     l4lb = Path(sys.executable).parent / "l4lb"
     unit = tmp_path / "l4lb.service"
-    unit.write_text(UNIT.read_text().replace("/usr/local/bin/l4lb", str(l4lb)))
+    unit.write_text(UNIT.read_text().replace("/opt/l4lb/bin/l4lb", str(l4lb)))
     out = subprocess.run(
         ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
     )

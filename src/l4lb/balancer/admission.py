@@ -73,6 +73,8 @@ class Admitted:
     """The PROXY header received from the upstream, if any."""
     pass_tlvs: tuple[TLV, ...] = ()
     """Upstream TLVs to forward to the backend (the listener's ``pass_tlvs``)."""
+    health_check: bool = False
+    """A PROXY ``LOCAL``/``UNKNOWN`` connection: the upstream's health check, passed on."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +139,9 @@ class Admission:
         self.loop = loop
         self.on_reject = on_reject
         self.rejections: Counter[str] = Counter()
+        self.health_checks: Counter[str] = Counter()
+        """Upstream health checks (PROXY LOCAL) by what was done: ``answered`` or ``passed``."""
+        self.answers_checks = cfg.local_checks == "answer"
         self.config = cfg
         self.name: str = cfg.name
 
@@ -351,8 +356,22 @@ class Admission:
             return
         assert decision.client is not None and decision.destination is not None
         client = decision.client
+        check = decision.reason is Reason.LOCAL
+        if check:
+            # The upstream's own health check: its peer is a trusted proxy, not a client, so
+            # the client policy does not apply; counted apart and logged at debug only.
+            self.health_checks["answered" if self.answers_checks else "passed"] += 1
+            if self.answers_checks:
+                log.debug(
+                    "event=health_check listener=%s upstream=%s answered=closed",
+                    self.name,
+                    _fmt(decision.upstream),
+                )
+                sock.close()
+                return
         via_upstream = decision.reason in (Reason.HEADER, Reason.LOCAL)
-        if self._checks_client and not self._client_passes(sock, decision.upstream, client):
+        passes = self._client_passes
+        if not check and self._checks_client and not passes(sock, decision.upstream, client):
             return
         header = decision.header
         passed: tuple[TLV, ...] = ()
@@ -364,6 +383,7 @@ class Admission:
             upstream=decision.upstream if via_upstream else None,
             header=header,
             pass_tlvs=passed,
+            health_check=check,
         )
         try:
             done(sock, admitted)
@@ -430,6 +450,8 @@ class Admission:
         their clients (they release into the same limiter)."""
         previous.rejections.update(self.rejections)
         self.rejections = previous.rejections
+        previous.health_checks.update(self.health_checks)
+        self.health_checks = previous.health_checks
         old, new = previous.limiter, self.limiter
         if (
             old is not None
@@ -440,7 +462,7 @@ class Admission:
 
     def release(self, admitted: Admitted) -> None:
         """The admitted connection has closed: give back its per-client slots."""
-        if self._counts_conns:
+        if self._counts_conns and not admitted.health_check:  # checks took no slot
             assert self.limiter is not None
             with contextlib.suppress(CidrError):
                 self.limiter.release_key(self.limiter.key_of(*ip_to_int(admitted.client[0])))

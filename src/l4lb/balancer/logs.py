@@ -36,12 +36,29 @@ WINDOW = 1.0
 _FLUSH = object()
 _STOP = object()
 
+_WORKER: int | None = None
+"""This process's worker index with ``workers > 1`` (None: a single process, the supervisor)."""
+
+
+def set_worker(index: int) -> None:
+    """In a forked worker: every stderr line (``worker=N`` after the logger) and access-log
+    line (``"worker": N``) from now on says which worker wrote it."""
+    global _WORKER
+    _WORKER = index
+
+
+def worker_index() -> int | None:
+    return _WORKER
+
 
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         when += f".{int(record.msecs):03d}Z"
-        line = f"{when} level={record.levelname.lower()} logger={record.name} {record.getMessage()}"
+        who = (
+            f"logger={record.name}" if _WORKER is None else f"logger={record.name} worker={_WORKER}"
+        )
+        line = f"{when} level={record.levelname.lower()} {who} {record.getMessage()}"
         if record.exc_info:  # a bug, not a user error: keep the trace on one line's neighbours
             line += "\n" + self.formatException(record.exc_info)
         return line

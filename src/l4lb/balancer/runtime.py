@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from l4lb.anycast.announcer import Announcer, AnycastError, make_announcer
-from l4lb.balancer import discovery, health, transparent, workers
+from l4lb.balancer import discovery, health, reload_status, state_file, transparent, workers
 from l4lb.balancer.admission import Admission, Rejected
 from l4lb.balancer.connection import Connection, State
 from l4lb.balancer.listener import BindError, Listener, OpenSocket, open_listening_socket
@@ -94,6 +95,10 @@ class Balancer:
         self.reloads = 0
         self.last_reload: dict[str, Any] | None = None
         self.stopping = False
+        self.reloads_refused = 0
+        self.on_reload_refused: list[Callable[[Balancer, list[str]], None]] = []
+        self.draining = False
+        """A stop signal arrived (set before an anycast withdraw): readiness answers 503."""
         self.on_reload: list[Callable[[Balancer], None]] = []
         self.on_stop: list[Callable[[Balancer], None]] = []
         self.health_checks: health.HealthChecks | None = None
@@ -210,10 +215,11 @@ class Balancer:
     # -- logs --------------------------------------------------------------------------------
 
     def log_connection(self, conn: Connection, reason: EndReason, detail: str) -> None:
-        """The access-log line of a connection that ended."""
-        if not self.access_log.enabled:
-            return
+        """The access-log line of a connection that ended (none for an upstream's health
+        check, which would log one line per check interval)."""
         admitted = conn.admitted
+        if not self.access_log.enabled or admitted.health_check:
+            return
         upstream = admitted.upstream
         backend = conn.backend or (conn.tried[-1] if conn.tried else None)
         record: dict[str, Any] = {
@@ -272,6 +278,10 @@ class Balancer:
             ",".join(self.listeners),
             ",".join(self.pools),
         )
+        if staged.access_log is None:  # the same target: follow a rotated file
+            self.access_log.reopen()
+        summary = f"listeners={','.join(self.listeners)} pools={','.join(self.pools)}"
+        reload_status.write(self._signalled_pid(), True, summary=summary)
         for callback in self.on_reload:
             callback(self)
 
@@ -357,7 +367,16 @@ class Balancer:
         else:
             return []
         self.last_reload = {"time": time.time(), "ok": False, "errors": errors}
+        self.reloads_refused += 1
+        reload_status.write(self._signalled_pid(), False, errors)
+        self.access_log.reopen()  # a refused reload still follows a rotated log
+        for callback in self.on_reload_refused:
+            callback(self, errors)
         return errors
+
+    def _signalled_pid(self) -> int:
+        """The process ``l4lb reload`` signals: this one, or the supervisor of the workers."""
+        return os.getppid() if self.config.workers > 1 else os.getpid()
 
     # -- stop --------------------------------------------------------------------------------
 
@@ -434,6 +453,7 @@ async def serve(
         log.error("event=start_failed error=%r", str(err))
         balancer.access_log.close()
         return 1
+    state_file.attach(balancer)  # drained/disabled backends stay so, before the first accept
     try:
         balancer.start()
     except BindError as err:
@@ -447,7 +467,12 @@ async def serve(
         balancer.access_log.close()
         return 1
     # installed for the whole life: a repeated stop signal or a SIGHUP must never kill the drain
-    signals = StopSignals(loop, balancer.reload_file, lambda: _close_all(balancer))
+    signals = StopSignals(
+        loop,
+        balancer.reload_file,
+        lambda: _close_all(balancer),
+        reopen=lambda: balancer.access_log.reopen(),
+    )
     discovery.attach(balancer, found)
     try:
         await attach_parts(balancer)
@@ -461,8 +486,12 @@ async def serve(
             await announcer.close()
             await balancer.stop(timeout=0)
             return 1
-    log.info("event=started workers=1 relay=%s", config.relay)
+    if workers.is_worker():  # worker=N is in the line; the supervisor says how many run
+        log.info("event=started relay=%s", config.relay)
+    else:
+        log.info("event=started workers=1 relay=%s", config.relay)
     first = await signals.wait()
+    balancer.draining = True
     now = signals.mode is StopMode.IMMEDIATE
     if announcer is not None and not now:  # withdraw first: new connections go to other nodes
         await announcer.drain()

@@ -9,7 +9,9 @@
   terminal, ``systemctl kill -s QUIT``); SIGKILL remains the last resort.
 - SIGHUP: reload the config file; during a stop it is ignored with a log line (logrotate or
   config management may send it at any time: it must never kill a draining process).
-- SIGUSR2: ignored with a log line (its default action would kill the process).
+- SIGUSR2: reopen the access log (after logrotate moved it) and nothing else. nginx uses
+  SIGUSR1 for this, but here SIGUSR1 is a graceful stop (HAProxy's soft-stop), so the free
+  user signal reopens. A SIGHUP reopens the log too, whether its reload is applied or refused.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ GRACEFUL = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 """Signals that start the graceful stop."""
 IMMEDIATE = signal.SIGQUIT
 """The signal that closes every connection and exits without waiting for the drain."""
-IGNORED = (signal.SIGUSR2,)
+REOPEN = signal.SIGUSR2
+"""The signal that reopens the access log and does nothing else."""
+IGNORED: tuple[signal.Signals, ...] = ()
 """Signals whose default action would kill the process, and which mean nothing to l4lb."""
 
 
@@ -63,10 +67,12 @@ class StopSignals:
         loop: asyncio.AbstractEventLoop,
         reload: Callable[[], object],
         close_all: Callable[[], None],
+        reopen: Callable[[], None] = lambda: None,
     ) -> None:
         self.loop = loop
         self.reload = reload
         self.close_all = close_all
+        self.reopen = reopen
         self.mode = StopMode.RUNNING
         self.first: signal.Signals | None = None
         self._stop = asyncio.Event()
@@ -74,6 +80,7 @@ class StopSignals:
             loop.add_signal_handler(sig, self._graceful, sig)
         loop.add_signal_handler(IMMEDIATE, self._immediate)
         loop.add_signal_handler(signal.SIGHUP, self._hangup)
+        loop.add_signal_handler(REOPEN, self._reopen)
         for sig in IGNORED:
             loop.add_signal_handler(sig, self._ignored, sig)
         while _PENDING:
@@ -88,6 +95,8 @@ class StopSignals:
             self._immediate()
         elif sig in GRACEFUL:
             self._graceful(sig)
+        elif sig == REOPEN:
+            self._reopen()
         else:
             self._ignored(sig)
 
@@ -125,6 +134,10 @@ class StopSignals:
             self.reload()
             return
         log.info("event=reload_ignored signal=SIGHUP reason=stopping mode=%s", self.mode.value)
+
+    def _reopen(self) -> None:
+        log.info("event=reopen_logs signal=%s", REOPEN.name)
+        self.reopen()
 
     def _ignored(self, sig: signal.Signals) -> None:
         log.info("event=signal_ignored signal=%s", sig.name)

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from l4lb.balancer import logs, signals
+from l4lb.balancer import logs, reload_status, signals
 from l4lb.config.values import format_hostport
 
 __all__ = ["inherited_socket", "steering_program", "supervise"]
@@ -338,6 +338,9 @@ class Supervisor:
         self.stopping = False
         self.status = 0
         self.worker_owned: set[Address] = set()
+        self.serving: set[int] = set()
+        """Workers that said they serve (the supervisor logs ``workers_started`` once)."""
+        self.announced = False
         """Binds a worker-local reload (``POST /reload``) added: the workers bound them."""
 
     def run(self) -> int:
@@ -381,6 +384,7 @@ class Supervisor:
             try:
                 global _CHANNEL
                 _stop_with_parent(parent)
+                logs.set_worker(w.index)
                 ours.close()
                 for other in self.workers:
                     if other.channel is not None:
@@ -427,6 +431,7 @@ class Supervisor:
         while True:
             now = time.monotonic()
             if self.stopping and not any(w.pid for w in self.workers):
+                log.info("event=workers_stopped workers=%d status=%d", self.count, self.status)
                 return self.status
             if deadline is not None and now >= deadline:
                 for w in self.workers:
@@ -472,8 +477,8 @@ class Supervisor:
                     log.info("event=reload_ignored signal=SIGHUP reason=stopping")
                 elif sig == signal.SIGHUP:
                     self._reload()
-                elif sig == signal.SIGUSR2:
-                    log.info("event=signal_ignored signal=SIGUSR2")
+                elif sig == signal.SIGUSR2:  # the workers write the access log
+                    self._forward(signal.SIGUSR2)
             self._reap()
 
     def _reload(self) -> None:
@@ -500,6 +505,8 @@ class Supervisor:
                         err.strerror or str(err),
                         "the workers keep the running config",
                     )
+                    reload_status.write(os.getpid(), False, [err.strerror or str(err)])
+                    self._forward(signal.SIGUSR2)  # a refused reload still reopens the logs
                     return
                 self.config = new
         self._forward(signal.SIGHUP)
@@ -612,9 +619,20 @@ class Supervisor:
         for w in self.workers:
             while w.channel is not None:
                 try:
-                    told |= w.channel.recv(64) == b"reloaded"
+                    message = w.channel.recv(64)
                 except OSError:  # BlockingIOError: nothing (more)
                     break
+                told |= message == b"reloaded"
+                if message == b"serving":
+                    self.serving.add(w.index)
+        if not self.announced and len(self.serving) == self.count:
+            self.announced = True  # once, with the true count (a restarted worker: its own line)
+            log.info(
+                "event=workers_started workers=%d pid=%d relay=%s",
+                self.count,
+                os.getpid(),
+                self.config.relay,
+            )
         if not told or self.stopping or self.load is None:
             return
         try:
@@ -666,6 +684,13 @@ def attach(balancer: Any) -> None:
     """
     if _CHANNEL is not None:
         balancer.on_reload.append(_tell_reloaded)
+        with contextlib.suppress(OSError):
+            _CHANNEL.send(b"serving")
+
+
+def is_worker() -> bool:
+    """True in a worker process forked by the supervisor."""
+    return _CHANNEL is not None
 
 
 def _tell_reloaded(balancer: Any) -> None:

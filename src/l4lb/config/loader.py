@@ -195,10 +195,12 @@ def _with_lines(text: str, issues: list[ConfigIssue]) -> list[ConfigIssue]:
         if m:
             name = ".".join(part.strip().strip("\"'") for part in m.group(2).split("."))
             headers.append((n, m.group(1) == "[[", name))
-    return [
+    located = [
         ConfigIssue(i.path, i.message, _locate(lines, headers, i.path)) if i.path else i
         for i in issues
     ]
+    # in file order (stable): an operator fixes the file top to bottom
+    return sorted(located, key=lambda i: (i.line is None, i.line or 0))
 
 
 def _locate(lines: list[str], headers: list[tuple[int, bool, str]], path: str) -> int | None:
@@ -313,11 +315,14 @@ def _walk(value: Any, tp: Any, path: str, issues: list[ConfigIssue]) -> None:
 
 
 def _walk_array(value: Any, tp: Any, path: str, issues: list[ConfigIssue]) -> None:
-    if not isinstance(value, list):
-        issues.append(ConfigIssue(path, f"expected an array, got {_type_name(value)}"))
-        return
     args = typing.get_args(tp)
     item_type = args[0]
+    if not isinstance(value, list):
+        message = f"expected an array, got {_type_name(value)}"
+        if isinstance(value, dict) and _is_struct(_unwrap(item_type)[0]):
+            message += f": write [[{path}]] (double brackets) before each entry, not [{path}]"
+        issues.append(ConfigIssue(path, message))
+        return
     for i, item in enumerate(value):
         _walk(item, item_type, f"{path}[{i}]", issues)
 
@@ -325,15 +330,23 @@ def _walk_array(value: Any, tp: Any, path: str, issues: list[ConfigIssue]) -> No
 def _walk_struct(
     value: Any, tp: type[msgspec.Struct], path: str, issues: list[ConfigIssue]
 ) -> None:
-    if not isinstance(value, dict):
-        issues.append(ConfigIssue(path, f"expected a table, got {_type_name(value)}"))
-        return
     fields = {f.encode_name: f for f in msgspec.structs.fields(tp)}
+    if not isinstance(value, dict):
+        message = f"expected a table, got {_type_name(value)}"
+        if isinstance(value, str) and "address" in fields:
+            message += (
+                f": write {{ address = {value!r} }} (e.g. backends = [{{ address = {value!r} }}])"
+            )
+        issues.append(ConfigIssue(path, message))
+        return
     before = len(issues)
     for key in value:
         if key not in fields:
             near = difflib.get_close_matches(key, fields, n=1)
             hint = f"did you mean {near[0]!r}? " if near else ""
+            home = _BELONGS.get((tp.__name__, key))
+            if home is not None:
+                hint = f"it belongs to {home}; "
             issues.append(
                 ConfigIssue(
                     _join(path, key), f"unknown key; {hint}valid keys here: {', '.join(fields)}"
@@ -350,6 +363,18 @@ def _walk_struct(
             msgspec.convert(value, tp)
         except msgspec.ValidationError as err:
             issues.append(_msgspec_issue(path, err))
+
+
+def _belongs() -> dict[tuple[str, str], str]:
+    """(table type, key) -> where that key goes instead, for keys put in the wrong table."""
+    pool = {f.encode_name for f in msgspec.structs.fields(schema.PoolConfig)}
+    listener = {f.encode_name for f in msgspec.structs.fields(schema.ListenerConfig)}
+    out = {("ListenerConfig", k): "the pool: set it in [pools.NAME]" for k in pool - listener}
+    out.update({("PoolConfig", k): "a listener: set it in [[listeners]]" for k in listener - pool})
+    return out
+
+
+_BELONGS = _belongs()
 
 
 def _leaf(
@@ -420,7 +445,10 @@ def _resolve_paths(config: schema.Config, base_dir: Path | None) -> schema.Confi
         if health is not None and health.tls_ca_file is not None:
             health = msgspec.structs.replace(health, tls_ca_file=resolve(health.tls_ca_file))
             pools[name] = msgspec.structs.replace(pool, health=health)
-    return msgspec.structs.replace(config, listeners=listeners, log=log, pools=pools)
+    state = None if config.state_file is None else resolve(config.state_file)
+    return msgspec.structs.replace(
+        config, listeners=listeners, log=log, pools=pools, state_file=state
+    )
 
 
 def _raw_cross_checks(raw: dict[str, Any]) -> list[ConfigIssue]:

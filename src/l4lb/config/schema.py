@@ -473,11 +473,17 @@ class ListenerConfig(_Table, frozen=True):
     ``TCP_DEFER_ACCEPT``, whole seconds, rounded up); "0s" is off. For client-speaks-first
     protocols: a client that waits for a banner is only accepted after this delay."""
     routes: tuple[RouteConfig, ...] = ()
-    """Pools chosen by the TLS ClientHello's SNI/ALPN, first match wins (issue 13)."""
+    """Pools chosen by the TLS ClientHello's SNI/ALPN, first match wins."""
     default: NoRoute = "pool"
     """When no route matches: ``"pool"`` uses ``pool``, ``"reject"`` resets the connection."""
     tls_peek_timeout: Duration = "1s"
     """With ``routes``: how long to wait for the ClientHello before using the default."""
+    local_checks: Literal["pass", "answer"] = "pass"
+    """PROXY ``LOCAL`` (v1 ``UNKNOWN``) connections from a trusted upstream are its health
+    checks: "pass" hands them to a backend (an upstream HTTP check then reaches the
+    application); "answer" closes them right after the header, without a backend connection
+    (an upstream TCP check succeeds while l4lb runs). Either way they are counted as health
+    checks, not client connections, and get no access-log line."""
 
     def __post_init__(self) -> None:
         if self.accept_proxy != "off" and not self.trusted_proxies:
@@ -557,6 +563,9 @@ class Config(_Table, frozen=True):
     """How backend names are resolved (only used when a backend address is a name)."""
     anycast: AnycastConfig | None = None
     """Announce VIPs over BGP (l4lb.config.anycast)."""
+    state_file: str | None = None
+    """Where drained/disabled backends are kept across restarts (l4lb.balancer.state_file);
+    relative to the config file. None: not kept."""
     transparent_routing: TransparentRouting = "check"
     """For ``source = "client"`` backends: ``"check"`` refuses to start (or reload)
     when the routing that brings replies back is missing, naming the commands; ``"manage"``

@@ -150,9 +150,19 @@ def parse_hostport(text: str) -> tuple[str, int]:
             f"invalid address {text!r}: IPv6 zone ids ('%{host.partition('%')[2]}') are not "
             "supported; use a global or unique-local address"
         )
+    if not host:
+        raise ValueError(
+            f"invalid address {text!r}: the IP address is missing; to listen on every address "
+            f"write '0.0.0.0:{port}' (IPv4) or '[::]:{port}' (IPv6)"
+        )
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
+        if host.replace(".", "").isdigit():
+            raise ValueError(
+                f"invalid address {text!r}: {host!r} is not an IP address (IPv4 is four numbers "
+                f"0..255 separated by dots); {hint}"
+            ) from None
         raise ValueError(
             f"invalid address {text!r}: {host!r} is not an IP address (hostnames are not "
             f"resolved); {hint}"

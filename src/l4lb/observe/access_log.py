@@ -42,9 +42,12 @@ from typing import Any
 
 import msgspec
 
+from l4lb.balancer import logs
+
 log = logging.getLogger("l4lb.access")
 
 _STOP = object()
+_REOPEN = object()
 _BATCH = 256
 PIPE_BUF = 4096
 """The largest write a pipe keeps whole (POSIX; Linux: 4096)."""
@@ -148,6 +151,9 @@ class AccessLog:
                 return
             if "time" not in record:
                 record["time"] = time.time()
+            worker = logs.worker_index()
+            if worker is not None:
+                record["worker"] = worker
             self._queue.put(record)
 
     def _run(self) -> None:
@@ -162,10 +168,15 @@ class AccessLog:
                 while len(items) < _BATCH:
                     items.append(self._queue.get_nowait())
             stop = False
-            lines = []
+            lines: list[bytes] = []
             for item in items:
                 if item is _STOP:
                     stop = True
+                    continue
+                if item is _REOPEN:  # lines queued before it go to the file they were for
+                    failing = self._flush(lines, failing)
+                    lines = []
+                    self._reopen_now()
                     continue
                 item["time"] = _iso(item["time"])
                 line = _fit(item, encode)
@@ -173,18 +184,7 @@ class AccessLog:
                     _DROPPED.add(1)
                 else:
                     lines.append(line)
-            for chunk in chunks(lines):
-                try:
-                    _write_all(self._fd, chunk)
-                except OSError as err:  # EPIPE (stdout closed), ENOSPC, EBADF: count and go on
-                    _DROPPED.add(chunk.count(b"\n"))
-                    if str(err) != failing:
-                        failing = str(err)
-                        log.error(
-                            "event=access_log_write_failed target=%s error=%r", self.target, failing
-                        )
-                else:
-                    failing = ""
+            failing = self._flush(lines, failing)
             total = _DROPPED.total
             if total != reported and not failing:
                 log.warning(
@@ -199,6 +199,44 @@ class AccessLog:
                 if self._fd > 2:
                     os.close(self._fd)
                 return
+
+    def _flush(self, lines: list[bytes], failing: str) -> str:
+        """Write ``lines``; the error being reported now ("" once writes succeed again)."""
+        for chunk in chunks(lines):
+            try:
+                _write_all(self._fd, chunk)
+            except OSError as err:  # EPIPE (stdout closed), ENOSPC, EBADF: count and go on
+                _DROPPED.add(chunk.count(b"\n"))
+                if str(err) != failing:
+                    failing = str(err)
+                    log.error(
+                        "event=access_log_write_failed target=%s error=%r", self.target, failing
+                    )
+            else:
+                failing = ""
+        return failing
+
+    def reopen(self) -> None:
+        """Reopen the file by its name (after logrotate moved it); queued lines keep their
+        order: those queued before go to the old file, those after to the new one."""
+        if self._thread is not None and self.target != "stdout":
+            self._queue.put(_REOPEN)
+
+    def _reopen_now(self) -> None:
+        try:
+            fd = self._open()
+        except OSError as err:  # keep writing to the old file rather than lose lines
+            log.error(
+                "event=access_log_reopen_failed target=%s error=%r detail=%r",
+                self.target,
+                err.strerror or str(err),
+                "still writing to the file opened before",
+            )
+            return
+        old, self._fd = self._fd, fd
+        if old > 2:
+            os.close(old)
+        log.info("event=access_log_reopened target=%s", self.target)
 
     def close(self, timeout: float = 5.0, wait: bool = True) -> None:
         """Write what is queued, then stop the writer (idempotent); ``wait`` for it to finish."""

@@ -6,6 +6,9 @@ Routes::
     GET  /status[?pretty]                               JSON: listeners, pools, backends
     GET  /metrics                                       Prometheus text format
     GET  /snapshot                                      raw counters and histograms (JSON)
+    GET  /ready                                         readiness for an upstream balancer:
+                                                        200, or 503 while a listener's pool
+                                                        has no up backend or the node stops
     POST /pools/{pool}/backends/{address}/drain          no new connections, existing ones run on
     POST /pools/{pool}/backends/{address}/disable        out of rotation (and health checks ignored)
     POST /pools/{pool}/backends/{address}/enable         back in rotation
@@ -373,6 +376,7 @@ class AdminServer:
             (parts == ["status"], get, lambda: self._status("pretty" in query)),
             (parts == ["metrics"], get, self._metrics),
             (parts == ["snapshot"], get, self._raw_snapshot),
+            (parts == ["ready"], get, self._ready),
             (parts == ["reload"], ("POST",), self._reload),
             (parts == ["drain"], ("POST",), self._drain),
         ]
@@ -403,7 +407,7 @@ class AdminServer:
             return await run()
         raise AdminError(
             HTTPStatus.NOT_FOUND,
-            f"no such resource {path!r}: try /, /status, /metrics, POST /reload or "
+            f"no such resource {path!r}: try /, /status, /ready, /metrics, POST /reload or "
             "POST /pools/{pool}/backends/{address}/drain|disable|enable|add|remove|set",
         )
 
@@ -472,6 +476,11 @@ class AdminServer:
         doc = (await self.snapshot()).to_dict()
         return Response(HTTPStatus.OK, await asyncio.to_thread(_encode, doc))
 
+    async def _ready(self) -> Response:
+        ready, reasons = readiness(await self.snapshot())
+        status = HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE
+        return _json(status, {"ready": ready, "reasons": reasons})
+
     async def _metrics(self) -> Response:
         snap = await self.snapshot()
         body = await asyncio.to_thread(metrics.render_snapshot, snap)
@@ -533,6 +542,27 @@ class AdminServer:
             "event=admin_action action=%s pool=%s backend=%s state=%s", action, pool, address, state
         )
         return _json(HTTPStatus.OK, {"pool": pool, "backend": address, "state": state})
+
+
+def readiness(snap: Snapshot) -> tuple[bool, list[str]]:
+    """Whether an upstream balancer should send this node traffic, and why (or why not).
+
+    Not ready while the node is stopping (a stop signal arrived: it drains) or while any
+    listener's pool has no backend in state ``up`` (every connection there would fail).
+    """
+    reasons: list[str] = []
+    if snap.stopping:
+        reasons.append("stopping: a stop signal was received, the node is draining")
+    pools = {p.name: p for p in snap.pools}
+    for lst in snap.listeners:
+        pool = pools.get(lst.pool)
+        up = 0 if pool is None else sum(b.state == "up" for b in pool.backends)
+        if up == 0:
+            total = 0 if pool is None else len(pool.backends)
+            reasons.append(f"listener {lst.name}: pool {lst.pool} has no up backend (0 of {total})")
+    if reasons:
+        return False, reasons
+    return True, [f"{len(snap.listeners)} listener(s), each pool has an up backend"]
 
 
 def _single(query: dict[str, list[str]]) -> dict[str, str]:
@@ -724,13 +754,14 @@ class AdminRuntime:
         self._spawn(self.follow())
 
     def _on_stop(self, balancer: Balancer) -> None:
+        # The public API serves on while connections drain, so an upstream balancer reading
+        # /ready sees 503 (not a refused connection it may retry); it goes with the process.
         self.stopped = True
         if self._retry is not None:
             self._retry.cancel()
-        for server in (self.public, self.peer):
-            if server is not None:
-                server.close()
-        self.public = self.peer = None
+        if self.peer is not None:
+            self.peer.close()
+        self.peer = None
 
 
 async def attach(balancer: Balancer) -> AdminRuntime:

@@ -58,9 +58,14 @@ class BalancerCollector(Collector):
         yield GaugeMetricFamily(
             "l4lb_start_time_seconds", "Start time of the process (Unix seconds)", snap.started
         )
-        yield CounterMetricFamily(
-            "l4lb_reloads", "Configuration reloads applied", value=snap.reloads
+        reloads = CounterMetricFamily(
+            "l4lb_reloads",
+            "Configuration reloads, by result: applied, or refused (the running config kept)",
+            labels=["result"],
         )
+        reloads.add_metric(["applied"], snap.reloads)
+        reloads.add_metric(["refused"], snap.reloads_refused)
+        yield reloads
         yield CounterMetricFamily(
             "l4lb_access_log_dropped",
             "Access-log lines dropped: the target did not keep up (queue full) or failed",
@@ -88,7 +93,14 @@ class BalancerCollector(Collector):
             "Connections per listener and route taken (a route's name, or default)",
             labels=["listener", "route"],
         )
+        checks = CounterMetricFamily(
+            "l4lb_health_checks",
+            "Upstream health checks (PROXY LOCAL) per listener: answered here or passed on",
+            labels=["listener", "action"],
+        )
         for lst in snap.listeners:
+            for action, count in sorted(lst.health_checks.items()):
+                checks.add_metric([lst.name, action], count)
             conns.add_metric([lst.name], lst.total)
             active.add_metric([lst.name], lst.active)
             for route, count in sorted(lst.routes.items()):
@@ -105,6 +117,7 @@ class BalancerCollector(Collector):
         yield active
         yield rejected
         yield routed
+        yield checks
 
         header_errors = CounterMetricFamily(
             "l4lb_proxy_header_errors",

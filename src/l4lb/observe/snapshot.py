@@ -92,6 +92,8 @@ class ListenerStatus:
     total: int
     rejected: int
     rejections: dict[str, int] = field(default_factory=dict)
+    health_checks: dict[str, int] = field(default_factory=dict)
+    """Upstream health checks (PROXY LOCAL) by what was done: ``answered`` or ``passed``."""
     """Rejections by reason (untrusted, spoofing, bad_header, header_timeout, denied, ...)."""
     routes: dict[str, int] = field(default_factory=dict)
     """Connections per route taken (a route's name, or ``default``), with routes."""
@@ -106,6 +108,7 @@ class Snapshot:
     listeners: tuple[ListenerStatus, ...]
     pools: tuple[PoolStatus, ...]
     reloads: int = 0
+    reloads_refused: int = 0
     last_reload: dict[str, Any] | None = None
     proxy_header_errors: dict[str, int] = field(default_factory=dict)
     """Bad PROXY headers received, by reason, over all listeners."""
@@ -119,6 +122,8 @@ class Snapshot:
     """Log lines dropped because stderr did not keep up."""
     dns: tuple[ResolveStatus, ...] = ()
     """Backend entries resolved by DNS."""
+    stopping: bool = False
+    """A stop signal was received: the node drains (readiness answers 503)."""
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> Snapshot:
@@ -153,12 +158,14 @@ class Snapshot:
                 for p in doc["pools"]
             ),
             reloads=doc["reloads"],
+            reloads_refused=doc.get("reloads_refused", 0),
             last_reload=doc["last_reload"],
             proxy_header_errors=dict(doc["proxy_header_errors"]),
             workers=doc.get("workers", 1),
             anycast=doc.get("anycast"),
             access_log_dropped=doc.get("access_log_dropped", 0),
             log_dropped=doc.get("log_dropped", 0),
+            stopping=doc.get("stopping", False),
             dns=tuple(
                 ResolveStatus(**{**r, "addresses": tuple(r["addresses"])})
                 for r in doc.get("dns", ())
@@ -202,6 +209,7 @@ class Snapshot:
                     "rejected": lst.rejected,
                     "rejections": dict(lst.rejections),
                     "routes": dict(lst.routes),
+                    "health_checks": dict(lst.health_checks),
                 }
                 for lst in self.listeners
             ],
@@ -235,12 +243,14 @@ class Snapshot:
                 for p in self.pools
             ],
             "reloads": self.reloads,
+            "reloads_refused": self.reloads_refused,
             "last_reload": self.last_reload,
             "proxy_header_errors": dict(self.proxy_header_errors),
             "workers": self.workers,
             "anycast": self.anycast,
             "access_log_dropped": self.access_log_dropped,
             "log_dropped": self.log_dropped,
+            "stopping": self.stopping,
             "dns": [
                 {
                     "pool": r.pool,
@@ -288,7 +298,10 @@ def snapshot_of(balancer: Balancer) -> Snapshot:
             if reason.startswith("bad_header:"):
                 key = reason.split(":", 1)[1]
                 header_errors[key] = header_errors.get(key, 0) + count
-        host, port = listener.address
+        try:
+            host, port = listener.address
+        except OSError:  # stopped accepting (draining): the socket is closed
+            host, port = listener.config.bind_addr
         listeners.append(
             ListenerStatus(
                 name=listener.name,
@@ -299,6 +312,7 @@ def snapshot_of(balancer: Balancer) -> Snapshot:
                 rejected=listener.rejected,
                 rejections=rejections,
                 routes=dict(listener.route_counts),
+                health_checks=dict(listener.admission.health_checks),
             )
         )
     pools = []
@@ -351,12 +365,14 @@ def snapshot_of(balancer: Balancer) -> Snapshot:
         listeners=tuple(listeners),
         pools=tuple(pools),
         reloads=balancer.reloads,
+        reloads_refused=balancer.reloads_refused,
         last_reload=balancer.last_reload,
         proxy_header_errors=header_errors,
         anycast=_anycast(balancer),
         access_log_dropped=access_log.dropped(),
         log_dropped=logs.dropped(),
         dns=_dns(balancer),
+        stopping=balancer.stopping or balancer.draining,
     )
 
 
@@ -425,6 +441,7 @@ def merge(own: Snapshot, others: list[Snapshot]) -> Snapshot:
                     rejected=mine.rejected + lst.rejected,
                     rejections=_add(mine.rejections, lst.rejections),
                     routes=_add(mine.routes, lst.routes),
+                    health_checks=_add(mine.health_checks, lst.health_checks),
                 )
         for pool in other.pools:
             for b in pool.backends:
@@ -463,4 +480,5 @@ def merge(own: Snapshot, others: list[Snapshot]) -> Snapshot:
         workers=own.workers + sum(o.workers for o in others),
         access_log_dropped=own.access_log_dropped + sum(o.access_log_dropped for o in others),
         log_dropped=own.log_dropped + sum(o.log_dropped for o in others),
+        stopping=own.stopping or any(o.stopping for o in others),
     )

@@ -65,10 +65,17 @@ def attach(balancer: Balancer) -> None:
 
     def on_reload(b: Balancer) -> None:
         reloading()
-        ready(f"reloaded ({b.reloads}); serving {', '.join(b.listeners)}")
+        ready(f"reload applied ({b.reloads}); serving {', '.join(b.listeners)}")
+
+    def on_refused(b: Balancer, errors: list[str]) -> None:
+        reloading()
+        first = errors[0] if errors else "?"
+        more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+        ready(f"reload refused: {first}{more}; serving the previous config")
 
     def on_stop(b: Balancer) -> None:
         stopping()
 
     balancer.on_reload.append(on_reload)
+    balancer.on_reload_refused.append(on_refused)
     balancer.on_stop.append(on_stop)
