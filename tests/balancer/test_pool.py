@@ -18,6 +18,8 @@ def test_reload_keeps_backend_objects_state_and_counters() -> None:
     old.set_admin(b, "drain")
     new_config = pool_config("127.0.0.1:2", "127.0.0.1:3", send_proxy="v1", balance="leastconn")
     new = Pool("web", new_config, previous=old)
+    assert b.proxy_version == 2  # staged: the running pool's backend is untouched until the swap
+    new.reconcile(old, keep_api=False)  # the reload put in force (the runtime's swap)
     b2, c = new.backends
     assert b2 is b and b2.state is BackendState.DRAIN and b2.proxy_version == 1
     assert c.state is BackendState.UP and c.total == 0

@@ -154,3 +154,38 @@ def test_a_reload_whose_new_listener_cannot_bind_changes_nothing(tmp_path: Path)
             await balancer.stop(0)
 
     _run(main)
+
+
+def test_a_refused_reload_leaves_the_kept_backends_settings_alone(tmp_path: Path) -> None:
+    """Bug: staging a reload copied the new weight, max_conns and PROXY version onto the
+    backends the running pools share with it, so a reload refused later (here: its deny_file
+    turned bad after the check) still changed how the running config balanced."""
+    deny = tmp_path / "deny.txt"
+    deny.write_text("192.0.2.0/24\n")
+
+    async def main() -> None:
+        balancer = Balancer(_config(tmp_path, "127.0.0.1:9", "deny.txt"))
+        balancer.start()
+        try:
+            port = balancer.listeners["main"].address[1]
+            kept = balancer.pools["main"].backends[0]
+            before = (kept.weight, kept.max_conns, kept.proxy_version, kept.backup)
+            text = (
+                'workers = 1\n[log]\naccess = "off"\n'
+                f'[[listeners]]\nname = "main"\nbind = "127.0.0.1:{port}"\npool = "main"\n'
+                'deny_file = "deny.txt"\n[pools.main]\nsend_proxy = "v1"\nbackends = ['
+                '{ address = "127.0.0.1:9", weight = 7, max_conns = 3, backup = true }]\n'
+            )
+            new = parse_config(text, base_dir=tmp_path)
+            deny.write_text("192.0.2.0/24\nnot-a-network\n")  # changed after the check
+            with pytest.raises(ValueError, match=r"deny\.txt:2"):
+                balancer.reload(new)
+            assert (kept.weight, kept.max_conns, kept.proxy_version, kept.backup) == before
+            deny.write_text("192.0.2.0/24\n")
+            balancer.reload(new)  # applied: now the kept backend takes the new settings
+            assert balancer.pools["main"].backends == [kept]
+            assert (kept.weight, kept.max_conns, kept.proxy_version, kept.backup) == (7, 3, 1, True)
+        finally:
+            await balancer.stop(0)
+
+    _run(main)

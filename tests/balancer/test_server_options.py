@@ -201,5 +201,6 @@ def test_a_backend_keeps_its_ramp_across_a_reload() -> None:
         backends=[BackendConfig(address="192.0.2.1:80", weight=20, slowstart="10s")]
     )
     new = Pool("p", config, old, clock=clock)
+    new.reconcile(old, keep_api=False)  # the reload put in force (the runtime's swap)
     assert new.backends[0] is backend
     assert backend.eff_weight == 2 and new.ramp_next is not None  # 1 s of 10: 10% of 20

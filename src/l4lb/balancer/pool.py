@@ -181,6 +181,7 @@ class Pool:
     """
 
     __slots__ = (
+        "_adopt",
         "algorithm",
         "backends",
         "by_address",
@@ -230,19 +231,21 @@ class Pool:
         self.tlv_crc32c = "crc32c" in tlvs
         self.tlv_noop = "noop" in tlvs
         self.backends: list[Backend] = []
+        self._adopt: list[tuple[Backend, BackendConfig, int, Source | None]] = []
+        """Backends kept from ``previous`` and their settings in this config, applied by
+        :meth:`reconcile` when the reload is put in force (a refused reload changes nothing)."""
         old: dict[str, Backend] = previous.by_address if previous is not None else {}
         for bc in config.backends:
             if bc.dynamic:  # a DNS name: its backends come from l4lb.balancer.discovery
                 continue
             version = PROXY_VERSIONS[config.backend_proxy(bc)]
             backend = old.get(bc.address)
+            source = parse_source(config.backend_source(bc))
             if backend is None:
                 backend = Backend(bc, version)
-            else:
-                backend.weight, backend.max_conns = bc.weight, bc.max_conns
-                backend.proxy_version = version
-                backend.backup, backend.slowstart = bc.backup, bc.slowstart_s
-            backend.source = parse_source(config.backend_source(bc))
+                backend.source = source
+            else:  # still serving the running config: its new settings wait for reconcile()
+                self._adopt.append((backend, bc, version, source))
             self.backends.append(backend)
         self.by_address: dict[str, Backend] = {b.address: b for b in self.backends}
         self.algorithm: Algorithm = ALGORITHMS[config.balance]()
@@ -531,6 +534,11 @@ class Pool:
         (``[admin] keep_api_backends``), and so do the weights and max_conns set through the
         API. What does not stay drains (then is forgotten) when it has connections.
         """
+        for backend, bc, version, source in self._adopt:
+            backend.weight, backend.max_conns = bc.weight, bc.max_conns
+            backend.proxy_version, backend.source = version, source
+            backend.backup, backend.slowstart = bc.backup, bc.slowstart_s
+        self._adopt = []
         entries = {bc.address: bc for bc in self.config.backends}
         configured = {bc.address for bc in self.config.backends if not bc.dynamic}
         result: list[Backend] = []
