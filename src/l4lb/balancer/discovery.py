@@ -16,7 +16,6 @@ The pool side of it (join, drain, forget) is :meth:`l4lb.balancer.pool.Pool.sync
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import ipaddress
 import logging
@@ -25,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from l4lb.balancer.tasks import cancel_all, wait_cancelled
 from l4lb.config.loader import own_listener
 from l4lb.config.schema import BackendConfig, ResolverConfig
 from l4lb.config.values import AddressKind, BackendAddress, format_hostport
@@ -295,16 +295,13 @@ class Discovery:
             )
 
     def stop(self) -> None:
-        for task in self._tasks.values():
-            task.cancel()
+        cancel_all(self._tasks.values())
         self._tasks = {}
 
     async def aclose(self) -> None:
         tasks = list(self._tasks.values())
         self.stop()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await wait_cancelled(tasks)
 
     async def _watch(self, pool: str, entry: BackendConfig, delay: float) -> None:
         while True:

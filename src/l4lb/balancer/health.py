@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from l4lb.balancer.logs import Every
+from l4lb.balancer.tasks import cancel_all, wait_cancelled
 from l4lb.config.schema import HealthConfig
 from l4lb.proxy_protocol import local_header
 
@@ -503,17 +504,14 @@ class HealthChecks:
 
     def stop(self) -> None:
         """Cancel every checker task (idempotent)."""
-        for task in self._tasks.values():
-            task.cancel()
+        cancel_all(self._tasks.values())
         self._tasks = {}
 
     async def aclose(self) -> None:
         """Cancel the checkers and wait until they have finished."""
         tasks = list(self._tasks.values())
         self.stop()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await wait_cancelled(tasks)
 
     # -- what others read ------------------------------------------------------------------
 
