@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable
 from typing import Any
 
 
-def cancel_all(tasks: Iterable[asyncio.Task[Any]]) -> None:
-    """Cancel each task (idempotent: a finished task ignores it)."""
-    for task in tasks:
-        task.cancel()
+class BackgroundTasks:
+    """``stop()`` and ``aclose()`` for an owner of ``_tasks``, its running tasks by key."""
 
+    _tasks: dict[Any, asyncio.Task[None]]
 
-async def wait_cancelled(tasks: Iterable[asyncio.Task[Any]]) -> None:
-    """Wait until each (cancelled) task has finished; its cancellation is not an error."""
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    def stop(self) -> None:
+        """Cancel every task (idempotent)."""
+        for task in self._tasks.values():
+            task.cancel()
+        self._tasks = {}
+
+    async def aclose(self) -> None:
+        """Cancel the tasks and wait until they have finished."""
+        tasks = list(self._tasks.values())
+        self.stop()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
