@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import selectors
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -158,3 +161,51 @@ def test_sigterm_with_connections_open_exits_cleanly(tmp_path: Path) -> None:
     finally:
         stop_process(proc)
     assert "Traceback" not in log.read_text(), log.read_text()
+
+
+def test_a_crowd_waits_in_the_backlog_while_the_backend_is_busy(tmp_path: Path) -> None:
+    """300 connects while the backend process is stopped (a loaded machine that does not
+    schedule it): all complete in the kernel's accept queue and are answered once it runs.
+    asyncio's default backlog of 100 dropped the SYNs beyond it (TcpExtListenOverflows);
+    under load a balancer's crowd of 1000 lost answers to SYN-cookie resets the same way."""
+    crowd = 300
+    port, log, proc = _start_demo_backend(tmp_path)
+    socks: list[socket.socket] = []
+    try:
+        proc.send_signal(signal.SIGSTOP)
+        for _ in range(crowd):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            socks.append(s)
+        pending = set(socks)
+        sel = selectors.DefaultSelector()
+        for s in socks:
+            sel.register(s, selectors.EVENT_WRITE)
+        deadline = time.monotonic() + 20
+        while pending and time.monotonic() < deadline:
+            for key, _ in sel.select(1):
+                s = key.fileobj
+                assert isinstance(s, socket.socket)
+                assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+                sel.unregister(s)
+                pending.discard(s)
+        assert crowd - len(pending) == crowd  # established while the backend was stopped
+        proc.send_signal(signal.SIGCONT)
+        header = build(2, ("127.0.0.7", 40000), ("127.0.0.1", 8080))
+        answered = 0
+        for s in socks:
+            s.setblocking(True)
+            s.settimeout(30)
+            s.sendall(header + b"hello\n")
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+            answered += b"Hello from" in answer
+        assert answered == crowd
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        for s in socks:
+            s.close()
+        stop_process(proc)
+    assert "Traceback" not in log.read_text()

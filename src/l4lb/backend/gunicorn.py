@@ -51,8 +51,9 @@ def worker_policy(cls: type) -> ProxyPolicy:
         raise RuntimeError(f"{cls.__module__}.{cls.__name__}: {err}") from None
 
 
-def check_gunicorn_config(cls: type, cfg: Any, log: Any) -> ProxyPolicy:
-    """Checks run once in the arbiter: a valid policy, and gunicorn's own PROXY parsing off."""
+def check_gunicorn_config(cls: type, cfg: Any, log: Any, *, allow_tls: bool = True) -> ProxyPolicy:
+    """Checks run once in the arbiter: a valid policy, and gunicorn's own PROXY parsing off;
+    with ``allow_tls=False`` (the async workers), gunicorn's own TLS off too."""
     policy = worker_policy(cls)
     if getattr(cfg, "proxy_protocol", "off") not in ("off", False, None):
         raise RuntimeError(
@@ -60,6 +61,11 @@ def check_gunicorn_config(cls: type, cfg: Any, log: Any) -> ProxyPolicy:
             "--proxy-protocol off (it would look for a second header)"
         )
     log.info("PROXY protocol: %s", _describe(policy))
+    if not allow_tls and cfg.is_ssl:
+        raise RuntimeError(
+            f"{cls.__module__}.{cls.__name__}: gunicorn's TLS would start before the PROXY "
+            "header; terminate TLS at the balancer (remove --certfile/--keyfile)"
+        )
     return policy
 
 

@@ -34,12 +34,7 @@ class ProxyWebWorker(GunicornWebWorker):
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
-        check_gunicorn_config(cls, cfg, log)
-        if cfg.is_ssl:
-            raise RuntimeError(
-                f"{cls.__module__}.{cls.__name__}: gunicorn's TLS would start before the PROXY "
-                "header; terminate TLS at the balancer (remove --certfile/--keyfile)"
-            )
+        check_gunicorn_config(cls, cfg, log, allow_tls=False)
 
     def load_wsgi(self) -> None:
         super().load_wsgi()

@@ -34,12 +34,7 @@ class ProxyUvicornWorker(UvicornWorker):  # type: ignore[misc]
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
-        check_gunicorn_config(cls, cfg, log)
-        if cfg.is_ssl:
-            raise RuntimeError(
-                f"{cls.__module__}.{cls.__name__}: gunicorn's TLS would start before the PROXY "
-                "header; terminate TLS at the balancer (remove --certfile/--keyfile)"
-            )
+        check_gunicorn_config(cls, cfg, log, allow_tls=False)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

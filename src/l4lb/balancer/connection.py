@@ -126,6 +126,24 @@ class Owner(Protocol):
         """The connection is closed: free its slot, log it (called once)."""
 
 
+class Progress:
+    """When a byte count last moved: the sweep's idle, client and server timeouts."""
+
+    __slots__ = ("count", "since")
+
+    def __init__(self, now: float) -> None:
+        self.count = 0
+        self.since = now
+
+    def stalled(self, count: int, now: float, timeout: float) -> bool:
+        """True when ``count`` has not moved for ``timeout`` s (a move restarts the clock)."""
+        if count != self.count:
+            self.count = count
+            self.since = now
+            return False
+        return now - self.since >= timeout
+
+
 class Connection:
     """An admitted client connection and everything the access log says about it."""
 
@@ -139,23 +157,20 @@ class Connection:
         "backend_sock",
         "bytes_from_client",
         "bytes_to_client",
-        "client_seen",
-        "client_since",
+        "client_progress",
         "client_sock",
         "connect_started",
         "detail",
         "failed",
-        "idle_since",
         "listener",
         "loop",
         "pool",
+        "progress",
         "proxy_version",
         "relay",
         "route",
         "routes",
-        "seen",
-        "server_seen",
-        "server_since",
+        "server_progress",
         "started",
         "state",
         "timer",
@@ -184,14 +199,18 @@ class Connection:
         """The admission that let it in (a reload may give the listener a new one)."""
         self.state = State.NEW
         self.started = time.monotonic()
-        self.idle_since = self.client_since = self.server_since = self.loop.time()
-        self.client_seen = self.server_seen = 0
+        now = self.loop.time()
+        self.progress = Progress(now)
+        """Bytes either way (``idle_timeout``)."""
+        self.client_progress = Progress(now)
+        """Bytes from the client (``client_timeout``)."""
+        self.server_progress = Progress(now)
+        """Bytes to the client (``server_timeout``)."""
         self.backend: Backend | None = None
         self.backend_sock: socket.socket | None = None
         self.tried: tuple[Backend, ...] = ()
         self.bytes_from_client = 0
         self.bytes_to_client = 0
-        self.seen = 0
         self.relay: Relay | None = None
         self.timer: asyncio.TimerHandle | None = None
         """The timer of the state (PEEKING: tls_peek_timeout, CONNECTING: connect_timeout)."""

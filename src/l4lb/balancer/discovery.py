@@ -16,7 +16,6 @@ The pool side of it (join, drain, forget) is :meth:`l4lb.balancer.pool.Pool.sync
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import ipaddress
 import logging
@@ -25,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from l4lb.balancer.tasks import BackgroundTasks
 from l4lb.config.loader import own_listener
 from l4lb.config.schema import BackendConfig, ResolverConfig
 from l4lb.config.values import AddressKind, BackendAddress, format_hostport
@@ -230,7 +230,7 @@ def retry_delay(failures: int, config: ResolverConfig) -> float:
 MakeResolver = Callable[[ResolverConfig], Resolver]
 
 
-class Discovery:
+class Discovery(BackgroundTasks):
     """Every DNS backend entry of a balancer: one task each, restarted on reload.
 
     :meth:`prime` resolves every entry once before the listeners accept (so a pool made of
@@ -293,18 +293,6 @@ class Discovery:
                 self._watch(pool, bc, self._first.pop(key, 0.0)),
                 name=f"l4lb-resolve-{pool}-{bc.address}",
             )
-
-    def stop(self) -> None:
-        for task in self._tasks.values():
-            task.cancel()
-        self._tasks = {}
-
-    async def aclose(self) -> None:
-        tasks = list(self._tasks.values())
-        self.stop()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     async def _watch(self, pool: str, entry: BackendConfig, delay: float) -> None:
         while True:

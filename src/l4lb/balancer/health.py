@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from l4lb.balancer.logs import Every
+from l4lb.balancer.tasks import BackgroundTasks
 from l4lb.config.schema import HealthConfig
 from l4lb.proxy_protocol import local_header
 
@@ -440,7 +441,7 @@ def plan_for(pool: Pool) -> PoolPlan | None:
     return PoolPlan(pool.name, CheckSettings.from_config(cfg), targets)
 
 
-class HealthChecks:
+class HealthChecks(BackgroundTasks):
     """All health checking of a balancer: one task per checked pool, plus passive reports.
 
     With the runtime's pools, :meth:`attach` does everything: it starts one checker per checked
@@ -500,20 +501,6 @@ class HealthChecks:
             self._tasks[plan.name] = asyncio.get_running_loop().create_task(
                 self._run(plan), name=f"l4lb-health-{plan.name}"
             )
-
-    def stop(self) -> None:
-        """Cancel every checker task (idempotent)."""
-        for task in self._tasks.values():
-            task.cancel()
-        self._tasks = {}
-
-    async def aclose(self) -> None:
-        """Cancel the checkers and wait until they have finished."""
-        tasks = list(self._tasks.values())
-        self.stop()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     # -- what others read ------------------------------------------------------------------
 

@@ -178,25 +178,16 @@ class Balancer:
                 continue
             pool = conn.pool
             moved = conn.bytes_from_client + conn.bytes_to_client
-            if moved != conn.seen:
-                conn.seen = moved
-                conn.idle_since = now
-            elif now - conn.idle_since >= pool.idle_timeout:
+            if conn.progress.stalled(moved, now, pool.idle_timeout):
                 idle.append((conn, EndReason.IDLE_TIMEOUT))
-                continue
-            if pool.client_timeout is not None:
-                if conn.bytes_from_client != conn.client_seen:
-                    conn.client_seen = conn.bytes_from_client
-                    conn.client_since = now
-                elif now - conn.client_since >= pool.client_timeout:
-                    idle.append((conn, EndReason.CLIENT_TIMEOUT))
-                    continue
-            if pool.server_timeout is not None:
-                if conn.bytes_to_client != conn.server_seen:
-                    conn.server_seen = conn.bytes_to_client
-                    conn.server_since = now
-                elif now - conn.server_since >= pool.server_timeout:
-                    idle.append((conn, EndReason.SERVER_TIMEOUT))
+            elif pool.client_timeout is not None and conn.client_progress.stalled(
+                conn.bytes_from_client, now, pool.client_timeout
+            ):
+                idle.append((conn, EndReason.CLIENT_TIMEOUT))
+            elif pool.server_timeout is not None and conn.server_progress.stalled(
+                conn.bytes_to_client, now, pool.server_timeout
+            ):
+                idle.append((conn, EndReason.SERVER_TIMEOUT))
         for conn, reason in idle:
             conn.close(reason)
         if any([pool.forget_drained() for pool in self.pools.values()]):

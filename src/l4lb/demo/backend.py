@@ -21,6 +21,13 @@ log = logging.getLogger("l4lb.demo")
 HEADER_TIMEOUT = 5.0
 REQUEST_WAIT = 0.3
 LINGER = 2.0
+BACKLOG = 4096
+"""The listen backlog (the kernel caps it at ``net.core.somaxconn``), as the balancer's own.
+
+asyncio's default of 100 also bounds the SYN queue: a crowd of connects arriving faster than a
+busy backend accepts overflowed it, the kernel answered with SYN cookies, and a cookie that no
+longer validated when the balancer's data arrived got a RST: the client's answer was lost.
+"""
 _HTTP_METHODS = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ")
 
 
@@ -114,7 +121,7 @@ class DemoBackend:
         return format_hostport(self.host, self.port)
 
     async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, self.host, self.port)
+        self.server = await asyncio.start_server(self._serve, self.host, self.port, backlog=BACKLOG)
         sock = self.server.sockets[0]
         self.port = sock.getsockname()[1]
 

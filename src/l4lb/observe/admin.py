@@ -281,42 +281,28 @@ class AdminServer:
         try:
             head = await self._read_head(reader, client, first)
         except asyncio.LimitOverrunError:
-            await self._send(
-                writer,
-                _error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request head over 16 KiB"),
-                keep=False,
+            return await self._refuse(
+                writer, HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request head over 16 KiB"
             )
-            return False
         except _HeadTimeout:
-            await self._send(
+            return await self._refuse(
                 writer,
-                _error(
-                    HTTPStatus.REQUEST_TIMEOUT,
-                    f"request head not complete within {self.timeouts.head:g}s",
-                ),
-                keep=False,
+                HTTPStatus.REQUEST_TIMEOUT,
+                f"request head not complete within {self.timeouts.head:g}s",
             )
-            return False
         except asyncio.IncompleteReadError:
-            await self._send(
-                writer, _error(HTTPStatus.BAD_REQUEST, "incomplete request"), keep=False
-            )
-            return False
+            return await self._refuse(writer, HTTPStatus.BAD_REQUEST, "incomplete request")
         if head is None:
             return False
         try:
             method, target, version, headers = parse_head(head)
             length = content_length(headers)
         except AdminError as err:
-            await self._send(writer, _error(err.status, str(err)), keep=False)
-            return False
+            return await self._refuse(writer, err.status, str(err))
         if headers.get("transfer-encoding"):
-            await self._send(
-                writer,
-                _error(HTTPStatus.NOT_IMPLEMENTED, "chunked request bodies are not supported"),
-                keep=False,
+            return await self._refuse(
+                writer, HTTPStatus.NOT_IMPLEMENTED, "chunked request bodies are not supported"
             )
-            return False
         if length:
             try:
                 async with asyncio.timeout(self.timeouts.body):
@@ -325,8 +311,7 @@ class AdminServer:
                 message = (
                     f"request body of {length} bytes not received within {self.timeouts.body:g}s"
                 )
-                await self._send(writer, _error(HTTPStatus.REQUEST_TIMEOUT, message), keep=False)
-                return False
+                return await self._refuse(writer, HTTPStatus.REQUEST_TIMEOUT, message)
         connection = headers.get("connection", "").lower()
         keep = connection != "close" and (version == "HTTP/1.1" or connection == "keep-alive")
         try:
@@ -341,6 +326,11 @@ class AdminServer:
             response = _error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error, see the log")
         await self._send(writer, response, keep, head_only=method == "HEAD")
         return keep
+
+    async def _refuse(self, writer: asyncio.StreamWriter, status: HTTPStatus, message: str) -> bool:
+        """Answer an error that ends the connection; False: it is not kept for another request."""
+        await self._send(writer, _error(status, message), keep=False)
+        return False
 
     async def _send(
         self, writer: asyncio.StreamWriter, response: Response, keep: bool, head_only: bool = False
