@@ -14,32 +14,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests.fleet.clients import LongLived, NewConnections
 from tests.fleet.topology import CLIENTS, Fleet, fleet_addr, node_addr
+from tests.support.logs import wait_line
+from tests.support.netns import needs_root
 from tests.support.peers import wait_for
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces")
-
-
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    f = Fleet(tmp_path)
-    names = f"l4f-{f.spaces.run}-"
-    try:
-        f.build()
-        yield f
-    finally:
-        f.close()
-        left = [n for n in os.popen("ip netns list").read().split() if n.startswith(names)]
-        assert not left, f"namespaces left behind: {left}"
+pytestmark = needs_root
 
 
 def _node_of(fleet: Fleet) -> dict[tuple[str, int], int]:
@@ -60,6 +45,18 @@ def _counters(fleet: Fleet, i: int) -> dict[str, int]:
     sc = doc["second_chance"]
     assert isinstance(sc, dict)
     return {k: int(v) for k, v in sc.items()}
+
+
+def _flows(long: LongLived, during: NewConnections) -> dict[str, int]:
+    """What a change of the fleet did to the long-lived connections and the new ones."""
+    return {
+        "long_lived_total": len(long.socks),
+        "resets": sum(1 for f in long.failures if f.kind == "reset"),
+        "long_lived_failures": len(long.failures),
+        "requests": long.requests,
+        "new_connections_ok": during.ok,
+        "new_connections_failed": len(during.failures),
+    }
 
 
 def test_fleet_spreads_drains_returns_grows_and_survives_sigkill(fleet: Fleet) -> None:
@@ -114,15 +111,7 @@ def test_fleet_spreads_drains_returns_grows_and_survives_sigkill(fleet: Fleet) -
         fleet.wait_nexthops({node_addr(1), node_addr(2)})
         report["withdraw_to_route_change_ms"] = round((time.monotonic() - killed) * 1000, 1)
         long.run(3.0)
-    report["withdraw"] = {
-        "long_lived_on_node": len(on3),
-        "long_lived_total": len(long.socks),
-        "resets": sum(1 for f in long.failures if f.kind == "reset"),
-        "long_lived_failures": len(long.failures),
-        "requests": long.requests,
-        "new_connections_ok": during.ok,
-        "new_connections_failed": len(during.failures),
-    }
+    report["withdraw"] = {"long_lived_on_node": len(on3), **_flows(long, during)}
     assert not long.failures, long.failures
     assert not during.failures, during.failures
     assert during.ok > 0
@@ -150,14 +139,7 @@ def test_fleet_spreads_drains_returns_grows_and_survives_sigkill(fleet: Fleet) -
         _wait_up(fleet, 4)
         fleet.wait_nexthops({node_addr(i) for i in (1, 2, 3, 4)})
         long.run(2.0)
-    report["return_and_addition"] = {
-        "long_lived_total": len(long.socks),
-        "resets": sum(1 for f in long.failures if f.kind == "reset"),
-        "long_lived_failures": len(long.failures),
-        "requests": long.requests,
-        "new_connections_ok": during.ok,
-        "new_connections_failed": len(during.failures),
-    }
+    report["return_and_addition"] = _flows(long, during)
     assert not long.failures, long.failures
     assert not during.failures, during.failures
     taken = {i: _counters(fleet, i) for i in (1, 2, 3, 4)}
@@ -182,14 +164,14 @@ def test_fleet_spreads_drains_returns_grows_and_survives_sigkill(fleet: Fleet) -
         "new_connections_ok": during.ok,
     }
     assert not after, after
-    pids = os.popen(f"ip netns pids {fleet.nodes[4].ns.name}").read().split()
-    assert wait_for(
-        lambda: not os.popen(f"ip netns pids {fleet.nodes[4].ns.name}").read().split(), 10
-    ), f"processes left in node 4 after SIGKILL of l4lb: {pids}"
+    pids = fleet.nodes[4].ns.pids()
+    assert wait_for(lambda: not fleet.nodes[4].ns.pids(), 10), (
+        f"processes left in node 4 after SIGKILL of l4lb: {pids}"
+    )
     report["total_seconds"] = round(time.monotonic() - t0, 1)
     text = json.dumps(report, indent=2)
     print("\nfleet report:\n" + text)
     target = os.environ.get("L4LB_FLEET_REPORT")
     if target:
         Path(target).write_text(text + "\n")
-    assert re.search(r"event=second_chance_installed", fleet.nodes[1].log.read_text())
+    wait_line(fleet.nodes[1].log, "event=second_chance_installed")
