@@ -207,4 +207,3 @@ def test_flush_and_close_under_the_handlers_lock_finish_at_once(tmp_path: Path) 
         handler.close()
         os.close(fd)
     assert path.read_text() == "event=one\nevent=two\n"
-
