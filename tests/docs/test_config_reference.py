@@ -131,7 +131,11 @@ def test_the_schema_walk_finds_the_keys() -> None:
     assert ("", "relay") in KEYS and ("listeners.routes", "sni") in KEYS
     assert ("pools.backends", "address") in KEYS and ("pools.health", "http_method") in KEYS
     assert ("anycast.neighbors", "remote_as") in KEYS and ("log", "access") in KEYS
-    assert set(SECTIONS) == {t for t, _ in KEYS}, "a new table: give it a section in SECTIONS"
+    new = sorted({t for t, _ in KEYS} - set(SECTIONS))
+    assert not new, (
+        f"new config tables {new}: add each to SECTIONS in tests/docs/test_config_reference.py "
+        "with the docs/balancer.md heading that describes its keys"
+    )
 
 
 def test_the_readme_example_shows_every_key() -> None:
@@ -162,6 +166,8 @@ def test_the_reference_names_every_choice() -> None:
     named in the key's section, so a new one (a new relay) comes with its line."""
     missing = []
     for table, key, choices in schema_keys():
+        if table not in SECTIONS:  # a new table: test_the_schema_walk_finds_the_keys says so
+            continue
         text = section(SECTIONS[table])
         missing += [f"{_path(table, key)} = {c!r}" for c in choices if not _in_code(c, text)]
     assert not missing, (
