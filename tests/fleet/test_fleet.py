@@ -27,10 +27,20 @@ from tests.support.peers import wait_for
 pytestmark = needs_root
 
 
-def _node_of(fleet: Fleet) -> dict[tuple[str, int], int]:
-    """(client, client port) -> node index, from the backend's log."""
+def _node_of(fleet: Fleet, sources: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+    """(client, client port) -> node index, from the backend's log, once every one of
+    ``sources`` is in it (nginx writes a request's line after its response: the client may have
+    read the answer first)."""
     by_addr = {fleet_addr(i): i for i in range(1, 5)}
-    return {(f[0], int(f[1])): by_addr[f[2]] for f in fleet.backend_lines()}
+    found: dict[tuple[str, int], int] = {}
+
+    def complete() -> bool:
+        found.clear()
+        found.update({(f[0], int(f[1])): by_addr[f[2]] for f in fleet.backend_lines()})
+        return all(s in found for s in sources)
+
+    assert wait_for(complete, 10), [s for s in sources if s not in found]
+    return found
 
 
 def _wait_up(fleet: Fleet, i: int) -> None:
@@ -75,7 +85,7 @@ def test_fleet_spreads_drains_returns_grows_and_survives_sigkill(fleet: Fleet) -
     for _ in range(90):
         spread.one()
     assert not spread.failures, spread.failures
-    nodes = _node_of(fleet)
+    nodes = _node_of(fleet, spread.sources)
     per_node = Counter(nodes[s] for s in spread.sources)
     report["connections_per_node"] = dict(sorted(per_node.items()))
     assert set(per_node) == {1, 2, 3}, per_node
@@ -101,7 +111,7 @@ def test_fleet_spreads_drains_returns_grows_and_survives_sigkill(fleet: Fleet) -
     # -- graceful withdraw of node 3 ---------------------------------------------------------
     long = LongLived(fleet, 30)
     long.open()
-    nodes = _node_of(fleet)
+    nodes = _node_of(fleet, long.sources())
     on3 = [s for s in long.sources() if nodes[s] == 3]
     assert on3, "no long-lived connection landed on node 3"
     with NewConnections(fleet) as during:
