@@ -19,6 +19,7 @@ import msgspec
 import pytest
 
 from l4lb.config import schema
+from l4lb.config.loader import ConfigError, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -182,3 +183,22 @@ def test_a_missing_key_is_named() -> None:
     assert not _in_code("relay", text)
     assert _in_code("relay", "| `relay` | `splice` |") and _in_code("sni", "`{ sni, alpn }`")
     assert not _in_code("sni", "`tls_sni`") and not _in_code("name", "`names`")
+
+
+def test_the_readme_example_is_a_valid_config(tmp_path: Path) -> None:
+    """``l4lb check``'s rules hold for the example, but for what depends on the machine: its
+    paths are put under ``tmp_path`` and the system CA file, and the VIP on no local interface
+    here is the only issue left."""
+    text = README.read_text().split("\n## Configuration\n", 1)[1]
+    block = re.search(r"```toml\n(.*?)```", text, re.S)
+    assert block
+    example = block.group(1)
+    for path in ("/var/log/l4lb/access.log", "/var/lib/l4lb/state.json"):
+        example = example.replace(path, str(tmp_path / Path(path).name))
+    example = example.replace("/etc/l4lb/ca.pem", "/etc/ssl/certs/ca-certificates.crt")
+    (tmp_path / "deny.txt").write_text("# none\n")
+    try:
+        parse_config(example, base_dir=tmp_path)
+    except ConfigError as err:
+        issues = [str(issue) for issue in err.issues if not issue.path.startswith("anycast.vips")]
+        assert not issues, issues
