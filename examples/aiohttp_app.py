@@ -10,7 +10,8 @@ or in several processes under gunicorn, with aiohttp's worker made to read the h
         -k l4lb.backend.gunicorn_aiohttp.ProxyWebWorker examples.aiohttp_app:app
 
 then ``curl --haproxy-protocol http://127.0.0.1:8080/``: ``request.remote`` is the address the
-PROXY header named, on every request of a keep-alive connection and in the WebSocket.
+PROXY header named, on every request of a keep-alive connection and in the WebSocket
+(``proxy_version``: the header's version, 1 or 2; null for a direct client in optional mode).
 """
 
 from __future__ import annotations
@@ -25,10 +26,13 @@ from l4lb.backend.serve import parse_bind
 
 
 def _client(request: web.Request) -> dict[str, object]:
-    peer = request.transport.get_extra_info("peername") if request.transport else None
+    transport = request.transport
+    peer = transport.get_extra_info("peername") if transport else None
+    header = transport.get_extra_info("proxy_header") if transport else None
     return {
         "server": "aiohttp",
         "client": [request.remote, peer[1] if peer else None],
+        "proxy_version": header.version if header is not None else None,
         "pid": os.getpid(),
     }
 
@@ -47,9 +51,14 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-app = web.Application()
-app.router.add_get("/", index)
-app.router.add_get("/ws", websocket)
+def make_app() -> web.Application:
+    app = web.Application()
+    app.router.add_get("/", index)
+    app.router.add_get("/ws", websocket)
+    return app
+
+
+app = make_app()
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from typing import Any
 from l4lb.backend.asyncio import start_server
 from l4lb.backend.socketserver import ProxyProtocolMixin
 from l4lb.trust.policy import ProxyPolicy
+from tests.support.http import read_response
 
 CLIENT = ("198.51.100.42", 40000)
 """The client address the tests' PROXY headers claim."""
@@ -366,24 +367,7 @@ def http_request(
     """One keep-alive HTTP/1.1 GET on ``sock``: the status and the body."""
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
     sock.settimeout(timeout)
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = sock.recv(4096)
-        if not chunk:
-            raise ConnectionError(f"closed before the response headers: {buf!r}")
-        buf += chunk
-    head, _, body = buf.partition(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    while len(body) < length:
-        chunk = sock.recv(4096)
-        if not chunk:
-            raise ConnectionError("closed in the middle of the body")
-        body += chunk
-    return int(head.split(b" ", 2)[1]), body[:length]
+    return read_response(sock)
 
 
 def http_get(

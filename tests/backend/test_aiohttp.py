@@ -1,4 +1,5 @@
-"""l4lb.backend.aiohttp in process: ProxyProtocolAppRunner with a site, over real sockets."""
+"""l4lb.backend.aiohttp in process: ProxyProtocolAppRunner with a site, over real sockets,
+serving the example app (examples/aiohttp_app.py) that docs/backend.md shows."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
+from examples.aiohttp_app import make_app
 from websockets.sync.client import connect as ws_connect
 
 from l4lb.backend.aiohttp import ProxyProtocolAppRunner
@@ -17,40 +19,12 @@ from tests.backend.servers import CLIENT, DEST, LoopThread, closed_by_peer, http
 from tests.support.peers import connect_from
 
 
-def _info(request: web.Request) -> dict[str, Any]:
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    header = request.transport.get_extra_info("proxy_header") if request.transport else None
-    return {
-        "client": [request.remote, peer[1] if peer else None],
-        "version": header.version if header is not None else None,
-    }
-
-
-def _app() -> web.Application:
-    async def index(request: web.Request) -> web.Response:
-        return web.json_response(_info(request))
-
-    async def websocket(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        await ws.send_json(_info(request))
-        async for message in ws:
-            if message.type is WSMsgType.TEXT:
-                await ws.send_str("echo " + message.data)
-        return ws
-
-    app = web.Application()
-    app.router.add_get("/", index)
-    app.router.add_get("/ws", websocket)
-    return app
-
-
 @contextlib.contextmanager
 def aiohttp_server(proxy_policy: ProxyPolicy) -> Iterator[tuple[int, Any]]:
     loop = LoopThread()
 
     async def start() -> tuple[web.AppRunner, web.TCPSite]:
-        runner = ProxyProtocolAppRunner(_app(), policy=proxy_policy)
+        runner = ProxyProtocolAppRunner(make_app(), policy=proxy_policy)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
@@ -65,16 +39,22 @@ def aiohttp_server(proxy_policy: ProxyPolicy) -> Iterator[tuple[int, Any]]:
         loop.close()
 
 
+def _seen(info: dict[str, Any]) -> tuple[list[Any], int | None]:
+    """The client the app saw, and the PROXY version it came with."""
+    assert info["server"] == "aiohttp", info
+    return info["client"], info["proxy_version"]
+
+
 def test_runner_reads_the_header_for_keep_alive_and_websocket() -> None:
     with aiohttp_server(policy()) as (port, runner):
         with connect_from("127.0.0.1", "127.0.0.1", port) as s:
             s.sendall(build(2, CLIENT, DEST))
             for _ in range(2):
-                assert http_get(s) == {"client": list(CLIENT), "version": 2}
+                assert _seen(http_get(s)) == (list(CLIENT), 2)
         s = connect_from("127.0.0.1", "127.0.0.1", port)
         s.sendall(build(1, CLIENT, DEST))
         with ws_connect(f"ws://127.0.0.1:{port}/ws", sock=s, open_timeout=10) as ws:
-            assert json.loads(ws.recv(timeout=10)) == {"client": list(CLIENT), "version": 1}
+            assert _seen(json.loads(ws.recv(timeout=10))) == (list(CLIENT), 1)
             ws.send("x")
             assert ws.recv(timeout=10) == "echo x"
         with connect_from("127.0.0.9", "127.0.0.1", port) as s:  # untrusted: refused
@@ -90,4 +70,4 @@ def test_optional_mode_serves_a_direct_client_as_itself() -> None:
         connect_from("127.0.0.8", "127.0.0.1", port) as s,
     ):
         own = s.getsockname()[1]
-        assert http_get(s) == {"client": ["127.0.0.8", own], "version": None}
+        assert _seen(http_get(s)) == (["127.0.0.8", own], None)

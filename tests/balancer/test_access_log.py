@@ -10,6 +10,7 @@ from pathlib import Path
 from l4lb.observe.access_log import AccessLog
 from tests.balancer.helpers import backend, connect, echo, recv_all
 from tests.support.l4lb import config_text, l4lb
+from tests.support.logs import json_lines
 from tests.support.peers import free_port, wait_for
 
 
@@ -52,9 +53,8 @@ def _one_connection(port: int) -> None:
 
 
 def _lines(path: Path) -> list[dict[str, object]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The complete lines so far (the writer thread may be in the middle of one)."""
+    return json_lines(path)
 
 
 def test_access_log_reopened_after_rename_and_sighup(tmp_path: Path) -> None:

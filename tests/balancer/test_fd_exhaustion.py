@@ -13,8 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from l4lb.balancer import splice
-from l4lb.balancer.command import FDS_SPARE, fds_needed
+import pytest
+
+from l4lb.balancer.command import FDS_SPARE, fd_budget
 from l4lb.balancer.health import local_resource_error
 from l4lb.config.loader import load_config
 from tests.balancer.helpers import backend, hello
@@ -37,17 +38,30 @@ def _run(workdir: Path, text: str, nofile: int) -> subprocess.Popen[bytes]:
     )
 
 
-def test_a_limit_just_short_of_the_need_is_said_at_start(tmp_path: Path) -> None:
+@pytest.mark.parametrize("max_conns_set", [False, True], ids=["default", "set"])
+def test_a_limit_just_short_of_the_need_is_said_once_with_what_fits(
+    tmp_path: Path, max_conns_set: bool
+) -> None:
+    """The default config (splice, max_conns = 10000) under a 20,000 hard limit: the pipes it
+    would like (4 a connection) are never needed to serve, so only the sockets count: 64 of the
+    process's own + 2 x 10000 = 20064, 9968 connections fit. Said once; a warning only when the
+    file sets max_conns (the default is the balancer's choice, told at info level)."""
     port = free_port()
-    # max_conns = 10000 on the stream relay: 2 descriptors a connection, 64 of the process's own
-    text = config_text(f"127.0.0.1:{port}", ["127.0.0.1:9"], top={"relay": "stream"})
+    listener = {"max_conns": 10000} if max_conns_set else {}
+    text = config_text(f"127.0.0.1:{port}", ["127.0.0.1:9"], listener=listener)
     proc = _run(tmp_path, text, 20_000)
     log = lambda: (tmp_path / "l4lb.log").read_text()  # noqa: E731
     try:
         assert wait_for(lambda: "event=started" in log(), 20), log()
     finally:
         stop_process(proc)
-    assert "event=fd_limit limit=20000 needed=20064" in log(), log()
+    level = "warning" if max_conns_set else "info"
+    line = "event=fd_limit limit=20000 needed=20064 connections_fit=9968 max_conns=10000"
+    assert f"level={level} logger=l4lb.run " + line in log(), log()
+    assert log().count("event=fd_limit") == 1, log()
+    assert "LimitNOFILE" in log()
+    if not max_conns_set:
+        assert "level=warning" not in log(), log()
 
 
 def test_the_estimate_counts_splice_pipes_health_checks_and_the_admin_api(tmp_path: Path) -> None:
@@ -59,7 +73,8 @@ def test_the_estimate_counts_splice_pipes_health_checks_and_the_admin_api(tmp_pa
     )
     path = tmp_path / "a.toml"
     path.write_text(text)
-    assert fds_needed(load_config(path)) == FDS_SPARE + 2 * 100
+    budget = fd_budget(load_config(path))
+    assert budget.needed == budget.wanted == FDS_SPARE + 2 * 100
     path.write_text(
         'relay = "splice"\n'
         + config_text(
@@ -70,7 +85,11 @@ def test_the_estimate_counts_splice_pipes_health_checks_and_the_admin_api(tmp_pa
         )
         + '\n[admin]\nbind = "127.0.0.1:2"\n'
     )
-    assert fds_needed(load_config(path)) == FDS_SPARE + splice.FDS_SPARE + 67 + 2 + 6 * 100
+    budget = fd_budget(load_config(path))
+    assert budget.needed == FDS_SPARE + 67 + 2 + 2 * 100  # admin, two checks, two sockets each
+    assert budget.wanted == budget.needed + 4 * 100  # and a pipe each way, while busy
+    assert budget.connections_fit(budget.needed - 1) == 99
+    assert budget.pipes_fit(budget.needed + 21) == 10
 
 
 def test_local_resource_errors_are_told_apart() -> None:

@@ -81,12 +81,12 @@ def test_backend_down_traffic_moves_then_rejoins(tmp_path: Path) -> None:
             lb.wait_state("web", b.address, "down", timeout=15)
             check = lb.backend("web", b.address)["check"]
             assert check["ok"] is False and "refused" in check["detail"].lower()
-            assert "event=health_down pool=web backend=" + b.address in lb.log_text()
+            lb.wait_log("event=health_down pool=web backend=" + b.address)
             assert names_seen(front, 10) == ["a"] * 10
 
             b.start()
             lb.wait_state("web", b.address, "up", timeout=15)
-            assert "event=health_up pool=web backend=" + b.address in lb.log_text()
+            lb.wait_log("event=health_up pool=web backend=" + b.address)
             assert set(names_seen(front, 10)) == {"a", "b"}
 
             # every backend down: clients are refused promptly, and the log says why
@@ -102,7 +102,7 @@ def test_backend_down_traffic_moves_then_rejoins(tmp_path: Path) -> None:
             except ConnectionResetError:  # closed with a reset, even during the handshake
                 data = b""
             assert data == b"", data
-            assert "pool_empty pool=web" in lb.log_text()
+            lb.wait_log("pool_empty pool=web")
             eventually(
                 lambda: "event=no_backend listener=front pool=web" in lb.log_text(),
                 what="the refused client's log line",
@@ -128,7 +128,7 @@ def test_passive_failures_mark_down_before_the_next_check(tmp_path: Path) -> Non
             status = lb.backend("web", b.address)
             assert status["check"]["source"] == "passive"
             assert status["connect_failures"] == 2
-            assert f"event=health_down pool=web backend={b.address} check=passive" in lb.log_text()
+            lb.wait_log(f"event=health_down pool=web backend={b.address} check=passive")
     finally:
         a.stop()
         b.stop()

@@ -182,3 +182,28 @@ def test_a_flood_of_one_event_is_summarised(tmp_path: Path) -> None:
     finally:
         logger.removeHandler(handler)
         _shut(handler, r, w)
+
+
+def test_flush_and_close_under_the_handlers_lock_finish_at_once(tmp_path: Path) -> None:
+    """``logging.shutdown`` (at every exit) holds the handler's lock while it calls flush() and
+    close(); the writer took that same lock for its counters, so it stalled until both timed out
+    (2 s each): every ``l4lb run`` took 4 s to exit after its last line. Now the writer finishes
+    while the lock is held: flush() reports the lines written, close() ends the thread."""
+    path = tmp_path / "stderr.log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    handler = QueuedStderr(fd)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    try:
+        handler.handle(logging.makeLogRecord({"msg": "event=one", "levelno": logging.INFO}))
+        handler.acquire()  # as logging.shutdown() does
+        try:
+            assert handler.flush(timeout=20) is True
+            handler.handle(logging.makeLogRecord({"msg": "event=two", "levelno": logging.INFO}))
+            handler.close()
+            assert not handler._thread.is_alive()
+        finally:
+            handler.release()
+    finally:
+        handler.close()
+        os.close(fd)
+    assert path.read_text() == "event=one\nevent=two\n"

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tests.observe.live import L4LB, Ports, Running, eventually, http, l4lb_run
 from tests.support.echo_backend import EchoBackend, echo_through
+from tests.support.logs import wait_line
 from tests.support.peers import stop_process
 
 TOKEN = "s3cret-token"
@@ -245,7 +246,7 @@ def test_admin_state_changes_need_the_token(tmp_path: Path) -> None:
             assert lb.post("/pools/web/backends/127.0.0.1:1/drain", TOKEN)[0] == 404
             assert lb.post("/pools/nope/backends/127.0.0.1:1/drain", TOKEN)[0] == 404
             assert lb.get("/reload")[0] == 405
-            assert "event=backend_state pool=web backend=" + b.address in lb.log_text()
+            lb.wait_log("event=backend_state pool=web backend=" + b.address)
     finally:
         a.stop()
         b.stop()
@@ -265,8 +266,8 @@ def test_admin_bind_failure_is_logged_and_a_reload_moves_it(tmp_path: Path) -> N
     with open(log, "wb") as out:
         proc = subprocess.Popen([L4LB, "run", "--config", str(path)], stdout=out, stderr=out)
     try:
-        eventually(lambda: "event=admin_bind_failed" in log.read_text(), what="bind error logged")
-        assert f"bind=127.0.0.1:{ports['admin']}" in log.read_text()
+        text = wait_line(log, "event=admin_bind_failed", timeout=20)
+        assert f"bind=127.0.0.1:{ports['admin']}" in text
         assert echo_through("127.0.0.1", ports["front"], b"still serving")[1] == b"still serving"
         moved = Ports()
         path.write_text(cfg.replace(str(ports["admin"]), str(moved["admin"])))

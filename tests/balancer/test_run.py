@@ -299,7 +299,7 @@ def test_backend_max_conns_and_no_backend(tmp_path: Path) -> None:
                 c.recv(1)
             (line,) = lb.wait_access(1)
             assert line["end"] == "no_backend"
-            assert "event=no_backend" in lb.log_text()
+            lb.wait_log("event=no_backend")
 
 
 def test_unwritable_access_log_exits_1(tmp_path: Path) -> None:

@@ -3,7 +3,9 @@
 Transfers in flight must survive a second stop signal and a SIGHUP sent while the balancer drains
 (logrotate, config management, systemd's control-group SIGTERM, Ctrl-C reaching every process of
 the group), with one worker and with two. Each second signal is sent only once the first one has
-been acted on (``event=stopping`` in the log), never after a sleep.
+been acted on (``event=stopping`` in the log), never after a sleep. The backends hold the rest of
+every transfer until the test has sent all its signals (``release``), so the transfers are in
+flight through all of them, whatever the machine's load.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,20 +28,35 @@ from tests.balancer.helpers import backend, connect, recv_all
 from tests.support.l4lb import L4lb, config_text
 from tests.support.peers import free_port, stop_process, wait_for
 
-SIZE = 8 << 20
+SIZE = 2 << 20
+FIRST = 256 * 1024
 DATA = random.Random(11).randbytes(SIZE)
 DIGEST = hashlib.sha256(DATA).hexdigest()
 CLIENTS = 20
 
 
-def paced(sock: socket.socket, header: object, early: bytes) -> None:
-    """Send DATA in 256 KiB steps, 50 ms apart (about 1.6 s), then close."""
-    view = memoryview(DATA)
-    for i in range(0, SIZE, 256 * 1024):
-        sock.sendall(view[i : i + 256 * 1024])
-        time.sleep(0.05)
-    sock.shutdown(socket.SHUT_WR)
-    recv_all(sock)
+def held(release: threading.Event) -> Callable[[socket.socket, object, bytes], None]:
+    """A backend handler: the first FIRST bytes of DATA at once, the rest once ``release`` is
+    set (or never: the balancer cut the connection), then the FIN."""
+
+    def handler(sock: socket.socket, header: object, early: bytes) -> None:
+        sock.sendall(DATA[:FIRST])
+        if not release.wait(60):
+            raise AssertionError("the test never released the transfer")
+        sock.sendall(DATA[FIRST:])
+        sock.shutdown(socket.SHUT_WR)
+        recv_all(sock)
+
+    return handler
+
+
+@dataclass
+class Draining:
+    """A balancer with CLIENTS transfers under way, held by their backend until ``release``."""
+
+    lb: L4lb
+    transfers: list[Transfer]
+    release: threading.Event
 
 
 class Transfer(threading.Thread):
@@ -110,13 +127,12 @@ def worker_stops(lb: L4lb) -> int:
 
 
 @pytest.fixture
-def balancer(
-    tmp_path: Path, request: pytest.FixtureRequest
-) -> Iterator[tuple[L4lb, list[Transfer]]]:
+def balancer(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Draining]:
     """A balancer (``workers`` from the test's parameter) with CLIENTS transfers under way."""
     workers: int = request.param
     port = free_port()
-    with backend(paced) as be:
+    release = threading.Event()
+    with backend(held(release)) as be:
         text = config_text(
             f"127.0.0.1:{port}",
             [be.address],
@@ -132,12 +148,18 @@ def balancer(
                 t.start()
             for t in transfers:
                 assert t.started.wait(20)
-            yield lb, transfers
+            yield Draining(lb, transfers, release)
         finally:
+            release.set()
             stop_process(lb.proc, timeout=5)
 
 
-def _intact(lb: L4lb, transfers: list[Transfer]) -> None:
+def _intact(running: Draining) -> None:
+    """Every signal was sent with the transfers held: the balancer still drains; release them,
+    and each arrives whole before the balancer exits 0."""
+    lb, transfers = running.lb, running.transfers
+    assert lb.proc.poll() is None, lb.log_text()
+    running.release.set()
     assert lb.proc.wait(90) == 0, lb.log_text()
     for t in transfers:
         t.join(30)
@@ -151,10 +173,10 @@ def _intact(lb: L4lb, transfers: list[Transfer]) -> None:
 
 @pytest.mark.parametrize("balancer", [1, 2], indirect=True)
 def test_sighup_and_a_second_sigterm_during_the_drain_cut_nothing(
-    balancer: tuple[L4lb, list[Transfer]],
+    balancer: Draining,
 ) -> None:
     """With workers the supervisor takes the later signals: it forwards none of them."""
-    lb, transfers = balancer
+    lb = balancer.lb
     workers = len(children(lb.pid))
     lb.proc.send_signal(signal.SIGTERM)
     assert wait_for(lambda: worker_stops(lb) == max(workers, 1), 20)
@@ -163,46 +185,46 @@ def test_sighup_and_a_second_sigterm_during_the_drain_cut_nothing(
     lb.proc.send_signal(signal.SIGTERM)  # a supervisor's forwarded stop
     lb.proc.send_signal(signal.SIGINT)
     assert wait_for(lambda: lb.log_text().count("event=stop_signal_repeated") == 2, 20)
-    _intact(lb, transfers)
+    _intact(balancer)
 
 
 @pytest.mark.parametrize("balancer", [2], indirect=True)
 def test_ctrl_c_to_the_process_group_drains_every_worker(
-    balancer: tuple[L4lb, list[Transfer]],
+    balancer: Draining,
 ) -> None:
-    lb, transfers = balancer
+    lb = balancer.lb
     os.killpg(lb.pid, signal.SIGINT)  # the terminal's Ctrl-C: supervisor and workers at once
     assert wait_for(lambda: worker_stops(lb) == 2, 20), lb.log_text()
-    _intact(lb, transfers)
+    _intact(balancer)
     assert "event=stop_signal_repeated" in lb.log_text()  # the supervisor's forward, ignored
 
 
 @pytest.mark.parametrize("balancer", [2], indirect=True)
 def test_a_control_group_sigterm_reaching_the_workers_first_drains(
-    balancer: tuple[L4lb, list[Transfer]],
+    balancer: Draining,
 ) -> None:
-    lb, transfers = balancer
+    lb = balancer.lb
     workers = children(lb.pid)
     assert len(workers) == 2
     for pid in workers:
         os.kill(pid, signal.SIGTERM)
     assert wait_for(lambda: worker_stops(lb) == 2, 20), lb.log_text()
     lb.proc.send_signal(signal.SIGTERM)  # systemd's signal to the main process, a bit later
-    _intact(lb, transfers)
+    _intact(balancer)
 
 
 @pytest.mark.parametrize("balancer", [1, 2], indirect=True)
 def test_sigquit_during_the_drain_closes_everything_at_once(
-    balancer: tuple[L4lb, list[Transfer]],
+    balancer: Draining,
 ) -> None:
-    lb, transfers = balancer
+    lb = balancer.lb
     lb.proc.send_signal(signal.SIGTERM)
     assert wait_for(lambda: "event=stopping" in lb.log_text(), 20)
     lb.proc.send_signal(signal.SIGQUIT)  # drain_timeout is 60 s: only SIGQUIT ends it sooner
     assert lb.proc.wait(30) == 0, lb.log_text()
-    for t in transfers:
+    for t in balancer.transfers:
         t.join(30)
-    assert all(t.result is not None and t.result[1] < SIZE for t in transfers)
+    assert all(t.result is not None and t.result[1] < SIZE for t in balancer.transfers)
     lines = [x for x in lb.access_lines() if x["event"] == "connection"]
     assert len(lines) == CLIENTS
     assert {x["end"] for x in lines} == {"shutdown"}
@@ -238,7 +260,8 @@ def test_sigusr2_reopens_logs_and_sigusr1_stops_gracefully(tmp_path: Path, worke
     """Their default action kills: SIGUSR2 reopens the access log (and nothing else; the
     supervisor forwards it to the workers), SIGUSR1 is HAProxy's soft-stop."""
     port = free_port()
-    with backend(paced) as be:
+    release = threading.Event()
+    with backend(held(release)) as be:
         text = config_text(f"127.0.0.1:{port}", [be.address], top={"workers": workers})
         lb = start(tmp_path, text)
         try:
@@ -253,9 +276,12 @@ def test_sigusr2_reopens_logs_and_sigusr1_stops_gracefully(tmp_path: Path, worke
             transfer.start()
             assert transfer.started.wait(20)
             lb.proc.send_signal(signal.SIGUSR1)
+            lb.wait_log("event=stopping signal=SIGUSR1", timeout=20)
+            assert lb.proc.poll() is None  # a soft stop: the transfer is still held
+            release.set()
             assert lb.proc.wait(60) == 0, lb.log_text()
             transfer.join(30)
             assert transfer.result == (DIGEST, SIZE)
-            assert "event=stopping signal=SIGUSR1" in lb.log_text()
         finally:
+            release.set()
             stop_process(lb.proc, timeout=5)

@@ -79,7 +79,7 @@ def test_per_client_limits_behind_a_proxy_are_said_to_be_per_worker(tmp_path: Pa
         },
     )
     with l4lb(tmp_path, text) as lb:
-        assert "event=per_client_limits_per_worker listener=main workers=2" in lb.log_text()
+        lb.wait_log("event=per_client_limits_per_worker listener=main workers=2")
     # the same limit on a listener whose socket peer is the client: exact, nothing to say
     port = free_port()
     text = config_text(

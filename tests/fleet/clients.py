@@ -10,30 +10,15 @@ import time
 from dataclasses import dataclass, field
 
 from tests.fleet.topology import CLIENTS, PORT, VIP, Fleet
+from tests.support.http import read_response
 
 REQUEST = b"GET /%s HTTP/1.1\r\nHost: vip\r\n%s\r\n"
 
 
 def _read_response(sock: socket.socket) -> bytes:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(4096)
-        if not chunk:
-            raise ConnectionError(f"closed after {len(data)} bytes of a response")
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    while len(body) < length:
-        chunk = sock.recv(4096)
-        if not chunk:
-            raise ConnectionError("closed in the middle of a response body")
-        body += chunk
-    if not head.startswith(b"HTTP/1.1 200"):
-        raise ConnectionError(f"unexpected status {head.split(b' ')[1]!r}")
+    status, body = read_response(sock)
+    if status != 200:
+        raise ConnectionError(f"unexpected status {status}")
     return body
 
 

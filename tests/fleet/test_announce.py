@@ -10,34 +10,20 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests.fleet.topology import Fleet, node_addr
 from tests.observe.chromium import _base
+from tests.support.logs import wait_line
+from tests.support.netns import Namespace, needs_root, sh
 from tests.support.peers import wait_for
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces")
+pytestmark = needs_root
 
 
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    f = Fleet(tmp_path)
-    names = f"l4f-{f.spaces.run}-"
-    try:
-        f.build()
-        yield f
-    finally:
-        f.close()
-        left = [n for n in os.popen("ip netns list").read().split() if n.startswith(names)]
-        assert not left, f"namespaces left behind: {left}"
-
-
-def _pids(netns: str, needle: str) -> list[int]:
+def _pids(ns: Namespace, needle: str) -> list[int]:
     found = []
-    for pid in os.popen(f"ip netns pids {netns}").read().split():
+    for pid in ns.pids():
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
@@ -77,14 +63,14 @@ def test_vip_follows_backends_and_drain_withdraws_first(fleet: Fleet) -> None:
 
     # the API bridge dies: ExaBGP would keep the route with no way to withdraw it, so l4lb
     # stops that ExaBGP and starts another
-    (bridge,) = _pids(node.ns.name, "l4lb.anycast.bridge")
-    (exabgp,) = _pids(node.ns.name, "exabgp server")
+    (bridge,) = _pids(node.ns, "l4lb.anycast.bridge")
+    (exabgp,) = _pids(node.ns, "exabgp server")
     os.kill(bridge, signal.SIGKILL)
     assert wait_for(lambda: not os.path.exists(f"/proc/{exabgp}"), 10)
     assert wait_for(lambda: fleet.status(1)["anycast"]["speaker_restarts"] == 1, 10)
     assert wait_for(lambda: _vip(fleet)["announced"] is True, 10)
     fleet.wait_nexthops({node_addr(1)})
-    assert "event=exabgp_api_lost" in node.log.read_text()
+    wait_line(node.log, "event=exabgp_api_lost")
 
     # the status page shows the same (Chromium inside the node's namespace)
     args = [*_base(fleet.workdir / "chromium"), "--virtual-time-budget=3000", "--dump-dom"]
@@ -104,7 +90,7 @@ def test_vip_follows_backends_and_drain_withdraws_first(fleet: Fleet) -> None:
     )
     status, doc = fleet.admin(1, "POST", "/reload")
     assert status == 200, doc
-    rules = os.popen(f"ip netns exec {node.ns.name} nft list table ip l4lb_second_chance").read()
+    rules = sh(*node.ns.exec_args(["nft", "list", "table", "ip", "l4lb_second_chance"]))
     assert "tcp dport { 80, 81 }" in rules, rules
 
     status, doc = fleet.admin(1, "POST", "/drain")
@@ -114,9 +100,9 @@ def test_vip_follows_backends_and_drain_withdraws_first(fleet: Fleet) -> None:
     assert node.proc.wait(30) == 0
     log = node.log.read_text()
     assert log.index("event=vip_withdrawn") < log.index("event=stopping"), log[-2000:]
-    assert wait_for(lambda: not os.popen(f"ip netns pids {node.ns.name}").read().split(), 10)
+    assert wait_for(lambda: not node.ns.pids(), 10)
     # second chance is gone with it: no table, no VXLAN device
-    rules = os.popen(f"ip netns exec {node.ns.name} nft list tables").read()
+    rules = sh(*node.ns.exec_args(["nft", "list", "tables"]))
     assert "l4lb_second_chance" not in rules, rules
     assert "l4lbsc" not in node.ns.ip("-o", "link", "show")
     print(f"\nlast backend down -> route withdrawn: {withdrawn_after * 1000:.0f} ms")

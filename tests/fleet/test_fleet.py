@@ -14,38 +14,33 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests.fleet.clients import LongLived, NewConnections
 from tests.fleet.topology import CLIENTS, Fleet, fleet_addr, node_addr
+from tests.support.logs import wait_line
+from tests.support.netns import needs_root
 from tests.support.peers import wait_for
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces")
+pytestmark = needs_root
 
 
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    f = Fleet(tmp_path)
-    names = f"l4f-{f.spaces.run}-"
-    try:
-        f.build()
-        yield f
-    finally:
-        f.close()
-        left = [n for n in os.popen("ip netns list").read().split() if n.startswith(names)]
-        assert not left, f"namespaces left behind: {left}"
-
-
-def _node_of(fleet: Fleet) -> dict[tuple[str, int], int]:
-    """(client, client port) -> node index, from the backend's log."""
+def _node_of(fleet: Fleet, sources: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+    """(client, client port) -> node index, from the backend's log, once every one of
+    ``sources`` is in it (nginx writes a request's line after its response: the client may have
+    read the answer first)."""
     by_addr = {fleet_addr(i): i for i in range(1, 5)}
-    return {(f[0], int(f[1])): by_addr[f[2]] for f in fleet.backend_lines()}
+    found: dict[tuple[str, int], int] = {}
+
+    def complete() -> bool:
+        found.clear()
+        found.update({(f[0], int(f[1])): by_addr[f[2]] for f in fleet.backend_lines()})
+        return all(s in found for s in sources)
+
+    assert wait_for(complete, 10), [s for s in sources if s not in found]
+    return found
 
 
 def _wait_up(fleet: Fleet, i: int) -> None:
@@ -60,6 +55,18 @@ def _counters(fleet: Fleet, i: int) -> dict[str, int]:
     sc = doc["second_chance"]
     assert isinstance(sc, dict)
     return {k: int(v) for k, v in sc.items()}
+
+
+def _flows(long: LongLived, during: NewConnections) -> dict[str, int]:
+    """What a change of the fleet did to the long-lived connections and the new ones."""
+    return {
+        "long_lived_total": len(long.socks),
+        "resets": sum(1 for f in long.failures if f.kind == "reset"),
+        "long_lived_failures": len(long.failures),
+        "requests": long.requests,
+        "new_connections_ok": during.ok,
+        "new_connections_failed": len(during.failures),
+    }
 
 
 def test_fleet_spreads_drains_returns_grows_and_survives_sigkill(fleet: Fleet) -> None:
@@ -78,7 +85,7 @@ def test_fleet_spreads_drains_returns_grows_and_survives_sigkill(fleet: Fleet) -
     for _ in range(90):
         spread.one()
     assert not spread.failures, spread.failures
-    nodes = _node_of(fleet)
+    nodes = _node_of(fleet, spread.sources)
     per_node = Counter(nodes[s] for s in spread.sources)
     report["connections_per_node"] = dict(sorted(per_node.items()))
     assert set(per_node) == {1, 2, 3}, per_node
@@ -104,7 +111,7 @@ def test_fleet_spreads_drains_returns_grows_and_survives_sigkill(fleet: Fleet) -
     # -- graceful withdraw of node 3 ---------------------------------------------------------
     long = LongLived(fleet, 30)
     long.open()
-    nodes = _node_of(fleet)
+    nodes = _node_of(fleet, long.sources())
     on3 = [s for s in long.sources() if nodes[s] == 3]
     assert on3, "no long-lived connection landed on node 3"
     with NewConnections(fleet) as during:
@@ -114,15 +121,7 @@ def test_fleet_spreads_drains_returns_grows_and_survives_sigkill(fleet: Fleet) -
         fleet.wait_nexthops({node_addr(1), node_addr(2)})
         report["withdraw_to_route_change_ms"] = round((time.monotonic() - killed) * 1000, 1)
         long.run(3.0)
-    report["withdraw"] = {
-        "long_lived_on_node": len(on3),
-        "long_lived_total": len(long.socks),
-        "resets": sum(1 for f in long.failures if f.kind == "reset"),
-        "long_lived_failures": len(long.failures),
-        "requests": long.requests,
-        "new_connections_ok": during.ok,
-        "new_connections_failed": len(during.failures),
-    }
+    report["withdraw"] = {"long_lived_on_node": len(on3), **_flows(long, during)}
     assert not long.failures, long.failures
     assert not during.failures, during.failures
     assert during.ok > 0
@@ -150,14 +149,7 @@ def test_fleet_spreads_drains_returns_grows_and_survives_sigkill(fleet: Fleet) -
         _wait_up(fleet, 4)
         fleet.wait_nexthops({node_addr(i) for i in (1, 2, 3, 4)})
         long.run(2.0)
-    report["return_and_addition"] = {
-        "long_lived_total": len(long.socks),
-        "resets": sum(1 for f in long.failures if f.kind == "reset"),
-        "long_lived_failures": len(long.failures),
-        "requests": long.requests,
-        "new_connections_ok": during.ok,
-        "new_connections_failed": len(during.failures),
-    }
+    report["return_and_addition"] = _flows(long, during)
     assert not long.failures, long.failures
     assert not during.failures, during.failures
     taken = {i: _counters(fleet, i) for i in (1, 2, 3, 4)}
@@ -182,14 +174,14 @@ def test_fleet_spreads_drains_returns_grows_and_survives_sigkill(fleet: Fleet) -
         "new_connections_ok": during.ok,
     }
     assert not after, after
-    pids = os.popen(f"ip netns pids {fleet.nodes[4].ns.name}").read().split()
-    assert wait_for(
-        lambda: not os.popen(f"ip netns pids {fleet.nodes[4].ns.name}").read().split(), 10
-    ), f"processes left in node 4 after SIGKILL of l4lb: {pids}"
+    pids = fleet.nodes[4].ns.pids()
+    assert wait_for(lambda: not fleet.nodes[4].ns.pids(), 10), (
+        f"processes left in node 4 after SIGKILL of l4lb: {pids}"
+    )
     report["total_seconds"] = round(time.monotonic() - t0, 1)
     text = json.dumps(report, indent=2)
     print("\nfleet report:\n" + text)
     target = os.environ.get("L4LB_FLEET_REPORT")
     if target:
         Path(target).write_text(text + "\n")
-    assert re.search(r"event=second_chance_installed", fleet.nodes[1].log.read_text())
+    wait_line(fleet.nodes[1].log, "event=second_chance_installed")

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.fleet.netns import Namespace, Namespaces
+from tests.support.netns import Namespace, Namespaces, write_nginx_conf
 from tests.support.peers import wait_for
 
 VIP = "192.0.2.10"
@@ -120,20 +120,7 @@ withdraw_grace = "1s"
 """
 
 
-NGINX_CONF = """\
-daemon off;
-master_process off;
-worker_processes 1;
-error_log {dir}/nginx-error.log warn;
-pid {dir}/nginx.pid;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/tmp;
-    proxy_temp_path {dir}/tmp;
-    fastcgi_temp_path {dir}/tmp;
-    uwsgi_temp_path {dir}/tmp;
-    scgi_temp_path {dir}/tmp;
+NGINX_HTTP = """\
     log_format real '$proxy_protocol_addr $proxy_protocol_port $remote_addr $server_port '
                     '$request_uri';
     keepalive_requests 100000;
@@ -143,9 +130,8 @@ http {{
         listen {backend}:{port2} proxy_protocol;
         access_log {dir}/backend.log real;
         location / {{ return 200 "ok $server_port\\n"; }}
-    }}
-}}
-"""
+    }}"""
+"""The backend: nginx with PROXY protocol, logging the client it names and the node it came from."""
 
 
 @dataclass
@@ -161,7 +147,7 @@ class Fleet:
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.spaces = Namespaces(f"{int(time.time()) % 100000:05d}")
+        self.spaces = Namespaces("l4f")
         self.nodes: dict[int, Node] = {}
         # l4lb's private directory (ExaBGP's config and socket) goes here, not in /tmp: a node
         # killed with SIGKILL cannot remove it. Short, for the Unix socket's 108-byte limit.
@@ -191,13 +177,10 @@ class Fleet:
         sp.link(sw, "pb", b, "fl")
         sw.ip("link", "set", "pb", "master", "br0")
         b.ip("addr", "add", f"{BACKEND}/24", "dev", "fl")
-        (self.workdir / "tmp").mkdir(parents=True, exist_ok=True)
-        conf = self.workdir / "nginx.conf"
-        conf.write_text(
-            NGINX_CONF.format(
-                dir=self.workdir, backend=BACKEND, port=BACKEND_PORT, port2=BACKEND_PORT + 1
-            )
+        http = NGINX_HTTP.format(
+            dir=self.workdir, backend=BACKEND, port=BACKEND_PORT, port2=BACKEND_PORT + 1
         )
+        self.nginx_conf = write_nginx_conf(self.workdir, http)
         self.start_backend()
         (self.workdir / "bird.conf").write_text(bird_config(self.workdir))
         for i in range(1, MAX_NODES + 1):
@@ -210,11 +193,10 @@ class Fleet:
              "-s", str(self.workdir / "bird.ctl"), "-P", str(self.workdir / "bird.pid")],
             self.workdir / "bird.out",
         )  # fmt: skip
-        assert wait_for(lambda: self._port_open(b, BACKEND, BACKEND_PORT), 10), "nginx not up"
+        assert wait_for(lambda: b.port_open(BACKEND, BACKEND_PORT), 10), "nginx not up"
 
     def start_backend(self) -> None:
-        conf = self.workdir / "nginx.conf"
-        args = ["nginx", "-p", str(self.workdir), "-c", str(conf)]
+        args = ["nginx", "-p", str(self.workdir), "-c", str(self.nginx_conf)]
         self.nginx = self.spaces.start(self.backend, args, self.workdir / "nginx.out")
 
     def stop_backend(self) -> None:
@@ -287,7 +269,8 @@ class Fleet:
         assert ok, f"router next hops {self.router_nexthops()} != {want}"
         return time.monotonic() - start
 
-    def admin(self, i: int, method: str, path: str) -> tuple[int, dict[str, object]]:
+    def _http(self, i: int, method: str, path: str) -> tuple[int, bytes]:
+        """One request to node ``i``'s admin API (from inside its namespace): status, body."""
         s = self.nodes[i].ns.socket()
         s.settimeout(5)
         try:
@@ -300,7 +283,10 @@ class Fleet:
         finally:
             s.close()
         head, _, body = data.partition(b"\r\n\r\n")
-        status = int(head.split()[1])
+        return int(head.split()[1]), body
+
+    def admin(self, i: int, method: str, path: str) -> tuple[int, dict[str, object]]:
+        status, body = self._http(i, method, path)
         try:
             return status, json.loads(body)
         except ValueError:
@@ -310,17 +296,7 @@ class Fleet:
         return self.admin(i, "GET", "/status")[1]
 
     def metrics(self, i: int) -> str:
-        s = self.nodes[i].ns.socket()
-        s.settimeout(5)
-        try:
-            s.connect(("127.0.0.1", 9100))
-            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:9100\r\nConnection: close\r\n\r\n")
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-        finally:
-            s.close()
-        return data.partition(b"\r\n\r\n")[2].decode()
+        return self._http(i, "GET", "/metrics")[1].decode()
 
     def client_socket(self, source: str) -> socket.socket:
         s = self.client.socket()
@@ -335,18 +311,6 @@ class Fleet:
         text = path.read_text()
         lines = text.split("\n")[:-1]  # a partial last line is still being written
         return [line.split() for line in lines if line]
-
-    @staticmethod
-    def _port_open(ns: Namespace, host: str, port: int) -> bool:
-        s = ns.socket()
-        s.settimeout(1)
-        try:
-            s.connect((host, port))
-            return True
-        except OSError:
-            return False
-        finally:
-            s.close()
 
     def close(self) -> list[str]:
         try:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.support.logs import complete_text, wait_line
 from tests.support.peers import free_port, stop_process
 
 L4LB = str(Path(sys.executable).parent / "l4lb")
@@ -30,7 +31,12 @@ class Running:
     """host:port of the admin API."""
 
     def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
+        """The balancer's log so far, complete lines only (a thread writes it)."""
+        return complete_text(self.log)
+
+    def wait_log(self, needle: str, count: int = 1, timeout: float = 10.0) -> str:
+        """Wait until ``needle`` stands in the log ``count`` times or more; the log's text."""
+        return wait_line(self.log, needle, count, timeout)
 
     def get(self, path: str) -> tuple[int, bytes]:
         return http(f"http://{self.admin}{path}")

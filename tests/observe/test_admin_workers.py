@@ -111,7 +111,7 @@ token = "{TOKEN}"
                     pass
                 assert time.monotonic() < deadline, "the admin API did not come back"
                 time.sleep(0.2)
-            assert len(re.findall(r"event=admin_listening", lb.log_text())) == 2
+            assert lb.wait_log("event=admin_listening", 2).count("event=admin_listening") == 2
     finally:
         a.stop()
         b.stop()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.support.logs import json_lines
+from tests.support.logs import complete_text, json_lines, wait_line
 from tests.support.peers import free_port, stop_process, wait_for
 
 
@@ -93,8 +93,17 @@ class L4lb:
         return self.proc.pid
 
     def log_text(self) -> str:
-        """What the balancer wrote to stderr so far."""
-        return (self.workdir / "l4lb.log").read_text(errors="replace")
+        """What the balancer wrote to stderr so far, complete lines only.
+
+        Its log lines are written by a thread (logging never blocks the loop), so a line about
+        an event can come a moment after the event, and a read can catch a line half written:
+        that partial tail is left out. To see a line that is due, :meth:`wait_log`.
+        """
+        return complete_text(self.workdir / "l4lb.log")
+
+    def wait_log(self, needle: str, count: int = 1, timeout: float = 10.0) -> str:
+        """Wait until ``needle`` stands in the log ``count`` times or more; the log's text."""
+        return wait_line(self.workdir / "l4lb.log", needle, count, timeout)
 
     def access_lines(self) -> list[dict[str, Any]]:
         """The access log's complete JSON lines so far (``access.log`` in the work folder).

@@ -10,6 +10,7 @@ is still an error: that is a real fault of the writer (two lines cut into each o
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,4 +36,24 @@ def json_lines(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in complete_lines(path) if line.strip()]
 
 
-__all__ = ["complete_lines", "complete_text", "json_lines"]
+def wait_line(path: str | Path, needle: str, count: int = 1, timeout: float = 10.0) -> str:
+    """Wait until ``needle`` stands ``count`` times or more in the complete lines of ``path``.
+
+    For a log a thread writes (l4lb's stderr): the line about an event may come a moment after
+    the event itself. Returns the complete text; raises AssertionError naming the line and
+    showing the log's tail when it does not come within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        text = complete_text(path)
+        if text.count(needle) >= count:
+            return text
+        if time.monotonic() >= deadline:
+            raise AssertionError(
+                f"{needle!r} not {count} time(s) in {path} after {timeout}s "
+                f"(seen {text.count(needle)}):\n{text[-3000:]}"
+            )
+        time.sleep(0.02)
+
+
+__all__ = ["complete_lines", "complete_text", "json_lines", "wait_line"]

@@ -22,15 +22,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.fleet.netns import Namespace, sh
 from tests.support.logs import json_lines
+from tests.support.netns import Namespace, Namespaces, needs_root, sh
 from tests.support.peers import stop_process, wait_for
-from tests.transparent.conftest import needs_root
 from tests.transparent.topology import (
-    Spaces,
     fixes,
     http_get,
     log_words,
+    new_spaces,
     request,
     start_l4lb,
     start_legacy,
@@ -85,7 +84,7 @@ backends = [{{ address = "[{BACKEND_V6}]:8080" }}, {{ address = "[{BACKEND_V6}]:
 
 @dataclass
 class Shape:
-    spaces: Spaces
+    spaces: Namespaces
     client: Namespace
     lb: Namespace
     backend: Namespace
@@ -97,7 +96,7 @@ class Shape:
 @pytest.fixture(scope="module")
 def shape(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shape]:
     workdir = tmp_path_factory.mktemp("balancer-shape")
-    spaces = Spaces()
+    spaces = new_spaces()
     try:
         c, lb, b = spaces.add("c"), spaces.add("lb"), spaces.add("b")
         spaces.link(c, "eth0", lb, "c0")
@@ -119,6 +118,7 @@ def shape(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shape]:
         yield Shape(spaces, c, lb, b, workdir, nginx_log, legacy_log)
     finally:
         spaces.close()
+        assert not spaces.left_behind(), spaces.left_behind()
 
 
 def test_missing_return_routing_is_refused_with_the_commands(shape: Shape) -> None:

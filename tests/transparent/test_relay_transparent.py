@@ -21,8 +21,8 @@ from l4lb.proxy_protocol import ProxyHeader
 from tests.balancer.conftest import RELAY_MODES
 from tests.balancer.helpers import backend, connect, hash_until_eof, recv_all, reset
 from tests.support.l4lb import config_text, l4lb
+from tests.support.netns import needs_root
 from tests.support.peers import free_port, wait_for
-from tests.transparent.conftest import needs_root
 
 pytestmark = [needs_root, pytest.mark.parametrize("mode", RELAY_MODES)]
 

@@ -30,15 +30,14 @@ from pathlib import Path
 import pytest
 
 from l4lb.proxy_protocol import build
-from tests.fleet.netns import Namespace, sh
-from tests.support.logs import json_lines
+from tests.support.logs import json_lines, wait_line
+from tests.support.netns import Namespace, Namespaces, needs_root, sh
 from tests.support.peers import stop_process, wait_for
-from tests.transparent.conftest import needs_root
 from tests.transparent.topology import (
-    Spaces,
     fixes,
     http_get,
     log_words,
+    new_spaces,
     port_open,
     request,
     start_l4lb,
@@ -129,7 +128,7 @@ listen v6
 
 @dataclass
 class Shape:
-    spaces: Spaces
+    spaces: Namespaces
     client: Namespace
     edge: Namespace
     host: Namespace
@@ -141,7 +140,7 @@ class Shape:
 @pytest.fixture(scope="module")
 def shape(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shape]:
     workdir = tmp_path_factory.mktemp("sidecar-shape")
-    spaces = Spaces()
+    spaces = new_spaces()
     try:
         c, edge, host = spaces.add("c"), spaces.add("e"), spaces.add("h")
         spaces.link(c, "eth0", edge, "c0")
@@ -169,6 +168,7 @@ def shape(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shape]:
         yield Shape(spaces, c, edge, host, workdir, nginx_log, legacy_log)
     finally:
         spaces.close()
+        assert not spaces.left_behind(), spaces.left_behind()
 
 
 def rules(ns: Namespace) -> list[dict[str, object]]:
@@ -341,7 +341,7 @@ def test_missing_rule_at_run_time_ends_with_a_reason_not_a_hang(shape: Shape) ->
         lines = json_lines(access)
         assert [line["end"] for line in lines] == ["source_failed", "source_failed"]
         assert all("no reply came back" in line["detail"] for line in lines)
-        assert "event=source_failed" in (shape.workdir / f"{name}.log").read_text()
+        wait_line(shape.workdir / f"{name}.log", "event=source_failed")
     finally:
         stop_process(proc, 15)
 

@@ -16,8 +16,8 @@ import pytest
 from l4lb.proxy_protocol import ProxyHeader
 from tests.balancer.helpers import backend, connect, hello, recv_all
 from tests.support.l4lb import config_text, l4lb, start_l4lb
+from tests.support.netns import needs_root
 from tests.support.peers import free_port, stop_process, wait_for
-from tests.transparent.conftest import needs_root
 from tests.transparent.topology import fixes
 
 pytestmark = needs_root

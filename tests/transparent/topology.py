@@ -1,7 +1,8 @@
 """Namespaces for the transparent-mode tests, and the legacy backends that run in them.
 
-Every namespace is named ``l4t-<run>-<role>`` and is removed by :meth:`Spaces.close` (the tests'
-fixture finalizers), with whatever still runs in it. Documentation addresses only.
+Every namespace is named ``l4t-<run>-<role>`` (:mod:`tests.support.netns`) and is removed by
+``Namespaces.close`` (the tests' fixture finalizers), with whatever still runs in it.
+Documentation addresses only.
 """
 
 from __future__ import annotations
@@ -10,75 +11,41 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from tests.fleet.netns import Namespace, Namespaces, sh
 from tests.support.logs import complete_lines
+from tests.support.netns import Namespace, Namespaces, write_nginx_conf
 from tests.support.peers import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
-NGINX_CONF = """\
-daemon off;
-master_process off;
-worker_processes 1;
-error_log {dir}/nginx-error.log warn;
-pid {dir}/nginx.pid;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/tmp;
-    proxy_temp_path {dir}/tmp;
-    fastcgi_temp_path {dir}/tmp;
-    uwsgi_temp_path {dir}/tmp;
-    scgi_temp_path {dir}/tmp;
+NGINX_HTTP = """\
     log_format legacy '$remote_addr $remote_port $server_port $request_uri';
     server {{
 {listens}
         access_log {dir}/nginx-access.log legacy;
         location / {{ return 200 "hello $remote_addr\\n"; }}
-    }}
-}}
-"""
+    }}"""
 """nginx WITHOUT proxy_protocol: ``$remote_addr`` is the socket's peer."""
 
 
-class Spaces(Namespaces):
-    """:class:`tests.fleet.netns.Namespaces` with this suite's prefix, ``l4t-``."""
-
-    def __init__(self) -> None:
-        super().__init__(f"{os.getpid() % 10000:04d}{int(time.time() * 10) % 10000:04d}")
-
-    def add(self, role: str) -> Namespace:
-        name = f"l4t-{self.run}-{role}"
-        sh("ip", "netns", "add", name)
-        ns = Namespace(name)
-        self.spaces[role] = ns
-        ns.ip("link", "set", "lo", "up")
-        ns.sysctl("net.ipv6.conf.all.accept_dad", "0")
-        ns.sysctl("net.ipv6.conf.default.accept_dad", "0")
-        return ns
-
-    def addr(self, ns: Namespace, dev: str, *cidrs: str) -> None:
-        for cidr in cidrs:
-            extra = ["nodad"] if ":" in cidr else []
-            ns.ip("addr", "add", cidr, "dev", dev, *extra)
+def new_spaces() -> Namespaces:
+    """This suite's namespaces: prefix ``l4t-``, IPv6 addresses usable at once (no DAD)."""
+    return Namespaces("l4t", nodad=True)
 
 
-def start_nginx(spaces: Spaces, ns: Namespace, workdir: Path, binds: list[str]) -> Path:
+def start_nginx(spaces: Namespaces, ns: Namespace, workdir: Path, binds: list[str]) -> Path:
     """nginx (no PROXY) on ``binds`` in ``ns``; returns its access log's path."""
-    (workdir / "tmp").mkdir(parents=True, exist_ok=True)
     listens = "\n".join(f"        listen {b};" for b in binds)
-    conf = workdir / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=workdir, listens=listens))
+    http = NGINX_HTTP.format(dir=workdir, listens=listens)
+    conf = write_nginx_conf(workdir, http, worker_connections=256)
     spaces.start(ns, ["nginx", "-p", str(workdir), "-c", str(conf)], workdir / "nginx.out")
     for bind in binds:
         assert wait_for(lambda b=bind: port_open(ns, b), 15), f"nginx not up on {bind}"
     return workdir / "nginx-access.log"
 
 
-def start_legacy(spaces: Spaces, ns: Namespace, workdir: Path, binds: list[str]) -> Path:
+def start_legacy(spaces: Namespaces, ns: Namespace, workdir: Path, binds: list[str]) -> Path:
     """The socketserver backend (no PROXY) on ``binds`` in ``ns``; returns its log's path."""
     log = workdir / "legacy.log"
     args = [sys.executable, "-m", "tests.transparent.legacy_server", str(log), *binds]
@@ -90,7 +57,7 @@ def start_legacy(spaces: Spaces, ns: Namespace, workdir: Path, binds: list[str])
 
 
 def start_l4lb(
-    spaces: Spaces, ns: Namespace, workdir: Path, name: str, config: str
+    spaces: Namespaces, ns: Namespace, workdir: Path, name: str, config: str
 ) -> subprocess.Popen[bytes]:
     """``l4lb run`` in ``ns``; its stderr in ``workdir/NAME.log``, its config ``NAME.toml``."""
     path = workdir / f"{name}.toml"
@@ -113,16 +80,7 @@ def hostport(bind: str) -> tuple[str, int]:
 
 
 def port_open(ns: Namespace, bind: str) -> bool:
-    host, port = hostport(bind)
-    s = ns.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    s.settimeout(1)
-    try:
-        s.connect((host, port))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
+    return ns.port_open(*hostport(bind))
 
 
 def request(ns: Namespace, source: str, bind: str, payload: bytes, timeout: float = 10) -> bytes:

@@ -12,20 +12,32 @@ import logging
 import os
 import resource
 import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
 
 from l4lb.balancer.logs import setup_logging
 from l4lb.config.loader import ConfigError, ConfigIssue, load_config
-from l4lb.config.schema import Config
+from l4lb.config.schema import Config, ListenerConfig
 
 EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_BIND = 0, 1, 2, 3
 
 log = logging.getLogger("l4lb.run")
 
+DEFAULT_MAX_CONNS: int = next(
+    f.default for f in msgspec.structs.fields(ListenerConfig) if f.name == "max_conns"
+)
+
 
 FDS_PER_CONNECTION = 2
-"""A relayed connection holds the client's socket and the backend's (the stream relay; the
-splice relay's own figures, pipes included, are ``splice.FDS_PER_CONNECTION`` and
-``splice.FDS_SPARE``)."""
+"""A relayed connection holds the client's socket and the backend's; these must fit."""
+PIPE_FDS_PER_CONNECTION = 4
+"""With ``relay = "splice"``, a pipe (two descriptors) for each direction while bytes are in
+flight in it. Pipes are taken lazily from a pool that only makes one when none is free, and a
+direction that cannot get one copies through userspace instead (``event=pipe_unavailable``):
+wanted for full speed at full load, never needed to serve."""
 FDS_SPARE = 64
 """The process's own: standard streams, epoll, the self-pipe, log files, the supervisor's
 channel, and up to :data:`LISTENERS_IN_SPARE` listening sockets (one worker with one listener
@@ -35,51 +47,137 @@ FDS_ADMIN = 67
 """The admin API: its listening socket, a worker's private socket, and 64 client slots."""
 
 
-def fds_needed(config: Config) -> int:
-    """Descriptors one process (a worker) may hold at once with every listener full.
+@dataclass(frozen=True, slots=True)
+class FdBudget:
+    """The descriptors one process (a worker) may hold at once with every listener full.
 
     ``max_conns`` counts per worker (each worker enforces it), so this is per process too.
     """
-    per_conn, spare = FDS_PER_CONNECTION, FDS_SPARE
-    if config.relay == "splice":  # and a pipe for each busy direction, spare pipes kept
-        from l4lb.balancer import splice
 
-        per_conn, spare = splice.FDS_PER_CONNECTION, spare + splice.FDS_SPARE
-    conns = sum(lc.max_conns for lc in config.listeners)
+    own: int
+    """Not per connection: the process's spare, listeners beyond the spare, admin, checks."""
+    conns: int
+    """The listeners' ``max_conns``, summed."""
+    pipes_per_conn: int
+    """Pipe descriptors a connection may hold (0 for the stream relay)."""
+
+    @property
+    def needed(self) -> int:
+        """What serving every connection needs: their sockets and the process's own."""
+        return self.own + FDS_PER_CONNECTION * self.conns
+
+    @property
+    def wanted(self) -> int:
+        """:attr:`needed`, and a pipe for every direction of every connection (splice)."""
+        return self.needed + self.pipes_per_conn * self.conns
+
+    def connections_fit(self, limit: int) -> int:
+        """How many relayed connections a descriptor limit of ``limit`` holds."""
+        return max(0, (limit - self.own) // FDS_PER_CONNECTION)
+
+    def pipes_fit(self, limit: int) -> int:
+        """How many splice pipes (one a busy direction) fit beside every connection's sockets."""
+        return max(0, (limit - self.needed) // 2)
+
+
+def fd_budget(config: Config) -> FdBudget:
     checks = sum(len(p.backends) for p in config.pools.values() if p.health is not None)
     admin = FDS_ADMIN if config.admin is not None else 0
     listeners = max(0, len(config.listeners) - LISTENERS_IN_SPARE)
-    return spare + listeners + admin + checks + per_conn * conns
+    return FdBudget(
+        own=FDS_SPARE + listeners + admin + checks,
+        conns=sum(lc.max_conns for lc in config.listeners),
+        pipes_per_conn=PIPE_FDS_PER_CONNECTION if config.relay == "splice" else 0,
+    )
 
 
-def raise_fd_limit(config: Config) -> None:
-    """Raise the soft RLIMIT_NOFILE towards what the listeners' ``max_conns`` can use.
+def sets_max_conns(path: str) -> bool:
+    """Whether the config file sets a listener's ``max_conns`` (else every listener has the
+    default); True when the file cannot be read again (it was read a moment ago)."""
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return True
+    listeners = raw.get("listeners")
+    if not isinstance(listeners, list):
+        return False
+    return any(isinstance(lc, dict) and "max_conns" in lc for lc in listeners)
+
+
+def raise_fd_limit(config: Config, max_conns_set: bool = True) -> None:
+    """Raise the soft RLIMIT_NOFILE towards what the listeners' ``max_conns`` can use, and say
+    once what does not fit.
 
     Distributions often start services with a soft limit of 1024 (and a far higher hard limit):
     the default ``max_conns = 10000`` would then fail connects with 'Too many open files' long
-    before the listener is full. With ``relay = "splice"`` each busy direction also holds a
-    pipe (two descriptors). Warn when even the hard limit is too low.
+    before the listener is full. The soft limit goes up to what full load wants (with splice,
+    pipes included), at most the hard limit. What is still short is said on one line:
+
+    - only splice pipes short: every connection is served, some directions copy at full load
+      (info: nothing for an operator to fix);
+    - connections short: how many fit. A warning when the file sets ``max_conns``; when every
+      listener has the default, an info line (as HAProxy sizes its default maxconn from the
+      limit without a word), with the figures and what to set.
     """
-    need = fds_needed(config)
+    budget = fd_budget(config)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < need:
-        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    if soft != resource.RLIM_INFINITY and soft < budget.wanted:
+        target = budget.wanted if hard == resource.RLIM_INFINITY else min(budget.wanted, hard)
         if target > soft:
             try:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             except (OSError, ValueError) as err:
                 log.warning("event=fd_limit error=%r", str(err))
             else:
-                log.info("event=fd_limit raised_from=%d to=%d needed=%d", soft, target, need)
+                log.info(
+                    "event=fd_limit raised_from=%d to=%d needed=%d wanted=%d",
+                    soft,
+                    target,
+                    budget.needed,
+                    budget.wanted,
+                )
                 soft = target
-    if soft != resource.RLIM_INFINITY and soft < need:
-        log.warning(
-            "event=fd_limit limit=%d needed=%d detail='the listeners' max_conns (per worker) need "
-            "about %d file descriptors: raise the hard limit (ulimit -Hn, systemd LimitNOFILE=) "
-            "or lower max_conns, or connections will fail with Too many open files'",
+    if soft == resource.RLIM_INFINITY or soft >= budget.wanted:
+        return
+    if soft >= budget.needed:
+        pipes = budget.pipes_fit(soft)
+        log.info(
+            "event=fd_limit limit=%d needed=%d wanted=%d splice_pipes=%d detail='every "
+            "connection fits; a busy splice direction holds a pipe (2 descriptors) while bytes "
+            "are in flight: %d fit at once, beyond that a direction copies through userspace'",
             soft,
-            need,
-            need,
+            budget.needed,
+            budget.wanted,
+            pipes,
+            pipes,
+        )
+        return
+    fit = budget.connections_fit(soft)
+    if max_conns_set:
+        log.warning(
+            "event=fd_limit limit=%d needed=%d connections_fit=%d max_conns=%d detail='the "
+            "listeners' max_conns (per worker) need about %d file descriptors, %d connections "
+            "fit: raise the hard limit (ulimit -Hn, systemd LimitNOFILE=) or lower max_conns, "
+            "or connections past it will fail with Too many open files'",
+            soft,
+            budget.needed,
+            fit,
+            budget.conns,
+            budget.needed,
+            fit,
+        )
+    else:
+        log.info(
+            "event=fd_limit limit=%d needed=%d connections_fit=%d max_conns=%d detail='max_conns "
+            "is the default (%d per listener): %d connections fit in the descriptor limit, "
+            "connections past it fail with Too many open files; set max_conns, or raise the "
+            "hard limit (ulimit -Hn, systemd LimitNOFILE=)'",
+            soft,
+            budget.needed,
+            fit,
+            budget.conns,
+            DEFAULT_MAX_CONNS,
+            fit,
         )
 
 
@@ -133,7 +231,7 @@ def main(argv: list[str]) -> int:
         return EXIT_CONFIG
     for warning in warnings:
         log.warning("event=config_warning detail=%r", str(warning))
-    raise_fd_limit(config)
+    raise_fd_limit(config, sets_max_conns(args.config))
     warn_unprotected_admin(config)
     from l4lb.balancer.listener import BindError, ensure_not_listening
 

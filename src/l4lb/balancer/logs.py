@@ -92,6 +92,10 @@ class QueuedStderr(logging.Handler):
         self._start()
 
     def _start(self) -> None:
+        self._counts = threading.Lock()
+        """Guards ``dropped`` and ``_suppressed`` between callers and the writer. Not the
+        handler's own lock: ``logging.shutdown`` holds that one while it calls :meth:`flush`
+        and :meth:`close`, and a writer waiting for it made every exit wait 2 s twice."""
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._idle = threading.Event()
         self._idle.set()
@@ -122,12 +126,14 @@ class QueuedStderr(logging.Handler):
         if count < BURST:
             self._windows[key] = (start, count + 1)
             return True
-        self._suppressed[key] = self._suppressed.get(key, 0) + 1
+        with self._counts:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
         return False
 
     def _put(self, line: str) -> None:
         if self._queue.qsize() >= self.max_queued:
-            self.dropped += 1
+            with self._counts:
+                self.dropped += 1
             return
         self._idle.clear()
         self._queue.put(line)
@@ -138,12 +144,9 @@ class QueuedStderr(logging.Handler):
         """``log_suppressed`` and ``log_dropped`` lines due now (called by the writer)."""
         lines = []
         when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + ".000Z"
-        self.acquire()
-        try:
+        with self._counts:
             suppressed, self._suppressed = self._suppressed, {}
             dropped = self.dropped
-        finally:
-            self.release()
         for (name, template), count in suppressed.items():
             lines.append(
                 f"{when} level=warning logger={name} event=log_suppressed "
@@ -189,12 +192,9 @@ class QueuedStderr(logging.Handler):
             while view:
                 view = view[os.write(self.fd, view) :]
         except OSError:  # stderr closed (EPIPE, EBADF): nobody to tell, count what is lost
-            self.acquire()
-            try:
+            with self._counts:
                 self.dropped += bytes(view).count(b"\n")
                 self._reported = self.dropped  # a report would be lost the same way
-            finally:
-                self.release()
 
     def close(self) -> None:
         """Write what is queued (waiting at most 2 s) and stop the writer thread."""
@@ -203,12 +203,13 @@ class QueuedStderr(logging.Handler):
             self._thread.join(2.0)
         super().close()
 
-    def flush(self, timeout: float = 2.0) -> None:
-        """Wait (up to ``timeout``) until every queued line was written."""
+    def flush(self, timeout: float = 2.0) -> bool:  # type: ignore[override]
+        """Wait (up to ``timeout``) until every queued line was written; whether it was."""
         if self._thread.is_alive():
             self._idle.clear()
             self._queue.put(_FLUSH)
-            self._idle.wait(timeout)
+            return self._idle.wait(timeout)
+        return self._queue.empty()
 
 
 _HANDLER: QueuedStderr | None = None

@@ -15,8 +15,9 @@ Pipes come from a process-wide pool and go back as soon as they are empty, so an
 holds no pipe (HAProxy does the same): four descriptors only while bytes are in flight, not per
 connection. A pipe that still holds bytes when its connection dies is closed, never reused. When
 no pipe can be made (out of descriptors), that direction copies through userspace instead
-(``event=pipe_unavailable``); ``l4lb run`` budgets :data:`FDS_PER_CONNECTION` descriptors per
-connection in its start-up limit check.
+(``event=pipe_unavailable``). The pool makes a pipe only when none is free, so there are never
+more pipes than directions busy at once: ``l4lb run`` raises its descriptor limit towards two
+sockets and two pipes a connection, and needs only the sockets to fit (``command.FdBudget``).
 
 Small messages do not pay for the pipe: each direction starts by copying through one 64 KiB
 buffer per event loop (``recv_into`` + ``send``, nothing kept unless the destination is full) and
@@ -54,11 +55,6 @@ log = logging.getLogger("l4lb.relay")
 
 PIPE_SIZE = 1 << 20
 """Bytes a pipe holds (F_SETPIPE_SZ; the kernel default is 64 KiB): one splice moves up to this."""
-
-FDS_PER_CONNECTION = 6
-"""Worst case per relayed connection: two sockets, and a pipe (two descriptors) each way."""
-FDS_SPARE = 2 * 64
-"""The pool's spare pipes (``PipePool.keep``)."""
 
 COPY_SIZE = 1 << 16
 """A read of this many bytes marks a direction as bulk: it is spliced from then on."""
