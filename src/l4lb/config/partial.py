@@ -1,0 +1,185 @@
+"""What parsed: a :class:`~l4lb.config.schema.Config` made of the parts of a file that are valid.
+
+The schema pass reports every key that is wrong; the rules that span tables (a listener's pool
+exists, binds are unique, the files the config names can be read) then run on whatever else
+parsed, so one run of ``l4lb check`` says everything. A part that failed is left out, never
+guessed at: its own errors say what is wrong, once, and nothing that refers to it cascades (a pool
+that failed still counts as defined, so its listeners get no "no pool" error).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from l4lb.config import schema
+
+__all__ = ["Parsed", "salvage"]
+
+_BACKEND = re.compile(r"^\.backends\[(\d+)\]")
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """The valid parts of a file, with where each came from.
+
+    ``config.listeners[n]`` is the file's ``listeners[listener_at[n]]`` and
+    ``config.pools[p].backends[n]`` its ``pools.p.backends[backend_at[p][n]]``. ``pool_names`` is
+    every pool the file defines, valid or not (None when ``pools`` is not a table: unknown).
+    ``failed`` holds the key paths the schema pass reported: a failed optional key is left out
+    (its default stands in), and a rule that reads one asks :meth:`valid` and says nothing.
+    ``all_listeners`` is False when a listener could not be built.
+    """
+
+    config: schema.Config
+    listener_at: tuple[int, ...]
+    backend_at: Mapping[str, tuple[int, ...]]
+    pool_names: frozenset[str] | None
+    failed: frozenset[str]
+    all_listeners: bool
+
+    def valid(self, path: str) -> bool:
+        """True when no error was reported at ``path``, below it or above it."""
+        return not _under(self.failed, path)
+
+    def listener_path(self, n: int) -> str:
+        return f"listeners[{self.listener_at[n]}]"
+
+    def backend_path(self, pool: str, n: int) -> str:
+        return f"pools.{pool}.backends[{self.backend_at[pool][n]}]"
+
+    def replace_config(self, config: schema.Config) -> Parsed:
+        return Parsed(
+            config,
+            self.listener_at,
+            self.backend_at,
+            self.pool_names,
+            self.failed,
+            self.all_listeners,
+        )
+
+
+def _under(paths: Iterable[str], prefix: str) -> list[str]:
+    """The paths at ``prefix``, below it, or above it (an error on a table covers its keys)."""
+    below = (prefix + ".", prefix + "[")
+    return [
+        p
+        for p in paths
+        if not p or p == prefix or p.startswith(below) or prefix.startswith((p + ".", p + "["))
+    ]
+
+
+def _convert(value: dict[str, Any], tp: Any) -> Any:
+    """``value`` converted to ``tp``, or None when it does not convert (a rule of the table
+    refuses what is left once the failed keys are out: those keys' errors say what is wrong)."""
+    try:
+        return msgspec.convert(value, tp)
+    except (msgspec.ValidationError, ValueError, TypeError):
+        return None
+
+
+def salvage(raw: dict[str, Any], failed: list[str]) -> Parsed:
+    """The :class:`Parsed` parts of the TOML document ``raw``; ``failed`` are the key paths the
+    schema pass reported."""
+    raw_listeners = raw.get("listeners")
+    raw_pools = raw.get("pools")
+    pool_names = frozenset(raw_pools) if isinstance(raw_pools, dict) else None
+    if not failed:
+        config = msgspec.convert(raw, schema.Config)
+        return Parsed(
+            config,
+            tuple(range(len(config.listeners))),
+            {name: tuple(range(len(p.backends))) for name, p in config.pools.items()},
+            pool_names,
+            frozenset(),
+            True,
+        )
+    kwargs: dict[str, Any] = {}
+    types = {f.encode_name: f.type for f in msgspec.structs.fields(schema.Config)}
+    for key, value in _valid_keys(raw, schema.Config, "", failed).items():
+        if key not in ("listeners", "pools") and value is not _MISSING:
+            try:
+                kwargs[key] = msgspec.convert(value, types[key])
+            except (msgspec.ValidationError, ValueError, TypeError):
+                continue
+    listeners: list[schema.ListenerConfig] = []
+    listener_at: list[int] = []
+    if isinstance(raw_listeners, list):
+        for i, item in enumerate(raw_listeners):
+            listener = _salvage_table(item, schema.ListenerConfig, f"listeners[{i}]", failed)
+            if listener is not None:
+                listeners.append(listener)
+                listener_at.append(i)
+    all_listeners = isinstance(raw_listeners, list) and len(listeners) == len(raw_listeners)
+    pools: dict[str, schema.PoolConfig] = {}
+    backend_at: dict[str, tuple[int, ...]] = {}
+    for name, item in raw_pools.items() if isinstance(raw_pools, dict) else ():
+        pool = _salvage_pool(name, item, failed)
+        if pool is not None:
+            pools[name], backend_at[name] = pool
+    config = schema.Config(listeners=tuple(listeners), pools=pools, **kwargs)
+    return Parsed(
+        config, tuple(listener_at), backend_at, pool_names, frozenset(failed), all_listeners
+    )
+
+
+def _valid_keys(item: dict[str, Any], tp: Any, path: str, failed: list[str]) -> dict[str, Any]:
+    """The keys of the table ``item`` that are known and hold no error (``_MISSING`` marks a
+    required key that failed: without it the table cannot be built)."""
+    fields = {f.encode_name: f for f in msgspec.structs.fields(tp)}
+    kept: dict[str, Any] = {}
+    for key, value in item.items():
+        field = fields.get(key)
+        if field is None:
+            continue  # an unknown key: reported, and nothing reads it
+        if _under(failed, f"{path}.{key}" if path else key):
+            if field.required:
+                kept[key] = _MISSING
+            continue
+        kept[key] = value
+    return kept
+
+
+_MISSING = object()
+
+
+def _salvage_table(item: Any, tp: Any, path: str, failed: list[str]) -> Any:
+    """The table at ``path`` built from its valid keys (the defaults stand in for the others),
+    or None when a required key failed or the table's own rules refuse what is left."""
+    if not isinstance(item, dict) or any(
+        p == path or not p or path.startswith((p + ".", p + "[")) for p in failed
+    ):
+        return None
+    kept = _valid_keys(item, tp, path, failed)
+    if any(value is _MISSING for value in kept.values()):
+        return None
+    return _convert(kept, tp)
+
+
+def _salvage_pool(
+    name: str, item: Any, failed: list[str]
+) -> tuple[schema.PoolConfig, tuple[int, ...]] | None:
+    """The pool built from its valid keys and valid backends, with the file index of each."""
+    path = f"pools.{name}"
+    backends = item.get("backends") if isinstance(item, dict) else None
+    if not isinstance(backends, list) or any(
+        p in (path, f"{path}.backends") or not p or path.startswith((p + ".", p + "["))
+        for p in failed
+    ):
+        return None
+    bad = set()
+    for p in _under(failed, f"{path}.backends"):
+        m = _BACKEND.match(p[len(path) :])
+        if m is not None:
+            bad.add(int(m.group(1)))
+    kept_at = tuple(j for j in range(len(backends)) if j not in bad)
+    rest = {k: v for k, v in item.items() if k != "backends"}
+    kept = _valid_keys(rest, schema.PoolConfig, path, failed)
+    if not kept_at or any(value is _MISSING for value in kept.values()):
+        return None
+    pool = _convert({**kept, "backends": [backends[j] for j in kept_at]}, schema.PoolConfig)
+    return None if pool is None else (pool, kept_at)
