@@ -317,7 +317,12 @@ def _unknown_key(key: str, tp: type[msgspec.Struct], fields: list[str]) -> str:
     key (perhaps misspelt) of another table."""
     elsewhere = [k for (table, k) in _BELONGS if table == tp.__name__]
     near = difflib.get_close_matches(key, fields + elsewhere, n=1)
-    if key in elsewhere or (near and near[0] in elsewhere):
+    if tp is not schema.Config and key in _TOP_LEVEL:
+        hint = (
+            f"{key} is a top-level key: put it above the first [table] (a key after a "
+            "[table] header belongs to that table); "
+        )
+    elif key in elsewhere or (near and near[0] in elsewhere):
         right = key if key in elsewhere else near[0]
         spelt = "" if right == key else f"did you mean {right!r}? "
         hint = f"{spelt}it belongs to {_BELONGS[(tp.__name__, right)]}; "
@@ -336,6 +341,7 @@ def _belongs() -> dict[tuple[str, str], str]:
 
 
 _BELONGS = _belongs()
+_TOP_LEVEL = frozenset(f.encode_name for f in msgspec.structs.fields(schema.Config))
 
 
 def _leaf(

@@ -235,12 +235,26 @@ def _has_capability(bit: int) -> bool:
     return os.geteuid() == 0
 
 
+def _is_local(host: str, family: socket.AddressFamily) -> bool:
+    """Whether ``host`` is one of this host's addresses, told apart from a bind that succeeds
+    only through ``ip_nonlocal_bind``: a UDP socket connected to a local address has that
+    address as its own (connecting a UDP socket sends nothing)."""
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, 9))
+            return str(probe.getsockname()[0]) == host
+    except OSError:
+        return False
+
+
 def _bind_issue(where: str, host: str, bind: str) -> ConfigIssue | None:
-    """A bind address this host does not have: an error, a note when it cannot be told."""
+    """A bind address this host does not have: an error, a note when ``ip_nonlocal_bind`` lets
+    run bind it anyway or when it cannot be told."""
     ip = ipaddress.ip_address(host)
     if ip.is_unspecified:
         return None
     family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    sysctl = f"net.ipv{ip.version}.ip_nonlocal_bind"
     try:
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.bind((host, 0))  # port 0: nothing listens, nothing is kept
@@ -252,9 +266,9 @@ def _bind_issue(where: str, host: str, bind: str) -> ConfigIssue | None:
                 severity=Severity.NOTE,
             )
     else:
-        return None
-    sysctl = f"net.ipv{ip.version}.ip_nonlocal_bind"
-    if _proc(f"/proc/sys/net/ipv{ip.version}/ip_nonlocal_bind") == "1":
+        nonlocal_bind = _proc(f"/proc/sys/net/ipv{ip.version}/ip_nonlocal_bind") == "1"
+        if not nonlocal_bind or _is_local(host, family):
+            return None
         return ConfigIssue(
             where,
             f"this host has no address {host} now; {sysctl} = 1 lets l4lb run bind {bind} "
