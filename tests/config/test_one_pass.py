@@ -124,3 +124,20 @@ def test_every_error_once() -> None:
         "listeners[1].bind",
         "listeners[1].pool",
     ]
+
+
+def test_elements_of_an_array_over_several_lines_have_their_own_line() -> None:
+    text = (
+        listener("a", 18001, "a")
+        + "[pools.a]\nbackends = [\n"
+        + '  { address = "127.0.0.1:9001" },  # a "]" and a "," in a comment\n'
+        + '  { address = "127.0.0.1:9002", weight = "2" },\n'
+        + '  { address = "a]b,c" }, { address = "127.0.0.1:9001" },\n'
+        + "]\n"
+    )
+    found = issues(text)
+    assert [(i.path, i.line) for i in found] == [
+        ("pools.a.backends[1].weight", 9),
+        ("pools.a.backends[2].address", 10),
+        ("pools.a.backends[3].address", 10),
+    ]

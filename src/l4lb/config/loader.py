@@ -175,9 +175,44 @@ def _locate(lines: list[str], headers: list[tuple[int, bool, str]], path: str) -
         first = start + 1 if cut else 0
         for n in range(first, end):
             if key.match(lines[n]):
+                if len(rest) > 1 and isinstance(rest[1], int):
+                    return _element_line(lines, n, rest[1]) + 1
                 return n + 1
         return start + 1 if cut else None
     return None
+
+
+def _element_line(lines: list[str], n: int, index: int) -> int:
+    """The 0-based line where element ``index`` of the array assigned on line ``n`` starts
+    (``backends = [`` over several lines); ``n`` when it cannot be told."""
+    depth, element, quote = 0, 0, ""
+    for row in range(n, len(lines)):
+        text = lines[row] if row > n else lines[row].partition("=")[2]
+        escaped = False
+        for char in text:
+            if quote:
+                if escaped:
+                    escaped = False
+                elif char == "\\" and quote == '"':
+                    escaped = True
+                elif char == quote:
+                    quote = ""
+                continue
+            if char == "#":
+                break
+            if depth == 1 and element == index and not char.isspace() and char not in ",]":
+                return row
+            if char in "\"'":
+                quote = char
+            elif char in "[{":
+                depth += 1
+            elif char in "]}":
+                depth -= 1
+                if depth == 0:
+                    return n
+            elif char == "," and depth == 1:
+                element += 1
+    return n
 
 
 def _table_start(headers: list[tuple[int, bool, str]], prefix: list[str | int]) -> int | None:
