@@ -238,7 +238,7 @@ def test_many_errors_across_schema_cross_checks_and_files_in_one_run(tmp_path: P
         ("listeners[1].pool", 15, "no pool 'wbe'; defined pools: 'api', 'web'"),
         ("listeners[1].idle_timeout", 16, "it belongs to the pool"),
         ("pools.web.balance", 19, "did you mean 'leastconn'?"),
-        ("pools.web.backends[1].address", 20, "duplicate backend '127.0.0.1:9001'"),
+        ("pools.web.backends[1].address", 22, "duplicate backend '127.0.0.1:9001'"),
         ("pools.api.connect_timeout", 27, "write '3s'"),
     ]
     assert len(errors) == len(expected), errors
@@ -247,6 +247,8 @@ def test_many_errors_across_schema_cross_checks_and_files_in_one_run(tmp_path: P
         assert error.endswith(f"(line {line})"), error
     lines = [int(m.group(1)) for e in errors for m in [re.search(r"\(line (\d+)\)$", e)] if m]
     assert lines == sorted(lines)
+    ran = _l4lb("run", "--config", str(file))  # the same file, the same errors
+    assert ran.returncode == 1 and _errors(ran.stderr) == errors, ran.stderr
     assert f"{done.stderr.splitlines()[0]}" == f"{file}: {len(expected)} errors"
 
 
