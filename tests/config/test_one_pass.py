@@ -141,3 +141,26 @@ def test_elements_of_an_array_over_several_lines_have_their_own_line() -> None:
         ("pools.a.backends[2].address", 10),
         ("pools.a.backends[3].address", 10),
     ]
+
+
+def test_a_tables_own_rules_are_checked_next_to_its_key_errors() -> None:
+    """accept_proxy without trusted_proxies, in a listener whose bind is wrong: both are said."""
+    text = listener("a", 18001, "a", extra='accept_proxy = "required"').replace(
+        "18001", "x"
+    ) + pool("a", extra='proxy_tlvs = ["alpn", "alpn"]\nretries = -1')
+    found = issues(text)
+    assert [(i.path, i.line) for i in found] == [
+        ("listeners[0]", 1),
+        ("listeners[0].bind", 3),
+        ("pools.a", 6),
+        ("pools.a.retries", 9),
+    ]
+    assert "needs a non-empty trusted_proxies" in found[0].message
+    assert "each TLV may appear only once" in found[2].message
+
+
+def test_a_rule_that_reads_a_failed_or_misspelt_key_says_nothing() -> None:
+    wrong = listener("a", 18001, "a", extra='accept_proxy = "required"\ntrusted_proxies = ["x"]')
+    assert paths(wrong + pool("a")) == ["listeners[0].trusted_proxies[0]"]
+    typo = listener("a", 18001, "a", extra='accept_proxy = "required"\ntrusted_proxy = ["::1"]')
+    assert paths(typo + pool("a")) == ["listeners[0].trusted_proxy"]

@@ -9,6 +9,7 @@ that failed still counts as defined, so its listeners get no "no pool" error).
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any
 import msgspec
 
 from l4lb.config import schema
+from l4lb.config.issues import ConfigIssue
 
 __all__ = ["Parsed", "salvage"]
 
@@ -41,6 +43,9 @@ class Parsed:
     pool_names: frozenset[str] | None
     failed: frozenset[str]
     all_listeners: bool
+    rule_issues: tuple[ConfigIssue, ...] = ()
+    """What a table's own rules (``__post_init__``) say about a table built from its valid keys
+    (the schema pass only runs them on a table without errors)."""
 
     def valid(self, path: str) -> bool:
         """True when no error was reported at ``path``, below it or above it."""
@@ -60,6 +65,7 @@ class Parsed:
             self.pool_names,
             self.failed,
             self.all_listeners,
+            self.rule_issues,
         )
 
 
@@ -73,13 +79,43 @@ def _under(paths: Iterable[str], prefix: str) -> list[str]:
     ]
 
 
-def _convert(value: dict[str, Any], tp: Any) -> Any:
-    """``value`` converted to ``tp``, or None when it does not convert (a rule of the table
-    refuses what is left once the failed keys are out: those keys' errors say what is wrong)."""
-    try:
-        return msgspec.convert(value, tp)
-    except (msgspec.ValidationError, ValueError, TypeError):
+_STAND_IN: dict[str, Any] = {
+    "name": "stand-in",
+    "bind": "127.0.0.1:1",
+    "pool": "stand-in",
+    "address": "127.0.0.1:1",
+    "backends": [{"address": "127.0.0.1:1"}],
+}
+"""Valid values for the required keys of the tables, put in for a required key that failed so
+the table's own rules can still be run on its other keys (the table itself is not kept)."""
+
+
+def _convert(
+    item: dict[str, Any], kept: dict[str, Any], tp: Any, path: str, rules: list[ConfigIssue]
+) -> Any:
+    """The table ``item`` at ``path`` built from its ``kept`` keys, or None when a required key
+    failed or the table's own rules refuse it. Their message is added to ``rules`` unless it names
+    a key that was left out: that rule read a default standing in for a failed key."""
+    fields = [f.encode_name for f in msgspec.structs.fields(tp)]
+    left_out = [k for k in item if kept.get(k, _MISSING) is _MISSING]
+    for key in item:  # a misspelt key stands for the key it was meant to be
+        if key not in fields:
+            left_out += difflib.get_close_matches(key, fields, n=1)
+    missing = [k for k, v in kept.items() if v is _MISSING]
+    if any(k not in _STAND_IN for k in missing):
         return None
+    try:
+        table = msgspec.convert({**kept, **{k: _STAND_IN[k] for k in missing}}, tp)
+    except msgspec.ValidationError as err:
+        message, sep, where = str(err).rpartition(" - at `$")
+        if not sep:  # an error of the table itself
+            message, where = str(err), ""
+        if not any(re.search(rf"\b{re.escape(k)}\b", message) for k in left_out):
+            rules.append(ConfigIssue(path + where.rstrip("`"), message))
+        return None
+    except (ValueError, TypeError):
+        return None
+    return None if missing else table
 
 
 def salvage(raw: dict[str, Any], failed: list[str]) -> Parsed:
@@ -106,11 +142,12 @@ def salvage(raw: dict[str, Any], failed: list[str]) -> Parsed:
                 kwargs[key] = msgspec.convert(value, types[key])
             except (msgspec.ValidationError, ValueError, TypeError):
                 continue
+    rules: list[ConfigIssue] = []
     listeners: list[schema.ListenerConfig] = []
     listener_at: list[int] = []
     if isinstance(raw_listeners, list):
         for i, item in enumerate(raw_listeners):
-            listener = _salvage_table(item, schema.ListenerConfig, f"listeners[{i}]", failed)
+            listener = _salvage_table(item, schema.ListenerConfig, f"listeners[{i}]", failed, rules)
             if listener is not None:
                 listeners.append(listener)
                 listener_at.append(i)
@@ -118,12 +155,18 @@ def salvage(raw: dict[str, Any], failed: list[str]) -> Parsed:
     pools: dict[str, schema.PoolConfig] = {}
     backend_at: dict[str, tuple[int, ...]] = {}
     for name, item in raw_pools.items() if isinstance(raw_pools, dict) else ():
-        pool = _salvage_pool(name, item, failed)
+        pool = _salvage_pool(name, item, failed, rules)
         if pool is not None:
             pools[name], backend_at[name] = pool
     config = schema.Config(listeners=tuple(listeners), pools=pools, **kwargs)
     return Parsed(
-        config, tuple(listener_at), backend_at, pool_names, frozenset(failed), all_listeners
+        config,
+        tuple(listener_at),
+        backend_at,
+        pool_names,
+        frozenset(failed),
+        all_listeners,
+        tuple(rules),
     )
 
 
@@ -147,21 +190,20 @@ def _valid_keys(item: dict[str, Any], tp: Any, path: str, failed: list[str]) -> 
 _MISSING = object()
 
 
-def _salvage_table(item: Any, tp: Any, path: str, failed: list[str]) -> Any:
+def _salvage_table(
+    item: Any, tp: Any, path: str, failed: list[str], rules: list[ConfigIssue]
+) -> Any:
     """The table at ``path`` built from its valid keys (the defaults stand in for the others),
     or None when a required key failed or the table's own rules refuse what is left."""
     if not isinstance(item, dict) or any(
         p == path or not p or path.startswith((p + ".", p + "[")) for p in failed
     ):
         return None
-    kept = _valid_keys(item, tp, path, failed)
-    if any(value is _MISSING for value in kept.values()):
-        return None
-    return _convert(kept, tp)
+    return _convert(item, _valid_keys(item, tp, path, failed), tp, path, rules)
 
 
 def _salvage_pool(
-    name: str, item: Any, failed: list[str]
+    name: str, item: Any, failed: list[str], rules: list[ConfigIssue]
 ) -> tuple[schema.PoolConfig, tuple[int, ...]] | None:
     """The pool built from its valid keys and valid backends, with the file index of each."""
     path = f"pools.{name}"
@@ -179,7 +221,8 @@ def _salvage_pool(
     kept_at = tuple(j for j in range(len(backends)) if j not in bad)
     rest = {k: v for k, v in item.items() if k != "backends"}
     kept = _valid_keys(rest, schema.PoolConfig, path, failed)
-    if not kept_at or any(value is _MISSING for value in kept.values()):
+    if not kept_at:
         return None
-    pool = _convert({**kept, "backends": [backends[j] for j in kept_at]}, schema.PoolConfig)
+    kept["backends"] = [backends[j] for j in kept_at]
+    pool = _convert(item, kept, schema.PoolConfig, path, rules)
     return None if pool is None else (pool, kept_at)
