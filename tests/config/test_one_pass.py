@@ -3,9 +3,11 @@ nothing is said twice or cascades from a part that failed (config/partial.py).""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from l4lb.config import ConfigError, ConfigIssue, parse_config
+from l4lb.config import ConfigError, ConfigIssue, load_config, parse_config
 from l4lb.config.issues import Severity
 
 LISTENER = '[[listeners]]\nname = "{name}"\nbind = "127.0.0.1:{port}"\npool = "{pool}"\n{extra}\n'
@@ -164,3 +166,28 @@ def test_a_rule_that_reads_a_failed_or_misspelt_key_says_nothing() -> None:
     assert paths(wrong + pool("a")) == ["listeners[0].trusted_proxies[0]"]
     typo = listener("a", 18001, "a", extra='accept_proxy = "required"\ntrusted_proxy = ["::1"]')
     assert paths(typo + pool("a")) == ["listeners[0].trusted_proxy"]
+
+
+def test_the_valid_keys_of_a_top_level_table_are_still_checked(tmp_path: Path) -> None:
+    """A misspelt key in [log] does not hide an access log run cannot open."""
+    text = f'[log]\naccess = "{tmp_path}/nowhere/a.log"\nformat = "json"\n\n'
+    text += listener("a", 18001, "a") + pool("a")
+    found = issues_of(tmp_path, text)
+    assert [(i.path, i.line) for i in found] == [("log.access", 2), ("log.format", 3)]
+    assert f"directory {tmp_path}/nowhere does not exist" in found[0].message
+
+
+def test_an_admin_bind_that_failed_is_not_compared_with_the_listeners() -> None:
+    """The default admin bind (127.0.0.1:9100) standing in for a wrong one is not "also a
+    listener's bind"."""
+    text = listener("a", 9100, "a") + pool("a") + '[admin]\nbind = "localhost:9100"\n'
+    assert paths(text) == ["admin.bind"]
+    assert "not an IP address" in issues(text)[0].message
+
+
+def issues_of(tmp_path: Path, text: str) -> list[ConfigIssue]:
+    path = tmp_path / "l4lb.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, check_files=True)
+    return info.value.issues

@@ -110,8 +110,9 @@ def _listener_issues(parsed: Parsed) -> list[ConfigIssue]:
         binds.setdefault(addr, where)
         issues += _no_pool(f"{where}.pool", lst.pool, parsed)
         issues += _route_issues(where, lst, parsed)
-    if config.admin is not None and config.admin.bind_addr in binds:
-        issues.append(ConfigIssue("admin.bind", f"{config.admin.bind!r} is also a listener's bind"))
+    admin = config.admin if parsed.valid("admin.bind") else None
+    if admin is not None and admin.bind_addr in binds:
+        issues.append(ConfigIssue("admin.bind", f"{admin.bind!r} is also a listener's bind"))
     return issues
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import difflib
 import re
+import types
+import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -134,15 +136,21 @@ def salvage(raw: dict[str, Any], failed: list[str]) -> Parsed:
             frozenset(),
             True,
         )
-    kwargs: dict[str, Any] = {}
-    types = {f.encode_name: f.type for f in msgspec.structs.fields(schema.Config)}
-    for key, value in _valid_keys(raw, schema.Config, "", failed).items():
-        if key not in ("listeners", "pools") and value is not _MISSING:
-            try:
-                kwargs[key] = msgspec.convert(value, types[key])
-            except (msgspec.ValidationError, ValueError, TypeError):
-                continue
     rules: list[ConfigIssue] = []
+    kwargs: dict[str, Any] = {}
+    for field in msgspec.structs.fields(schema.Config):
+        key = field.encode_name
+        if key in ("listeners", "pools") or key not in raw:
+            continue
+        table = _table_type(field.type)
+        if table is not None:  # [log], [admin], [resolver], [anycast]: their valid keys
+            value = _salvage_table(raw[key], table, key, failed, rules)
+        elif not _under(failed, key):
+            value = _convert_value(raw[key], field.type)
+        else:
+            value = None
+        if value is not None:
+            kwargs[key] = value
     listeners: list[schema.ListenerConfig] = []
     listener_at: list[int] = []
     if isinstance(raw_listeners, list):
@@ -168,6 +176,24 @@ def salvage(raw: dict[str, Any], failed: list[str]) -> Parsed:
         all_listeners,
         tuple(rules),
     )
+
+
+def _table_type(tp: Any) -> Any:
+    """The Struct type of a table-valued key (``T`` or ``T | None``), else None."""
+    options = (
+        typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    )
+    for option in options:
+        if isinstance(option, type) and issubclass(option, msgspec.Struct):
+            return option
+    return None
+
+
+def _convert_value(value: Any, tp: Any) -> Any:
+    try:
+        return msgspec.convert(value, tp)
+    except (msgspec.ValidationError, ValueError, TypeError):
+        return None
 
 
 def _valid_keys(item: dict[str, Any], tp: Any, path: str, failed: list[str]) -> dict[str, Any]:

@@ -314,7 +314,7 @@ def _bind_issues(parsed: Parsed) -> list[ConfigIssue]:
         (f"{parsed.listener_path(n)}.bind", lst.bind, lst.bind_addr)
         for n, lst in enumerate(config.listeners)
     ]
-    if config.admin is not None:
+    if config.admin is not None and parsed.valid("admin.bind"):
         binds.append(("admin.bind", config.admin.bind, config.admin.bind_addr))
     capable = _has_capability(CAP_NET_BIND_SERVICE)
     start_text = _proc("/proc/sys/net/ipv4/ip_unprivileged_port_start") or "1024"
