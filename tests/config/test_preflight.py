@@ -264,3 +264,15 @@ def test_ip_nonlocal_bind_makes_it_a_note(tmp_path: Path, netns: str) -> None:
 
 def test_severities() -> None:
     assert [s.value for s in Severity] == ["error", "warning", "note"]
+
+
+def test_a_state_file_run_would_ignore_is_a_warning(tmp_path: Path) -> None:
+    (tmp_path / "state.json").write_text("{not json\n")
+    path = tmp_path / "l4lb.toml"
+    path.write_text('state_file = "state.json"\n' + config())
+    notes: list[ConfigIssue] = []
+    load_config(path, warnings=notes, check_files=True)
+    (note,) = notes
+    assert note.severity is Severity.WARNING and (note.path, note.line) == ("state_file", 1)
+    assert note.message.startswith(f"{tmp_path / 'state.json'} cannot be restored (not JSON:")
+    assert "l4lb run ignores it and starts every backend in rotation" in note.message

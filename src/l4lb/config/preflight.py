@@ -208,7 +208,30 @@ def _write_issues(parsed: Parsed) -> list[ConfigIssue]:
             problem = _creatable(config.state_file, expected)
         if problem is not None:
             issues.append(ConfigIssue("state_file", problem))
+        else:
+            issues += _state_file_content(config.state_file)
     return issues
+
+
+def _state_file_content(path: str) -> list[ConfigIssue]:
+    """A state file run would ignore (corrupt, or not one): a warning, as run's is."""
+    from l4lb.balancer.state_file import read  # the reader run restores with
+
+    if not os.path.isfile(path):
+        return []
+    try:
+        read(Path(path))
+    except (OSError, ValueError) as err:
+        why = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        return [
+            ConfigIssue(
+                "state_file",
+                f"{path} cannot be restored ({why}): l4lb run ignores it and starts every "
+                "backend in rotation, then replaces it",
+                severity=Severity.WARNING,
+            )
+        ]
+    return []
 
 
 def _is_fifo(path: str) -> bool:
