@@ -125,53 +125,77 @@ def read_issues(parsed: Parsed) -> list[ConfigIssue]:
 # --- files written ------------------------------------------------------------------------------
 
 
-def _systemd_hint(directory: str) -> str:
+def _systemd_directive(directory: str) -> str | None:
+    """``LogsDirectory=l4lb`` for ``/var/log/l4lb``: the unit setting that creates it, if any."""
     for base, key in _SYSTEMD_DIRS:
         rel = os.path.relpath(directory, base)
-        if not rel.startswith(".."):
-            if rel == ".":
-                return ""
-            return (
-                f" — systemd's {key}={rel} creates it for the unit (contrib/l4lb.service); "
-                f"outside systemd create it: mkdir -p {directory}"
-            )
-    return ""
+        if not rel.startswith("..") and rel != ".":
+            return f"{key}={rel}"
+    return None
 
 
-def _writable(path: str, expected: str) -> str | None:
+def _under_systemd() -> bool:
+    """Whether this process runs as a systemd service (``$INVOCATION_ID``, systemd >= 232): its
+    unit's directories then exist before ``ExecStartPre``, and a missing one is the unit's fault."""
+    return bool(os.environ.get("INVOCATION_ID"))
+
+
+def _writable(key: str, path: str, expected: str) -> ConfigIssue | None:
     """Why this user cannot open ``path`` for appending, or create it (None: it can)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
         st = None
     except OSError as err:
-        return f"cannot open {path}: {err.strerror or err}"
+        return ConfigIssue(key, f"cannot open {path}: {err.strerror or err}")
     if st is not None:
         if stat.S_ISDIR(st.st_mode):
-            return f"cannot open {path}: Is a directory (expected {expected})"
+            return ConfigIssue(key, f"cannot open {path}: Is a directory (expected {expected})")
         if not os.access(path, os.W_OK):
-            return (
+            return ConfigIssue(
+                key,
                 f"cannot open {path}: Permission denied: user {_user()} may not write it "
-                f"(owner uid {st.st_uid}, mode {stat.filemode(st.st_mode)})"
+                f"(owner uid {st.st_uid}, mode {stat.filemode(st.st_mode)})",
             )
         return None
-    return _creatable(path, expected)
+    return _creatable(key, path, expected)
 
 
-def _creatable(path: str, expected: str) -> str | None:
-    """Why this user cannot create ``path`` in its directory (None: it can)."""
+def _creatable(key: str, path: str, expected: str) -> ConfigIssue | None:
+    """Why this user cannot create ``path`` in its directory (None: it can).
+
+    A missing directory that the unit's ``LogsDirectory=``/``StateDirectory=``/
+    ``RuntimeDirectory=`` creates is a warning outside systemd (checked before the first start:
+    only a run by hand would fail) and an error in a service (the unit lacks the setting).
+    """
     parent = os.path.dirname(path) or "."
+    directive = _systemd_directive(parent)
     if not os.path.exists(parent):
-        return (
-            f"cannot open {path}: No such file or directory: directory {parent} does not "
-            f"exist{_systemd_hint(parent)}"
+        missing = (
+            f"cannot open {path}: No such file or directory: directory {parent} does not exist"
+        )
+        if directive is None:
+            return ConfigIssue(key, missing)
+        if _under_systemd():
+            return ConfigIssue(
+                key, f"{missing} — add {directive} to the unit (contrib/l4lb.service has it)"
+            )
+        return ConfigIssue(
+            key,
+            f"{missing} yet — systemd's {directive} creates it when the unit starts "
+            f"(contrib/l4lb.service); l4lb run outside systemd needs it: mkdir -p {parent}",
+            severity=Severity.WARNING,
         )
     if not os.path.isdir(parent):
-        return f"cannot open {path}: {parent} is not a directory (expected {expected})"
+        return ConfigIssue(
+            key, f"cannot open {path}: {parent} is not a directory (expected {expected})"
+        )
     if not os.access(parent, os.W_OK | os.X_OK):
-        return (
+        owner = f" (in the unit, {directive} makes it the service's own)" if directive else ""
+        return ConfigIssue(
+            key,
             f"cannot create {path}: Permission denied: user {_user()} may not write in "
-            f"directory {parent}{_systemd_hint(parent)}"
+            f"directory {parent}{owner}",
         )
     return None
 
@@ -181,9 +205,9 @@ def _write_issues(parsed: Parsed) -> list[ConfigIssue]:
     issues: list[ConfigIssue] = []
     access = access_file(config.log.access) if parsed.valid("log.access") else None
     if access is not None:
-        problem = _writable(access, "a writable file path, 'stdout' or 'off'")
-        if problem is not None:
-            issues.append(ConfigIssue("log.access", problem))
+        found = _writable("log.access", access, "a writable file path, 'stdout' or 'off'")
+        if found is not None:
+            issues.append(found)
         elif _is_fifo(access):
             issues.append(
                 ConfigIssue(
@@ -196,18 +220,22 @@ def _write_issues(parsed: Parsed) -> list[ConfigIssue]:
     if config.state_file is not None:
         # written aside in its directory, then renamed over: the directory must be writable
         expected = "a file path in a directory l4lb may write, such as /var/lib/l4lb/state.json"
-        problem = None
+        found = None
         if os.path.isdir(config.state_file):
-            problem = f"cannot write {config.state_file}: Is a directory (expected {expected})"
+            found = ConfigIssue(
+                "state_file",
+                f"cannot write {config.state_file}: Is a directory (expected {expected})",
+            )
         elif os.path.exists(config.state_file) and not os.access(config.state_file, os.R_OK):
-            problem = (
+            found = ConfigIssue(
+                "state_file",
                 f"cannot read {config.state_file}: Permission denied for user {_user()} "
-                "(its states could not be restored)"
+                "(its states could not be restored)",
             )
         else:
-            problem = _creatable(config.state_file, expected)
-        if problem is not None:
-            issues.append(ConfigIssue("state_file", problem))
+            found = _creatable("state_file", config.state_file, expected)
+        if found is not None:
+            issues.append(found)
         else:
             issues += _state_file_content(config.state_file)
     return issues
