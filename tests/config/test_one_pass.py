@@ -191,3 +191,14 @@ def issues_of(tmp_path: Path, text: str) -> list[ConfigIssue]:
     with pytest.raises(ConfigError) as info:
         load_config(path, check_files=True)
     return info.value.issues
+
+
+def test_a_fixed_source_with_dns_named_backends_is_no_traceback() -> None:
+    """A fixed source address is compared with IP backends only: a name's family is known once
+    resolved (it raised ValueError from BackendConfig.addr before)."""
+    backends = '{ address = "app.internal:80" }, { address = "[::1]:80" }'
+    found = issues(
+        listener("a", 18001, "a") + pool("a", backends=backends, extra='source = "127.0.0.1"')
+    )
+    assert [i.path for i in found] == ["pools.a.source"]
+    assert "'[::1]:80' is IPv6" in found[0].message

@@ -190,7 +190,8 @@ def _source_issues(parsed: Parsed, name: str, pool: schema.PoolConfig) -> list[C
                     "for the transparent backends",
                 )
             )
-        elif source not in ("client", "balancer"):
+        elif source not in ("client", "balancer") and not backend.dynamic:
+            # a DNS-named backend's family is known once resolved (it may have both)
             backend_v6 = ":" in backend.addr[0]
             if (":" in source) != backend_v6:
                 issues.append(

@@ -98,7 +98,7 @@ def parse_config(
     issues: list[ConfigIssue] = []
     _walk(raw, schema.Config, "", issues)
     parsed = salvage(raw, [i.path for i in issues])
-    parsed = parsed.replace_config(_resolve_paths(parsed.config, base_dir))
+    parsed = dataclasses.replace(parsed, config=_resolve_paths(parsed.config, base_dir))
     issues += parsed.rule_issues
     issues += crosscheck.cross_checks(parsed)
     issues += preflight.read_issues(parsed)

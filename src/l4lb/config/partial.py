@@ -59,17 +59,6 @@ class Parsed:
     def backend_path(self, pool: str, n: int) -> str:
         return f"pools.{pool}.backends[{self.backend_at[pool][n]}]"
 
-    def replace_config(self, config: schema.Config) -> Parsed:
-        return Parsed(
-            config,
-            self.listener_at,
-            self.backend_at,
-            self.pool_names,
-            self.failed,
-            self.all_listeners,
-            self.rule_issues,
-        )
-
 
 def _under(paths: Iterable[str], prefix: str) -> list[str]:
     """The paths at ``prefix``, below it, or above it (an error on a table covers its keys)."""
