@@ -6,9 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from l4lb.config import ConfigError, ConfigIssue, load_config, parse_config
 from l4lb.config.issues import Severity
+from tests.config.test_config import FULL
 
 LISTENER = '[[listeners]]\nname = "{name}"\nbind = "127.0.0.1:{port}"\npool = "{pool}"\n{extra}\n'
 POOL = "[pools.{name}]\nbackends = [{backends}]\n{extra}\n"
@@ -202,3 +205,41 @@ def test_a_fixed_source_with_dns_named_backends_is_no_traceback() -> None:
     )
     assert [i.path for i in found] == ["pools.a.source"]
     assert "'[::1]:80' is IPv6" in found[0].message
+
+
+WRONG_VALUES = [
+    '"x"',
+    "0",
+    "-1",
+    '"30"',
+    "true",
+    '"true"',
+    "[]",
+    "{}",
+    '"127.0.0.1:0"',
+    '["a"]',
+    "99999999999",
+    "1.5",
+    '"1d"',
+    '[{ address = "x" }]',
+    '"::1/200"',
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 200), st.sampled_from(WRONG_VALUES)), max_size=5))
+def test_any_mix_of_wrong_values_is_reported_each_once_without_a_traceback(
+    edits: list[tuple[int, str]],
+) -> None:
+    """The full example with some values made wrong: errors (each once) or a config, never
+    another exception, whatever parsed and whatever did not."""
+    lines = FULL.splitlines()
+    assignments = [n for n, ln in enumerate(lines) if "=" in ln and not ln.startswith(("[", " "))]
+    for pick, value in edits:
+        n = assignments[pick % len(assignments)]
+        lines[n] = lines[n].split("=")[0] + "= " + value
+    try:
+        parse_config("\n".join(lines))
+    except ConfigError as err:
+        assert len(set(err.issues)) == len(err.issues), err.issues
+        assert all(i.line is not None for i in err.issues if i.path), err.issues
