@@ -125,7 +125,7 @@ def _with(extra_top: str = "", listener: str = "", pool: str = "", tail: str = "
 # (config text, key path expected, fragment of the message)
 BAD = [
     (_with("workers = 0"), "workers", ">= 1"),
-    (_with('drain_timeout = "30 sec"'), "drain_timeout", "'250ms'"),
+    (_with('drain_timeout = "30 sec"'), "drain_timeout", "write '30s'"),
     (_with('relay = "fast"'), "relay", "'stream', 'splice'"),
     (_with("typo = 1"), "typo", "unknown key"),
     (_with(listener="bnd = 1"), "listeners[0].bnd", "did you mean 'bind'"),

@@ -19,7 +19,7 @@ from pathlib import Path
 import msgspec
 
 from l4lb.balancer.logs import setup_logging
-from l4lb.config.loader import ConfigError, ConfigIssue, load_config
+from l4lb.config.loader import ConfigError, ConfigIssue, Severity, load_config
 from l4lb.config.schema import Config, ListenerConfig
 
 EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_BIND = 0, 1, 2, 3
@@ -225,12 +225,16 @@ def main(argv: list[str]) -> int:
     setup_logging(getattr(logging, args.log_level.upper()))
     warnings: list[ConfigIssue] = []
     try:
-        config = load_config(args.config, warnings=warnings)
+        # check_files: what `l4lb check` checks on this machine, refused with the same messages
+        config = load_config(args.config, warnings=warnings, check_files=True)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return EXIT_CONFIG
     for warning in warnings:
-        log.warning("event=config_warning detail=%r", str(warning))
+        if warning.severity is Severity.NOTE:
+            log.info("event=config_note detail=%r", str(warning))
+        else:
+            log.warning("event=config_warning detail=%r", str(warning))
     raise_fd_limit(config, sets_max_conns(args.config))
     warn_unprotected_admin(config)
     from l4lb.balancer.listener import BindError, ensure_not_listening

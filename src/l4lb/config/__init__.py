@@ -1,6 +1,7 @@
 """Configuration: a TOML file -> a validated, immutable :class:`Config` (errors name the key)."""
 
-from l4lb.config.loader import ConfigError, ConfigIssue, load_config, parse_config
+from l4lb.config.issues import ConfigError, ConfigIssue, Severity
+from l4lb.config.loader import load_config, parse_config
 from l4lb.config.schema import (
     AdminConfig,
     BackendConfig,
@@ -21,6 +22,7 @@ __all__ = [
     "ListenerConfig",
     "LogConfig",
     "PoolConfig",
+    "Severity",
     "load_config",
     "parse_config",
 ]

@@ -110,8 +110,12 @@ def _binds(config: Config, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) ->
     return False
 
 
-def check(config: Config) -> list[tuple[str, str]]:
-    """The rules of ``[anycast]`` that need the whole file or the machine: (key path, message)."""
+def check(config: Config, *, all_listeners: bool = True) -> list[tuple[str, str]]:
+    """The rules of ``[anycast]`` that need the whole file or the machine: (key path, message).
+
+    ``all_listeners`` False: some listener of the file failed to parse, so "no listener binds
+    this VIP" cannot be told (the failed one may) and is not said.
+    """
     ac = config.anycast
     if ac is None:
         return []
@@ -129,7 +133,7 @@ def check(config: Config) -> list[tuple[str, str]]:
             )
             continue
         ip = net.network_address
-        if not _binds(config, ip):
+        if all_listeners and not _binds(config, ip):
             issues.append(
                 (where, f"no listener binds {ip} (bind it, or a wildcard such as 0.0.0.0:PORT)")
             )

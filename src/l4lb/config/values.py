@@ -53,16 +53,48 @@ def parse_duration(text: str) -> float:
     """``"250ms"``, ``"1.5s"``, ``"10m"``, ``"2h"`` -> seconds (at most :data:`MAX_DURATION`)."""
     m = _DURATION.match(text)
     if m is None:
-        raise ValueError(
-            f"invalid duration {text!r}: expected a number and a unit (ms, s, m, h), "
-            "such as '250ms', '1.5s', '10m', '2h'"
-        )
+        raise ValueError(_duration_hint(text))
     seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
     if not seconds <= MAX_DURATION:  # also catches inf from a few hundred digits
         raise ValueError(
             f"invalid duration {text!r}: at most '596h' (2^31-1 ms, HAProxy's limit too)"
         )
     return seconds
+
+
+_WRONG_UNITS = {
+    **dict.fromkeys(("sec", "secs", "second", "seconds"), "s"),
+    **dict.fromkeys(("min", "mins", "minute", "minutes"), "m"),
+    **dict.fromkeys(("hr", "hrs", "hour", "hours"), "h"),
+    **dict.fromkeys(("msec", "msecs", "millis", "millisecond", "milliseconds"), "ms"),
+}
+_NUMBER_UNIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+
+
+def _duration_hint(text: str) -> str:
+    """Why ``text`` is not a duration, with the right form where it can be guessed."""
+    units = "units: ms, s, m, h"
+    m = _NUMBER_UNIT.match(text)
+    if m is None:
+        return (
+            f"invalid duration {text!r}: expected a number and a unit (ms, s, m, h), "
+            "such as '250ms', '1.5s', '10m', '2h'"
+        )
+    number, unit = m.group(1), m.group(2)
+    if not unit:
+        return f"invalid duration {text!r}: the unit is missing: write '{number}s' ({units})"
+    lower = unit.lower()
+    if lower in _UNIT_SECONDS:
+        return f"invalid duration {text!r}: units are lower case: write '{number}{lower}'"
+    if lower in _WRONG_UNITS:
+        right = f"{number}{_WRONG_UNITS[lower]}"
+    elif lower in ("d", "day", "days"):
+        right = f"{float(number) * 24:g}h"
+    elif lower in ("us", "µs", "ns"):
+        return f"invalid duration {text!r}: unknown unit {unit!r}; the smallest unit is 'ms'"
+    else:
+        return f"invalid duration {text!r}: unknown unit {unit!r}; {units}, such as '10s'"
+    return f"invalid duration {text!r}: unknown unit {unit!r}: write '{right}' ({units})"
 
 
 def parse_positive_duration(text: str) -> float:
@@ -169,9 +201,22 @@ def parse_hostport(text: str) -> tuple[str, int]:
         ) from None
     if ip.version != version:
         raise ValueError(f"invalid address {text!r}: {hint}")
-    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
-        raise ValueError(f"invalid address {text!r}: port must be 1..65535")
+    _check_port(text, port, format_hostport(str(ip), 8443))
     return str(ip), int(port)
+
+
+def _check_port(text: str, port: str, example: str) -> None:
+    """A port is 1..65535 in ASCII digits; the message shows the right form."""
+    if not (port.isascii() and port.isdigit()):
+        raise ValueError(
+            f"invalid address {text!r}: port {port!r} is not a number: port must be 1..65535, "
+            f"such as {example!r}"
+        )
+    if not 1 <= int(port) <= 65535:
+        raise ValueError(
+            f"invalid address {text!r}: port {int(port)} is out of range: port must be "
+            f"1..65535, such as {example!r}"
+        )
 
 
 SRV_PREFIX = "srv+"
@@ -229,8 +274,7 @@ def parse_backend_address(text: str) -> BackendAddress:
                 "expected IP:PORT, NAME:PORT such as 'app.internal:8443', or "
                 "'srv+_https._tcp.app.internal'"
             )
-        if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
-            raise ValueError(f"invalid address {text!r}: port must be 1..65535")
+        _check_port(text, port, f"{host}:8443")
         return BackendAddress(AddressKind.NAME, host.rstrip(".").lower(), int(port))
     if not sep:
         raise ValueError(
