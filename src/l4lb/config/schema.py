@@ -564,7 +564,8 @@ class Config(_Table, frozen=True):
     anycast: AnycastConfig | None = None
     """Announce VIPs over BGP (l4lb.config.anycast)."""
     state_file: str | None = None
-    """Where drained/disabled backends are kept across restarts (l4lb.balancer.state_file);
+    """Where the admin API's changes (drain/disable, added backends, weights) are kept across
+    restarts (l4lb.balancer.state_file);
     relative to the config file. None: not kept."""
     transparent_routing: TransparentRouting = "check"
     """For ``source = "client"`` backends: ``"check"`` refuses to start (or reload)
