@@ -29,7 +29,8 @@ def admin_post(port: int, path: str) -> tuple[int, dict[str, Any]]:
 
 def worker_snapshots(supervisor: int) -> dict[int, dict[str, Any]]:
     """Every worker's own ``/snapshot`` (not added up), by worker pid, read over the private
-    admin sockets the workers of ``supervisor`` serve (``@l4lb-admin-<supervisor>-<pid>``)."""
+    admin sockets the workers of ``supervisor`` serve (``@l4lb-admin-<supervisor>-<pid>``).
+    A worker that dies meanwhile is left out."""
     import socket
 
     prefix = f"@l4lb-admin-{supervisor}-"
@@ -43,11 +44,14 @@ def worker_snapshots(supervisor: int) -> dict[int, dict[str, Any]]:
     for name in sorted(set(names)):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(10)
-            sock.connect("\0" + name[1:])
-            sock.sendall(b"GET /snapshot HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n")
             data = b""
-            while chunk := sock.recv(65536):
-                data += chunk
+            try:
+                sock.connect("\0" + name[1:])
+                sock.sendall(b"GET /snapshot HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n")
+                while chunk := sock.recv(65536):
+                    data += chunk
+            except (ConnectionError, FileNotFoundError):
+                continue  # a worker that died between the listing and the request
         _, _, body = data.partition(b"\r\n\r\n")
         out[int(name.rsplit("-", 1)[1])] = json.loads(body)
     return out
