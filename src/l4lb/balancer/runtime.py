@@ -32,7 +32,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from l4lb.anycast.announcer import Announcer, AnycastError, make_announcer
-from l4lb.balancer import discovery, health, reload_status, state_file, transparent, workers
+from l4lb.balancer import (
+    discovery,
+    health,
+    monitor,
+    reload_status,
+    state_file,
+    transparent,
+    workers,
+)
 from l4lb.balancer.admission import Admission, Rejected
 from l4lb.balancer.connection import Connection, State
 from l4lb.balancer.listener import BindError, Listener, OpenSocket, open_listening_socket
@@ -409,6 +417,7 @@ async def attach_parts(balancer: Balancer) -> None:
     if balancer.discovery is None:
         discovery.attach(balancer)
     await admin.attach(balancer)
+    await monitor.attach(balancer)  # the listeners' monitor ports
     systemd.attach(balancer, reloads=not workers.is_worker())  # a worker's: the supervisor's
     workers.attach(balancer)  # in a worker: tells the supervisor of each applied reload
 

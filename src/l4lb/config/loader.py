@@ -626,6 +626,7 @@ def _cross_checks(config: schema.Config) -> list[ConfigIssue]:
                 issues.append(ConfigIssue(f"{where}.deny_file", str(err)))
     if config.admin is not None and config.admin.bind_addr in binds:
         issues.append(ConfigIssue("admin.bind", f"{config.admin.bind!r} is also a listener's bind"))
+    issues += _monitor_issues(config, binds)
     for name, pool in config.pools.items():
         seen: dict[tuple[str, str, int], int] = {}
         for j, backend in enumerate(pool.backends):
@@ -735,4 +736,32 @@ def _source_issues(name: str, pool: schema.PoolConfig) -> list[ConfigIssue]:
                         f"{backend.address!r} is IPv{6 if backend_v6 else 4}",
                     )
                 )
+    return issues
+
+
+def _monitor_issues(config: schema.Config, binds: dict[tuple[str, int], int]) -> list[ConfigIssue]:
+    """A listener's ``monitor`` port is its own: no listener's bind, no admin API, no other
+    listener's monitor."""
+    issues: list[ConfigIssue] = []
+    seen: dict[tuple[str, int], int] = {}
+    admin = config.admin.bind_addr if config.admin is not None else None
+    for i, lst in enumerate(config.listeners):
+        addr = lst.monitor_addr
+        if addr is None:
+            continue
+        where = f"listeners[{i}].monitor"
+        if addr in binds:
+            clash = f"listeners[{binds[addr]}].bind"
+        elif addr == admin:
+            clash = "[admin] bind"
+        elif addr in seen:
+            clash = f"listeners[{seen[addr]}].monitor"
+        else:
+            seen[addr] = i
+            continue
+        issues.append(
+            ConfigIssue(
+                where, f"{lst.monitor!r} is also {clash}: give the monitor a port of its own"
+            )
+        )
     return issues
