@@ -545,6 +545,7 @@ class Supervisor:
                     self._forward(signal.SIGUSR2)  # a refused reload still reopens the logs
                     return
                 self.config = new
+                self.drain = float(getattr(new, "drain_timeout_s", self.drain))
         self.rounds.open({w.index for w in self.workers if w.pid}, time.monotonic())
         self._forward(signal.SIGHUP)
         log.info("event=reload_forwarded workers=%d", self.count)
@@ -707,6 +708,7 @@ class Supervisor:
             log.info("event=listener_closed bind=%s", format_hostport(*key))
         self.worker_owned = wanted - held
         self.config = new
+        self.drain = float(getattr(new, "drain_timeout_s", self.drain))
 
     def _outcome(self, w: _Worker, message: bytes) -> None:
         kind, _, data = message.partition(b" ")
