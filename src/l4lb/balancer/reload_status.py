@@ -115,9 +115,10 @@ class Tally:
         return Tally(self.applied, self.refused + 1, last)
 
     def encode(self) -> bytes:
-        return json.dumps({"applied": self.applied, "refused": self.refused, "last": self.last})[
-            :60000
-        ].encode()
+        last = self.last
+        if last is not None:  # one datagram: a bounded list of bounded errors
+            last = {**last, "errors": _bounded(last.get("errors", ()))}
+        return json.dumps({"applied": self.applied, "refused": self.refused, "last": last}).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> Tally:
@@ -129,6 +130,11 @@ class Tally:
             raise ValueError(f"not a reload tally: {err}") from None
 
 
+def _bounded(errors: Sequence[str]) -> list[str]:
+    """At most 20 errors of at most 1000 characters: a worker datagram stays small."""
+    return [str(e)[:1000] for e in list(errors)[:20]]
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """One worker's reload result, as it tells the supervisor."""
@@ -138,8 +144,8 @@ class Outcome:
     summary: str = ""
 
     def encode(self) -> bytes:
-        doc = {"applied": self.applied, "errors": list(self.errors[:20]), "summary": self.summary}
-        return json.dumps(doc).encode()[:60000]
+        doc = {"applied": self.applied, "errors": _bounded(self.errors), "summary": self.summary}
+        return json.dumps(doc).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> Outcome:
