@@ -76,6 +76,8 @@ def test_each_listener_has_its_own_verdict(tmp_path: Path) -> None:
                 assert wait_for(lambda: _ask(ports["web_monitor"])[0] == 200, 10)
                 # HEAD, a wrong method, a non-HTTP line: answered, each with what to do
                 assert _ask(ports["web_monitor"], b"HEAD / HTTP/1.0\r\n\r\n") == (200, "")
+                options = _ask(ports["web_monitor"], b"OPTIONS / HTTP/1.0\r\n\r\n")
+                assert options[0] == 200  # a bare `option httpchk`
                 assert _ask(ports["web_monitor"], b"POST / HTTP/1.1\r\n\r\n") == (405, "use GET\n")
                 status, body = _ask(ports["web_monitor"], b"hello\r\n\r\n")
                 assert status == 400 and "GET / HTTP/1.1" in body

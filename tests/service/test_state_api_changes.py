@@ -5,6 +5,8 @@ backends added (and removed), weights and max_conns set, drain/disable states; w
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +108,18 @@ def test_api_changes_survive_a_restart_in_every_worker(tmp_path: Path, workers: 
             assert wait_for(lambda: set(saved().get("main", {})) == {b.address}, 10), saved()
             for view in _every_worker(lb, workers, admin_port):
                 assert view[a.address]["state"] == "up" and c.address not in view, view
+            if workers > 1:  # a worker the supervisor restarts comes back with the file's state
+                victim = next(iter(worker_snapshots(lb.pid)))
+                os.kill(victim, signal.SIGKILL)
+                assert wait_for(
+                    lambda: (
+                        len(views := worker_snapshots(lb.pid)) == workers and victim not in views
+                    ),
+                    20,
+                )
+                for view in _every_worker(lb, workers, admin_port):
+                    assert view[a.address]["state"] == "up" and c.address not in view, view
+                    assert view[b.address]["weight"] == 5, view
         finally:
             stop_process(lb.proc)
 

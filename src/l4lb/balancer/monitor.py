@@ -1,10 +1,10 @@
 """Per-listener monitor ports, as HAProxy's ``monitor-uri`` with ``monitor fail``.
 
-A listener with ``monitor = "127.0.0.1:8405"`` gets a tiny HTTP server there: any ``GET`` (or
-``HEAD``) answers ``200`` while the listener's pool has a backend ``up`` and the node is not
-stopping, ``503`` otherwise, with a one-line body saying why. An upstream balancer checks one
-service this way (``option httpchk`` on ``check port 8405``), where ``GET /ready`` on the admin
-port speaks for the whole node.
+A listener with ``monitor = "127.0.0.1:8405"`` gets a tiny HTTP server there: any ``GET``
+(``HEAD``, or ``OPTIONS``: what a bare ``option httpchk`` sends) answers ``200`` while the
+listener's pool has a backend ``up`` and the node is not stopping, ``503`` otherwise, with a
+one-line body saying why. An upstream balancer checks one service this way (``option httpchk``
+on ``check port 8405``), where ``GET /ready`` on the admin port speaks for the whole node.
 
 Each answer ends the connection (``Connection: close``); a request head must arrive within
 :data:`HEAD_TIMEOUT` and fit in :data:`MAX_HEAD`, else the client gets ``408``/``431``. The port
@@ -140,7 +140,7 @@ class MonitorServer:
         method, _, rest = head.partition(b" ")
         if not rest or b"HTTP/" not in head.split(b"\r\n", 1)[0]:
             return HTTPStatus.BAD_REQUEST, b"expected an HTTP request: GET / HTTP/1.1\n"
-        if method not in (b"GET", b"HEAD"):
+        if method not in (b"GET", b"HEAD", b"OPTIONS"):
             return HTTPStatus.METHOD_NOT_ALLOWED, b"use GET\n"
         now = verdict(self.balancer, self.listener)
         body = ("ready: " if now.ready else "not ready: ") + now.reason + "\n"

@@ -27,8 +27,9 @@ backend the config no longer has is reported (``event=state_pool_stale``,
 ``event=state_entry_stale``) and dropped from the file at once, so it is reported once.
 
 With ``workers > 1`` every worker restores from the same file, so all start alike (a worker the
-supervisor restarts too, with the API's changes up to then); worker 0 alone reports and writes,
-since every worker applies every API call (:mod:`l4lb.observe.cluster`).
+supervisor restarts too, with the API's changes up to then). Every worker applies every API call
+(:mod:`l4lb.observe.cluster`) and writes the file after it, so the last to apply a change writes
+a file that has it, even while another worker is being restarted; worker 0 alone reports.
 """
 
 from __future__ import annotations
@@ -323,11 +324,9 @@ def snapshot(balancer: Balancer) -> dict[str, dict[str, dict[str, Any]]]:
 class StateFile:
     """Keeps ``path`` in step with the balancer (see the module docstring)."""
 
-    def __init__(self, balancer: Balancer, path: Path, write: bool = True) -> None:
+    def __init__(self, balancer: Balancer, path: Path) -> None:
         self.balancer = balancer
         self.path = path
-        self.write = write
-        """False in workers other than worker 0: they restore, worker 0 writes."""
         self.written: dict[str, dict[str, dict[str, Any]]] | None = None
         self._pending = False
 
@@ -353,8 +352,6 @@ class StateFile:
 
     def save(self) -> None:
         self._pending = False
-        if not self.write:
-            return
         states = snapshot(self.balancer)
         if states == self.written:
             return
@@ -379,10 +376,10 @@ def attach(balancer: Balancer) -> StateFile | None:
     path = Path(name)
     report = _reporter()
     _, stale = restore(balancer, path, report)
-    state = StateFile(balancer, path, write=report)
+    state = StateFile(balancer, path)
     if stale == 0:
         state.written = snapshot(balancer)
     state.watch()
-    if stale:  # drop what was reported, so it is reported once
+    if stale and report:  # drop what was reported, so it is reported once
         state.save()
     return state
