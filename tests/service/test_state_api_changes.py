@@ -29,8 +29,15 @@ def _start(workdir: Path, config: str, admin_port: int, workers: int) -> L4lb:
     if workers > 1:  # every worker serves (its private admin socket too)
         assert wait_for(lambda: "event=workers_started" in lb.log_text(), 20), lb.log_text()
         assert wait_for(lambda: len(worker_snapshots(lb.pid)) == workers, 20)
-    assert wait_for(lambda: admin_get(admin_port, "/ready")[0] in (200, 503), 20)
+    assert wait_for(lambda: _answers(admin_port), 20)
     return lb
+
+
+def _answers(admin_port: int) -> bool:
+    try:
+        return admin_get(admin_port, "/ready")[0] in (200, 503)
+    except OSError:
+        return False
 
 
 def _every_worker(lb: L4lb, workers: int, admin_port: int) -> list[dict[str, dict[str, Any]]]:
