@@ -33,7 +33,11 @@ def notify(state: str, environ: dict[str, str] | None = None) -> bool:
         return False
     address = "\0" + path[1:] if path.startswith("@") else path
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        # never blocks: a receiver that does not read (its queue full) must not stop the
+        # event loop that relays traffic; the message is dropped with a warning instead
+        with socket.socket(
+            socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+        ) as sock:
             sock.sendto(state.encode(), address)
     except OSError as err:
         log.warning("event=sd_notify_failed socket=%s error=%r", path, str(err))
