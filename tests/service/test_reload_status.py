@@ -45,3 +45,29 @@ def test_status_carries_the_last_reload_outcome(
             assert "nowhere" in status and status.endswith("serving the previous config")
         finally:
             stop_process(lb.proc)
+
+
+def test_a_notify_socket_nobody_reads_never_blocks_the_balancer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sd_notify never blocks: with the receiver's queue full (net.unix.max_dgram_qlen, 10 by
+    default) the message is dropped with a warning, and the balancer keeps serving."""
+    from tests.support.echo_backend import echo_through
+
+    path = tmp_path / "notify.sock"
+    port = free_port()
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify,
+        EchoBackend("echo") as backend,
+    ):
+        notify.bind(str(path))  # and never read
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        lb = start_l4lb(tmp_path / "lb", config_text(f"127.0.0.1:{port}", [backend.address]))
+        try:
+            for _ in range(12):  # 2 messages each: far over the queue
+                lb.reload()
+            assert echo_through("127.0.0.1", port, b"still here\n") == ("echo", b"still here\n")
+            assert lb.log_text().count("event=reloaded") == 12, lb.log_text()
+            assert "event=sd_notify_failed" in lb.log_text()
+        finally:
+            stop_process(lb.proc)

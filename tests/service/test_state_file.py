@@ -20,8 +20,8 @@ def _config(lb_port: int, admin_port: int, backends: list[str], state: Path) -> 
 def _saved(state: Path) -> dict[str, str] | None:
     if not state.exists():  # replaced by a rename: never seen half-written
         return None
-    pools: dict[str, dict[str, str]] = json.loads(state.read_text())["pools"]
-    return pools.get("main", {})
+    pools: dict[str, dict[str, dict[str, str]]] = json.loads(state.read_text())["pools"]
+    return {address: entry["state"] for address, entry in pools.get("main", {}).items()}
 
 
 def _states(admin_port: int) -> dict[str, str]:
@@ -61,7 +61,7 @@ def test_a_corrupt_or_stale_file_is_reported_and_ignored(tmp_path: Path) -> None
     lb_port, admin_port = free_port(), free_port()
     with EchoBackend("a") as a:
         config = _config(lb_port, admin_port, [a.address], state)
-        state.write_text('{"version": 1, "pools": {"main": {')  # cut short
+        state.write_text('{"version": 2, "pools": {"main": {')  # cut short
         lb = start_l4lb(tmp_path / "lb", config)
         try:
             assert _states(admin_port) == {a.address: "up"}

@@ -276,6 +276,7 @@ class Listener:
             routes=old.routes,
             default=old.default,
             tls_peek_timeout=old.tls_peek_timeout,
+            monitor=old.monitor,
         )
         if same != old or config.deny_file:  # a deny_file's contents are re-read on reload
             return Admission(config, loop=self.loop, on_reject=self.on_reject)

@@ -32,7 +32,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from l4lb.anycast.announcer import Announcer, AnycastError, make_announcer
-from l4lb.balancer import discovery, health, reload_status, state_file, transparent, workers
+from l4lb.balancer import (
+    discovery,
+    health,
+    monitor,
+    reload_status,
+    state_file,
+    transparent,
+    workers,
+)
 from l4lb.balancer.admission import Admission, Rejected
 from l4lb.balancer.connection import Connection, State
 from l4lb.balancer.listener import BindError, Listener, OpenSocket, open_listening_socket
@@ -272,7 +280,8 @@ class Balancer:
         if staged.access_log is None:  # the same target: follow a rotated file
             self.access_log.reopen()
         summary = f"listeners={','.join(self.listeners)} pools={','.join(self.pools)}"
-        reload_status.write(self._signalled_pid(), True, summary=summary)
+        if not workers.is_worker():  # else the supervisor, once for every worker
+            reload_status.write(os.getpid(), True, summary=summary)
         for callback in self.on_reload:
             callback(self)
 
@@ -359,15 +368,12 @@ class Balancer:
             return []
         self.last_reload = {"time": time.time(), "ok": False, "errors": errors}
         self.reloads_refused += 1
-        reload_status.write(self._signalled_pid(), False, errors)
+        if not workers.is_worker():
+            reload_status.write(os.getpid(), False, errors)
         self.access_log.reopen()  # a refused reload still follows a rotated log
         for callback in self.on_reload_refused:
             callback(self, errors)
         return errors
-
-    def _signalled_pid(self) -> int:
-        """The process ``l4lb reload`` signals: this one, or the supervisor of the workers."""
-        return os.getppid() if self.config.workers > 1 else os.getpid()
 
     # -- stop --------------------------------------------------------------------------------
 
@@ -411,7 +417,8 @@ async def attach_parts(balancer: Balancer) -> None:
     if balancer.discovery is None:
         discovery.attach(balancer)
     await admin.attach(balancer)
-    systemd.attach(balancer)
+    await monitor.attach(balancer)  # the listeners' monitor ports
+    systemd.attach(balancer, reloads=not workers.is_worker())  # a worker's: the supervisor's
     workers.attach(balancer)  # in a worker: tells the supervisor of each applied reload
 
 
@@ -460,7 +467,7 @@ async def serve(
     # installed for the whole life: a repeated stop signal or a SIGHUP must never kill the drain
     signals = StopSignals(
         loop,
-        balancer.reload_file,
+        lambda: workers.reload_by_signal(balancer),
         lambda: _close_all(balancer),
         reopen=lambda: balancer.access_log.reopen(),
     )

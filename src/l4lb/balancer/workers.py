@@ -49,6 +49,7 @@ from typing import Any
 
 from l4lb.balancer import logs, reload_status, signals
 from l4lb.config.values import format_hostport
+from l4lb.observe import systemd
 
 __all__ = ["inherited_socket", "steering_program", "supervise"]
 
@@ -63,6 +64,10 @@ _CHANNEL: socket.socket | None = None
 """In a worker: where the supervisor sends the sockets of listeners a reload adds."""
 _RECEIVED: set[Address] = set()
 """In a worker: the keys of ``_INHERITED`` that came over the channel (not from the fork)."""
+_TALLY: reload_status.Tally | None = None
+"""In a worker: the supervisor's count of reloads, for /metrics (each reload once)."""
+_BALANCER: Any = None
+"""In a worker: the balancer the tally is shown by (set by :func:`attach`)."""
 _MAX_FDS = 64
 
 SIGNALS = (
@@ -111,6 +116,9 @@ def _receive() -> None:
             return
         if not data:
             return
+        if data.startswith(b"tally "):
+            _take_tally(data[6:])
+            continue
         if data == b"round":  # an earlier round's leftovers; never the sockets of the fork
             for key in _RECEIVED:
                 stale = _INHERITED.pop(key, None)
@@ -129,6 +137,24 @@ def _receive() -> None:
                 old.close()
             _INHERITED[_key((host, int(port)))] = sock
             _RECEIVED.add(_key((host, int(port))))
+
+
+def _take_tally(data: bytes) -> None:
+    global _TALLY
+    try:
+        _TALLY = reload_status.Tally.decode(data)
+    except ValueError as err:
+        log.warning("event=reload_tally_bad error=%r", str(err))
+        return
+    _show_tally()
+
+
+def _show_tally() -> None:
+    """The worker's reload counters are the supervisor's (its own count until one arrives)."""
+    if _BALANCER is not None and _TALLY is not None:
+        _BALANCER.reloads = _TALLY.applied
+        _BALANCER.reloads_refused = _TALLY.refused
+        _BALANCER.last_reload = _TALLY.last
 
 
 def _key(bind: Address) -> Address:
@@ -341,7 +367,10 @@ class Supervisor:
         self.serving: set[int] = set()
         """Workers that said they serve (the supervisor logs ``workers_started`` once)."""
         self.announced = False
-        """Binds a worker-local reload (``POST /reload``) added: the workers bound them."""
+        self.tally = reload_status.Tally()
+        """Every reload counted once (sent to each worker for /metrics)."""
+        self.rounds = reload_status.Rounds()
+        """Signalled reloads waiting for the workers' outcomes."""
 
     def run(self) -> int:
         try:
@@ -425,6 +454,9 @@ class Supervisor:
         w.starts += 1
         w.restart_at = None
         log.info("event=worker_started index=%d pid=%d", w.index, pid)
+        if self.tally != reload_status.Tally():  # a restarted worker shows the true count
+            with contextlib.suppress(OSError):
+                ours.send(b"tally " + self.tally.encode())
 
     def _loop(self, old_mask: set[int | signal.Signals]) -> int:
         deadline: float | None = None
@@ -453,8 +485,12 @@ class Supervisor:
             waits += [w.restart_at - now for w in self.workers if w.restart_at is not None]
             if deadline is not None:
                 waits.append(deadline - now)
+            if (round_end := self.rounds.next_deadline()) is not None:
+                waits.append(round_end - now)
             info = signal.sigtimedwait(SIGNALS, max(0.01, min(waits)))
             self._follow_workers()  # before a SIGHUP: what they applied comes first
+            for outcome in self.rounds.settle(time.monotonic()):
+                self._record(outcome)
             if info is not None:
                 sig = info.si_signo
                 if sig in GRACEFUL and not self.stopping:
@@ -505,12 +541,34 @@ class Supervisor:
                         err.strerror or str(err),
                         "the workers keep the running config",
                     )
-                    reload_status.write(os.getpid(), False, [err.strerror or str(err)])
+                    self._record(reload_status.Outcome(False, (err.strerror or str(err),)))
                     self._forward(signal.SIGUSR2)  # a refused reload still reopens the logs
                     return
                 self.config = new
+                self.drain = float(getattr(new, "drain_timeout_s", self.drain))
+        self.rounds.open({w.index for w in self.workers if w.pid}, time.monotonic())
         self._forward(signal.SIGHUP)
         log.info("event=reload_forwarded workers=%d", self.count)
+
+    def _record(self, outcome: reload_status.Outcome) -> None:
+        """One reload's outcome, once: counted, sent to every worker (/metrics), written for
+        ``l4lb reload`` (after the workers have the count) and told to systemd."""
+        self.tally = self.tally.add(outcome.applied, outcome.errors)
+        message = b"tally " + self.tally.encode()
+        for w in self.workers:
+            if w.pid and w.channel is not None:
+                with contextlib.suppress(OSError):
+                    w.channel.send(message)
+        reload_status.write(os.getpid(), outcome.applied, outcome.errors, outcome.summary)
+        serving = ", ".join(lc.name for lc in self.config.listeners)
+        count = self.tally.applied if outcome.applied else self.tally.refused
+        systemd.reload_outcome(outcome.applied, count, serving, outcome.errors)
+        log.info(
+            "event=reload_counted result=%s applied=%d refused=%d",
+            "applied" if outcome.applied else "refused",
+            self.tally.applied,
+            self.tally.refused,
+        )
 
     def _sync_listeners(self, old: Any, new: Any) -> None:
         """Open the groups of added binds, close those of removed ones, send workers theirs."""
@@ -576,6 +634,7 @@ class Supervisor:
             if w is None:
                 continue
             w.pid = 0
+            self.rounds.gone(w.index)
             lived = time.monotonic() - w.started
             how = _describe(status)
             if self.stopping:
@@ -619,10 +678,12 @@ class Supervisor:
         for w in self.workers:
             while w.channel is not None:
                 try:
-                    message = w.channel.recv(64)
+                    message = w.channel.recv(65536)
                 except OSError:  # BlockingIOError: nothing (more)
                     break
                 told |= message == b"reloaded"
+                if message.startswith((b"signal-outcome ", b"api-outcome ")):
+                    self._outcome(w, message)
                 if message == b"serving":
                     self.serving.add(w.index)
         if not self.announced and len(self.serving) == self.count:
@@ -647,6 +708,19 @@ class Supervisor:
             log.info("event=listener_closed bind=%s", format_hostport(*key))
         self.worker_owned = wanted - held
         self.config = new
+        self.drain = float(getattr(new, "drain_timeout_s", self.drain))
+
+    def _outcome(self, w: _Worker, message: bytes) -> None:
+        kind, _, data = message.partition(b" ")
+        try:
+            outcome = reload_status.Outcome.decode(data)
+        except ValueError as err:
+            log.warning("event=reload_outcome_bad index=%d error=%r", w.index, str(err))
+            return
+        if kind == b"api-outcome":  # one reload (POST /reload), already run in every worker
+            self._record(outcome)
+        else:
+            self.rounds.outcome(w.index, outcome)
 
     def _close_sockets(self) -> None:
         for socks in self.sockets:
@@ -682,8 +756,13 @@ def attach(balancer: Any) -> None:
     A reload through the admin API (``POST /reload``) happens in the workers alone; told, the
     supervisor follows the file and closes its copies of the listeners that reload removed.
     """
+    global _BALANCER
     if _CHANNEL is not None:
+        _BALANCER = balancer
+        _show_tally()
         balancer.on_reload.append(_tell_reloaded)
+        balancer.loop.add_reader(_CHANNEL.fileno(), _receive)  # the tally after each reload
+        _receive()
         with contextlib.suppress(OSError):
             _CHANNEL.send(b"serving")
 
@@ -691,6 +770,31 @@ def attach(balancer: Any) -> None:
 def is_worker() -> bool:
     """True in a worker process forked by the supervisor."""
     return _CHANNEL is not None
+
+
+def reload_by_signal(balancer: Any) -> list[str]:
+    """SIGHUP's reload: the file again; in a worker, its outcome goes to the supervisor."""
+    errors: list[str] = balancer.reload_file()
+    summary = f"listeners={','.join(balancer.listeners)} pools={','.join(balancer.pools)}"
+    report(reload_status.Outcome(not errors, tuple(errors), summary), signalled=True)
+    return errors
+
+
+def report(outcome: reload_status.Outcome, signalled: bool) -> None:
+    """In a worker, tell the supervisor how a reload ended: one of a SIGHUP's (``signalled``,
+    paired with the other workers' by :class:`~l4lb.balancer.reload_status.Rounds`), or a
+    reload through the admin API, already run in every worker. Elsewhere nothing."""
+    if _CHANNEL is None:
+        return
+    kind = b"signal-outcome " if signalled else b"api-outcome "
+    try:
+        _CHANNEL.send(kind + outcome.encode())
+    except OSError as err:
+        log.warning("event=reload_outcome_unsent error=%r", str(err))
+        return
+    # wakes the supervisor's sigtimedwait at once (it reaps nothing and reads the channel)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(os.getppid(), signal.SIGCHLD)
 
 
 def _tell_reloaded(balancer: Any) -> None:

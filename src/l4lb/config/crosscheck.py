@@ -113,6 +113,36 @@ def _listener_issues(parsed: Parsed) -> list[ConfigIssue]:
     admin = config.admin if parsed.valid("admin.bind") else None
     if admin is not None and admin.bind_addr in binds:
         issues.append(ConfigIssue("admin.bind", f"{admin.bind!r} is also a listener's bind"))
+    issues += _monitor_issues(parsed, binds, admin.bind_addr if admin is not None else None)
+    return issues
+
+
+def _monitor_issues(
+    parsed: Parsed, binds: dict[tuple[str, int], str], admin: tuple[str, int] | None
+) -> list[ConfigIssue]:
+    """A listener's ``monitor`` port is its own: no listener's bind, no admin API, no other
+    listener's monitor."""
+    issues: list[ConfigIssue] = []
+    seen: dict[tuple[str, int], str] = {}
+    for n, lst in enumerate(parsed.config.listeners):
+        addr = lst.monitor_addr
+        if addr is None:
+            continue
+        where = f"{parsed.listener_path(n)}.monitor"
+        if addr in binds:
+            clash = f"{binds[addr]}.bind"
+        elif addr == admin:
+            clash = "[admin] bind"
+        elif addr in seen:
+            clash = seen[addr]
+        else:
+            seen[addr] = where
+            continue
+        issues.append(
+            ConfigIssue(
+                where, f"{lst.monitor!r} is also {clash}: give the monitor a port of its own"
+            )
+        )
     return issues
 
 

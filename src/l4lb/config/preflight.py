@@ -365,6 +365,11 @@ def _bind_issues(parsed: Parsed) -> list[ConfigIssue]:
         (f"{parsed.listener_path(n)}.bind", lst.bind, lst.bind_addr)
         for n, lst in enumerate(config.listeners)
     ]
+    binds += [
+        (f"{parsed.listener_path(n)}.monitor", lst.monitor, lst.monitor_addr)
+        for n, lst in enumerate(config.listeners)
+        if lst.monitor is not None and lst.monitor_addr is not None
+    ]
     if config.admin is not None and parsed.valid("admin.bind"):
         binds.append(("admin.bind", config.admin.bind, config.admin.bind_addr))
     capable = _has_capability(CAP_NET_BIND_SERVICE)

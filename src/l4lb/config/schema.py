@@ -484,6 +484,10 @@ class ListenerConfig(_Table, frozen=True):
     application); "answer" closes them right after the header, without a backend connection
     (an upstream TCP check succeeds while l4lb runs). Either way they are counted as health
     checks, not client connections, and get no access-log line."""
+    monitor: HostPort | None = None
+    """A port where a plain HTTP GET answers 200 while this listener's pool has an up backend
+    and the node is not stopping, 503 otherwise, with the reason (HAProxy's ``monitor-uri`` /
+    ``monitor fail``): an upstream balancer checks this one service (l4lb.balancer.monitor)."""
 
     def __post_init__(self) -> None:
         if self.accept_proxy != "off" and not self.trusted_proxies:
@@ -512,6 +516,10 @@ class ListenerConfig(_Table, frozen=True):
     @property
     def bind_addr(self) -> tuple[str, int]:
         return values.parse_hostport(self.bind)
+
+    @property
+    def monitor_addr(self) -> tuple[str, int] | None:
+        return None if self.monitor is None else values.parse_hostport(self.monitor)
 
     @property
     def trusted_nets(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -564,7 +572,8 @@ class Config(_Table, frozen=True):
     anycast: AnycastConfig | None = None
     """Announce VIPs over BGP (l4lb.config.anycast)."""
     state_file: str | None = None
-    """Where drained/disabled backends are kept across restarts (l4lb.balancer.state_file);
+    """Where the admin API's changes (drain/disable, added backends, weights) are kept across
+    restarts (l4lb.balancer.state_file);
     relative to the config file. None: not kept."""
     transparent_routing: TransparentRouting = "check"
     """For ``source = "client"`` backends: ``"check"`` refuses to start (or reload)

@@ -176,10 +176,17 @@ class AdminServer:
             sock = cluster.listening_socket(self.unix)  # uvloop takes no abstract path
             self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=_MAX_HEAD)
             return
-        self._server = await asyncio.start_server(
+        server = await asyncio.start_server(
             self._serve, self.host, self.port, limit=_MAX_HEAD, reuse_address=True
         )
-        self.port = self._server.sockets[0].getsockname()[1]
+        sockets = server.sockets
+        if not sockets or sockets[0] is None:
+            # Two workers binding at once: SO_REUSEADDR lets both bind, and the second listen()
+            # fails; uvloop reports that to the loop's handler and leaves a closed server.
+            server.close()
+            raise OSError(errno.EADDRINUSE, f"cannot listen on {self.address}: address in use")
+        self._server = server
+        self.port = sockets[0].getsockname()[1]
         log.info("event=admin_listening url=http://%s/ pid=%d", self.address, os.getpid())
 
     async def snapshot(self) -> Snapshot:

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote, urlencode
 
+from l4lb.balancer import workers
 from l4lb.balancer.pool import Backend, BackendState, Origin, Pool
+from l4lb.balancer.reload_status import Outcome
 from l4lb.config.loader import own_listener
 from l4lb.config.schema import MAX_COUNT, BackendConfig
 from l4lb.config.values import format_hostport, parse_hostport
@@ -297,6 +299,12 @@ class ClusterControl:
         raise LookupError("POST /drain needs [anycast], which runs with workers = 1")
 
     async def reload(self) -> ReloadOutcome:
+        """Reload this worker, then every other; the supervisor counts it once (as one)."""
+        outcome = await self._reload_all()
+        workers.report(Outcome(outcome.ok, outcome.errors, outcome.summary), signalled=False)
+        return outcome
+
+    async def _reload_all(self) -> ReloadOutcome:
         outcome = await self.local.reload()
         if not outcome.ok:
             return outcome

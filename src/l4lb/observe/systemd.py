@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -32,7 +33,11 @@ def notify(state: str, environ: dict[str, str] | None = None) -> bool:
         return False
     address = "\0" + path[1:] if path.startswith("@") else path
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        # never blocks: a receiver that does not read (its queue full) must not stop the
+        # event loop that relays traffic; the message is dropped with a warning instead
+        with socket.socket(
+            socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+        ) as sock:
             sock.sendto(state.encode(), address)
     except OSError as err:
         log.warning("event=sd_notify_failed socket=%s error=%r", path, str(err))
@@ -56,26 +61,36 @@ def stopping() -> bool:
     return notify("STOPPING=1")
 
 
-def attach(balancer: Balancer) -> None:
-    """Runtime extension hook: READY once the listeners are up, then reloads and the stop."""
+def reload_outcome(applied: bool, count: int, serving: str, errors: Sequence[str] = ()) -> bool:
+    """``RELOADING=1``, then ``READY=1`` with a ``STATUS=`` saying how the reload ended."""
+    reloading()
+    if applied:
+        return ready(f"reload applied ({count}); serving {serving}")
+    first = errors[0] if errors else "?"
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    return ready(f"reload refused: {first}{more}; serving the previous config")
+
+
+def attach(balancer: Balancer, reloads: bool = True) -> None:
+    """Runtime extension hook: READY once the listeners are up, then reloads and the stop.
+
+    ``reloads=False`` in a worker of several: their supervisor tells each reload's outcome once.
+    """
     if not os.environ.get("NOTIFY_SOCKET"):
         return
     listeners = ", ".join(balancer.listeners)
     ready(f"serving {listeners}")
 
     def on_reload(b: Balancer) -> None:
-        reloading()
-        ready(f"reload applied ({b.reloads}); serving {', '.join(b.listeners)}")
+        reload_outcome(True, b.reloads, ", ".join(b.listeners))
 
     def on_refused(b: Balancer, errors: list[str]) -> None:
-        reloading()
-        first = errors[0] if errors else "?"
-        more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
-        ready(f"reload refused: {first}{more}; serving the previous config")
+        reload_outcome(False, b.reloads_refused, "", errors)
 
     def on_stop(b: Balancer) -> None:
         stopping()
 
-    balancer.on_reload.append(on_reload)
-    balancer.on_reload_refused.append(on_refused)
+    if reloads:
+        balancer.on_reload.append(on_reload)
+        balancer.on_reload_refused.append(on_refused)
     balancer.on_stop.append(on_stop)
