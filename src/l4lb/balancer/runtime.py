@@ -32,7 +32,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from l4lb.anycast.announcer import Announcer, AnycastError, make_announcer
-from l4lb.balancer import discovery, health, reload_status, state_file, transparent, workers
+from l4lb.balancer import (
+    discovery,
+    health,
+    kernel_relay,
+    reload_status,
+    state_file,
+    transparent,
+    workers,
+)
 from l4lb.balancer.admission import Admission, Rejected
 from l4lb.balancer.connection import Connection, State
 from l4lb.balancer.listener import BindError, Listener, OpenSocket, open_listening_socket
@@ -172,6 +180,7 @@ class Balancer:
         the byte counters with the previous pass, so the hot path only counts bytes.
         """
         now = self.loop.time()
+        kernel_relay.refresh(self.loop)  # its bytes bypass this process: counters from the map
         idle: list[tuple[Connection, EndReason]] = []
         for conn in self.connections:
             if conn.state is not State.RELAYING:

@@ -1,0 +1,903 @@
+"""The kernel relay (``relay = "kernel"``): an eBPF sockmap moves the bytes, the process watches.
+
+One implementation of :mod:`l4lb.balancer.relay_contract`, opt-in. After the PROXY header is
+written, both sockets go into a ``SOCKMAP`` whose ``SK_SKB`` verdict program (assembled here,
+loaded with :mod:`l4lb.balancer.bpf`: no bcc, no clang) redirects every received skb to the peer
+socket's egress, so bytes never enter the process. Per worker, one :class:`KernelPath` holds:
+
+- ``slots``: a hash from socket cookie to the socket's slot;
+- ``socks``: the sockmap, slot -> socket;
+- ``state``: an ``mmap``-ed array, slot -> :data:`_VALUE` (``redirected``, ``passed``: bytes the
+  program redirected or passed to the socket's own queue, written by the program; ``armed``,
+  ``credit``, ``peer``: written by this process), read and written here without a system call;
+- ``ring``: a ring buffer where the program names a slot the moment it hands its direction back.
+
+The program: drop a 0-byte skb (a redirected one breaks the peer with EPIPE); redirect when
+``passed == armed`` (every byte passed so far was read by this process) and ``redirected`` stays
+within ``credit``; otherwise pass it to the socket's own receive queue, where this process
+reads it (**user mode**: copied like the splice relay's small messages), and on the first such
+pass post the slot to the ring. A failed redirect (the peer not in the map yet) passes too, so
+no byte is ever dropped and none overtakes another. The rules the contract asks for:
+
+- **Order at the start**: the header is written before the insertion; bytes that arrived before
+  it wait in the socket until a read, so each socket is read once (non-blocking) after both are
+  in: the read pushes them through the program, in order.
+- **Backpressure**: a direction may have at most :data:`BACKLOG_LIMIT` redirected bytes beyond
+  what its destination had taken when it was armed; past that the program passes, so the bytes
+  count against the source socket's receive buffer and TCP flow control stops the sender. This
+  process waits until the destination socket has taken every redirected byte (see
+  :meth:`_Direction.drained`), copies the passed ones after them, and re-arms. A socket is never
+  deleted and re-inserted to pause it (that loses the bytes queued in it).
+- **FIN**: not forwarded by the kernel. The source shows ``EPOLLRDHUP``; its ``recv`` answers
+  ``b""`` once nothing passed is left; the FIN goes on (``shutdown(SHUT_WR)``) once the
+  destination's send queue holds every byte before it: ``tcp_info.bytes_acked + SIOCOUTQ`` (bytes
+  ever written into it; a connected socket's ``bytes_acked`` counts its SYN) equals this
+  process's own writes plus the source's ``redirected`` count. ``bytes_received`` of the source
+  would count the FIN and the passed bytes, so the program's own count is the reference.
+- **Resets**: ``EPOLLERR`` on either socket resets both, as the other relays do.
+- **A socket that is no longer ESTABLISHED** cannot be inserted: if the client's insertion
+  fails the connection falls back to the default relay; if the backend's fails (the client's
+  is in), both directions stay in user mode for the connection's life.
+- **Counters** (access log, idle timeouts): user-mode bytes are counted as sent, redirected ones
+  come from ``state``; :func:`refresh` brings them up to date before each idle sweep.
+
+While a direction is in the kernel its source socket is watched for ``EPOLLRDHUP`` only (plus
+errors), so redirected traffic wakes nothing in this process.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import mmap
+import os
+import select
+import socket
+import struct
+import time
+import weakref
+from collections.abc import Callable
+
+from l4lb.balancer import bpf, poller
+from l4lb.balancer.poller import EPOLLERR, EPOLLET, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP
+from l4lb.balancer.relay_contract import (
+    EndReason,
+    Relay,
+    RelayConn,
+    StartRelay,
+    error_reason,
+    reset_socket,
+)
+
+__all__ = [
+    "BACKLOG_LIMIT",
+    "KernelPath",
+    "KernelRelay",
+    "SelfTestError",
+    "prepare",
+    "refresh",
+    "requirements",
+]
+
+log = logging.getLogger("l4lb.relay")
+
+BACKLOG_LIMIT = 1 << 20
+"""Redirected bytes a direction may have queued for its destination before it is handed back."""
+SLOTS = 1 << 16
+"""Sockets one worker can hand to the kernel (two per connection); past that, the default relay."""
+RING_SIZE = 1 << 16
+REQUIREMENTS = (
+    'relay = "kernel" needs Linux >= 5.13 (BPF_SK_SKB_VERDICT) and CAP_BPF + CAP_NET_ADMIN '
+    "(or root); l4lb run tests it at start and falls back to the default relay when it fails"
+)
+
+# state[slot]: five u64 words
+_REDIRECTED, _PASSED, _ARMED, _CREDIT, _PEER = 0, 1, 2, 3, 4
+_WORDS = 5
+_VALUE = 8 * _WORDS
+_NEVER = (1 << 64) - 1
+"""``armed`` that no ``passed`` count reaches: the direction stays with this process."""
+
+_SO_COOKIE = getattr(socket, "SO_COOKIE", 57)
+_SIOCOUTQ = 0x5411
+_TCP_INFO_SIZE = 136
+_BYTES_ACKED = 120
+_SK_PASS = 1
+
+_QUIET = EPOLLRDHUP | EPOLLET
+"""A socket's mask while both its directions are in the kernel (errors and hang-ups come too)."""
+_IN = EPOLLIN | EPOLLRDHUP | EPOLLHUP
+_WAIT_FIRST, _WAIT_MAX = 0.0005, 0.05
+"""Polling a destination that still has redirected bytes to take: from 0.5 ms, doubling to 50 ms."""
+_BUDGET = 16
+
+
+class SelfTestError(Exception):
+    """The start-up self-test relayed something other than what it sent."""
+
+
+def requirements() -> str:
+    """What ``relay = "kernel"`` needs (``l4lb check`` prints it)."""
+    return REQUIREMENTS
+
+
+# -- the program -----------------------------------------------------------------------------
+
+
+def program(slots: int, state: int, socks: int, ring: int) -> bytes:
+    """The verdict program (see the module docstring), given the four maps' descriptors."""
+    a = bpf.Asm()
+    a.mov(6, 1)  # r6 = skb
+    a.load(4, 7, 6, 0)  # r7 = skb->len
+    a.jump_if(7, "==", 0, "drop")  # a 0-byte skb (a FIN) would break the peer: drop it
+    a.mov(1, 6)
+    a.call(bpf.GET_SOCKET_COOKIE_FN)
+    a.store(8, 10, -8, 0)
+    a.mov(2, 10)
+    a.add_imm(2, -8)
+    a.load_map(1, slots)
+    a.call(bpf.MAP_LOOKUP_ELEM_FN)
+    a.jump_if(0, "==", 0, "pass_plain")  # not one of ours
+    a.load(4, 8, 0, 0)  # r8 = slot
+    a.store(4, 10, -16, 8)
+    a.mov(2, 10)
+    a.add_imm(2, -16)
+    a.load_map(1, state)
+    a.call(bpf.MAP_LOOKUP_ELEM_FN)
+    a.jump_if(0, "==", 0, "pass_plain")
+    a.mov(9, 0)  # r9 = &state[slot]
+    a.load(8, 1, 9, 8 * _PASSED)
+    a.load(8, 2, 9, 8 * _ARMED)
+    a.jump_if_reg(1, "!=", 2, "pass")  # with this process: it has bytes of ours to read
+    a.load(8, 1, 9, 8 * _REDIRECTED)
+    a.add(1, 7)
+    a.load(8, 2, 9, 8 * _CREDIT)
+    a.jump_if_reg(1, ">", 2, "hand_back")  # the destination's backlog is full
+    a.load(4, 3, 9, 8 * _PEER)
+    a.mov(1, 6)
+    a.load_map(2, socks)
+    a.mov_imm(4, 0)  # to the peer's egress
+    a.call(bpf.SK_REDIRECT_MAP_FN)
+    a.jump_if(0, "!=", _SK_PASS, "hand_back")  # the peer is not in the map (yet)
+    a.load(8, 1, 9, 8 * _REDIRECTED)
+    a.add(1, 7)
+    a.store(8, 9, 8 * _REDIRECTED, 1)
+    a.mov_imm(0, _SK_PASS)
+    a.exit()
+    a.label("hand_back")  # the first byte this process must read: say which slot
+    a.store(8, 10, -24, 8)
+    a.load_map(1, ring)
+    a.mov(2, 10)
+    a.add_imm(2, -24)
+    a.mov_imm(3, 8)
+    a.mov_imm(4, 0)
+    a.call(bpf.RINGBUF_OUTPUT_FN)
+    a.label("pass")
+    a.load(8, 1, 9, 8 * _PASSED)
+    a.add(1, 7)
+    a.store(8, 9, 8 * _PASSED, 1)
+    a.label("pass_plain")
+    a.mov_imm(0, _SK_PASS)
+    a.exit()
+    a.label("drop")
+    a.mov_imm(0, 0)
+    a.exit()
+    return a.assemble()
+
+
+class KernelPath:
+    """The maps and the attached program of one worker, and which direction owns each slot."""
+
+    def __init__(self, slots: int = SLOTS, limit: int = BACKLOG_LIMIT) -> None:
+        self.limit = limit
+        self.capacity = slots
+        self.fds: list[int] = []
+        self._maps: list[mmap.mmap] = []
+        try:
+            self.slots_fd = self._map(bpf.MAP_HASH, 8, 4, slots, bpf.F_NO_PREALLOC, "l4lb_slots")
+            self.state_fd = self._map(bpf.MAP_ARRAY, 4, _VALUE, slots, bpf.F_MMAPABLE, "l4lb_state")
+            self.socks_fd = self._map(bpf.MAP_SOCKMAP, 4, 4, slots, 0, "l4lb_socks")
+            self.ring_fd = self._map(bpf.MAP_RINGBUF, 0, 0, RING_SIZE, 0, "l4lb_ring")
+            code = program(self.slots_fd, self.state_fd, self.socks_fd, self.ring_fd)
+            prog = bpf.prog_load(bpf.PROG_SK_SKB, code, bpf.ATTACH_SK_SKB_VERDICT, "l4lb_relay")
+            self.fds.append(prog)
+            bpf.prog_attach(self.socks_fd, prog, bpf.ATTACH_SK_SKB_VERDICT)
+            page = mmap.PAGESIZE
+            size = -(-_VALUE * slots // page) * page
+            state_map = bpf.map_mmap(self.state_fd, size)
+            cons = bpf.map_mmap(self.ring_fd, page)
+            prod = bpf.map_mmap(self.ring_fd, page + 2 * RING_SIZE, writable=False, offset=page)
+        except BaseException:
+            self.close()
+            raise
+        self._maps += [state_map, cons, prod]
+        self.state = memoryview(state_map).cast("Q")
+        self._cons = memoryview(cons).cast("Q")
+        self._prod = memoryview(prod)
+        self._ring_data = page
+        self.free = list(range(slots - 1, -1, -1))
+        self.owners: dict[int, _Direction] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.relays: weakref.WeakSet[KernelRelay] = weakref.WeakSet()
+
+    def _map(self, kind: int, key: int, value: int, entries: int, flags: int, name: str) -> int:
+        fd = bpf.map_create(kind, key, value, entries, flags, name)
+        self.fds.append(fd)
+        return fd
+
+    def close(self) -> None:
+        """Release the maps and the program (sockets still in the map are left alone)."""
+        if self.loop is not None:
+            poll = poller.for_loop(self.loop)
+            poll.forget(self.ring_fd)
+        for view in ("state", "_cons", "_prod"):
+            with contextlib.suppress(AttributeError):
+                getattr(self, view).release()
+        for m in self._maps:
+            m.close()
+        self._maps.clear()
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Watch the ring buffer from ``loop``'s poller (once)."""
+        self.loop = loop
+        poller.for_loop(loop).watch(self.ring_fd, self, EPOLLIN | EPOLLET)
+
+    # -- slots -------------------------------------------------------------------------------
+
+    def arm(self, slot: int, peer: int) -> None:
+        """Fresh counters for ``slot``, redirecting to ``peer`` once the first byte comes."""
+        base = slot * _WORDS
+        st = self.state
+        st[base + _ARMED] = _NEVER
+        st[base + _REDIRECTED] = 0
+        st[base + _PASSED] = 0
+        st[base + _CREDIT] = self.limit
+        st[base + _PEER] = peer
+        st[base + _ARMED] = 0
+
+    def insert(self, sock: socket.socket, slot: int) -> bytes:
+        """Name ``sock``'s slot to the program, then put it in the sockmap; the cookie key."""
+        key = sock.getsockopt(socket.SOL_SOCKET, _SO_COOKIE, 8)
+        bpf.map_update(self.slots_fd, key, struct.pack("<I", slot))
+        try:
+            bpf.map_update(self.socks_fd, struct.pack("<I", slot), struct.pack("<I", sock.fileno()))
+        except bpf.BpfError:
+            bpf.map_delete(self.slots_fd, key)
+            raise
+        return key
+
+    def release(self, key: bytes | None, slot: int) -> None:
+        """Forget a closed socket's cookie (closing it left the sockmap) and free its slot."""
+        self.owners.pop(slot, None)
+        if key is not None:
+            with contextlib.suppress(OSError):
+                bpf.map_delete(self.slots_fd, key)
+        self.free.append(slot)
+
+    # -- the ring ----------------------------------------------------------------------------
+
+    def event(self, fd: int, events: int) -> None:
+        """The ring buffer has records: hand each named direction back to this process."""
+        for slot in self.read_ring():
+            direction = self.owners.get(slot)
+            if direction is not None and not direction.relay.closed:
+                direction.relay.guard(direction.hand_back)
+
+    def read_ring(self) -> list[int]:
+        cons, prod, data = self._cons, self._prod, self._ring_data
+        pos = cons[0]
+        end = struct.unpack_from("<Q", prod, 0)[0]
+        mask = RING_SIZE - 1
+        slots = []
+        while pos < end:
+            head = struct.unpack_from("<I", prod, data + (pos & mask))[0]
+            if head & (1 << 31):  # still being written
+                break
+            size = head & ~(3 << 30)
+            if not head & (1 << 30):  # not discarded
+                slots.append(struct.unpack_from("<Q", prod, data + ((pos + 8) & mask))[0])
+            pos += (size + 8 + 7) & ~7
+        cons[0] = pos
+        return slots
+
+
+# -- one connection --------------------------------------------------------------------------
+
+
+class _Direction:
+    """One way through the relay: ``src`` -> ``dst``, in the kernel or with this process."""
+
+    __slots__ = (
+        "absorbed",
+        "can_arm",
+        "consumed",
+        "dst",
+        "dst_fd",
+        "dst_syn",
+        "eof",
+        "head",
+        "relay",
+        "sent",
+        "shut",
+        "slot",
+        "src",
+        "src_fd",
+        "to_client",
+        "user",
+        "user_bytes",
+        "wait",
+        "waiting",
+    )
+
+    def __init__(
+        self, relay: KernelRelay, src: socket.socket, dst: socket.socket, to_client: bool
+    ) -> None:
+        self.relay = relay
+        self.src = src
+        self.src_fd = src.fileno()
+        self.dst = dst
+        self.dst_fd = dst.fileno()
+        self.to_client = to_client
+        self.dst_syn = 0 if to_client else 1
+        """The backend socket was connected by us: its ``bytes_acked`` counts its SYN."""
+        self.slot = -1
+        """The source's slot (-1: not in the map)."""
+        self.can_arm = False
+        self.user = True
+        """Bytes of this direction are read by this process (False: the kernel redirects them)."""
+        self.consumed = 0
+        """Bytes read from ``src`` (the program's ``passed`` once all are read)."""
+        self.sent = 0
+        """Bytes this process wrote to ``dst``, the PROXY header included."""
+        self.user_bytes = 0
+        """Relayed bytes among them (the header excluded)."""
+        self.absorbed = 0
+        """A ``redirected`` count ``dst`` is known to have taken in full."""
+        self.head = b""
+        self.eof = False
+        self.shut = False
+        """The FIN was passed on."""
+        self.wait = _WAIT_FIRST
+        self.waiting: asyncio.TimerHandle | None = None
+
+    # -- the state the program shares --------------------------------------------------------
+
+    def redirected(self) -> int:
+        if self.slot < 0:
+            return 0
+        return int(self.relay.path.state[self.slot * _WORDS + _REDIRECTED])
+
+    def drained(self) -> bool:
+        """True when ``dst`` holds (or has sent) every byte redirected to it from ``src``."""
+        redirected = self.redirected()
+        if redirected == self.absorbed:
+            return True
+        # read bytes_acked before SIOCOUTQ: bytes acked in between only make the sum smaller
+        info = self.dst.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+        acked = struct.unpack_from("<Q", info, _BYTES_ACKED)[0] - self.dst_syn
+        queued = array.array("i", [0])
+        fcntl.ioctl(self.dst_fd, _SIOCOUTQ, queued)
+        if acked + queued[0] >= self.sent + redirected:
+            self.absorbed = redirected
+            self.wait = _WAIT_FIRST
+            return True
+        return False
+
+    # -- moving bytes --------------------------------------------------------------------------
+
+    def pump(self) -> None:
+        """Read what this process must, write it on in order, pass a FIN on; re-arm when done."""
+        relay = self.relay
+        budget = _BUDGET
+        buf = relay.poller.scratch
+        while not relay.closed:
+            if self.head:
+                if not self.drained():
+                    self._wait()
+                    return
+                if not self._send(self.head):
+                    return
+                continue
+            if self.eof:
+                if self.shut:
+                    return
+                if not self.drained():
+                    self._wait()
+                    return
+                self._ended()
+                return
+            budget -= 1
+            if budget < 0:
+                relay.loop.call_soon(self.resume)
+                return
+            try:
+                n = self.src.recv_into(buf)
+            except BlockingIOError:
+                if self.user and self.can_arm:
+                    self._arm()
+                    continue  # one more read closes the race with a byte passed meanwhile
+                if not self.user and self._passed_unread():
+                    self._to_user()
+                return
+            except OSError as err:
+                relay.failed(err)
+                return
+            if n == 0:
+                self.eof = True
+                continue
+            self.consumed += n
+            if not self.user:
+                self._to_user()
+            if self.drained():
+                self._send(bytes(buf[:n]))
+            else:
+                self.head = bytes(buf[:n])
+
+    def _send(self, data: bytes) -> bool:
+        """Write ``data`` to ``dst``; what it does not take stays in ``head``. True: all out."""
+        try:
+            sent = self.dst.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as err:
+            self.relay.failed(err)
+            return False
+        self.sent += sent
+        self.user_bytes += sent
+        self.relay.progress(sent, self.to_client)
+        had_head = bool(self.head)
+        self.head = data[sent:]
+        if self.head or had_head:
+            self.relay.update_mask(self.dst)  # EPOLLOUT while something waits for it
+        return not self.head
+
+    def _passed_unread(self) -> bool:
+        if self.slot < 0:
+            return False
+        return bool(self.relay.path.state[self.slot * _WORDS + _PASSED] != self.consumed)
+
+    def _arm(self) -> None:
+        """Give the direction to the kernel again: every passed byte is read and written on."""
+        st = self.relay.path.state
+        base = self.slot * _WORDS
+        st[base + _CREDIT] = st[base + _REDIRECTED] + self.relay.path.limit
+        st[base + _ARMED] = self.consumed
+        self.user = False
+        self.wait = _WAIT_FIRST
+        self.relay.update_mask(self.src)
+
+    def _to_user(self) -> None:
+        self.user = True
+        self.relay.update_mask(self.src)
+
+    def hand_back(self) -> None:
+        """The program passed a byte of ours (ring record): read it, in user mode."""
+        if not self.user:
+            self._to_user()
+        self.pump()
+
+    def _wait(self) -> None:
+        """``dst`` still has redirected bytes to take: look again soon (and on EPOLLOUT)."""
+        if self.waiting is None:
+            self.waiting = self.relay.loop.call_later(self.wait, self._waited)
+            self.wait = min(self.wait * 2, _WAIT_MAX)
+            self.relay.update_mask(self.dst)
+
+    def _waited(self) -> None:
+        self.waiting = None
+        self.resume()
+        self.relay.update_mask(self.dst)
+
+    def resume(self) -> None:
+        if not self.relay.closed:
+            self.relay.guard(self.pump)
+
+    def _ended(self) -> None:
+        """``src`` sent FIN and ``dst`` holds everything before it: pass the FIN on."""
+        relay = self.relay
+        self.shut = True
+        other = relay.to_backend if self.to_client else relay.to_client
+        if not other.eof:
+            with contextlib.suppress(OSError):
+                self.dst.shutdown(socket.SHUT_WR)
+        relay.half_closed(self.to_client)
+
+    def wants_out(self) -> bool:
+        return bool(self.head) or self.waiting is not None
+
+    def stop(self) -> None:
+        if self.waiting is not None:
+            self.waiting.cancel()
+            self.waiting = None
+
+
+class KernelRelay:
+    """Relays one connection through the kernel's sockmap; owns both sockets from the start."""
+
+    __slots__ = (
+        "__weakref__",
+        "backend",
+        "client",
+        "client_fd",
+        "closed",
+        "conn",
+        "first_reason",
+        "keys",
+        "loop",
+        "masks",
+        "path",
+        "poller",
+        "to_backend",
+        "to_client",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        path: KernelPath,
+        client: socket.socket,
+        backend: socket.socket,
+        conn: RelayConn,
+    ) -> None:
+        self.loop = loop
+        self.path = path
+        self.client = client
+        self.backend = backend
+        self.client_fd = client.fileno()
+        self.conn = conn
+        self.poller = poller.for_loop(loop)
+        self.to_backend = _Direction(self, client, backend, to_client=False)
+        self.to_client = _Direction(self, backend, client, to_client=True)
+        self.keys: list[tuple[bytes | None, int]] = []
+        self.masks: dict[int, int] = {}
+        self.first_reason: EndReason | None = None
+        self.closed = False
+
+    def start(self, header_sent: int, client_slot: int, backend_slot: int) -> None:
+        """Both slots are armed and the client is in the map; put the backend in, then read."""
+        path = self.path
+        up, down = self.to_backend, self.to_client
+        up.sent = header_sent
+        up.slot, down.slot = client_slot, backend_slot
+        path.owners[client_slot] = up
+        path.owners[backend_slot] = down
+        up.user = down.user = False
+        up.can_arm = True
+        try:
+            self.keys.append((path.insert(self.backend, backend_slot), backend_slot))
+            down.can_arm = True
+        except OSError:
+            # no longer ESTABLISHED (a FIN came): the client's bytes are passed to us from now
+            # on (their redirect fails), so both ways are copied by this process
+            path.owners.pop(backend_slot, None)
+            path.free.append(backend_slot)
+            down.slot = -1
+            down.user = up.user = True
+            path.state[client_slot * _WORDS + _ARMED] = _NEVER
+            up.can_arm = False
+        mask = self._mask(self.client)
+        self.masks[self.client_fd] = mask
+        self.poller.take(self.client, self.client_fd, self, mask)
+        mask = self._mask(self.backend)
+        self.masks[down.src_fd] = mask
+        self.poller.take(self.backend, down.src_fd, self, mask)
+        # the read after the insertion: bytes that came before it go through the program now
+        self.guard(up.pump)
+        self.guard(down.pump)
+
+    def _mask(self, sock: socket.socket) -> int:
+        if sock is self.client:
+            out_of, into = self.to_backend, self.to_client
+        else:
+            out_of, into = self.to_client, self.to_backend
+        mask = _QUIET
+        if out_of.user:
+            mask |= EPOLLIN
+        if into.wants_out():
+            mask |= EPOLLOUT
+        return mask
+
+    def update_mask(self, sock: socket.socket) -> None:
+        if self.closed:
+            return
+        fd = sock.fileno()
+        mask = self._mask(sock)
+        if self.masks.get(fd) != mask:
+            self.masks[fd] = mask
+            self.poller.modify(fd, mask)
+
+    def guard(self, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except OSError as err:
+            self.failed(err)
+
+    def event(self, fd: int, events: int) -> None:
+        """Readiness of one of our sockets, from the poller."""
+        if self.closed:
+            return
+        if fd == self.client_fd:
+            reader, writer, sock = self.to_backend, self.to_client, self.client
+        else:
+            reader, writer, sock = self.to_client, self.to_backend, self.backend
+        if events & EPOLLERR:
+            with contextlib.suppress(OSError):  # what came before the reset goes first
+                if reader.user and not reader.eof:
+                    reader.pump()
+            if not self.closed:
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNRESET
+                self.failed(OSError(code, os.strerror(code)))
+            return
+        if events & EPOLLOUT and writer.wants_out():
+            self.guard(writer.pump)
+        if events & _IN and not self.closed:
+            self.guard(reader.pump)
+
+    def progress(self, n: int, to_client: bool) -> None:
+        if to_client:
+            self.conn.bytes_to_client += n
+        else:
+            self.conn.bytes_from_client += n
+
+    def refresh(self) -> None:
+        """Bring the connection's byte counters up to date with the program's counts; hand back
+        a direction whose ring record was lost (a full ring)."""
+        conn = self.conn
+        conn.bytes_from_client = self.to_backend.user_bytes + self.to_backend.redirected()
+        conn.bytes_to_client = self.to_client.user_bytes + self.to_client.redirected()
+        for d in (self.to_backend, self.to_client):
+            if not d.user and d._passed_unread():
+                self.guard(d.hand_back)
+
+    def half_closed(self, to_client: bool) -> None:
+        if self.first_reason is None:
+            self.first_reason = EndReason.BACKEND_CLOSED if to_client else EndReason.CLIENT_CLOSED
+        if self.to_backend.eof and self.to_client.eof:
+            self.close(self.first_reason)
+
+    def failed(self, err: OSError) -> None:
+        reset_socket(self.client)
+        reset_socket(self.backend)
+        self.close(error_reason(err.errno))
+
+    def close(self, reason: EndReason) -> None:
+        """Stop relaying, close both sockets (which takes them out of the sockmap), report."""
+        if self.closed:
+            return
+        self.refresh_counts()
+        self.closed = True
+        self.poller.forget(self.client_fd)
+        self.poller.forget(self.to_client.src_fd)
+        self.to_backend.stop()
+        self.to_client.stop()
+        self.client.close()
+        self.backend.close()
+        path = self.path
+        for key, slot in self.keys:
+            path.release(key, slot)
+        self.keys.clear()
+        self.conn.relay_closed(reason)
+
+    def refresh_counts(self) -> None:
+        conn = self.conn
+        conn.bytes_from_client = self.to_backend.user_bytes + self.to_backend.redirected()
+        conn.bytes_to_client = self.to_client.user_bytes + self.to_client.redirected()
+
+
+# -- per worker: the path, the self-test, the start of a connection ---------------------------
+
+_PATHS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, KernelPath] = (
+    weakref.WeakKeyDictionary()
+)
+_SPARE: list[KernelPath] = []
+"""The self-tested path, for the first loop that relays a connection."""
+
+
+class _Fallbacks:
+    """Connections the kernel path could not take; said at most every 10 s."""
+
+    count = 0
+    quiet_until = 0.0
+
+    @classmethod
+    def note(cls, why: str) -> None:
+        cls.count += 1
+        now = time.monotonic()
+        if now >= cls.quiet_until:
+            cls.quiet_until = now + 10.0
+            log.info("event=kernel_relay_fallback count=%d detail=%r", cls.count, why)
+
+
+def _path_for(loop: asyncio.AbstractEventLoop) -> KernelPath | None:
+    path = _PATHS.get(loop)
+    if path is None:
+        try:
+            path = _SPARE.pop() if _SPARE else KernelPath()
+            path.bind(loop)
+        except OSError as err:
+            _Fallbacks.note(f"kernel path unavailable: {err}")
+            return None
+        _PATHS[loop] = path
+    return path
+
+
+def refresh(loop: asyncio.AbstractEventLoop) -> None:
+    """Before an idle sweep: the byte counters of every kernel-relayed connection of ``loop``."""
+    path = _PATHS.get(loop)
+    if path is None:
+        return
+    for relay in list(path.relays):
+        if not relay.closed:
+            relay.refresh()
+
+
+def make_start(fallback: StartRelay) -> StartRelay:
+    """The ``start`` of the kernel relay; connections it cannot take go to ``fallback``."""
+
+    def start_kernel_relay(
+        loop: asyncio.AbstractEventLoop,
+        client_sock: socket.socket,
+        backend_sock: socket.socket,
+        first: bytes,
+        conn: RelayConn,
+    ) -> Relay:
+        path = _path_for(loop)
+        if path is None or len(path.free) < 2:
+            if path is not None:
+                _Fallbacks.note("every slot of the kernel path is taken")
+            return fallback(loop, client_sock, backend_sock, first, conn)
+        sent = 0
+        if first:  # the PROXY header goes before any redirected byte
+            try:
+                sent = backend_sock.send(first)
+            except BlockingIOError:
+                sent = 0
+            except OSError:  # the fallback meets the error itself
+                sent = 0
+            if sent < len(first):
+                return fallback(loop, client_sock, backend_sock, first[sent:], conn)
+        client_slot, backend_slot = path.free.pop(), path.free.pop()
+        path.arm(client_slot, backend_slot)
+        path.arm(backend_slot, client_slot)
+        try:
+            key = path.insert(client_sock, client_slot)
+        except OSError as err:  # e.g. EOPNOTSUPP: the client already sent FIN
+            path.free += [backend_slot, client_slot]
+            _Fallbacks.note(f"client socket not inserted: {err}")
+            return fallback(loop, client_sock, backend_sock, b"", conn)
+        # the client's comes from the listening socket; a small reply must not wait on Nagle
+        backend_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        relay = KernelRelay(loop, path, client_sock, backend_sock, conn)
+        relay.keys.append((key, client_slot))
+        path.relays.add(relay)
+        relay.start(sent, client_slot, backend_slot)
+        return relay
+
+    return start_kernel_relay
+
+
+# -- the self-test -----------------------------------------------------------------------------
+
+
+def _pair() -> tuple[socket.socket, socket.socket]:
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        connected = socket.create_connection(listening.getsockname(), timeout=1.0)
+        accepted, _ = listening.accept()
+    accepted.settimeout(1.0)
+    return connected, accepted
+
+
+def _expect(sock: socket.socket, want: bytes, what: str) -> None:
+    got = b""
+    deadline = time.monotonic() + 1.0
+    while len(got) < len(want) and time.monotonic() < deadline:
+        if select.select([sock], [], [], 0.1)[0]:
+            chunk = sock.recv(len(want) - len(got))
+            if not chunk:
+                break
+            got += chunk
+    if got != want:
+        raise SelfTestError(f"{what}: sent {want!r}, got {got!r}")
+
+
+def self_test(path: KernelPath) -> None:
+    """Relay bytes both ways over loopback through ``path``; raise if anything is off.
+
+    Covers what the relay relies on: the insertion, a byte queued before it (pushed by the read
+    after it), redirects both ways, the program's counts, the written-bytes sum used for the FIN
+    (on an accepted and a connected socket), and a hand-back with its ring record.
+    """
+    client, lb_c = _pair()
+    lb_b, backend = _pair()
+    socks = (client, lb_c, lb_b, backend)
+    keys: list[tuple[bytes, int]] = []
+    try:
+        lb_b.sendall(b"HDR:")
+        client.sendall(b"ping")
+        c, b = path.free.pop(), path.free.pop()
+        path.arm(c, b)
+        path.arm(b, c)
+        for s, slot in ((lb_c, c), (lb_b, b)):
+            keys.append((path.insert(s, slot), slot))
+        for s in (lb_c, lb_b):
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                data = s.recv(64, socket.MSG_DONTWAIT)
+                raise SelfTestError(f"the read after the insertion returned {data!r}")
+        _expect(backend, b"HDR:ping", "client to backend")
+        backend.sendall(b"pong")
+        _expect(client, b"pong", "backend to client")
+        st = path.state
+        counts = (st[c * _WORDS + _REDIRECTED], st[b * _WORDS + _REDIRECTED])
+        if counts != (4, 4):
+            raise SelfTestError(f"redirected counts {counts}, expected (4, 4)")
+        for sock, syn, want in ((lb_b, 1, 8), (lb_c, 0, 4)):
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+            queued = array.array("i", [0])
+            fcntl.ioctl(sock.fileno(), _SIOCOUTQ, queued)
+            written = struct.unpack_from("<Q", info, _BYTES_ACKED)[0] - syn + queued[0]
+            if written != want:
+                raise SelfTestError(f"bytes written by the socket {written}, expected {want}")
+        path.read_ring()
+        st[c * _WORDS + _CREDIT] = 0  # the next client byte is handed back
+        client.sendall(b"back")
+        lb_c.settimeout(1.0)
+        got = lb_c.recv(64)
+        if got != b"back" or path.read_ring() != [c]:
+            raise SelfTestError(f"hand-back: read {got!r}")
+    finally:
+        for sock in socks:
+            sock.close()
+        for key, slot in keys:
+            path.release(key, slot)
+
+
+def prepare(
+    load: Callable[[], KernelPath] = KernelPath, default: StartRelay | None = None
+) -> StartRelay | None:
+    """Load and self-test the kernel path; its ``start``, or None after one log line saying why.
+
+    ``load`` builds the path (passed in so a test can make it fail); ``default`` is the relay
+    for connections the path cannot take.
+    """
+    try:
+        path = load()
+    except OSError as err:
+        _unavailable(_why(err))
+        return None
+    try:
+        self_test(path)
+    except (OSError, SelfTestError) as err:
+        path.close()
+        _unavailable(f"self-test failed: {err}")
+        return None
+    if _SPARE:  # one is enough (a reload to the kernel relay tests it again)
+        path.close()
+    else:
+        _SPARE.append(path)
+    if default is None:
+        from l4lb.balancer.relay_contract import default_relay
+
+        default = default_relay()
+    return make_start(default)
+
+
+def _why(err: OSError) -> str:
+    if err.errno == errno.EPERM:
+        return f"{err} (needs CAP_BPF and CAP_NET_ADMIN, or root)"
+    if err.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return f"{err} (needs Linux >= 5.13 with BPF sockmap support; this is {os.uname().release})"
+    return str(err)
+
+
+def _unavailable(reason: str) -> None:
+    log.warning("event=kernel_relay_unavailable reason=%r using=default", reason)
