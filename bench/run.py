@@ -31,7 +31,15 @@ from harness.figures import MEASUREMENTS, SINGLE_ROUND, Settings, add_machine_ne
 from harness.report import table
 
 BENCH = Path(__file__).resolve().parent
-ALL = ["direct", "haproxy", "haproxy-splice", "nginx", "l4lb-stream", "l4lb-splice"]
+ALL = [
+    "direct",
+    "haproxy",
+    "haproxy-splice",
+    "nginx",
+    "l4lb-stream",
+    "l4lb-splice",
+    "l4lb-kernel",
+]
 
 
 def _git_commit() -> str:

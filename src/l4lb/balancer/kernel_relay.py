@@ -85,7 +85,7 @@ __all__ = [
 
 log = logging.getLogger("l4lb.relay")
 
-BACKLOG_LIMIT = 1 << 20
+BACKLOG_LIMIT = 4 << 20
 """Redirected bytes a direction may have queued for its destination before it is handed back."""
 SLOTS = 1 << 16
 """Sockets one worker can hand to the kernel (two per connection); past that, the default relay."""
@@ -95,9 +95,9 @@ REQUIREMENTS = (
     "(or root); l4lb run tests it at start and falls back to the default relay when it fails"
 )
 
-# state[slot]: five u64 words
-_REDIRECTED, _PASSED, _ARMED, _CREDIT, _PEER = 0, 1, 2, 3, 4
-_WORDS = 5
+# state[slot]: u64 words; the program writes the first four, this process the others
+_REDIRECTED, _PASSED, _ARMED, _CREDIT, _ASKED, _PEER, _COPIED, _WANT = 0, 1, 2, 3, 4, 5, 6, 7
+_WORDS = 8
 _VALUE = 8 * _WORDS
 _NEVER = (1 << 64) - 1
 """``armed`` that no ``passed`` count reaches: the direction stays with this process."""
@@ -128,9 +128,19 @@ def requirements() -> str:
 # -- the program -----------------------------------------------------------------------------
 
 
-def program(slots: int, state: int, socks: int, ring: int) -> bytes:
+def program(slots: int, state: int, socks: int, ring: int, limit: int) -> bytes:
     """The verdict program (see the module docstring), given the four maps' descriptors."""
     a = bpf.Asm()
+
+    def notify() -> None:  # post this socket's slot (r8) to the ring
+        a.store(8, 10, -24, 8)
+        a.load_map(1, ring)
+        a.mov(2, 10)
+        a.add_imm(2, -24)
+        a.mov_imm(3, 8)
+        a.mov_imm(4, 0)
+        a.call(bpf.RINGBUF_OUTPUT_FN)
+
     a.mov(6, 1)  # r6 = skb
     a.load(4, 7, 6, 0)  # r7 = skb->len
     a.jump_if(7, "==", 0, "drop")  # a 0-byte skb (a FIN) would break the peer: drop it
@@ -152,11 +162,30 @@ def program(slots: int, state: int, socks: int, ring: int) -> bytes:
     a.mov(9, 0)  # r9 = &state[slot]
     a.load(8, 1, 9, 8 * _PASSED)
     a.load(8, 2, 9, 8 * _ARMED)
-    a.jump_if_reg(1, "!=", 2, "pass")  # with this process: it has bytes of ours to read
+    a.jump_if_reg(1, "==", 2, "kernel")
+    # user mode: back to the kernel once the process has written on every byte passed to it
+    a.load(8, 3, 9, 8 * _WANT)
+    a.jump_if(3, "==", 0, "pass")
+    a.load(8, 3, 9, 8 * _COPIED)
+    a.jump_if_reg(3, "!=", 1, "pass")
+    a.store(8, 9, 8 * _ARMED, 1)  # armed = passed
+    a.load(8, 2, 9, 8 * _REDIRECTED)
+    a.add_imm(2, limit)
+    a.store(8, 9, 8 * _CREDIT, 2)  # the destination took every redirected byte: a new credit
+    notify()
+    a.label("kernel")
     a.load(8, 1, 9, 8 * _REDIRECTED)
     a.add(1, 7)
     a.load(8, 2, 9, 8 * _CREDIT)
     a.jump_if_reg(1, ">", 2, "hand_back")  # the destination's backlog is full
+    a.add_imm(2, -(limit - limit // 4))
+    a.jump_if_reg(1, "<=", 2, "redirect")
+    a.load(8, 3, 9, 8 * _ASKED)  # a quarter of the credit used: ask the process for more, once
+    a.jump_if(3, "!=", 0, "redirect")
+    a.mov_imm(3, 1)
+    a.store(8, 9, 8 * _ASKED, 3)
+    notify()
+    a.label("redirect")
     a.load(4, 3, 9, 8 * _PEER)
     a.mov(1, 6)
     a.load_map(2, socks)
@@ -168,14 +197,8 @@ def program(slots: int, state: int, socks: int, ring: int) -> bytes:
     a.store(8, 9, 8 * _REDIRECTED, 1)
     a.mov_imm(0, _SK_PASS)
     a.exit()
-    a.label("hand_back")  # the first byte this process must read: say which slot
-    a.store(8, 10, -24, 8)
-    a.load_map(1, ring)
-    a.mov(2, 10)
-    a.add_imm(2, -24)
-    a.mov_imm(3, 8)
-    a.mov_imm(4, 0)
-    a.call(bpf.RINGBUF_OUTPUT_FN)
+    a.label("hand_back")  # the first byte the process must read: say which slot
+    notify()
     a.label("pass")
     a.load(8, 1, 9, 8 * _PASSED)
     a.add(1, 7)
@@ -202,7 +225,7 @@ class KernelPath:
             self.state_fd = self._map(bpf.MAP_ARRAY, 4, _VALUE, slots, bpf.F_MMAPABLE, "l4lb_state")
             self.socks_fd = self._map(bpf.MAP_SOCKMAP, 4, 4, slots, 0, "l4lb_socks")
             self.ring_fd = self._map(bpf.MAP_RINGBUF, 0, 0, RING_SIZE, 0, "l4lb_ring")
-            code = program(self.slots_fd, self.state_fd, self.socks_fd, self.ring_fd)
+            code = program(self.slots_fd, self.state_fd, self.socks_fd, self.ring_fd, limit)
             prog = bpf.prog_load(bpf.PROG_SK_SKB, code, bpf.ATTACH_SK_SKB_VERDICT, "l4lb_relay")
             self.fds.append(prog)
             bpf.prog_attach(self.socks_fd, prog, bpf.ATTACH_SK_SKB_VERDICT)
@@ -221,7 +244,7 @@ class KernelPath:
         self._ring_data = page
         self.free = list(range(slots - 1, -1, -1))
         self.owners: dict[int, _Direction] = {}
-        self.loop: asyncio.AbstractEventLoop | None = None
+        self._loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
         self.relays: weakref.WeakSet[KernelRelay] = weakref.WeakSet()
 
     def _map(self, kind: int, key: int, value: int, entries: int, flags: int, name: str) -> int:
@@ -231,9 +254,9 @@ class KernelPath:
 
     def close(self) -> None:
         """Release the maps and the program (sockets still in the map are left alone)."""
-        if self.loop is not None:
-            poll = poller.for_loop(self.loop)
-            poll.forget(self.ring_fd)
+        loop = self._loop() if self._loop is not None else None
+        if loop is not None and not loop.is_closed():
+            poller.for_loop(loop).forget(self.ring_fd)
         for view in ("state", "_cons", "_prod"):
             with contextlib.suppress(AttributeError):
                 getattr(self, view).release()
@@ -246,21 +269,23 @@ class KernelPath:
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Watch the ring buffer from ``loop``'s poller (once)."""
-        self.loop = loop
+        self._loop = weakref.ref(loop)
         poller.for_loop(loop).watch(self.ring_fd, self, EPOLLIN | EPOLLET)
 
     # -- slots -------------------------------------------------------------------------------
 
     def arm(self, slot: int, peer: int) -> None:
-        """Fresh counters for ``slot``, redirecting to ``peer`` once the first byte comes."""
+        """Fresh counters for ``slot`` (not in the sockmap), redirecting to ``peer``."""
         base = slot * _WORDS
         st = self.state
-        st[base + _ARMED] = _NEVER
         st[base + _REDIRECTED] = 0
         st[base + _PASSED] = 0
-        st[base + _CREDIT] = self.limit
-        st[base + _PEER] = peer
         st[base + _ARMED] = 0
+        st[base + _CREDIT] = self.limit
+        st[base + _ASKED] = 0
+        st[base + _PEER] = peer
+        st[base + _COPIED] = 0
+        st[base + _WANT] = 1
 
     def insert(self, sock: socket.socket, slot: int) -> bytes:
         """Name ``sock``'s slot to the program, then put it in the sockmap; the cookie key."""
@@ -288,7 +313,7 @@ class KernelPath:
         for slot in self.read_ring():
             direction = self.owners.get(slot)
             if direction is not None and not direction.relay.closed:
-                direction.relay.guard(direction.hand_back)
+                direction.relay.guard(direction.sync)
 
     def read_ring(self) -> list[int]:
         cons, prod, data = self._cons, self._prod, self._ring_data
@@ -316,7 +341,6 @@ class _Direction:
 
     __slots__ = (
         "absorbed",
-        "can_arm",
         "consumed",
         "dst",
         "dst_fd",
@@ -349,9 +373,9 @@ class _Direction:
         """The backend socket was connected by us: its ``bytes_acked`` counts its SYN."""
         self.slot = -1
         """The source's slot (-1: not in the map)."""
-        self.can_arm = False
         self.user = True
-        """Bytes of this direction are read by this process (False: the kernel redirects them)."""
+        """Whether this process reads the source (its mask has EPOLLIN); the program's state
+        decides (:meth:`in_kernel`), this follows it."""
         self.consumed = 0
         """Bytes read from ``src`` (the program's ``passed`` once all are read)."""
         self.sent = 0
@@ -375,7 +399,8 @@ class _Direction:
         return int(self.relay.path.state[self.slot * _WORDS + _REDIRECTED])
 
     def drained(self) -> bool:
-        """True when ``dst`` holds (or has sent) every byte redirected to it from ``src``."""
+        """True when ``dst`` holds (or has sent) every byte redirected to it from ``src``;
+        ``absorbed`` becomes the redirected bytes it has taken."""
         redirected = self.redirected()
         if redirected == self.absorbed:
             return True
@@ -384,16 +409,65 @@ class _Direction:
         acked = struct.unpack_from("<Q", info, _BYTES_ACKED)[0] - self.dst_syn
         queued = array.array("i", [0])
         fcntl.ioctl(self.dst_fd, _SIOCOUTQ, queued)
-        if acked + queued[0] >= self.sent + redirected:
-            self.absorbed = redirected
+        taken = min(acked + queued[0] - self.sent, redirected)
+        if taken > self.absorbed:
+            self.absorbed = taken
+        if taken >= redirected:
             self.wait = _WAIT_FIRST
             return True
         return False
 
     # -- moving bytes --------------------------------------------------------------------------
 
+    def in_kernel(self) -> bool:
+        """The program redirects this direction's bytes (it has none for this process)."""
+        if self.slot < 0:
+            return False
+        base = self.slot * _WORDS
+        st = self.relay.path.state
+        return bool(st[base + _PASSED] == st[base + _ARMED])
+
+    def sync(self) -> None:
+        """A ring record (the program switched this direction, or asks for credit): follow it,
+        read what is ours, extend the credit by what the destination has taken."""
+        if self.in_kernel():
+            if self.user:
+                self.user = False
+                self.relay.update_mask(self.src)
+            if self.relay.path.state[self.slot * _WORDS + _ASKED]:
+                self.refill()
+        else:
+            self.pump()
+
+    def refill(self) -> None:
+        """More credit: the destination's backlog may again hold :data:`BACKLOG_LIMIT` bytes
+        beyond what it has taken. Until it has taken half, look again later (and on EPOLLOUT);
+        meanwhile the program runs into the credit and hands the direction back."""
+        path = self.relay.path
+        base = self.slot * _WORDS
+        st = path.state
+        self.drained()  # updates ``absorbed`` (system calls only when something is in flight)
+        credit = self.absorbed + path.limit
+        if credit > st[base + _CREDIT]:
+            st[base + _CREDIT] = credit
+        if credit - st[base + _REDIRECTED] > path.limit - path.limit // 4:
+            st[base + _ASKED] = 0
+            self.wait = _WAIT_FIRST
+        else:
+            self._wait()
+
+    def step(self) -> None:
+        """A timer or EPOLLOUT: whatever this direction waits for."""
+        if self.relay.closed:
+            return
+        if not self.user and self.in_kernel():
+            if self.relay.path.state[self.slot * _WORDS + _ASKED]:
+                self.refill()
+        else:
+            self.pump()
+
     def pump(self) -> None:
-        """Read what this process must, write it on in order, pass a FIN on; re-arm when done."""
+        """Read what this process must, write it on in order, pass a FIN on."""
         relay = self.relay
         budget = _BUDGET
         buf = relay.poller.scratch
@@ -420,11 +494,11 @@ class _Direction:
             try:
                 n = self.src.recv_into(buf)
             except BlockingIOError:
-                if self.user and self.can_arm:
-                    self._arm()
-                    continue  # one more read closes the race with a byte passed meanwhile
-                if not self.user and self._passed_unread():
-                    self._to_user()
+                # nothing passed is left to read; if the program has gone back to the kernel,
+                # stop watching EPOLLIN (its next hand-back posts a ring record)
+                if self.user and self.in_kernel():
+                    self.user = False
+                    relay.update_mask(self.src)
                 return
             except OSError as err:
                 relay.failed(err)
@@ -434,7 +508,8 @@ class _Direction:
                 continue
             self.consumed += n
             if not self.user:
-                self._to_user()
+                self.user = True
+                relay.update_mask(self.src)
             if self.drained():
                 self._send(bytes(buf[:n]))
             else:
@@ -456,32 +531,11 @@ class _Direction:
         self.head = data[sent:]
         if self.head or had_head:
             self.relay.update_mask(self.dst)  # EPOLLOUT while something waits for it
-        return not self.head
-
-    def _passed_unread(self) -> bool:
-        if self.slot < 0:
+        if self.head:
             return False
-        return bool(self.relay.path.state[self.slot * _WORDS + _PASSED] != self.consumed)
-
-    def _arm(self) -> None:
-        """Give the direction to the kernel again: every passed byte is read and written on."""
-        st = self.relay.path.state
-        base = self.slot * _WORDS
-        st[base + _CREDIT] = st[base + _REDIRECTED] + self.relay.path.limit
-        st[base + _ARMED] = self.consumed
-        self.user = False
-        self.wait = _WAIT_FIRST
-        self.relay.update_mask(self.src)
-
-    def _to_user(self) -> None:
-        self.user = True
-        self.relay.update_mask(self.src)
-
-    def hand_back(self) -> None:
-        """The program passed a byte of ours (ring record): read it, in user mode."""
-        if not self.user:
-            self._to_user()
-        self.pump()
+        if self.slot >= 0:  # every byte read is written on: the program may redirect again
+            self.relay.path.state[self.slot * _WORDS + _COPIED] = self.consumed
+        return True
 
     def _wait(self) -> None:
         """``dst`` still has redirected bytes to take: look again soon (and on EPOLLOUT)."""
@@ -492,7 +546,7 @@ class _Direction:
 
     def _waited(self) -> None:
         self.waiting = None
-        self.resume()
+        self.relay.guard(self.step)
         self.relay.update_mask(self.dst)
 
     def resume(self) -> None:
@@ -569,10 +623,8 @@ class KernelRelay:
         path.owners[client_slot] = up
         path.owners[backend_slot] = down
         up.user = down.user = False
-        up.can_arm = True
         try:
             self.keys.append((path.insert(self.backend, backend_slot), backend_slot))
-            down.can_arm = True
         except OSError:
             # no longer ESTABLISHED (a FIN came): the client's bytes are passed to us from now
             # on (their redirect fails), so both ways are copied by this process
@@ -580,8 +632,8 @@ class KernelRelay:
             path.free.append(backend_slot)
             down.slot = -1
             down.user = up.user = True
+            path.state[client_slot * _WORDS + _WANT] = 0
             path.state[client_slot * _WORDS + _ARMED] = _NEVER
-            up.can_arm = False
         mask = self._mask(self.client)
         self.masks[self.client_fd] = mask
         self.poller.take(self.client, self.client_fd, self, mask)
@@ -636,7 +688,7 @@ class KernelRelay:
                 self.failed(OSError(code, os.strerror(code)))
             return
         if events & EPOLLOUT and writer.wants_out():
-            self.guard(writer.pump)
+            self.guard(writer.step)
         if events & _IN and not self.closed:
             self.guard(reader.pump)
 
@@ -653,8 +705,10 @@ class KernelRelay:
         conn.bytes_from_client = self.to_backend.user_bytes + self.to_backend.redirected()
         conn.bytes_to_client = self.to_client.user_bytes + self.to_client.redirected()
         for d in (self.to_backend, self.to_client):
-            if not d.user and d._passed_unread():
-                self.guard(d.hand_back)
+            if d.slot >= 0 and not d.eof and d.waiting is None:
+                base = d.slot * _WORDS
+                if d.user == d.in_kernel() or self.path.state[base + _ASKED]:
+                    self.guard(d.sync)
 
     def half_closed(self, to_client: bool) -> None:
         if self.first_reason is None:
@@ -725,6 +779,7 @@ def _path_for(loop: asyncio.AbstractEventLoop) -> KernelPath | None:
             _Fallbacks.note(f"kernel path unavailable: {err}")
             return None
         _PATHS[loop] = path
+        weakref.finalize(loop, path.close)  # a test's loop; a worker's lives as long as it
     return path
 
 
@@ -738,8 +793,16 @@ def refresh(loop: asyncio.AbstractEventLoop) -> None:
             relay.refresh()
 
 
-def make_start(fallback: StartRelay) -> StartRelay:
-    """The ``start`` of the kernel relay; connections it cannot take go to ``fallback``."""
+def make_start(
+    fallback: StartRelay,
+    path_for: Callable[[asyncio.AbstractEventLoop], KernelPath | None] | None = None,
+) -> StartRelay:
+    """The ``start`` of the kernel relay; connections it cannot take go to ``fallback``.
+
+    ``path_for(loop)`` gives the loop's :class:`KernelPath` (default: one per loop, made on
+    first use, the self-tested one first).
+    """
+    get_path = _path_for if path_for is None else path_for
 
     def start_kernel_relay(
         loop: asyncio.AbstractEventLoop,
@@ -748,7 +811,7 @@ def make_start(fallback: StartRelay) -> StartRelay:
         first: bytes,
         conn: RelayConn,
     ) -> Relay:
-        path = _path_for(loop)
+        path = get_path(loop)
         if path is None or len(path.free) < 2:
             if path is not None:
                 _Fallbacks.note("every slot of the kernel path is taken")
