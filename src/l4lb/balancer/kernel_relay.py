@@ -220,6 +220,7 @@ class KernelPath:
         self.capacity = slots
         self.fds: list[int] = []
         self._maps: list[mmap.mmap] = []
+        self._loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
         try:
             self.slots_fd = self._map(bpf.MAP_HASH, 8, 4, slots, bpf.F_NO_PREALLOC, "l4lb_slots")
             self.state_fd = self._map(bpf.MAP_ARRAY, 4, _VALUE, slots, bpf.F_MMAPABLE, "l4lb_state")
@@ -244,7 +245,6 @@ class KernelPath:
         self._ring_data = page
         self.free = list(range(slots - 1, -1, -1))
         self.owners: dict[int, _Direction] = {}
-        self._loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
         self.relays: weakref.WeakSet[KernelRelay] = weakref.WeakSet()
 
     def _map(self, kind: int, key: int, value: int, entries: int, flags: int, name: str) -> int:
@@ -937,9 +937,12 @@ def prepare(
     except OSError as err:
         _unavailable(_why(err))
         return None
+    except Exception as err:  # whatever it is, the default relay serves: say it, once
+        _unavailable(f"loading failed: {err!r}")
+        return None
     try:
         self_test(path)
-    except (OSError, SelfTestError) as err:
+    except Exception as err:
         path.close()
         _unavailable(f"self-test failed: {err}")
         return None
@@ -963,4 +966,7 @@ def _why(err: OSError) -> str:
 
 
 def _unavailable(reason: str) -> None:
-    log.warning("event=kernel_relay_unavailable reason=%r using=default", reason)
+    from l4lb.balancer import splice
+
+    using = "splice" if splice.available() else "stream"
+    log.warning("event=kernel_relay_unavailable reason=%r using=%s", reason, using)

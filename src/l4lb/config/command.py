@@ -33,6 +33,10 @@ def main(argv: list[str]) -> int:
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 1
+    if config.relay == "kernel":  # what it needs; run self-tests it and falls back otherwise
+        from l4lb.balancer.kernel_relay import REQUIREMENTS
+
+        warnings.append(ConfigIssue("relay", REQUIREMENTS))
     for warning in warnings + bind_issues(config):
         print(f"{args.config}: warning: {warning}", file=sys.stderr)
     pools = ", ".join(sorted(config.pools))
