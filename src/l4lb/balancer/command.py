@@ -41,7 +41,8 @@ def fds_needed(config: Config) -> int:
     ``max_conns`` counts per worker (each worker enforces it), so this is per process too.
     """
     per_conn, spare = FDS_PER_CONNECTION, FDS_SPARE
-    if config.relay == "splice":  # and a pipe for each busy direction, spare pipes kept
+    # and a pipe for each busy direction, spare pipes kept (the kernel relay's fallback too)
+    if config.relay in ("splice", "kernel"):
         from l4lb.balancer import splice
 
         per_conn, spare = splice.FDS_PER_CONNECTION, spare + splice.FDS_SPARE
