@@ -325,7 +325,7 @@ class KernelPath:
         cons, prod, data = self._cons, self._prod, self._ring_data
         pos = cons[0]
         mask = RING_SIZE - 1
-        slots = []
+        slots: list[int] = []
         while True:
             end = struct.unpack_from("<Q", prod, 0)[0]
             if pos >= end:
