@@ -129,3 +129,51 @@ def test_check_says_what_the_kernel_relay_needs(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "warning: relay: " in result.stderr
     assert "Linux >= 5.13" in result.stderr and "CAP_BPF + CAP_NET_ADMIN" in result.stderr
+
+
+def _bpf_descriptors(pid: int) -> list[str]:
+    """The bpf maps and programs a process holds (``anon_inode:bpf-map``, ``bpf-prog``)."""
+    fds = Path(f"/proc/{pid}/fd")
+    out = []
+    for fd in fds.iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if "bpf-" in target:
+            out.append(target)
+    return out
+
+
+@needs_kernel_path
+def test_a_reload_switches_the_relay_and_live_connections_keep_theirs(tmp_path: Path) -> None:
+    port = free_port()
+    with backend(echo) as be:
+        splice_cfg = config_text(f"127.0.0.1:{port}", [be.address], top={"relay": "splice"})
+        with l4lb(tmp_path, splice_cfg) as lb:
+            by_splice = connect(port)
+            by_splice.sendall(b"one\n")
+            assert recv_all(by_splice, 4) == b"one\n"
+            assert _bpf_descriptors(lb.pid) == []
+            lb.reload(cfg(port, [be.address]))
+            assert "event=reloaded" in lb.log_text()
+            assert "kernel_relay_unavailable" not in lb.log_text()
+            # the reload loaded the program and self-tested it
+            assert any("bpf-prog" in d for d in _bpf_descriptors(lb.pid))
+            by_kernel = connect(port)
+            by_kernel.sendall(b"two\n")
+            assert recv_all(by_kernel, 4) == b"two\n"
+            by_splice.sendall(b"still splice\n")
+            assert recv_all(by_splice, 13) == b"still splice\n"
+            lb.reload(splice_cfg)
+            by_kernel.sendall(b"still kernel\n")  # its pair stays in the map after the reload
+            assert recv_all(by_kernel, 13) == b"still kernel\n"
+            for c in (by_splice, by_kernel):
+                c.shutdown(1)
+                assert c.recv(1) == b""
+                c.close()
+            lines = lb.wait_access(2)
+            assert sorted((ln["bytes_from_client"], ln["bytes_to_client"]) for ln in lines) == [
+                (17, 17),
+                (17, 17),
+            ]
