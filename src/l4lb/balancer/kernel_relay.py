@@ -111,8 +111,8 @@ _SK_PASS = 1
 _QUIET = EPOLLRDHUP | EPOLLET
 """A socket's mask while both its directions are in the kernel (errors and hang-ups come too)."""
 _IN = EPOLLIN | EPOLLRDHUP | EPOLLHUP
-_WAIT_FIRST, _WAIT_MAX = 0.0005, 0.05
-"""Polling a destination that still has redirected bytes to take: from 0.5 ms, doubling to 50 ms."""
+_WAIT_FIRST, _WAIT_MAX = 0.0005, 0.01
+"""Polling a destination that still has redirected bytes to take: from 0.5 ms, doubling to 10 ms."""
 _BUDGET = 16
 
 
