@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from l4lb.balancer import kernel_relay, splice
-from l4lb.balancer.kernel_relay import KernelPath, KernelRelay
+from l4lb.balancer.kernel_path import KernelPath, written
+from l4lb.balancer.kernel_relay import KernelRelay
 from l4lb.balancer.relay_contract import Relay, default_relay
 from tests.support.peers import wait_for
 
@@ -265,14 +266,7 @@ def _backlog(r: Rig) -> int:
     """Bytes redirected to the relay's client socket that it has not taken into its send queue."""
     assert isinstance(r.relay, KernelRelay)
     d = r.relay.to_client
-    info = d.dst.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 136)
-    acked = struct.unpack_from("<Q", info, 120)[0]
-    import array
-    import fcntl
-
-    queued = array.array("i", [0])
-    fcntl.ioctl(d.dst.fileno(), 0x5411, queued)
-    return d.redirected() + d.sent - (acked + queued[0])
+    return d.redirected() + d.sent - written(d.dst, connected=False)
 
 
 def test_a_client_reading_nothing_bounds_what_the_kernel_queues() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from l4lb.balancer.kernel_relay import KernelPath
+from l4lb.balancer.kernel_path import KernelPath
 from tests.balancer.helpers import backend, connect, echo, recv_all
 from tests.support.l4lb import config_text, l4lb
 from tests.support.peers import free_port, stop_process, wait_for

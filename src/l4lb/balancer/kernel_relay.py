@@ -1,9 +1,10 @@
 """The kernel relay (``relay = "kernel"``): an eBPF sockmap moves the bytes, the process watches.
 
 One implementation of :mod:`l4lb.balancer.relay_contract`, opt-in. After the PROXY header is
-written, both sockets go into a ``SOCKMAP`` whose ``SK_SKB`` verdict program (assembled here,
-loaded with :mod:`l4lb.balancer.bpf`: no bcc, no clang) redirects every received skb to the peer
-socket's egress, so bytes never enter the process. Per worker, one :class:`KernelPath` holds:
+written, both sockets go into a ``SOCKMAP`` whose ``SK_SKB`` verdict program (assembled in
+:mod:`l4lb.balancer.kernel_path`, loaded with :mod:`l4lb.balancer.bpf`: no bcc, no clang)
+redirects every received skb to the peer socket's egress, so bytes never enter the process. Per
+worker, one :class:`~l4lb.balancer.kernel_path.KernelPath` holds:
 
 - ``slots``: a hash from socket cookie to the socket's slot;
 - ``socks``: the sockmap, slot -> socket;
@@ -47,22 +48,33 @@ errors), so redirected traffic wakes nothing in this process.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import errno
-import fcntl
 import logging
-import mmap
 import os
-import select
 import socket
-import struct
 import time
 import weakref
 from collections.abc import Callable
 
-from l4lb.balancer import bpf, poller
+from l4lb.balancer import poller
+from l4lb.balancer.kernel_path import (
+    ARMED,
+    ASKED,
+    BACKLOG_LIMIT,
+    COPIED,
+    CREDIT,
+    NEVER,
+    PASSED,
+    REDIRECTED,
+    WANT,
+    WORDS,
+    KernelPath,
+    SelfTestError,
+    self_test,
+    written,
+)
 from l4lb.balancer.poller import EPOLLERR, EPOLLET, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP
 from l4lb.balancer.relay_contract import (
     EndReason,
@@ -78,6 +90,7 @@ __all__ = [
     "KernelPath",
     "KernelRelay",
     "SelfTestError",
+    "make_start",
     "prepare",
     "refresh",
     "requirements",
@@ -85,28 +98,10 @@ __all__ = [
 
 log = logging.getLogger("l4lb.relay")
 
-BACKLOG_LIMIT = 4 << 20
-"""Redirected bytes a direction may have queued for its destination before it is handed back."""
-SLOTS = 1 << 16
-"""Sockets one worker can hand to the kernel (two per connection); past that, the default relay."""
-RING_SIZE = 1 << 16
 REQUIREMENTS = (
     'relay = "kernel" needs Linux >= 5.13 (BPF_SK_SKB_VERDICT) and CAP_BPF + CAP_NET_ADMIN '
     "(or root); l4lb run tests it at start and falls back to the default relay when it fails"
 )
-
-# state[slot]: u64 words; the program writes the first four, this process the others
-_REDIRECTED, _PASSED, _ARMED, _CREDIT, _ASKED, _PEER, _COPIED, _WANT = 0, 1, 2, 3, 4, 5, 6, 7
-_WORDS = 8
-_VALUE = 8 * _WORDS
-_NEVER = (1 << 64) - 1
-"""``armed`` that no ``passed`` count reaches: the direction stays with this process."""
-
-_SO_COOKIE = getattr(socket, "SO_COOKIE", 57)
-_SIOCOUTQ = 0x5411
-_TCP_INFO_SIZE = 136
-_BYTES_ACKED = 120
-_SK_PASS = 1
 
 _QUIET = EPOLLRDHUP | EPOLLET
 """A socket's mask while both its directions are in the kernel (errors and hang-ups come too)."""
@@ -116,230 +111,9 @@ _WAIT_FIRST, _WAIT_MAX = 0.0005, 0.01
 _BUDGET = 16
 
 
-class SelfTestError(Exception):
-    """The start-up self-test relayed something other than what it sent."""
-
-
 def requirements() -> str:
     """What ``relay = "kernel"`` needs (``l4lb check`` prints it)."""
     return REQUIREMENTS
-
-
-# -- the program -----------------------------------------------------------------------------
-
-
-def program(slots: int, state: int, socks: int, ring: int, limit: int) -> bytes:
-    """The verdict program (see the module docstring), given the four maps' descriptors."""
-    a = bpf.Asm()
-
-    def notify() -> None:  # post this socket's slot (r8) to the ring
-        a.store(8, 10, -24, 8)
-        a.load_map(1, ring)
-        a.mov(2, 10)
-        a.add_imm(2, -24)
-        a.mov_imm(3, 8)
-        a.mov_imm(4, 0)
-        a.call(bpf.RINGBUF_OUTPUT_FN)
-
-    a.mov(6, 1)  # r6 = skb
-    a.load(4, 7, 6, 0)  # r7 = skb->len
-    a.jump_if(7, "==", 0, "drop")  # a 0-byte skb (a FIN) would break the peer: drop it
-    a.mov(1, 6)
-    a.call(bpf.GET_SOCKET_COOKIE_FN)
-    a.store(8, 10, -8, 0)
-    a.mov(2, 10)
-    a.add_imm(2, -8)
-    a.load_map(1, slots)
-    a.call(bpf.MAP_LOOKUP_ELEM_FN)
-    a.jump_if(0, "==", 0, "pass_plain")  # not one of ours
-    a.load(4, 8, 0, 0)  # r8 = slot
-    a.store(4, 10, -16, 8)
-    a.mov(2, 10)
-    a.add_imm(2, -16)
-    a.load_map(1, state)
-    a.call(bpf.MAP_LOOKUP_ELEM_FN)
-    a.jump_if(0, "==", 0, "pass_plain")
-    a.mov(9, 0)  # r9 = &state[slot]
-    a.load(8, 1, 9, 8 * _PASSED)
-    a.load(8, 2, 9, 8 * _ARMED)
-    a.jump_if_reg(1, "==", 2, "kernel")
-    # user mode: back to the kernel once the process has written on every byte passed to it
-    a.load(8, 3, 9, 8 * _WANT)
-    a.jump_if(3, "==", 0, "pass")
-    a.load(8, 3, 9, 8 * _COPIED)
-    a.jump_if_reg(3, "!=", 1, "pass")
-    a.store(8, 9, 8 * _ARMED, 1)  # armed = passed
-    a.load(8, 2, 9, 8 * _REDIRECTED)
-    a.add_imm(2, limit)
-    a.store(8, 9, 8 * _CREDIT, 2)  # the destination took every redirected byte: a new credit
-    notify()
-    a.label("kernel")
-    a.load(8, 1, 9, 8 * _REDIRECTED)
-    a.add(1, 7)
-    a.load(8, 2, 9, 8 * _CREDIT)
-    a.jump_if_reg(1, ">", 2, "hand_back")  # the destination's backlog is full
-    a.add_imm(2, -(limit - limit // 4))
-    a.jump_if_reg(1, "<=", 2, "redirect")
-    a.load(8, 3, 9, 8 * _ASKED)  # a quarter of the credit used: ask the process for more, once
-    a.jump_if(3, "!=", 0, "redirect")
-    a.mov_imm(3, 1)
-    a.store(8, 9, 8 * _ASKED, 3)
-    notify()
-    a.label("redirect")
-    a.load(4, 3, 9, 8 * _PEER)
-    a.mov(1, 6)
-    a.load_map(2, socks)
-    a.mov_imm(4, 0)  # to the peer's egress
-    a.call(bpf.SK_REDIRECT_MAP_FN)
-    a.jump_if(0, "!=", _SK_PASS, "hand_back")  # the peer is not in the map (yet)
-    a.load(8, 1, 9, 8 * _REDIRECTED)
-    a.add(1, 7)
-    a.store(8, 9, 8 * _REDIRECTED, 1)
-    a.mov_imm(0, _SK_PASS)
-    a.exit()
-    a.label("hand_back")  # the first byte the process must read: say which slot
-    notify()
-    a.label("pass")
-    a.load(8, 1, 9, 8 * _PASSED)
-    a.add(1, 7)
-    a.store(8, 9, 8 * _PASSED, 1)
-    a.label("pass_plain")
-    a.mov_imm(0, _SK_PASS)
-    a.exit()
-    a.label("drop")
-    a.mov_imm(0, 0)
-    a.exit()
-    return a.assemble()
-
-
-class KernelPath:
-    """The maps and the attached program of one worker, and which direction owns each slot."""
-
-    def __init__(self, slots: int = SLOTS, limit: int = BACKLOG_LIMIT) -> None:
-        self.limit = limit
-        self.capacity = slots
-        self.fds: list[int] = []
-        self._maps: list[mmap.mmap] = []
-        self._loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
-        try:
-            self.slots_fd = self._map(bpf.MAP_HASH, 8, 4, slots, bpf.F_NO_PREALLOC, "l4lb_slots")
-            self.state_fd = self._map(bpf.MAP_ARRAY, 4, _VALUE, slots, bpf.F_MMAPABLE, "l4lb_state")
-            self.socks_fd = self._map(bpf.MAP_SOCKMAP, 4, 4, slots, 0, "l4lb_socks")
-            self.ring_fd = self._map(bpf.MAP_RINGBUF, 0, 0, RING_SIZE, 0, "l4lb_ring")
-            code = program(self.slots_fd, self.state_fd, self.socks_fd, self.ring_fd, limit)
-            prog = bpf.prog_load(bpf.PROG_SK_SKB, code, bpf.ATTACH_SK_SKB_VERDICT, "l4lb_relay")
-            self.fds.append(prog)
-            bpf.prog_attach(self.socks_fd, prog, bpf.ATTACH_SK_SKB_VERDICT)
-            page = mmap.PAGESIZE
-            size = -(-_VALUE * slots // page) * page
-            state_map = bpf.map_mmap(self.state_fd, size)
-            cons = bpf.map_mmap(self.ring_fd, page)
-            prod = bpf.map_mmap(self.ring_fd, page + 2 * RING_SIZE, writable=False, offset=page)
-        except BaseException:
-            self.close()
-            raise
-        self._maps += [state_map, cons, prod]
-        self.state = memoryview(state_map).cast("Q")
-        self._cons = memoryview(cons).cast("Q")
-        self._prod = memoryview(prod)
-        self._ring_data = page
-        self.free = list(range(slots - 1, -1, -1))
-        self.owners: dict[int, _Direction] = {}
-        self.relays: weakref.WeakSet[KernelRelay] = weakref.WeakSet()
-
-    def _map(self, kind: int, key: int, value: int, entries: int, flags: int, name: str) -> int:
-        fd = bpf.map_create(kind, key, value, entries, flags, name)
-        self.fds.append(fd)
-        return fd
-
-    def close(self) -> None:
-        """Release the maps and the program (sockets still in the map are left alone)."""
-        loop = self._loop() if self._loop is not None else None
-        if loop is not None and not loop.is_closed():
-            poller.for_loop(loop).forget(self.ring_fd)
-        for view in ("state", "_cons", "_prod"):
-            with contextlib.suppress(AttributeError):
-                getattr(self, view).release()
-        for m in self._maps:
-            m.close()
-        self._maps.clear()
-        for fd in self.fds:
-            os.close(fd)
-        self.fds.clear()
-
-    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Watch the ring buffer from ``loop``'s poller (once)."""
-        self._loop = weakref.ref(loop)
-        poller.for_loop(loop).watch(self.ring_fd, self, EPOLLIN | EPOLLET)
-
-    # -- slots -------------------------------------------------------------------------------
-
-    def arm(self, slot: int, peer: int) -> None:
-        """Fresh counters for ``slot`` (not in the sockmap), redirecting to ``peer``."""
-        base = slot * _WORDS
-        st = self.state
-        st[base + _REDIRECTED] = 0
-        st[base + _PASSED] = 0
-        st[base + _ARMED] = 0
-        st[base + _CREDIT] = self.limit
-        st[base + _ASKED] = 0
-        st[base + _PEER] = peer
-        st[base + _COPIED] = 0
-        st[base + _WANT] = 1
-
-    def insert(self, sock: socket.socket, slot: int) -> bytes:
-        """Name ``sock``'s slot to the program, then put it in the sockmap; the cookie key."""
-        key = sock.getsockopt(socket.SOL_SOCKET, _SO_COOKIE, 8)
-        bpf.map_update(self.slots_fd, key, struct.pack("<I", slot))
-        try:
-            bpf.map_update(self.socks_fd, struct.pack("<I", slot), struct.pack("<I", sock.fileno()))
-        except bpf.BpfError:
-            bpf.map_delete(self.slots_fd, key)
-            raise
-        return key
-
-    def release(self, key: bytes | None, slot: int) -> None:
-        """Forget a closed socket's cookie (closing it left the sockmap) and free its slot."""
-        self.owners.pop(slot, None)
-        if key is not None:
-            with contextlib.suppress(OSError):
-                bpf.map_delete(self.slots_fd, key)
-        self.free.append(slot)
-
-    # -- the ring ----------------------------------------------------------------------------
-
-    def event(self, fd: int, events: int) -> None:
-        """The ring buffer has records: hand each named direction back to this process."""
-        for slot in self.read_ring():
-            direction = self.owners.get(slot)
-            if direction is not None and not direction.relay.closed:
-                direction.relay.guard(direction.sync)
-
-    def read_ring(self) -> list[int]:
-        """The slots posted since the last read.
-
-        The program wakes the reader only when it posts at the reader's position, so the reader
-        stores its position and looks again until nothing new came (as libbpf does): a record
-        posted while it read would otherwise wait for the next one.
-        """
-        cons, prod, data = self._cons, self._prod, self._ring_data
-        pos = cons[0]
-        mask = RING_SIZE - 1
-        slots: list[int] = []
-        while True:
-            end = struct.unpack_from("<Q", prod, 0)[0]
-            if pos >= end:
-                return slots
-            while pos < end:
-                head = struct.unpack_from("<I", prod, data + (pos & mask))[0]
-                if head & (1 << 31):  # still being written: its commit wakes us
-                    cons[0] = pos
-                    return slots
-                size = head & ~(3 << 30)
-                if not head & (1 << 30):  # not discarded
-                    slots.append(struct.unpack_from("<Q", prod, data + ((pos + 8) & mask))[0])
-                pos += (size + 8 + 7) & ~7
-            cons[0] = pos
 
 
 # -- one connection --------------------------------------------------------------------------
@@ -352,8 +126,8 @@ class _Direction:
         "absorbed",
         "consumed",
         "dst",
+        "dst_connected",
         "dst_fd",
-        "dst_syn",
         "eof",
         "head",
         "relay",
@@ -378,8 +152,8 @@ class _Direction:
         self.dst = dst
         self.dst_fd = dst.fileno()
         self.to_client = to_client
-        self.dst_syn = 0 if to_client else 1
-        """The backend socket was connected by us: its ``bytes_acked`` counts its SYN."""
+        self.dst_connected = not to_client
+        """The backend socket is the one we connected (its ``bytes_acked`` counts its SYN)."""
         self.slot = -1
         """The source's slot (-1: not in the map)."""
         self.user = True
@@ -405,7 +179,7 @@ class _Direction:
     def redirected(self) -> int:
         if self.slot < 0:
             return 0
-        return int(self.relay.path.state[self.slot * _WORDS + _REDIRECTED])
+        return int(self.relay.path.state[self.slot * WORDS + REDIRECTED])
 
     def drained(self) -> bool:
         """True when ``dst`` holds (or has sent) every byte redirected to it from ``src``;
@@ -413,12 +187,7 @@ class _Direction:
         redirected = self.redirected()
         if redirected == self.absorbed:
             return True
-        # read bytes_acked before SIOCOUTQ: bytes acked in between only make the sum smaller
-        info = self.dst.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
-        acked = struct.unpack_from("<Q", info, _BYTES_ACKED)[0] - self.dst_syn
-        queued = array.array("i", [0])
-        fcntl.ioctl(self.dst_fd, _SIOCOUTQ, queued)
-        taken = min(acked + queued[0] - self.sent, redirected)
+        taken = min(written(self.dst, self.dst_connected) - self.sent, redirected)
         if taken > self.absorbed:
             self.absorbed = taken
         if taken >= redirected:
@@ -432,15 +201,19 @@ class _Direction:
         """The program redirects this direction's bytes (it has none for this process)."""
         if self.slot < 0:
             return False
-        base = self.slot * _WORDS
+        base = self.slot * WORDS
         st = self.relay.path.state
-        return bool(st[base + _PASSED] == st[base + _ARMED])
+        return bool(st[base + PASSED] == st[base + ARMED])
 
     def _passed_unread(self) -> bool:
         """The program passed bytes to this process that it has not read yet."""
         if self.slot < 0:
             return False
-        return bool(self.relay.path.state[self.slot * _WORDS + _PASSED] != self.consumed)
+        return bool(self.relay.path.state[self.slot * WORDS + PASSED] != self.consumed)
+
+    def ring_posted(self) -> None:
+        if not self.relay.closed:
+            self.relay.guard(self.sync)
 
     def sync(self) -> None:
         """A ring record (the program switched this direction, or asks for credit): follow it,
@@ -449,7 +222,7 @@ class _Direction:
             if self.user:
                 self.user = False
                 self.relay.update_mask(self.src)
-            if self.relay.path.state[self.slot * _WORDS + _ASKED]:
+            if self.relay.path.state[self.slot * WORDS + ASKED]:
                 self.refill()
         else:
             self.pump()
@@ -459,14 +232,14 @@ class _Direction:
         beyond what it has taken. Until it has taken half, look again later (and on EPOLLOUT);
         meanwhile the program runs into the credit and hands the direction back."""
         path = self.relay.path
-        base = self.slot * _WORDS
+        base = self.slot * WORDS
         st = path.state
         self.drained()  # updates ``absorbed`` (system calls only when something is in flight)
         credit = self.absorbed + path.limit
-        if credit > st[base + _CREDIT]:
-            st[base + _CREDIT] = credit
-        if credit - st[base + _REDIRECTED] > path.limit - path.limit // 4:
-            st[base + _ASKED] = 0
+        if credit > st[base + CREDIT]:
+            st[base + CREDIT] = credit
+        if credit - st[base + REDIRECTED] > path.limit - path.limit // 4:
+            st[base + ASKED] = 0
             self.wait = _WAIT_FIRST
         else:
             self._wait()
@@ -477,7 +250,7 @@ class _Direction:
             return
         if self.head or self.eof or self.user or not self.in_kernel():
             self.pump()  # bytes or a FIN wait for the destination to take what came before
-        elif self.relay.path.state[self.slot * _WORDS + _ASKED]:
+        elif self.relay.path.state[self.slot * WORDS + ASKED]:
             self.refill()
 
     def pump(self) -> None:
@@ -556,7 +329,7 @@ class _Direction:
         if self.head:
             return False
         if self.slot >= 0:  # every byte read is written on: the program may redirect again
-            self.relay.path.state[self.slot * _WORDS + _COPIED] = self.consumed
+            self.relay.path.state[self.slot * WORDS + COPIED] = self.consumed
         return True
 
     def _wait(self) -> None:
@@ -654,8 +427,8 @@ class KernelRelay:
             path.free.append(backend_slot)
             down.slot = -1
             down.user = up.user = True
-            path.state[client_slot * _WORDS + _WANT] = 0
-            path.state[client_slot * _WORDS + _ARMED] = _NEVER
+            path.state[client_slot * WORDS + WANT] = 0
+            path.state[client_slot * WORDS + ARMED] = NEVER
         mask = self._mask(self.client)
         self.masks[self.client_fd] = mask
         self.poller.take(self.client, self.client_fd, self, mask)
@@ -730,8 +503,8 @@ class KernelRelay:
             if d.eof or d.head:
                 self.guard(d.pump)
             elif d.slot >= 0:
-                base = d.slot * _WORDS
-                if d.user == d.in_kernel() or self.path.state[base + _ASKED]:
+                base = d.slot * WORDS
+                if d.user == d.in_kernel() or self.path.state[base + ASKED]:
                     self.guard(d.sync)
 
     def half_closed(self, to_client: bool) -> None:
@@ -770,6 +543,7 @@ class KernelRelay:
 
 
 # -- per worker: the path, the self-test, the start of a connection ---------------------------
+# -- per worker: the path, the start of a connection ---------------------------
 
 _PATHS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, KernelPath] = (
     weakref.WeakKeyDictionary()
@@ -864,91 +638,13 @@ def make_start(
         relay = KernelRelay(loop, path, client_sock, backend_sock, conn)
         relay.keys.append((key, client_slot))
         path.relays.add(relay)
-        relay.start(sent, client_slot, backend_slot)
+        try:
+            relay.start(sent, client_slot, backend_slot)
+        except OSError as err:  # an epoll registration refused (out of memory): this one ends
+            relay.failed(err)
         return relay
 
     return start_kernel_relay
-
-
-# -- the self-test -----------------------------------------------------------------------------
-
-
-def _pair() -> tuple[socket.socket, socket.socket]:
-    with socket.socket() as listening:
-        listening.bind(("127.0.0.1", 0))
-        listening.listen()
-        connected = socket.create_connection(listening.getsockname(), timeout=1.0)
-        accepted, _ = listening.accept()
-    accepted.settimeout(1.0)
-    return connected, accepted
-
-
-def _expect(sock: socket.socket, want: bytes, what: str) -> None:
-    got = b""
-    deadline = time.monotonic() + 3.0
-    while len(got) < len(want) and time.monotonic() < deadline:
-        if select.select([sock], [], [], 0.1)[0]:
-            chunk = sock.recv(len(want) - len(got))
-            if not chunk:
-                break
-            got += chunk
-    if got != want:
-        raise SelfTestError(f"{what}: sent {want!r}, got {got!r}")
-
-
-def self_test(path: KernelPath) -> None:
-    """Relay bytes both ways over loopback through ``path``; raise if anything is off.
-
-    Covers what the relay relies on: the insertion, a byte queued before it (pushed by the read
-    after it), redirects both ways, the program's counts, the written-bytes sum used for the FIN
-    (on an accepted and a connected socket), and a hand-back with its ring record.
-    """
-    client, lb_c = _pair()
-    lb_b, backend = _pair()
-    socks = (client, lb_c, lb_b, backend)
-    keys: list[tuple[bytes, int]] = []
-    try:
-        lb_b.sendall(b"HDR:")
-        client.sendall(b"ping")
-        # queued in lb_c before the insertion (not arriving in between: that is handed back)
-        if not select.select([lb_c], [], [], 2.0)[0]:
-            raise SelfTestError("loopback bytes did not arrive")
-        c, b = path.free.pop(), path.free.pop()
-        path.arm(c, b)
-        path.arm(b, c)
-        for s, slot in ((lb_c, c), (lb_b, b)):
-            keys.append((path.insert(s, slot), slot))
-        for s in (lb_c, lb_b):
-            s.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                data = s.recv(64, socket.MSG_DONTWAIT)
-                raise SelfTestError(f"the read after the insertion returned {data!r}")
-        _expect(backend, b"HDR:ping", "client to backend")
-        backend.sendall(b"pong")
-        _expect(client, b"pong", "backend to client")
-        st = path.state
-        counts = (st[c * _WORDS + _REDIRECTED], st[b * _WORDS + _REDIRECTED])
-        if counts != (4, 4):
-            raise SelfTestError(f"redirected counts {counts}, expected (4, 4)")
-        for sock, syn, want in ((lb_b, 1, 8), (lb_c, 0, 4)):
-            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
-            queued = array.array("i", [0])
-            fcntl.ioctl(sock.fileno(), _SIOCOUTQ, queued)
-            written = struct.unpack_from("<Q", info, _BYTES_ACKED)[0] - syn + queued[0]
-            if written != want:
-                raise SelfTestError(f"bytes written by the socket {written}, expected {want}")
-        path.read_ring()
-        st[c * _WORDS + _CREDIT] = 0  # the next client byte is handed back
-        client.sendall(b"back")
-        lb_c.settimeout(3.0)
-        got = lb_c.recv(64)
-        if got != b"back" or path.read_ring() != [c]:
-            raise SelfTestError(f"hand-back: read {got!r}")
-    finally:
-        for sock in socks:
-            sock.close()
-        for key, slot in keys:
-            path.release(key, slot)
 
 
 def prepare(
