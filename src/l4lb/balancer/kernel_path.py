@@ -39,8 +39,15 @@ SLOTS = 1 << 16
 """Sockets one worker can hand to the kernel (two per connection); past that, the default relay."""
 RING_SIZE = 1 << 16
 
-# state[slot]: u64 words. The program writes redirected, passed, armed (and credit, asked when
-# it re-arms or asks); this process writes credit (larger), asked (cleared), peer, copied, want
+# state[slot], u64 words, for the slot's socket as a source:
+#   redirected  bytes the program redirected to the peer (program)
+#   passed      bytes the program passed to this process (program)
+#   armed       ``passed`` when the program last went back to redirecting (program; NEVER: never)
+#   credit      ``redirected`` may grow to this (program when it re-arms; this process, larger)
+#   asked       1: the program asked for more credit (program sets, this process clears)
+#   peer        the peer socket's slot (this process)
+#   copied      passed bytes this process has read and written on (this process)
+#   want        0: never redirect again (this process; a peer that could not be inserted)
 REDIRECTED, PASSED, ARMED, CREDIT, ASKED, PEER, COPIED, WANT = 0, 1, 2, 3, 4, 5, 6, 7
 WORDS = 8
 VALUE = 8 * WORDS

@@ -8,33 +8,37 @@ worker, one :class:`~l4lb.balancer.kernel_path.KernelPath` holds:
 
 - ``slots``: a hash from socket cookie to the socket's slot;
 - ``socks``: the sockmap, slot -> socket;
-- ``state``: an ``mmap``-ed array, slot -> :data:`_VALUE` (``redirected``, ``passed``: bytes the
-  program redirected or passed to the socket's own queue, written by the program; ``armed``,
-  ``credit``, ``peer``: written by this process), read and written here without a system call;
-- ``ring``: a ring buffer where the program names a slot the moment it hands its direction back.
+- ``state``: an ``mmap``-ed array of per-slot counters shared with the program without a
+  system call (``redirected``, ``passed``, ``armed``, ``credit``, ``asked``, ``peer``,
+  ``copied``, ``want``: see :mod:`l4lb.balancer.kernel_path`);
+- ``ring``: a ring buffer where the program posts a slot when it switches a direction or asks
+  for credit.
 
-The program: drop a 0-byte skb (a redirected one breaks the peer with EPIPE); redirect when
-``passed == armed`` (every byte passed so far was read by this process) and ``redirected`` stays
-within ``credit``; otherwise pass it to the socket's own receive queue, where this process
-reads it (**user mode**: copied like the splice relay's small messages), and on the first such
-pass post the slot to the ring. A failed redirect (the peer not in the map yet) passes too, so
-no byte is ever dropped and none overtakes another. The rules the contract asks for:
+The program: drop a 0-byte skb (a redirected one breaks the peer with EPIPE); redirect while
+``passed == armed`` (no byte passed to this process is left unread) and ``redirected`` stays
+within ``credit``; otherwise pass it to the socket's own receive queue, where this process reads
+it (**user mode**: copied like the splice relay's small messages). A failed redirect (the peer
+not in the map yet) passes too, so no byte is ever dropped and none overtakes another. Once this
+process has written on every passed byte (``copied == passed``) the program redirects again by
+itself (``armed = passed``, a new credit). The rules the contract asks for:
 
 - **Order at the start**: the header is written before the insertion; bytes that arrived before
   it wait in the socket until a read, so each socket is read once (non-blocking) after both are
   in: the read pushes them through the program, in order.
 - **Backpressure**: a direction may have at most :data:`BACKLOG_LIMIT` redirected bytes beyond
-  what its destination had taken when it was armed; past that the program passes, so the bytes
-  count against the source socket's receive buffer and TCP flow control stops the sender. This
-  process waits until the destination socket has taken every redirected byte (see
-  :meth:`_Direction.drained`), copies the passed ones after them, and re-arms. A socket is never
+  what its destination has taken. At a quarter used the program asks (ring) and this process
+  extends the credit by what the destination took (``tcp_info``); at the credit the program
+  passes, so the bytes count against the source socket's receive buffer and TCP flow control
+  stops the sender. This process then waits until the destination has taken every redirected
+  byte (:meth:`_Direction.drained`) and copies the passed ones after them. A socket is never
   deleted and re-inserted to pause it (that loses the bytes queued in it).
 - **FIN**: not forwarded by the kernel. The source shows ``EPOLLRDHUP``; its ``recv`` answers
-  ``b""`` once nothing passed is left; the FIN goes on (``shutdown(SHUT_WR)``) once the
-  destination's send queue holds every byte before it: ``tcp_info.bytes_acked + SIOCOUTQ`` (bytes
-  ever written into it; a connected socket's ``bytes_acked`` counts its SYN) equals this
-  process's own writes plus the source's ``redirected`` count. ``bytes_received`` of the source
-  would count the FIN and the passed bytes, so the program's own count is the reference.
+  ``b""``, which is believed only when every passed byte was read (they can wait in the psock
+  queue behind bytes redirected to that socket); the FIN goes on (``shutdown(SHUT_WR)``) once
+  the destination's send queue holds every byte before it: ``tcp_info.bytes_acked + SIOCOUTQ``
+  (bytes ever written into it) equals this process's own writes plus the source's
+  ``redirected`` count. The source's ``bytes_received`` would count the FIN and the passed
+  bytes, so the program's own count is the reference.
 - **Resets**: ``EPOLLERR`` on either socket resets both, as the other relays do.
 - **A socket that is no longer ESTABLISHED** cannot be inserted: if the client's insertion
   fails the connection falls back to the default relay; if the backend's fails (the client's
