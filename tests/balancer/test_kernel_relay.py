@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from l4lb.balancer import kernel_relay, splice
+from l4lb.balancer import bpf, kernel_relay, splice
 from l4lb.balancer.kernel_path import KernelPath, written
 from l4lb.balancer.kernel_relay import KernelRelay
 from l4lb.balancer.relay_contract import Relay, default_relay
@@ -327,11 +327,17 @@ def test_a_reset_resets_the_other_side() -> None:
 
 def test_closing_frees_the_slots() -> None:
     with rig() as r:
+        assert isinstance(r.relay, KernelRelay)
+        keys = [key for key, _ in r.relay.keys]
+        assert len(keys) == 2
+        assert all(bpf.map_lookup(r.path.slots_fd, key, 4) is not None for key in keys)
         free = len(r.path.free)
         r.on_loop(lambda: r.relay.close("idle_timeout"))  # type: ignore[arg-type]
         assert r.conn.reasons == ["idle_timeout"]
         assert len(r.path.free) == free + 2
         assert r.path.owners == {}
+        # the cookies are forgotten (closing the sockets took them out of the sockmap)
+        assert [bpf.map_lookup(r.path.slots_fd, key, 4) for key in keys] == [None, None]
 
 
 def test_a_failing_load_logs_one_line_and_gives_the_default_relay(
