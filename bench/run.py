@@ -3,8 +3,9 @@
 The same real nginx backend serves every contender (``listen … proxy_protocol`` for the balancers,
 a plain listener for "direct"). Each balancer gets one CPU: HAProxy ``nbthread 1`` with
 ``send-proxy-v2``, nginx stream with ``proxy_protocol on`` and one worker, l4lb with
-``workers = 1`` in each relay mode. Balancers are pinned to core 1; the load generators and the
-backend to core 0. Every figure is measured for every contender in turn before the next figure.
+``workers = 1`` in each relay mode (``l4lb-kernel``: the eBPF sockmap relay, as root). Balancers
+are pinned to core 1; the load generators and the backend to core 0. Every figure is measured
+for every contender in turn before the next figure.
 
     python bench/run.py                 # the full run (about 3 minutes), JSON in bench/results/
     python bench/run.py --quick              # seconds; a smoke test of the harness itself
@@ -31,7 +32,15 @@ from harness.figures import MEASUREMENTS, SINGLE_ROUND, Settings, add_machine_ne
 from harness.report import table
 
 BENCH = Path(__file__).resolve().parent
-ALL = ["direct", "haproxy", "haproxy-splice", "nginx", "l4lb-stream", "l4lb-splice"]
+ALL = [
+    "direct",
+    "haproxy",
+    "haproxy-splice",
+    "nginx",
+    "l4lb-stream",
+    "l4lb-splice",
+    "l4lb-kernel",
+]
 
 
 def _git_commit() -> str:

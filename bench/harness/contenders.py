@@ -224,7 +224,8 @@ def make(name: str, workdir: Path, backend: Backend, core: int | None) -> Conten
     if name.startswith("l4lb-"):
         return L4lb(name, d, backend, core, relay=name.removeprefix("l4lb-"))
     raise ValueError(
-        f"unknown contender {name!r} (direct, haproxy, nginx, l4lb-stream, l4lb-splice)"
+        f"unknown contender {name!r} (direct, haproxy, nginx, l4lb-stream, l4lb-splice, "
+        "l4lb-kernel)"
     )
 
 

@@ -220,7 +220,7 @@ def test_dead_backends_are_retried(tmp_path: Path, mode: str) -> None:
                 client.close()
             lines = lb.wait_access(6)
             assert all(line["backend"] == be.address for line in lines)
-            assert "event=connect_failed" in lb.log_text()
+            lb.wait_log("event=connect_failed")
 
 
 def test_all_backends_dead_closes_client_with_reason(tmp_path: Path, mode: str) -> None:
@@ -236,7 +236,7 @@ def test_all_backends_dead_closes_client_with_reason(tmp_path: Path, mode: str) 
         (line,) = lb.wait_access(1)
         assert line["end"] == "connect_failed"
         assert "Connection refused" in line["detail"]
-        assert "event=connect_failed" in lb.log_text()
+        lb.wait_log("event=connect_failed")
 
 
 def test_early_client_bytes_survive_failed_connects(tmp_path: Path, mode: str) -> None:
@@ -434,7 +434,7 @@ def test_connect_timeout_then_next_backend_keeps_early_bytes(tmp_path: Path, mod
                 assert time.monotonic() - start >= 0.25
                 (line,) = lb.wait_access(1)
                 assert line["backend"] == be.address
-                assert "connect timeout after 0.3s" in lb.log_text()
+                lb.wait_log("connect timeout after 0.3s")
     finally:
         for f in fillers:
             f.close()

@@ -87,7 +87,7 @@ def fd_budget(config: Config) -> FdBudget:
     return FdBudget(
         own=FDS_SPARE + listeners + admin + checks,
         conns=sum(lc.max_conns for lc in config.listeners),
-        pipes_per_conn=PIPE_FDS_PER_CONNECTION if config.relay == "splice" else 0,
+        pipes_per_conn=PIPE_FDS_PER_CONNECTION if config.relay in ("splice", "kernel") else 0,
     )
 
 

@@ -5,6 +5,8 @@ Three users share it:
 - **the backend connect** (:meth:`Poller.wait_connected`): every backend ``connect()``, whatever
   the relay, is watched here instead of with ``loop.add_writer``/``remove_writer``;
 - **the splice relay** (:meth:`Poller.take`): both sockets, edge-triggered, for input and output;
+  the kernel relay takes them too, with a narrower mask that it changes with its modes
+  (:meth:`Poller.modify`), and watches its program's ring buffer (:meth:`Poller.watch`);
 - **the stream relay's paused sides** (:meth:`Poller.watch_errors`): a socket whose reading is
   paused by backpressure, registered with no event bits so only ``EPOLLERR``/``EPOLLHUP`` show.
 
@@ -122,7 +124,9 @@ class Poller:
 
     # -- edge-triggered owners (the splice relay) --------------------------------------------
 
-    def take(self, sock: socket.socket, fd: int, handler: Handler) -> int:
+    def take(
+        self, sock: socket.socket, fd: int, handler: Handler, events: int = EDGE_EVENTS
+    ) -> int:
         """Send ``sock``'s events to ``handler`` from now on; returns events not yet handled.
 
         A socket still in the set from its connect costs no system call; the events its connect
@@ -133,12 +137,24 @@ class Poller:
         current = self.fds.get(fd)
         self.fds[fd] = handler
         if isinstance(current, _Connecting) and current.sock() is sock:
+            if events != EDGE_EVENTS:  # the kernel relay's own mask
+                self.ep.modify(fd, events)
             return current.seen
         try:
-            self.ep.register(fd, EDGE_EVENTS)
+            self.ep.register(fd, events)
         except FileExistsError:  # a socket we stopped watching but that was never closed
-            self.ep.modify(fd, EDGE_EVENTS)
+            self.ep.modify(fd, events)
         return 0
+
+    def modify(self, fd: int, events: int) -> None:
+        """Watch other events of a socket taken with :meth:`take` (the kernel relay's modes);
+        a modification reports at once what is already pending, edge-triggered or not."""
+        self.ep.modify(fd, events)
+
+    def watch(self, fd: int, handler: Handler, events: int) -> None:
+        """Send ``events`` of a descriptor that is no socket (a bpf ring buffer) to ``handler``."""
+        self.fds[fd] = handler
+        self.ep.register(fd, events)
 
     def forget(self, fd: int) -> None:
         """Send ``fd``'s events nowhere; the caller closes it (which removes it from the set)."""

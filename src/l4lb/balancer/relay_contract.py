@@ -13,8 +13,9 @@ the opposite direction keeps flowing); a reset on one side resets the other at o
 (:func:`reset_socket`); backpressure with bounded memory. Idle timeouts are not the relay's: the
 runtime's sweep watches the byte counters and calls ``close(EndReason.IDLE_TIMEOUT)``.
 
-Two implementations: :mod:`l4lb.balancer.relay` (``stream``, asyncio Protocols) and
-:mod:`l4lb.balancer.splice` (``splice``, zero-copy); :func:`get_relay` picks one by name.
+Three implementations: :mod:`l4lb.balancer.relay` (``stream``, asyncio Protocols),
+:mod:`l4lb.balancer.splice` (``splice``, zero-copy) and :mod:`l4lb.balancer.kernel_relay`
+(``kernel``, an eBPF sockmap, opt-in); :func:`get_relay` picks one by name.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ __all__ = [
     "Relay",
     "RelayConn",
     "StartRelay",
+    "default_relay",
     "error_reason",
     "get_relay",
     "reset_socket",
@@ -120,10 +122,23 @@ StartRelay = Callable[
 """``start(loop, client_sock, backend_sock, first, conn)``: relay two connected sockets."""
 
 
-def get_relay(name: str) -> StartRelay:
-    """The relay for the config's ``relay`` key (``stream`` or ``splice``)."""
+def default_relay() -> StartRelay:
+    """``splice`` where ``os.splice`` exists, else ``stream``."""
     from l4lb.balancer import relay, splice
 
+    return splice.start_splice_relay if splice.available() else relay.start_relay
+
+
+def get_relay(name: str) -> StartRelay:
+    """The relay for the config's ``relay`` key (``stream``, ``splice`` or ``kernel``)."""
+    from l4lb.balancer import relay, splice
+
+    if name == "kernel":
+        # loads and self-tests the program here, in the worker; one log line when it cannot
+        from l4lb.balancer import kernel_relay
+
+        start = kernel_relay.prepare(default=default_relay())
+        return start if start is not None else default_relay()
     if name == "splice":
         if splice.available():
             return splice.start_splice_relay

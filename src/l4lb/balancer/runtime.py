@@ -35,6 +35,7 @@ from l4lb.anycast.announcer import Announcer, AnycastError, make_announcer
 from l4lb.balancer import (
     discovery,
     health,
+    kernel_relay,
     monitor,
     reload_status,
     state_file,
@@ -180,6 +181,7 @@ class Balancer:
         the byte counters with the previous pass, so the hot path only counts bytes.
         """
         now = self.loop.time()
+        kernel_relay.refresh(self.loop)  # its bytes bypass this process: counters from the map
         idle: list[tuple[Connection, EndReason]] = []
         for conn in self.connections:
             if conn.state is not State.RELAYING:

@@ -45,6 +45,10 @@ def main(argv: list[str]) -> int:
         print(err, file=sys.stderr)
         _print_notes(source, notes)
         return 1
+    if config.relay == "kernel":  # what it needs; run self-tests it and falls back otherwise
+        from l4lb.balancer.kernel_relay import REQUIREMENTS
+
+        notes.append(ConfigIssue("relay", REQUIREMENTS, severity=Severity.NOTE))
     _print_notes(source, notes)
     pools = ", ".join(sorted(config.pools))
     print(

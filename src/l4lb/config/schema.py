@@ -182,7 +182,7 @@ StatusRanges = Annotated[
         extra={"check": "status_ranges"},
     ),
 ]
-RelayKind = Literal["stream", "splice"]
+RelayKind = Literal["stream", "splice", "kernel"]
 TransparentRouting = Literal["check", "manage", "off"]
 
 

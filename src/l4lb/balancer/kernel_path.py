@@ -1,0 +1,386 @@
+"""The kernel relay's per-worker part: the maps, the verdict program and the start-up self-test.
+
+See :mod:`l4lb.balancer.kernel_relay` for what the program does and why; this module builds it
+(:func:`program`, assembled with :mod:`l4lb.balancer.bpf`), holds the maps of one worker
+(:class:`KernelPath`: slots, the sockmap, the ``mmap``-ed state array, the ring buffer) and
+checks all of it on loopback sockets before the worker uses it (:func:`self_test`).
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import fcntl
+import mmap
+import os
+import select
+import socket
+import struct
+import time
+import weakref
+from typing import Protocol
+
+from l4lb.balancer import bpf, poller
+from l4lb.balancer.poller import EPOLLET, EPOLLIN
+
+__all__ = [
+    "BACKLOG_LIMIT",
+    "KernelPath",
+    "SelfTestError",
+    "program",
+    "self_test",
+    "written",
+]
+
+BACKLOG_LIMIT = 4 << 20
+"""Redirected bytes a direction may have queued for its destination before it is handed back."""
+SLOTS = 1 << 16
+"""Sockets one worker can hand to the kernel (two per connection); past that, the default relay."""
+RING_SIZE = 1 << 16
+
+# state[slot], u64 words, for the slot's socket as a source:
+#   redirected  bytes the program redirected to the peer (program)
+#   passed      bytes the program passed to this process (program)
+#   armed       ``passed`` when the program last went back to redirecting (program; NEVER: never)
+#   credit      ``redirected`` may grow to this (program when it re-arms; this process, larger)
+#   asked       1: the program asked for more credit (program sets, this process clears)
+#   peer        the peer socket's slot (this process)
+#   copied      passed bytes this process has read and written on (this process)
+#   want        0: never redirect again (this process; a peer that could not be inserted)
+REDIRECTED, PASSED, ARMED, CREDIT, ASKED, PEER, COPIED, WANT = 0, 1, 2, 3, 4, 5, 6, 7
+WORDS = 8
+VALUE = 8 * WORDS
+NEVER = (1 << 64) - 1
+"""``armed`` that no ``passed`` count reaches: the direction stays with this process."""
+
+SO_COOKIE = getattr(socket, "SO_COOKIE", 57)
+SIOCOUTQ = 0x5411
+TCP_INFO_SIZE = 136
+BYTES_ACKED = 120
+SK_PASS = 1
+
+
+class SelfTestError(Exception):
+    """The start-up self-test relayed something other than what it sent."""
+
+
+class SlotOwner(Protocol):
+    """A direction of a relayed connection, named by its source socket's slot."""
+
+    def ring_posted(self) -> None:
+        """The program posted this slot to the ring (it switched the direction, or asks)."""
+
+
+class Refreshable(Protocol):
+    closed: bool
+
+    def refresh(self) -> None: ...
+
+
+def written(sock: socket.socket, connected: bool) -> int:
+    """Bytes ever written into ``sock``'s send queue: ``tcp_info.bytes_acked + SIOCOUTQ``.
+
+    A connected socket's ``bytes_acked`` counts its SYN. ``bytes_acked`` is read first: bytes
+    acked between the two calls only make the sum smaller, never larger.
+    """
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_SIZE)
+    acked = struct.unpack_from("<Q", info, BYTES_ACKED)[0] - (1 if connected else 0)
+    queued = array.array("i", [0])
+    fcntl.ioctl(sock.fileno(), SIOCOUTQ, queued)
+    return int(acked + queued[0])
+
+
+# -- the program -----------------------------------------------------------------------------
+
+
+def program(slots: int, state: int, socks: int, ring: int, limit: int) -> bytes:
+    """The verdict program (see the module docstring), given the four maps' descriptors."""
+    a = bpf.Asm()
+
+    def notify() -> None:  # post this socket's slot (r8) to the ring
+        a.store(8, 10, -24, 8)
+        a.load_map(1, ring)
+        a.mov(2, 10)
+        a.add_imm(2, -24)
+        a.mov_imm(3, 8)
+        a.mov_imm(4, 0)
+        a.call(bpf.RINGBUF_OUTPUT_FN)
+
+    a.mov(6, 1)  # r6 = skb
+    a.load(4, 7, 6, 0)  # r7 = skb->len
+    a.jump_if(7, "==", 0, "drop")  # a 0-byte skb (a FIN) would break the peer: drop it
+    a.mov(1, 6)
+    a.call(bpf.GET_SOCKET_COOKIE_FN)
+    a.store(8, 10, -8, 0)
+    a.mov(2, 10)
+    a.add_imm(2, -8)
+    a.load_map(1, slots)
+    a.call(bpf.MAP_LOOKUP_ELEM_FN)
+    a.jump_if(0, "==", 0, "pass_plain")  # not one of ours
+    a.load(4, 8, 0, 0)  # r8 = slot
+    a.store(4, 10, -16, 8)
+    a.mov(2, 10)
+    a.add_imm(2, -16)
+    a.load_map(1, state)
+    a.call(bpf.MAP_LOOKUP_ELEM_FN)
+    a.jump_if(0, "==", 0, "pass_plain")
+    a.mov(9, 0)  # r9 = &state[slot]
+    a.load(8, 1, 9, 8 * PASSED)
+    a.load(8, 2, 9, 8 * ARMED)
+    a.jump_if_reg(1, "==", 2, "kernel")
+    # user mode: back to the kernel once the process has written on every byte passed to it
+    a.load(8, 3, 9, 8 * WANT)
+    a.jump_if(3, "==", 0, "pass")
+    a.load(8, 3, 9, 8 * COPIED)
+    a.jump_if_reg(3, "!=", 1, "pass")
+    a.store(8, 9, 8 * ARMED, 1)  # armed = passed
+    a.load(8, 2, 9, 8 * REDIRECTED)
+    a.add_imm(2, limit)
+    a.store(8, 9, 8 * CREDIT, 2)  # the destination took every redirected byte: a new credit
+    notify()
+    a.label("kernel")
+    a.load(8, 1, 9, 8 * REDIRECTED)
+    a.add(1, 7)
+    a.load(8, 2, 9, 8 * CREDIT)
+    a.jump_if_reg(1, ">", 2, "hand_back")  # the destination's backlog is full
+    a.add_imm(2, -(limit - limit // 4))
+    a.jump_if_reg(1, "<=", 2, "redirect")
+    a.load(8, 3, 9, 8 * ASKED)  # a quarter of the credit used: ask the process for more, once
+    a.jump_if(3, "!=", 0, "redirect")
+    a.mov_imm(3, 1)
+    a.store(8, 9, 8 * ASKED, 3)
+    notify()
+    a.label("redirect")
+    a.load(4, 3, 9, 8 * PEER)
+    a.mov(1, 6)
+    a.load_map(2, socks)
+    a.mov_imm(4, 0)  # to the peer's egress
+    a.call(bpf.SK_REDIRECT_MAP_FN)
+    a.jump_if(0, "!=", SK_PASS, "hand_back")  # the peer is not in the map (yet)
+    a.load(8, 1, 9, 8 * REDIRECTED)
+    a.add(1, 7)
+    a.store(8, 9, 8 * REDIRECTED, 1)
+    a.mov_imm(0, SK_PASS)
+    a.exit()
+    a.label("hand_back")  # the first byte the process must read: say which slot
+    notify()
+    a.label("pass")
+    a.load(8, 1, 9, 8 * PASSED)
+    a.add(1, 7)
+    a.store(8, 9, 8 * PASSED, 1)
+    a.label("pass_plain")
+    a.mov_imm(0, SK_PASS)
+    a.exit()
+    a.label("drop")
+    a.mov_imm(0, 0)
+    a.exit()
+    return a.assemble()
+
+
+class KernelPath:
+    """The maps and the attached program of one worker, and which direction owns each slot."""
+
+    def __init__(self, slots: int = SLOTS, limit: int = BACKLOG_LIMIT) -> None:
+        self.limit = limit
+        self.capacity = slots
+        self.fds: list[int] = []
+        self._maps: list[mmap.mmap] = []
+        self._loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
+        try:
+            self.slots_fd = self._map(bpf.MAP_HASH, 8, 4, slots, bpf.F_NO_PREALLOC, "l4lb_slots")
+            self.state_fd = self._map(bpf.MAP_ARRAY, 4, VALUE, slots, bpf.F_MMAPABLE, "l4lb_state")
+            self.socks_fd = self._map(bpf.MAP_SOCKMAP, 4, 4, slots, 0, "l4lb_socks")
+            self.ring_fd = self._map(bpf.MAP_RINGBUF, 0, 0, RING_SIZE, 0, "l4lb_ring")
+            code = program(self.slots_fd, self.state_fd, self.socks_fd, self.ring_fd, limit)
+            prog = bpf.prog_load(bpf.PROG_SK_SKB, code, bpf.ATTACH_SK_SKB_VERDICT, "l4lb_relay")
+            self.fds.append(prog)
+            bpf.prog_attach(self.socks_fd, prog, bpf.ATTACH_SK_SKB_VERDICT)
+            page = mmap.PAGESIZE
+            size = -(-VALUE * slots // page) * page
+            state_map = bpf.map_mmap(self.state_fd, size)
+            cons = bpf.map_mmap(self.ring_fd, page)
+            prod = bpf.map_mmap(self.ring_fd, page + 2 * RING_SIZE, writable=False, offset=page)
+        except BaseException:
+            self.close()
+            raise
+        self._maps += [state_map, cons, prod]
+        self.state = memoryview(state_map).cast("Q")
+        self._cons = memoryview(cons).cast("Q")
+        self._prod = memoryview(prod)
+        self._ring_data = page
+        self.free = list(range(slots - 1, -1, -1))
+        self.owners: dict[int, SlotOwner] = {}
+        self.relays: weakref.WeakSet[Refreshable] = weakref.WeakSet()
+
+    def _map(self, kind: int, key: int, value: int, entries: int, flags: int, name: str) -> int:
+        fd = bpf.map_create(kind, key, value, entries, flags, name)
+        self.fds.append(fd)
+        return fd
+
+    def close(self) -> None:
+        """Release the maps and the program (sockets still in the map are left alone)."""
+        loop = self._loop() if self._loop is not None else None
+        if loop is not None and not loop.is_closed():
+            poller.for_loop(loop).forget(self.ring_fd)
+        for view in ("state", "_cons", "_prod"):
+            with contextlib.suppress(AttributeError):
+                getattr(self, view).release()
+        for m in self._maps:
+            m.close()
+        self._maps.clear()
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Watch the ring buffer from ``loop``'s poller (once)."""
+        self._loop = weakref.ref(loop)
+        poller.for_loop(loop).watch(self.ring_fd, self, EPOLLIN | EPOLLET)
+
+    # -- slots -------------------------------------------------------------------------------
+
+    def arm(self, slot: int, peer: int) -> None:
+        """Fresh counters for ``slot`` (not in the sockmap), redirecting to ``peer``."""
+        base = slot * WORDS
+        st = self.state
+        st[base + REDIRECTED] = 0
+        st[base + PASSED] = 0
+        st[base + ARMED] = 0
+        st[base + CREDIT] = self.limit
+        st[base + ASKED] = 0
+        st[base + PEER] = peer
+        st[base + COPIED] = 0
+        st[base + WANT] = 1
+
+    def insert(self, sock: socket.socket, slot: int) -> bytes:
+        """Name ``sock``'s slot to the program, then put it in the sockmap; the cookie key."""
+        key = sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8)
+        bpf.map_update(self.slots_fd, key, struct.pack("<I", slot))
+        try:
+            bpf.map_update(self.socks_fd, struct.pack("<I", slot), struct.pack("<I", sock.fileno()))
+        except bpf.BpfError:
+            bpf.map_delete(self.slots_fd, key)
+            raise
+        return key
+
+    def release(self, key: bytes | None, slot: int) -> None:
+        """Forget a closed socket's cookie (closing it left the sockmap) and free its slot."""
+        self.owners.pop(slot, None)
+        if key is not None:
+            with contextlib.suppress(OSError):
+                bpf.map_delete(self.slots_fd, key)
+        self.free.append(slot)
+
+    # -- the ring ----------------------------------------------------------------------------
+
+    def event(self, fd: int, events: int) -> None:
+        """The ring buffer has records: hand each named direction back to this process."""
+        for slot in self.read_ring():
+            owner = self.owners.get(slot)
+            if owner is not None:
+                owner.ring_posted()
+
+    def read_ring(self) -> list[int]:
+        """The slots posted since the last read.
+
+        The program wakes the reader only when it posts at the reader's position, so the reader
+        stores its position and looks again until nothing new came (as libbpf does): a record
+        posted while it read would otherwise wait for the next one.
+        """
+        cons, prod, data = self._cons, self._prod, self._ring_data
+        pos = cons[0]
+        mask = RING_SIZE - 1
+        slots: list[int] = []
+        while True:
+            end = struct.unpack_from("<Q", prod, 0)[0]
+            if pos >= end:
+                return slots
+            while pos < end:
+                head = struct.unpack_from("<I", prod, data + (pos & mask))[0]
+                if head & (1 << 31):  # still being written: its commit wakes us
+                    cons[0] = pos
+                    return slots
+                size = head & ~(3 << 30)
+                if not head & (1 << 30):  # not discarded
+                    slots.append(struct.unpack_from("<Q", prod, data + ((pos + 8) & mask))[0])
+                pos += (size + 8 + 7) & ~7
+            cons[0] = pos
+
+
+# -- the self-test -----------------------------------------------------------------------------
+
+
+def _pair() -> tuple[socket.socket, socket.socket]:
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        connected = socket.create_connection(listening.getsockname(), timeout=1.0)
+        accepted, _ = listening.accept()
+    accepted.settimeout(1.0)
+    return connected, accepted
+
+
+def _expect(sock: socket.socket, want: bytes, what: str) -> None:
+    got = b""
+    deadline = time.monotonic() + 3.0
+    while len(got) < len(want) and time.monotonic() < deadline:
+        if select.select([sock], [], [], 0.1)[0]:
+            chunk = sock.recv(len(want) - len(got))
+            if not chunk:
+                break
+            got += chunk
+    if got != want:
+        raise SelfTestError(f"{what}: sent {want!r}, got {got!r}")
+
+
+def self_test(path: KernelPath) -> None:
+    """Relay bytes both ways over loopback through ``path``; raise if anything is off.
+
+    Covers what the relay relies on: the insertion, a byte queued before it (pushed by the read
+    after it), redirects both ways, the program's counts, the written-bytes sum used for the FIN
+    (on an accepted and a connected socket), and a hand-back with its ring record.
+    """
+    client, lb_c = _pair()
+    lb_b, backend = _pair()
+    socks = (client, lb_c, lb_b, backend)
+    keys: list[tuple[bytes, int]] = []
+    try:
+        lb_b.sendall(b"HDR:")
+        client.sendall(b"ping")
+        # queued in lb_c before the insertion (not arriving in between: that is handed back)
+        if not select.select([lb_c], [], [], 2.0)[0]:
+            raise SelfTestError("loopback bytes did not arrive")
+        c, b = path.free.pop(), path.free.pop()
+        path.arm(c, b)
+        path.arm(b, c)
+        for s, slot in ((lb_c, c), (lb_b, b)):
+            keys.append((path.insert(s, slot), slot))
+        for s in (lb_c, lb_b):
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                data = s.recv(64, socket.MSG_DONTWAIT)
+                raise SelfTestError(f"the read after the insertion returned {data!r}")
+        _expect(backend, b"HDR:ping", "client to backend")
+        backend.sendall(b"pong")
+        _expect(client, b"pong", "backend to client")
+        st = path.state
+        counts = (st[c * WORDS + REDIRECTED], st[b * WORDS + REDIRECTED])
+        if counts != (4, 4):
+            raise SelfTestError(f"redirected counts {counts}, expected (4, 4)")
+        for sock, connected, want in ((lb_b, True, 8), (lb_c, False, 4)):
+            got = written(sock, connected)
+            if got != want:
+                raise SelfTestError(f"bytes written by the socket {got}, expected {want}")
+        path.read_ring()
+        st[c * WORDS + CREDIT] = 0  # the next client byte is handed back
+        client.sendall(b"back")
+        lb_c.settimeout(3.0)
+        back = lb_c.recv(64)
+        if back != b"back" or path.read_ring() != [c]:
+            raise SelfTestError(f"hand-back: read {back!r}")
+    finally:
+        for sock in socks:
+            sock.close()
+        for key, slot in keys:
+            path.release(key, slot)

@@ -1,0 +1,179 @@
+"""``relay = "kernel"`` in a real ``l4lb run``: timeouts and counters when the bytes bypass the
+process, the start-up self-test's fallback without capabilities, and ``l4lb check``'s note.
+
+The relay suite itself (byte-exact, half-close, resets, slow readers, graceful stop, reload) runs
+with ``"kernel"`` through ``RELAY_MODES``; these are the points only this relay has.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from l4lb.balancer.kernel_path import KernelPath
+from tests.balancer.helpers import backend, connect, echo, recv_all
+from tests.support.l4lb import config_text, l4lb
+from tests.support.peers import free_port, stop_process, wait_for
+
+
+def _kernel_path_or_reason() -> str | None:
+    try:
+        path = KernelPath(slots=64)
+    except OSError as err:
+        return f"the kernel relay cannot load here: {err}"
+    path.close()
+    return None
+
+
+_UNAVAILABLE = _kernel_path_or_reason()
+needs_kernel_path = pytest.mark.skipif(_UNAVAILABLE is not None, reason=_UNAVAILABLE or "")
+
+
+def cfg(port: int, backends: list[str], **pool: object) -> str:
+    return config_text(f"127.0.0.1:{port}", backends, top={"relay": "kernel"}, pool=pool)
+
+
+@needs_kernel_path
+def test_traffic_through_the_kernel_keeps_the_idle_timeout_away(tmp_path: Path) -> None:
+    """The process sees none of these bytes: the idle sweep must read the program's counts."""
+    port = free_port()
+    with (
+        backend(echo) as be,
+        l4lb(tmp_path, cfg(port, [be.address], idle_timeout="1s")) as lb,
+    ):
+        client = connect(port)
+        sent = 0
+        deadline = time.monotonic() + 3.5  # over three idle timeouts of steady small traffic
+        while time.monotonic() < deadline:
+            client.sendall(b"ping\n")
+            assert recv_all(client, 5) == b"ping\n"  # still open: an echo each time
+            sent += 5
+            time.sleep(0.2)
+        assert "kernel_relay_unavailable" not in lb.log_text()
+        assert client.recv(1) == b""  # now silent: closed at the idle timeout
+        (line,) = lb.wait_access(1)
+        assert line["end"] == "idle_timeout"
+        assert (line["bytes_from_client"], line["bytes_to_client"]) == (sent, sent)
+
+
+@needs_kernel_path
+def test_a_client_that_only_listens_meets_the_client_timeout(tmp_path: Path) -> None:
+    def streamer(sock: object, header: object, early: bytes) -> None:
+        import socket as s
+
+        assert isinstance(sock, s.socket)
+        try:
+            while True:
+                sock.sendall(b"tick\n")
+                time.sleep(0.1)
+        except OSError:
+            pass
+
+    port = free_port()
+    with (
+        backend(streamer) as be,
+        l4lb(tmp_path, cfg(port, [be.address], client_timeout="1s")) as lb,
+    ):
+        client = connect(port)
+        client.sendall(b"subscribe\n")
+        got = recv_all(client)  # ticks until the balancer closes it
+        assert got.startswith(b"tick\n")
+        (line,) = lb.wait_access(1)
+        assert line["end"] == "client_timeout"
+        assert line["bytes_from_client"] == 10
+        assert line["bytes_to_client"] >= len(got)
+
+
+def test_without_capabilities_it_says_so_once_and_relays_with_the_default(
+    tmp_path: Path,
+) -> None:
+    """Run unprivileged (every capability dropped with setpriv): one clear line, then splice."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop capabilities from (an unprivileged run is the same case)")
+    port = free_port()
+    with backend(echo) as be:
+        path = tmp_path / "l4lb.toml"
+        path.write_text(cfg(port, [be.address]))
+        log = tmp_path / "l4lb.log"
+        proc = subprocess.Popen(
+            ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--",
+             sys.executable, "-m", "l4lb", "run", "--config", str(path)],
+            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=open(log, "wb"),  # noqa: SIM115
+        )  # fmt: skip
+        try:
+            assert wait_for(lambda: "event=started" in log.read_text(), timeout=20), log.read_text()
+            client = connect(port)
+            client.sendall(b"hello\n")
+            assert recv_all(client, 6) == b"hello\n"
+            client.close()
+            lines = [ln for ln in log.read_text().splitlines() if "kernel_relay" in ln]
+            assert len(lines) == 1, lines
+            assert "event=kernel_relay_unavailable" in lines[0]
+            assert "CAP_BPF and CAP_NET_ADMIN" in lines[0]
+        finally:
+            stop_process(proc)
+
+
+def test_check_says_what_the_kernel_relay_needs(tmp_path: Path) -> None:
+    path = tmp_path / "l4lb.toml"
+    path.write_text(cfg(free_port(), ["127.0.0.1:9"]))
+    result = subprocess.run(
+        [sys.executable, "-m", "l4lb", "check", str(path)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "note: relay: " in result.stderr
+    assert "Linux >= 5.13" in result.stderr and "CAP_BPF + CAP_NET_ADMIN" in result.stderr
+
+
+def _bpf_descriptors(pid: int) -> list[str]:
+    """The bpf maps and programs a process holds (``anon_inode:bpf-map``, ``bpf-prog``)."""
+    fds = Path(f"/proc/{pid}/fd")
+    out = []
+    for fd in fds.iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if "bpf-" in target:
+            out.append(target)
+    return out
+
+
+@needs_kernel_path
+def test_a_reload_switches_the_relay_and_live_connections_keep_theirs(tmp_path: Path) -> None:
+    port = free_port()
+    with backend(echo) as be:
+        splice_cfg = config_text(f"127.0.0.1:{port}", [be.address], top={"relay": "splice"})
+        with l4lb(tmp_path, splice_cfg) as lb:
+            by_splice = connect(port)
+            by_splice.sendall(b"one\n")
+            assert recv_all(by_splice, 4) == b"one\n"
+            assert _bpf_descriptors(lb.pid) == []
+            lb.reload(cfg(port, [be.address]))
+            assert "event=reloaded" in lb.log_text()
+            assert "kernel_relay_unavailable" not in lb.log_text()
+            # the reload loaded the program and self-tested it
+            assert any("bpf-prog" in d for d in _bpf_descriptors(lb.pid))
+            by_kernel = connect(port)
+            by_kernel.sendall(b"two\n")
+            assert recv_all(by_kernel, 4) == b"two\n"
+            by_splice.sendall(b"still splice\n")
+            assert recv_all(by_splice, 13) == b"still splice\n"
+            lb.reload(splice_cfg)
+            by_kernel.sendall(b"still kernel\n")  # its pair stays in the map after the reload
+            assert recv_all(by_kernel, 13) == b"still kernel\n"
+            for c in (by_splice, by_kernel):
+                c.shutdown(1)
+                assert c.recv(1) == b""
+                c.close()
+            lines = lb.wait_access(2)
+            assert sorted((ln["bytes_from_client"], ln["bytes_to_client"]) for ln in lines) == [
+                (17, 17),
+                (17, 17),
+            ]
