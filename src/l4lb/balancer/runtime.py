@@ -90,7 +90,9 @@ class Balancer:
         self.pools: dict[str, Pool] = {name: Pool(name, pc) for name, pc in config.pools.items()}
         self.listeners: dict[str, Listener] = {}
         self.connections: set[Connection] = set()
-        self.access_log = AccessLog(config.log.access)
+        self.access_log = AccessLog(
+            config.log.access, facility=config.log.facility, tag=config.log.tag
+        )
         self.started = time.time()
         self.reloads = 0
         self.last_reload: dict[str, Any] | None = None
@@ -290,7 +292,9 @@ class Balancer:
         try:
             reopen = new.log != self.config.log or new.log.access not in ("off", "stdout")
             if reopen:  # reopened on every reload: logrotate-friendly
-                staged.access_log = AccessLog(new.log.access)
+                staged.access_log = AccessLog(
+                    new.log.access, facility=new.log.facility, tag=new.log.tag
+                )
             fresh = []
             for lc in new.listeners:
                 current = self.listeners.get(lc.name)

@@ -26,6 +26,8 @@ from typing import Any
 import msgspec
 
 from l4lb.config import anycast, schema, values
+from l4lb.observe.syslog import is_target as is_syslog
+from l4lb.observe.syslog import local_problem as syslog_problem
 
 __all__ = ["ConfigError", "ConfigIssue", "load_config", "parse_config"]
 
@@ -135,7 +137,7 @@ def parse_config(
 def _access_log_issues(config: schema.Config) -> list[ConfigIssue]:
     """An access log file that cannot be opened for appending: what ``run`` would refuse."""
     target = config.log.access
-    if target in ("stdout", "off"):
+    if target in ("stdout", "off") or is_syslog(target):
         return []
     why = ""
     if os.path.isdir(target):
@@ -155,8 +157,12 @@ def _access_log_issues(config: schema.Config) -> list[ConfigIssue]:
 def config_warnings(config: schema.Config) -> list[ConfigIssue]:
     """What a valid file allows but an operator should hear about before it bites."""
     issues: list[ConfigIssue] = []
+    for key in ("access", "events"):
+        problem = syslog_problem(getattr(config.log, key))
+        if problem:
+            issues.append(ConfigIssue(f"log.{key}", problem))
     access = config.log.access
-    if access not in ("stdout", "off"):
+    if access not in ("stdout", "off") and not is_syslog(access):
         with contextlib.suppress(OSError):
             if stat.S_ISFIFO(os.stat(access).st_mode):
                 issues.append(
@@ -437,7 +443,7 @@ def _resolve_paths(config: schema.Config, base_dir: Path | None) -> schema.Confi
         for lst in config.listeners
     )
     log = config.log
-    if log.access not in ("stdout", "off"):
+    if log.access not in ("stdout", "off") and not is_syslog(log.access):
         log = msgspec.structs.replace(log, access=resolve(log.access))
     pools = dict(config.pools)
     for name, pool in pools.items():
