@@ -36,6 +36,7 @@ import errno
 import ipaddress
 import logging
 import os
+import select
 import socket
 import stat
 import time
@@ -407,22 +408,16 @@ class Sender:
 
     def send(self, data: bytes) -> bool:
         """Send one message (at most :attr:`limit` bytes, framed here); False if dropped."""
-        if self._sock is None:
-            if self.state is Link.DOWN and self.clock() < self._retry_at:
-                self._dropped += 1
-                return False
-            if not self.connect():
-                self._dropped += 1
-                return False
-        sock = self._sock
-        assert sock is not None
+        sock = self._ready()
+        if sock is None:
+            self._dropped += 1
+            return False
         try:
             if self.stream:
-                self._check_open(sock)
                 sock.sendall(frame(data, self.target.transport, True))
             else:
                 sock.send(data)
-        except OSError as err:
+        except OSError as err:  # a partial frame cannot be finished: a new connection
             self._close()
             self._fail(err, "send")
             self._dropped += 1
@@ -430,15 +425,38 @@ class Sender:
         self._sent()
         return True
 
+    def _ready(self) -> socket.socket | None:
+        """The socket to send on: connected now if it is time to, None while down."""
+        sock = self._sock
+        if sock is not None and self.stream:
+            try:
+                closed = self._closed_by_peer(sock)
+            except OSError:  # ECONNRESET
+                closed = True
+            if closed:  # a restarted collector, an idle timeout: connect again at once
+                self._close()
+                sock = None
+                if self.state is Link.UP:
+                    self.state = Link.CLOSED
+                    self.report(
+                        logging.INFO,
+                        f"event=syslog_reconnect log={self.what} target={self.target} "
+                        "detail='the collector closed the connection'",
+                    )
+        if sock is None:
+            if self.state is Link.DOWN and self.clock() < self._retry_at:
+                return None
+            if not self.connect():
+                return None
+        return self._sock
+
     @staticmethod
-    def _check_open(sock: socket.socket) -> None:
-        """A collector never writes to us: anything readable is its close (FIN or RST), found
+    def _closed_by_peer(sock: socket.socket) -> bool:
+        """A collector never writes to us: a readable end of file is its close (FIN), found
         before a message is written into a connection it no longer reads."""
-        try:
-            if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
-                raise ConnectionResetError(errno.ECONNRESET, "the collector closed the connection")
-        except BlockingIOError:
-            return
+        poll = select.poll()
+        poll.register(sock, select.POLLIN)
+        return bool(poll.poll(0)) and sock.recv(1, socket.MSG_PEEK) == b""
 
     def _sent(self) -> None:
         if self.state is Link.UP:
