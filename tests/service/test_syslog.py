@@ -17,7 +17,7 @@ import pytest
 
 from tests.support.echo_backend import EchoBackend
 from tests.support.l4lb import L4lb, config_text, start_l4lb
-from tests.support.peers import connect_from, free_port, stop_process, wait_for
+from tests.support.peers import connect_from, free_port, stop_process, wait_for, wait_port
 from tests.support.rsyslog import RSYSLOGD, Rsyslog
 from tests.support.syslog_receiver import Rfc5424, SyslogReceiver
 
@@ -198,6 +198,7 @@ def test_sigusr2_and_reload_reconnect(tmp_path: Path) -> None:
     port = free_port()
     with SyslogReceiver.tcp() as rx, EchoBackend("echo") as backend:
         text = _config(port, backend.address, rx.target, facility="local3", tag="edge-lb")
+        events = text.replace("[log]\n", f'[log]\nevents = "{rx.target}"\n')
         lb = start_l4lb(tmp_path / "lb", text)
         try:
             assert wait_for(lambda: rx.connections == 1, 10)
@@ -213,6 +214,11 @@ def test_sigusr2_and_reload_reconnect(tmp_path: Path) -> None:
             got = rx.wait(3)
             assert len(got) == 3 and not rx.errors
             assert all(_check_header(m, lb)["event"] == "connection" for m in got)
+            lb.reload(events)  # the event lines too: one more connection
+            assert wait_for(lambda: rx.connections == 5, 10), lb.log_text()
+            lb.proc.send_signal(signal.SIGUSR2)  # both reconnect
+            assert wait_for(lambda: rx.connections == 7, 10), lb.log_text()
+            assert wait_for(lambda: _events(rx, "access_log_reopened"), 10), rx.raw
         finally:
             stop_process(lb.proc)
     assert "event=access_log_reopened target=syslog+tcp://" in lb.log_text()
@@ -305,3 +311,70 @@ def test_rsyslog_killed_and_restarted_over_tcp(tmp_path: Path, rsyslog: Rsyslog)
     assert all(m["procid"] == str(lb.pid) and m["app_name"] == "t" for m in messages)
     assert all(json.loads(m["msg"])["client"].startswith(CLIENT) for m in messages)
     assert lb.proc.returncode == 0
+
+
+# -- the event lines ([log] events) -------------------------------------------------------------
+
+
+def _events(rx: SyslogReceiver, msgid: str) -> list[Rfc5424]:
+    return [m for m in list(rx.messages) if m.msgid == msgid]
+
+
+def test_event_lines_go_to_syslog_each_process_with_its_procid(tmp_path: Path) -> None:
+    port = free_port()
+    dead = f"127.0.0.1:{free_port()}"
+    with SyslogReceiver.tcp() as rx:
+        text = _config(port, dead, rx.target, facility="local3", tag="edge-lb", events=rx.target)
+        text = text.replace("workers = 1", "workers = 2")
+        lb = start_l4lb(tmp_path / "lb", text, wait=False)
+        try:
+            assert wait_for(lambda: _events(rx, "workers_started"), 20), (rx.raw, lb.log_text())
+            _refused(port)
+            assert wait_for(lambda: _events(rx, "connect_failed"), 10), rx.raw
+            workers = _children(lb.pid)
+        finally:
+            lb.stop()
+        assert wait_for(lambda: _events(rx, "workers_stopped"), 10), rx.raw
+        assert not rx.errors
+    [supervisor] = _events(rx, "workers_started")
+    assert (supervisor.facility, supervisor.severity, supervisor.app_name) == (
+        LOCAL3,
+        INFO,
+        "edge-lb",
+    )
+    assert supervisor.procid == str(lb.pid)
+    assert b"level=info logger=l4lb.workers event=workers_started workers=2" in supervisor.msg
+    started = _events(rx, "started")
+    assert {m.procid for m in started} == workers and len(started) == 2
+    failed = _events(rx, "connect_failed")[0]
+    assert failed.severity == WARNING and failed.procid in workers
+    assert f"client={CLIENT}:".encode() in failed.msg
+    [access] = _events(rx, "access")
+    assert access.json()["client"].startswith(CLIENT) and access.severity == WARNING
+    assert "event=started" not in lb.log_text()  # they went to syslog, not to stderr
+    assert lb.proc.returncode == 0
+
+
+def test_event_lines_collector_down_is_said_on_stderr(tmp_path: Path) -> None:
+    port = free_port()
+    path = tmp_path / "events.sock"
+    with EchoBackend("echo") as backend:
+        text = _config(port, backend.address, "off", events=f"syslog:{path}")
+        lb = start_l4lb(tmp_path / "lb", text, wait=False)
+        try:
+            unreachable = "event=syslog_unreachable log=events"
+            assert wait_for(lambda: unreachable in lb.log_text(), 20), lb.log_text()
+            wait_port("127.0.0.1", port, 20, lb.proc)  # access = "off": a probe logs nothing
+            _one_connection(port)  # served: the loop runs, its signal handlers are in place
+            with SyslogReceiver.unix_dgram(path) as rx:
+                lb.proc.send_signal(signal.SIGUSR2)  # reconnects now, without the backoff
+                lb.stop()
+                assert wait_for(lambda: _events(rx, "stopped"), 10), (rx.raw, lb.log_text())
+                assert not rx.errors and _events(rx, "stopping")[0].procid == str(lb.pid)
+        finally:
+            stop_process(lb.proc)
+    log = lb.log_text()
+    assert log.count("event=syslog_unreachable") == 1, log
+    assert "event=syslog_reachable log=events" in log, log
+    assert "event=started" not in log  # sent to the socket that was not there: dropped
+    assert "Traceback" not in log and lb.proc.returncode == 0

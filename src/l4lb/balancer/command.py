@@ -13,7 +13,7 @@ import os
 import resource
 import sys
 
-from l4lb.balancer.logs import setup_logging
+from l4lb.balancer.logs import events_to, setup_logging
 from l4lb.config.loader import ConfigError, ConfigIssue, load_config
 from l4lb.config.schema import Config
 
@@ -133,6 +133,7 @@ def main(argv: list[str]) -> int:
         return EXIT_CONFIG
     for warning in warnings:
         log.warning("event=config_warning detail=%r", str(warning))
+    events_to(config.log.events, config.log.facility, config.log.tag)  # [log] events
     raise_fd_limit(config)
     warn_unprotected_admin(config)
     from l4lb.balancer.listener import BindError, ensure_not_listening

@@ -32,7 +32,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from l4lb.anycast.announcer import Announcer, AnycastError, make_announcer
-from l4lb.balancer import discovery, health, reload_status, state_file, transparent, workers
+from l4lb.balancer import (
+    discovery,
+    health,
+    logs,
+    reload_status,
+    state_file,
+    transparent,
+    workers,
+)
 from l4lb.balancer.admission import Admission, Rejected
 from l4lb.balancer.connection import Connection, State
 from l4lb.balancer.listener import BindError, Listener, OpenSocket, open_listening_socket
@@ -273,6 +281,7 @@ class Balancer:
         )
         if staged.access_log is None:  # the same target: follow a rotated file
             self.access_log.reopen()
+        logs.events_to(new.log.events, new.log.facility, new.log.tag)  # the same: reconnect
         summary = f"listeners={','.join(self.listeners)} pools={','.join(self.pools)}"
         reload_status.write(self._signalled_pid(), True, summary=summary)
         for callback in self.on_reload:
@@ -365,6 +374,7 @@ class Balancer:
         self.reloads_refused += 1
         reload_status.write(self._signalled_pid(), False, errors)
         self.access_log.reopen()  # a refused reload still follows a rotated log
+        logs.reopen()
         for callback in self.on_reload_refused:
             callback(self, errors)
         return errors
@@ -419,6 +429,12 @@ async def attach_parts(balancer: Balancer) -> None:
     workers.attach(balancer)  # in a worker: tells the supervisor of each applied reload
 
 
+def _reopen_logs(balancer: Balancer) -> None:
+    """SIGUSR2: reopen the access log, reconnect the event lines' syslog (if they use one)."""
+    balancer.access_log.reopen()
+    logs.reopen()
+
+
 async def serve(
     config: Config,
     config_path: str | None = None,
@@ -466,7 +482,7 @@ async def serve(
         loop,
         balancer.reload_file,
         lambda: _close_all(balancer),
-        reopen=lambda: balancer.access_log.reopen(),
+        reopen=lambda: _reopen_logs(balancer),
     )
     discovery.attach(balancer, found)
     try:

@@ -478,6 +478,7 @@ class Supervisor:
                 elif sig == signal.SIGHUP:
                     self._reload()
                 elif sig == signal.SIGUSR2:  # the workers write the access log
+                    logs.reopen()  # the supervisor's own event lines, if sent to syslog
                     self._forward(signal.SIGUSR2)
             self._reap()
 
@@ -509,6 +510,7 @@ class Supervisor:
                     self._forward(signal.SIGUSR2)  # a refused reload still reopens the logs
                     return
                 self.config = new
+                logs.events_to(new.log.events, new.log.facility, new.log.tag)
         self._forward(signal.SIGHUP)
         log.info("event=reload_forwarded workers=%d", self.count)
 

@@ -36,6 +36,7 @@ import errno
 import ipaddress
 import logging
 import os
+import re
 import select
 import socket
 import stat
@@ -499,9 +500,10 @@ class Sender:
         """Close and connect again now (SIGUSR2, a reload): a restarted collector, a new
         /dev/log."""
         self._close()
-        self.state = Link.CLOSED
+        if self.state is Link.UP:
+            self.state = Link.CLOSED
         self._backoff = BACKOFF_MIN
-        self.connect()
+        self.connect()  # a DOWN link stays DOWN until a send goes through and says so
 
     def _close(self) -> None:
         sock, self._sock = self._sock, None
@@ -511,3 +513,36 @@ class Sender:
 
     def close(self) -> None:
         self._close()
+
+
+# -- the event lines ---------------------------------------------------------------------------
+
+_SEVERITIES = {
+    logging.DEBUG: Severity.DEBUG,
+    logging.INFO: Severity.INFO,
+    logging.WARNING: Severity.WARNING,
+    logging.ERROR: Severity.ERROR,
+    logging.CRITICAL: Severity.CRITICAL,
+}
+_EVENT = re.compile(r"(?:^| )event=([\x21-\x7e]{1,32})")
+
+
+class EventLines:
+    """The balancer's event lines (stderr's ``level=... logger=... event=...`` format) as
+    syslog messages: severity from the level, MSGID the event name, MSG the line without its
+    time (the header has it). Owned by the log's writer thread."""
+
+    def __init__(self, target: Target, facility: str, tag: str, report: Report) -> None:
+        self.header = Header.here(facility, tag)
+        self.sender = Sender(target, report, what="events")
+        self.sender.connect()
+
+    def send(self, level: int, created: float, line: str) -> bool:
+        text = line.split(" ", 1)[1] if line[:1].isdigit() else line
+        found = _EVENT.search(text)
+        head = self.header.render(
+            _SEVERITIES.get(level, Severity.INFO), created, found.group(1) if found else "-"
+        )
+        return self.sender.send(
+            message(head, text.encode("utf-8", "backslashreplace"), self.sender.limit)
+        )
