@@ -264,7 +264,7 @@ def test_each_worker_sends_with_its_own_procid(tmp_path: Path) -> None:
 def rsyslog(tmp_path: Path) -> Any:
     if not Path(RSYSLOGD).exists():
         pytest.fail("rsyslog is not installed: make sysdeps installs it")
-    with Rsyslog(tmp_path / "rsyslog") as server:
+    with Rsyslog(tmp_path / "rsyslog", tag="edge-lb") as server:
         yield server
 
 
@@ -290,13 +290,16 @@ def test_rsyslog_receives_and_parses_the_access_log(
     assert "." in got["timestamp"]  # rsyslog kept the fractional seconds it parsed
     record = json.loads(got["msg"])
     assert record["event"] == "connection" and record["client"].startswith(f"{CLIENT}:")
+    assert wait_for(lambda: rsyslog.access_lines() == [record], 10), rsyslog.access_lines()
     assert "event=syslog_unreachable" not in lb.log_text()
 
 
 def test_rsyslog_killed_and_restarted_over_tcp(tmp_path: Path, rsyslog: Rsyslog) -> None:
     port = free_port()
     with EchoBackend("echo") as backend:
-        text = _config(port, backend.address, rsyslog.targets["tcp"], facility="local3", tag="t")
+        text = _config(
+            port, backend.address, rsyslog.targets["tcp"], facility="local3", tag="edge-lb"
+        )
         lb = start_l4lb(tmp_path / "lb", text)
         try:
             _one_connection(port)
@@ -308,7 +311,7 @@ def test_rsyslog_killed_and_restarted_over_tcp(tmp_path: Path, rsyslog: Rsyslog)
         finally:
             stop_process(lb.proc)
     messages = rsyslog.messages()
-    assert all(m["procid"] == str(lb.pid) and m["app_name"] == "t" for m in messages)
+    assert all(m["procid"] == str(lb.pid) and m["app_name"] == "edge-lb" for m in messages)
     assert all(json.loads(m["msg"])["client"].startswith(CLIENT) for m in messages)
     assert lb.proc.returncode == 0
 

@@ -40,6 +40,13 @@ template(name="fields" type="list" option.jsonf="on") {{
   property(outname="msg" name="msg" format="jsonf")
 }}
 action(type="omfile" file="{dir}/messages.jsonl" template="fields")
+
+# docs/operations.md's snippet: the access log as plain JSON lines, in a file of its own
+template(name="l4lb-json" type="string" string="%msg%\n")
+if $app-name == "{tag}" and $msgid == "access" then {{
+    action(type="omfile" file="{dir}/access.log" template="l4lb-json")
+    stop
+}}
 """
 
 
@@ -71,14 +78,16 @@ def _tcp_listening(port: int) -> bool:
 class Rsyslog:
     """``rsyslogd -n`` on its own config in ``workdir``; ``start()``, ``kill()``, ``stop()``."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, tag: str = "l4lb") -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "work").mkdir(exist_ok=True)
         self.udp_port = _free_udp_and_tcp_port()
         self.tcp_port = _free_udp_and_tcp_port()
         self.conf = self.dir / "rsyslog.conf"
-        self.conf.write_text(_CONFIG.format(dir=self.dir, udp=self.udp_port, tcp=self.tcp_port))
+        self.conf.write_text(
+            _CONFIG.format(dir=self.dir, udp=self.udp_port, tcp=self.tcp_port, tag=tag)
+        )
         self.socket_path = self.dir / "log.sock"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -118,8 +127,13 @@ class Rsyslog:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def messages(self) -> list[dict[str, Any]]:
-        """What rsyslog wrote so far, one parsed object per message."""
+        """What rsyslog wrote so far, one parsed object per message (but the access log's,
+        which the documented filter takes: :meth:`access_lines`)."""
         return json_lines(self.dir / "messages.jsonl")
+
+    def access_lines(self) -> list[dict[str, Any]]:
+        """The access log as the documented snippet writes it: the JSON lines alone."""
+        return json_lines(self.dir / "access.log")
 
     def kill(self) -> None:
         """SIGKILL by PID: gone at once, as a crashed collector is."""
