@@ -278,3 +278,15 @@ def test_access_log_over_udp_cuts_a_long_line_into_one_message() -> None:
     assert (got[0].facility, got[0].severity, got[0].app_name) == (17, 6, "t")
     assert len(rx.raw[1]) == 2048
     assert got[1].msg.startswith(b'{"event":"connection","client":"127.0.0.7:2"')
+
+
+def test_a_batch_over_tcp_is_one_write_of_whole_frames() -> None:
+    with SyslogReceiver.tcp() as rx:
+        sender = Sender(syslog.parse_target(rx.target), Reports())
+        assert sender.send_many([_msg(n) for n in range(500)]) == 500
+        rx.drop_connections()  # the collector restarts between two batches
+        assert wait_for(lambda: sender.send_many([_msg(1000)]) == 1 and rx.connections == 2, 10)
+        got = rx.wait(501)
+        assert [m.json()["n"] for m in got[:500]] == list(range(500)) and not rx.errors
+        assert got[-1].json()["n"] == 1000
+        sender.close()

@@ -234,13 +234,16 @@ class _SyslogSink:
         sender = self.sender
         limit = sender.limit
         render = self.header.render
+        messages = []
         for item in items:
             when = item["time"]
             item["time"] = _iso(when)
             head = render(severity(item), when, MSGID)
             body = _fit(item, encode, limit - len(head), b"")
-            if not sender.send(syslog.message(head, body, limit)):
-                _DROPPED.add(1)
+            messages.append(syslog.message(head, body, limit))
+        lost = len(messages) - sender.send_many(messages)
+        if lost:
+            _DROPPED.add(lost)
         return not sender.failing
 
     def reopen(self) -> None:

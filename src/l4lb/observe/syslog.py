@@ -426,6 +426,29 @@ class Sender:
         self._sent()
         return True
 
+    def send_many(self, messages: list[bytes]) -> int:
+        """Send ``messages`` in order; how many went (the rest were dropped). Over a stream they
+        go in one write, the collector's close checked once: a batch costs two system calls,
+        not three per line."""
+        if not messages:
+            return 0
+        sock = self._ready()
+        if sock is None:
+            self._dropped += len(messages)
+            return 0
+        if not self.stream:
+            return sum(self.send(data) for data in messages)
+        transport = self.target.transport
+        try:
+            sock.sendall(b"".join(frame(data, transport, True) for data in messages))
+        except OSError as err:  # what went before the error is not known: all counted lost
+            self._close()
+            self._fail(err, "send")
+            self._dropped += len(messages)
+            return 0
+        self._sent()
+        return len(messages)
+
     def _ready(self) -> socket.socket | None:
         """The socket to send on: connected now if it is time to, None while down."""
         sock = self._sock
