@@ -8,6 +8,8 @@ import contextlib
 import json
 import signal
 import socket
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -380,3 +382,48 @@ def test_event_lines_collector_down_is_said_on_stderr(tmp_path: Path) -> None:
     assert "event=syslog_reachable log=events" in log, log
     assert "event=started" not in log  # sent to the socket that was not there: dropped
     assert "Traceback" not in log and lb.proc.returncode == 0
+
+
+# -- l4lb check ---------------------------------------------------------------------------------
+
+
+def _check(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "l4lb", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_check_shows_the_right_syslog_form(tmp_path: Path) -> None:
+    path = tmp_path / "l4lb.toml"
+    text = config_text("127.0.0.1:8443", ["127.0.0.1:9001"], access_log="syslog://127.0.0.1:514")
+    path.write_text(
+        text.replace(
+            "[log]\n",
+            '[log]\nevents = "udp://[2001:db8::1]:514"\nfacility = "local8"\ntag = "l4 lb"\n',
+        )
+    )
+    done = _check(path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    out = done.stderr
+    assert "log.access: invalid syslog target 'syslog://127.0.0.1:514'" in out
+    assert "such as 'syslog+udp://127.0.0.1:514'" in out
+    assert "log.events: invalid syslog target" in out and "'syslog+udp://[2001:db8::1]:514'" in out
+    assert "log.facility: invalid value 'local8': expected one of" in out and "'local7'" in out
+    assert "log.tag: invalid value 'l4 lb': expected 1 to 48 visible ASCII characters" in out
+    assert out.count("(line ") == 4
+
+
+def test_check_accepts_the_forms_and_warns_of_a_missing_socket(tmp_path: Path) -> None:
+    path = tmp_path / "l4lb.toml"
+    missing = tmp_path / "no-daemon.sock"
+    for target in ("syslog+udp://127.0.0.1", "syslog+tcp://[2001:db8::1]:601", f"syslog:{missing}"):
+        path.write_text(config_text("127.0.0.1:8443", ["127.0.0.1:9001"], access_log=target))
+        done = _check(path)
+        assert done.returncode == 0, done.stderr
+        assert ("warning: log.access: cannot reach" in done.stderr) == target.startswith("syslog:/")
+    with SyslogReceiver.unix_dgram(missing):
+        done = _check(path)
+        assert done.returncode == 0 and "warning" not in done.stderr, done.stderr
