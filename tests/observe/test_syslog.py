@@ -284,6 +284,7 @@ def test_a_batch_over_tcp_is_one_write_of_whole_frames() -> None:
     with SyslogReceiver.tcp() as rx:
         sender = Sender(syslog.parse_target(rx.target), Reports())
         assert sender.send_many([_msg(n) for n in range(500)]) == 500
+        assert len(rx.wait(500)) == 500  # accepted and read: its connection is the one to drop
         rx.drop_connections()  # the collector restarts between two batches
         assert wait_for(lambda: sender.send_many([_msg(1000)]) == 1 and rx.connections == 2, 10)
         got = rx.wait(501)

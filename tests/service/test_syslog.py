@@ -43,8 +43,9 @@ def _one_connection(port: int, payload: bytes = b"hello\n") -> None:
 
 
 def _refused(port: int) -> None:
-    """A client the balancer resets or closes without an answer."""
-    with connect_from(CLIENT, "127.0.0.1", port, timeout=10) as sock, contextlib.suppress(OSError):
+    """A client the balancer resets or closes without an answer (the reset may even come
+    before connect() returns: Python's connect with a timeout then reads it from SO_ERROR)."""
+    with contextlib.suppress(OSError), connect_from(CLIENT, "127.0.0.1", port, timeout=10) as sock:
         sock.sendall(b"x")
         while sock.recv(4096):
             pass
