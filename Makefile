@@ -16,17 +16,17 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # System packages the tests and benchmarks talk to (real HAProxy and nginx, wrk, chromium;
-# BIRD 2, nftables and conntrack for the anycast fleet test).
+# BIRD 2, nftables and conntrack for the anycast fleet test; logrotate and rsyslog for the log tests).
 sysdeps:
 	@if ! command -v haproxy >/dev/null || ! command -v nginx >/dev/null || ! command -v wrk >/dev/null \
 	   || ! command -v chromium >/dev/null || [ ! -f /usr/lib/nginx/modules/ngx_stream_module.so ] || ! command -v openssl >/dev/null \
 	   || ! command -v curl >/dev/null || ! command -v systemd-analyze >/dev/null || [ ! -x /bin/kill ] \
 	   || ! command -v bird >/dev/null || ! command -v nft >/dev/null || ! command -v conntrack >/dev/null \
-	   || ! command -v logrotate >/dev/null; then \
+	   || ! command -v logrotate >/dev/null || [ ! -x /usr/sbin/rsyslogd ]; then \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
 	    haproxy nginx libnginx-mod-stream wrk chromium iproute2 openssl systemd procps curl \
-	    bird2 nftables conntrack logrotate >/dev/null; \
+	    bird2 nftables conntrack logrotate rsyslog >/dev/null; \
 	fi
 
 run: $(STAMP)

@@ -332,7 +332,11 @@ ZERO_OR_EMPTY = [
         "pools.web.health.timeout",
         "greater than zero",
     ),
-    (_check_config(tail='[log]\naccess = ""'), "log.access", "'stdout', 'off' or a file path"),
+    (
+        _check_config(tail='[log]\naccess = ""'),
+        "log.access",
+        "'stdout', 'off', a file path or a syslog target",
+    ),
 ]
 
 

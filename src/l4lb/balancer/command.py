@@ -18,7 +18,7 @@ from pathlib import Path
 
 import msgspec
 
-from l4lb.balancer.logs import setup_logging
+from l4lb.balancer.logs import events_to, setup_logging
 from l4lb.config.loader import ConfigError, ConfigIssue, Severity, load_config
 from l4lb.config.schema import Config, ListenerConfig
 
@@ -235,6 +235,7 @@ def main(argv: list[str]) -> int:
             log.info("event=config_note detail=%r", str(warning))
         else:
             log.warning("event=config_warning detail=%r", str(warning))
+    events_to(config.log.events, config.log.facility, config.log.tag)  # [log] events
     raise_fd_limit(config, sets_max_conns(args.config))
     warn_unprotected_admin(config)
     from l4lb.balancer.listener import BindError, ensure_not_listening

@@ -26,6 +26,9 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
+
+from l4lb.observe import syslog
 
 MAX_QUEUED = 10_000
 """Lines waiting for stderr before new ones are dropped."""
@@ -35,6 +38,20 @@ WINDOW = 1.0
 
 _FLUSH = object()
 _STOP = object()
+_REOPEN = object()
+
+
+@dataclass(frozen=True, slots=True)
+class _Events:
+    """Where event lines go: ``"stderr"`` or a syslog target, with its facility and tag."""
+
+    target: str = "stderr"
+    facility: str = "local0"
+    tag: str = "l4lb"
+
+
+_Line = tuple[int, float, str]
+"""A queued line: (logging level, time, the formatted line)."""
 
 _WORKER: int | None = None
 """This process's worker index with ``workers > 1`` (None: a single process, the supervisor)."""
@@ -81,14 +98,24 @@ class QueuedStderr(logging.Handler):
         self._windows: dict[tuple[str, str], tuple[float, int]] = {}
         """(logger, template) -> (window start, lines in it)."""
         self._suppressed: dict[tuple[str, str], int] = {}
+        self.events = _Events()
+        """Where lines go (set by :func:`events_to`; a forked worker keeps it)."""
+        self._syslog: syslog.EventLines | None = None
+        """The writer's syslog transport while ``events`` names one."""
+        self._using: _Events | None = None
+        """The settings ``_syslog`` was made for (the writer's)."""
         self._start()
         os.register_at_fork(after_in_child=self._after_fork)
 
     def _after_fork(self) -> None:
-        """A worker: its own counts, queue and writer (threads do not survive a fork)."""
+        """A worker: its own counts, queue and writer (threads do not survive a fork), and
+        its own syslog connection (the parent's socket is closed here, not shared)."""
         self.dropped = self._reported = 0
         self._windows = {}
         self._suppressed = {}
+        inherited, self._syslog, self._using = self._syslog, None, None
+        if inherited is not None:
+            inherited.sender.close()
         self._start()
 
     def _start(self) -> None:
@@ -112,7 +139,7 @@ class QueuedStderr(logging.Handler):
         except Exception:
             self.handleError(record)
             return
-        self._put(line)
+        self._put((record.levelno, record.created, line))
 
     def _admit(self, record: logging.LogRecord) -> bool:
         key = (record.name, str(record.msg))
@@ -130,7 +157,12 @@ class QueuedStderr(logging.Handler):
             self._suppressed[key] = self._suppressed.get(key, 0) + 1
         return False
 
-    def _put(self, line: str) -> None:
+    def control(self, item: object) -> None:
+        """An order for the writer, queued after the lines before it (never dropped)."""
+        self._idle.clear()
+        self._queue.put(item)
+
+    def _put(self, line: _Line) -> None:
         if self._queue.qsize() >= self.max_queued:
             with self._counts:
                 self.dropped += 1
@@ -140,10 +172,12 @@ class QueuedStderr(logging.Handler):
 
     # -- the writer thread -------------------------------------------------------------------
 
-    def _summaries(self) -> list[str]:
-        """``log_suppressed`` and ``log_dropped`` lines due now (called by the writer)."""
+    def _summaries(self, failing: bool) -> list[_Line]:
+        """``log_suppressed`` and ``log_dropped`` lines due now (called by the writer); no
+        ``log_dropped`` while the syslog collector is ``failing`` (it would be lost too)."""
         lines = []
-        when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + ".000Z"
+        now = time.time()
+        when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + ".000Z"
         with self._counts:
             suppressed, self._suppressed = self._suppressed, {}
             dropped = self.dropped
@@ -153,20 +187,21 @@ class QueuedStderr(logging.Handler):
                 f"event_name={_event(template)} count={count} window={WINDOW:g}s "
                 f"detail='more than {BURST} lines a second of this event'"
             )
-        if dropped != self._reported:
+        if dropped != self._reported and not failing:
             lines.append(
                 f"{when} level=warning logger=l4lb.log event=log_dropped "
                 f"count={dropped - self._reported} total={dropped} "
-                "detail='stderr did not keep up: log lines lost'"
+                f"detail='{self.events.target} did not keep up: log lines lost'"
             )
             self._reported = dropped
-        return lines
+        return [(logging.WARNING, now, line) for line in lines]
 
     def _run(self) -> None:
         # a signal sent to the process must reach the main thread: here, one whose action is
         # the default (the supervisor blocks them and waits with sigtimedwait) would kill
         signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         get = self._queue.get
+        self._use(self.events)
         while True:
             try:
                 items = [get(timeout=WINDOW)]
@@ -177,14 +212,57 @@ class QueuedStderr(logging.Handler):
                     items.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            lines = [item for item in items if isinstance(item, str)]
-            lines += self._summaries()
-            if lines:
-                self._write(("\n".join(lines) + "\n").encode("utf-8", "backslashreplace"))
+            lines: list[_Line] = []
+            for item in items:
+                if isinstance(item, tuple):
+                    lines.append(item)
+                elif isinstance(item, _Events) or item is _REOPEN:  # in order with the lines
+                    self._deliver(lines)
+                    lines = []
+                    self._use(item if isinstance(item, _Events) else None)
+            failing = self._syslog is not None and self._syslog.sender.failing
+            self._deliver(lines + self._summaries(failing))
             if self._queue.empty():
                 self._idle.set()
             if _STOP in items:
+                if self._syslog is not None:
+                    self._syslog.sender.close()
                 return
+
+    def _use(self, events: _Events | None) -> None:
+        """Switch to ``events`` (the same settings: reconnect); None: reconnect (SIGUSR2)."""
+        current = self._syslog
+        if events is None or events == self._using:
+            if current is not None:
+                current.sender.reopen()
+            return
+        self._syslog = None
+        self._using = events
+        if current is not None:
+            current.sender.close()
+        if syslog.is_target(events.target):
+            target = syslog.parse_target(events.target)
+            self._syslog = syslog.EventLines(target, events.facility, events.tag, self._report)
+
+    def _report(self, level: int, message: str) -> None:
+        """The syslog transport's own news (unreachable, back): on stderr, which works."""
+        when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + ".000Z"
+        who = "logger=l4lb.log" if _WORKER is None else f"logger=l4lb.log worker={_WORKER}"
+        name = logging.getLevelName(level).lower()
+        self._write(f"{when} level={name} {who} {message}\n".encode("utf-8", "backslashreplace"))
+
+    def _deliver(self, lines: list[_Line]) -> None:
+        if not lines:
+            return
+        events = self._syslog
+        if events is None:
+            text = "\n".join(line for _, _, line in lines) + "\n"
+            self._write(text.encode("utf-8", "backslashreplace"))
+            return
+        lost = sum(not events.send(*line) for line in lines)
+        if lost:
+            with self._counts:
+                self.dropped += lost
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -213,6 +291,22 @@ class QueuedStderr(logging.Handler):
 
 
 _HANDLER: QueuedStderr | None = None
+
+
+def events_to(target: str, facility: str = "local0", tag: str = "l4lb") -> None:
+    """From now on, send the event lines to ``target`` (``"stderr"`` or a syslog target,
+    ``[log] events``); the same target again reconnects (a reload). Lines already queued go
+    where they were bound for."""
+    if _HANDLER is not None:
+        events = _Events(target, facility, tag)
+        _HANDLER.events = events
+        _HANDLER.control(events)
+
+
+def reopen() -> None:
+    """Reconnect the event lines' syslog transport, if they use one (SIGUSR2)."""
+    if _HANDLER is not None:
+        _HANDLER.control(_REOPEN)
 
 
 def dropped() -> int:

@@ -36,6 +36,7 @@ from l4lb.balancer import (
     discovery,
     health,
     kernel_relay,
+    logs,
     monitor,
     reload_status,
     state_file,
@@ -99,7 +100,9 @@ class Balancer:
         self.pools: dict[str, Pool] = {name: Pool(name, pc) for name, pc in config.pools.items()}
         self.listeners: dict[str, Listener] = {}
         self.connections: set[Connection] = set()
-        self.access_log = AccessLog(config.log.access)
+        self.access_log = AccessLog(
+            config.log.access, facility=config.log.facility, tag=config.log.tag
+        )
         self.started = time.time()
         self.reloads = 0
         self.last_reload: dict[str, Any] | None = None
@@ -281,6 +284,7 @@ class Balancer:
         )
         if staged.access_log is None:  # the same target: follow a rotated file
             self.access_log.reopen()
+        logs.events_to(new.log.events, new.log.facility, new.log.tag)  # the same: reconnect
         summary = f"listeners={','.join(self.listeners)} pools={','.join(self.pools)}"
         if not workers.is_worker():  # else the supervisor, once for every worker
             reload_status.write(os.getpid(), True, summary=summary)
@@ -301,7 +305,9 @@ class Balancer:
         try:
             reopen = new.log != self.config.log or new.log.access not in ("off", "stdout")
             if reopen:  # reopened on every reload: logrotate-friendly
-                staged.access_log = AccessLog(new.log.access)
+                staged.access_log = AccessLog(
+                    new.log.access, facility=new.log.facility, tag=new.log.tag
+                )
             fresh = []
             for lc in new.listeners:
                 current = self.listeners.get(lc.name)
@@ -373,6 +379,7 @@ class Balancer:
         if not workers.is_worker():
             reload_status.write(os.getpid(), False, errors)
         self.access_log.reopen()  # a refused reload still follows a rotated log
+        logs.reopen()
         for callback in self.on_reload_refused:
             callback(self, errors)
         return errors
@@ -424,6 +431,12 @@ async def attach_parts(balancer: Balancer) -> None:
     workers.attach(balancer)  # in a worker: tells the supervisor of each applied reload
 
 
+def _reopen_logs(balancer: Balancer) -> None:
+    """SIGUSR2: reopen the access log, reconnect the event lines' syslog (if they use one)."""
+    balancer.access_log.reopen()
+    logs.reopen()
+
+
 async def serve(
     config: Config,
     config_path: str | None = None,
@@ -471,7 +484,7 @@ async def serve(
         loop,
         lambda: workers.reload_by_signal(balancer),
         lambda: _close_all(balancer),
-        reopen=lambda: balancer.access_log.reopen(),
+        reopen=lambda: _reopen_logs(balancer),
     )
     discovery.attach(balancer, found)
     try:

@@ -514,6 +514,7 @@ class Supervisor:
                 elif sig == signal.SIGHUP:
                     self._reload()
                 elif sig == signal.SIGUSR2:  # the workers write the access log
+                    logs.reopen()  # the supervisor's own event lines, if sent to syslog
                     self._forward(signal.SIGUSR2)
             self._reap()
 
@@ -546,6 +547,7 @@ class Supervisor:
                     return
                 self.config = new
                 self.drain = float(getattr(new, "drain_timeout_s", self.drain))
+                logs.events_to(new.log.events, new.log.facility, new.log.tag)
         self.rounds.open({w.index for w in self.workers if w.pid}, time.monotonic())
         self._forward(signal.SIGHUP)
         log.info("event=reload_forwarded workers=%d", self.count)

@@ -26,6 +26,7 @@ from l4lb.config import crosscheck, preflight, schema, values
 from l4lb.config.crosscheck import own_listener
 from l4lb.config.issues import ConfigError, ConfigIssue, Severity
 from l4lb.config.partial import Parsed, salvage
+from l4lb.observe.syslog import local_problem as syslog_problem
 
 __all__ = [
     "ConfigError",
@@ -122,6 +123,11 @@ def _unique(issues: list[ConfigIssue]) -> list[ConfigIssue]:
 def config_warnings(parsed: Parsed) -> list[ConfigIssue]:
     """What a valid file allows but an operator should hear about before it bites."""
     issues: list[ConfigIssue] = []
+    config = parsed.config
+    for key in ("access", "events"):  # a local syslog socket not there (yet)
+        problem = syslog_problem(getattr(config.log, key))
+        if problem:
+            issues.append(ConfigIssue(f"log.{key}", problem, severity=Severity.WARNING))
     for n, lst in enumerate(parsed.config.listeners):
         if lst.accept_proxy == "off":
             continue

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from l4lb.config.issues import ConfigIssue, Severity
 from l4lb.config.partial import Parsed
+from l4lb.observe.syslog import is_target as is_syslog
 
 __all__ = ["access_file", "read_issues", "run_issues"]
 
@@ -58,7 +59,7 @@ def _user() -> str:
 
 def access_file(target: str) -> str | None:
     """The file path of an access-log target, or None when it is not a file (stdout, off)."""
-    if target in ("stdout", "off") or "://" in target or target.startswith("syslog"):
+    if target in ("stdout", "off") or is_syslog(target):
         return None
     return target
 

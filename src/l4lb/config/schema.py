@@ -29,6 +29,7 @@ CHECKS: dict[str, Callable[[Any], object]] = {
     "http_path": values.parse_http_path,
     "token": values.parse_token,
     "access": values.parse_access_target,
+    "events": values.parse_events_target,
     "hostport": values.parse_hostport,
     "backend_address": values.parse_backend_address,
     "nameserver": values.parse_nameserver,
@@ -90,7 +91,27 @@ out. A fixed bound, not one computed from this machine's CPUs, so that ``l4lb ch
 same answer on the machine that checks a file and on the one that runs it."""
 Workers = Annotated[int, Meta(ge=1, le=MAX_WORKERS)]
 AccessTarget = Annotated[
-    str, Meta(description="'stdout', 'off' or a file path", extra={"check": "access"})
+    str,
+    Meta(
+        description="'stdout', 'off', a file path or 'syslog:/dev/log'",
+        extra={"check": "access"},
+    ),
+]
+EventsTarget = Annotated[
+    str,
+    Meta(description="'stderr' or 'syslog:/dev/log'", extra={"check": "events"}),
+]
+Facility = Literal[
+    "kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron",
+    "authpriv", "ftp", "ntp", "audit", "alert", "clock",
+    "local0", "local1", "local2", "local3", "local4", "local5", "local6", "local7",
+]  # fmt: skip
+SyslogTag = Annotated[
+    str,
+    Meta(
+        pattern=r"^[\x21-\x7e]{1,48}$",
+        description="1 to 48 visible ASCII characters, such as 'l4lb'",
+    ),
 ]
 HostPort = Annotated[
     str, Meta(description="IP:PORT, IPv6 as '[::1]:8443'", extra={"check": "hostport"})
@@ -191,10 +212,18 @@ class _Table(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
 
 
 class LogConfig(_Table, frozen=True):
-    """``[log]``: where the access log goes."""
+    """``[log]``: where the access log (and the event lines) go."""
 
     access: AccessTarget = "stdout"
-    """``"stdout"``, ``"off"``, or a file path (relative paths are relative to the config file)."""
+    """``"stdout"``, ``"off"``, a file path (relative paths are relative to the config file),
+    or syslog: ``"syslog:/dev/log"`` (a local socket), ``"syslog+udp://IP:PORT"`` or
+    ``"syslog+tcp://IP:PORT"`` (a collector; IPv6 in brackets)."""
+    events: EventsTarget = "stderr"
+    """Where the event lines (``event=...``) go: ``"stderr"`` or a syslog target as above."""
+    facility: Facility = "local0"
+    """The syslog facility of every message (HAProxy's habit: local0)."""
+    tag: SyslogTag = "l4lb"
+    """The syslog APP-NAME (what rsyslog's ``$programname`` matches)."""
 
 
 class AdminConfig(_Table, frozen=True):

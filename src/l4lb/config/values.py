@@ -156,9 +156,31 @@ def parse_nameserver(text: str) -> tuple[str, int]:
 
 
 def parse_access_target(text: str) -> str:
-    """``[log] access``: ``"stdout"``, ``"off"`` or a file path; an empty string is refused."""
+    """``[log] access``: ``"stdout"``, ``"off"``, a file path or a syslog target
+    (:func:`l4lb.observe.syslog.parse_target`); an empty string is refused."""
+    from l4lb.observe import syslog  # its formats, parsed where they are used
+
     if not text.strip():
-        raise ValueError(f"invalid value {text!r}: expected 'stdout', 'off' or a file path")
+        raise ValueError(
+            f"invalid value {text!r}: expected 'stdout', 'off', a file path or a syslog target "
+            "such as 'syslog:/dev/log'"
+        )
+    if syslog.is_target(text):
+        syslog.parse_target(text)
+    return text
+
+
+def parse_events_target(text: str) -> str:
+    """``[log] events``: ``"stderr"`` or a syslog target."""
+    from l4lb.observe import syslog
+
+    if text != "stderr":
+        if not syslog.is_target(text):
+            raise ValueError(
+                f"invalid value {text!r}: expected 'stderr' or a syslog target such as "
+                "'syslog:/dev/log' or 'syslog+udp://127.0.0.1:514'"
+            )
+        syslog.parse_target(text)
     return text
 
 
