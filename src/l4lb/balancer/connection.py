@@ -11,9 +11,10 @@ until RELAYING, then the relay's. The PROXY header is not a state of its own: it
 the connect completes and goes to the backend in the relay's first write.
 
 Everything here runs from event-loop callbacks (no Task per connection): a raw non-blocking
-``connect()`` watched with ``poller.wait_connected`` (one ``epoll_ctl``) and one timer, then the
-relay. Client bytes are not read until a backend is connected (they wait in the kernel), so
-trying another backend after a failed connect loses nothing. With ``authority``/``alpn`` TLVs
+``connect()`` watched with ``poller.wait_connected`` (one ``epoll_ctl``) and a deadline in
+:class:`ConnectDeadlines` (one timer for all the connects of a loop), then the relay. Client
+bytes are not read until a backend is connected (they wait in the kernel), so trying another
+backend after a failed connect loses nothing. With ``authority``/``alpn`` TLVs
 requested, or a listener with ``routes``, the ClientHello is peeked (``MSG_PEEK``, nothing
 consumed) for up to ``tls_peek_timeout`` first; with routes, the pool is chosen when the peek
 is done (:mod:`l4lb.balancer.routes`), the listener's pool being the default.
@@ -28,6 +29,7 @@ import logging
 import os
 import socket
 import time
+import weakref
 from collections import Counter
 from typing import TYPE_CHECKING, Protocol
 
@@ -53,6 +55,9 @@ _T_UNIQUE_ID = int(TLVType.UNIQUE_ID)
 _PEEK_SIZE = 16384
 _PEEK_RETRY = 0.005
 _STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
+_EPOLL = poller.available()
+_EARLY = 0.002
+"""How early a timer may fire (uvloop rounds to milliseconds): not re-armed for that."""
 
 
 def new_unique_id() -> str:
@@ -144,6 +149,69 @@ class Progress:
         return now - self.since >= timeout
 
 
+class ConnectDeadlines:
+    """The connections of one event loop connecting with the same ``connect_timeout``.
+
+    They time out in the order they started, so one timer on the oldest serves them all: a
+    ``call_later`` + ``cancel`` per connection cost about 1.4 µs on uvloop, adding and removing
+    here about 0.1 µs. The timer is left to fire when the last connection leaves (it then
+    finds nothing and stops), so a lone connection does not pay for a cancel either.
+    """
+
+    __slots__ = ("loop", "timeout", "timer", "waiting")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self.loop = loop
+        self.timeout = timeout
+        self.waiting: dict[Connection, float] = {}
+        """Connection -> its deadline, oldest first (dicts keep insertion order)."""
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, conn: Connection) -> None:
+        deadline = self.loop.time() + self.timeout
+        self.waiting[conn] = deadline
+        if self.timer is None:
+            self.timer = self.loop.call_at(deadline, self._expire)
+
+    def discard(self, conn: Connection) -> None:
+        self.waiting.pop(conn, None)
+
+    def _expire(self) -> None:
+        self.timer = None
+        waiting = self.waiting
+        now = self.loop.time() + _EARLY
+        while waiting:
+            conn = next(iter(waiting))
+            deadline = waiting[conn]
+            if deadline > now:
+                self.timer = self.loop.call_at(deadline, self._expire)
+                return
+            del waiting[conn]
+            conn.deadlines = None
+            try:
+                conn._connect_timeout()
+            except Exception:  # a bug in one connection's ending: the others still time out
+                log.exception("event=connect_timeout_failed connection=%s", conn.unique_id)
+        tables = _DEADLINES.get(self.loop)
+        if tables is not None and tables.get(self.timeout) is self:
+            del tables[self.timeout]
+
+
+_DEADLINES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[float, ConnectDeadlines]]
+_DEADLINES = weakref.WeakKeyDictionary()
+
+
+def connect_deadlines(loop: asyncio.AbstractEventLoop, timeout: float) -> ConnectDeadlines:
+    """The loop's :class:`ConnectDeadlines` for ``timeout`` (made on first use)."""
+    tables = _DEADLINES.get(loop)
+    if tables is None:
+        tables = _DEADLINES[loop] = {}
+    deadlines = tables.get(timeout)
+    if deadlines is None:
+        deadlines = tables[timeout] = ConnectDeadlines(loop, timeout)
+    return deadlines
+
+
 class Connection:
     """An admitted client connection and everything the access log says about it."""
 
@@ -160,6 +228,7 @@ class Connection:
         "client_progress",
         "client_sock",
         "connect_started",
+        "deadlines",
         "detail",
         "failed",
         "listener",
@@ -176,6 +245,7 @@ class Connection:
         "timer",
         "tried",
         "unique_id",
+        "watch",
     )
 
     def __init__(
@@ -213,7 +283,11 @@ class Connection:
         self.bytes_to_client = 0
         self.relay: Relay | None = None
         self.timer: asyncio.TimerHandle | None = None
-        """The timer of the state (PEEKING: tls_peek_timeout, CONNECTING: connect_timeout)."""
+        """The timer of PEEKING (tls_peek_timeout)."""
+        self.deadlines: ConnectDeadlines | None = None
+        """Where CONNECTING waits for its connect_timeout."""
+        self.watch: poller.Poller | None = poller.for_loop(self.loop) if _EPOLL else None
+        """The loop's epoll set (looked up once; None where there is no epoll)."""
         self.proxy_version = 0
         self.authority: str | None = None
         self.alpn: bytes | None = None
@@ -241,8 +315,12 @@ class Connection:
         if old is State.PEEKING:
             with _suppress():
                 self.loop.remove_reader(self.client_sock.fileno())
-        elif old is State.CONNECTING and self.backend_sock is not None:
-            poller.stop_waiting(self.loop, self.backend_sock)
+        elif old is State.CONNECTING:
+            if self.deadlines is not None:
+                self.deadlines.discard(self)
+                self.deadlines = None
+            if self.backend_sock is not None:
+                self._stop_waiting(self.backend_sock)
         self.state = state
 
     # -- the steps -----------------------------------------------------------------------
@@ -362,8 +440,13 @@ class Connection:
         if code == 0:
             self._connected()
         elif code == errno.EINPROGRESS:
-            poller.wait_connected(self.loop, sock, self._on_writable)
-            self.timer = self.loop.call_later(pool.connect_timeout, self._connect_timeout)
+            watch = self.watch
+            if watch is not None:
+                watch.wait_connected(sock, self._on_writable)
+            else:
+                poller.wait_connected(self.loop, sock, self._on_writable)
+            self.deadlines = connect_deadlines(self.loop, pool.connect_timeout)
+            self.deadlines.add(self)
         else:
             self._connect_failed(os.strerror(code), code=code)
 
@@ -371,7 +454,8 @@ class Connection:
         sock = self.backend_sock
         if self.state is not State.CONNECTING or sock is None:
             return
-        if poller.connected_cleanly(self.loop, sock):
+        watch = self.watch
+        if watch is not None and watch.connected_cleanly(sock):
             self._connected()
             return
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -380,8 +464,14 @@ class Connection:
         else:
             self._connected()
 
+    def _stop_waiting(self, sock: socket.socket) -> None:
+        watch = self.watch
+        if watch is not None:
+            watch.stop_waiting(sock)
+        else:
+            poller.stop_waiting(self.loop, sock)
+
     def _connect_timeout(self) -> None:
-        self.timer = None
         why = f"connect timeout after {self.pool.connect_timeout:g}s"
         backend = self.backend
         if backend is not None and backend.source is transparent.CLIENT:
@@ -403,7 +493,7 @@ class Connection:
         self.failed = reason
         sock = self.backend_sock
         if sock is not None:
-            poller.stop_waiting(self.loop, sock)
+            self._stop_waiting(sock)
             sock.close()
             self.backend_sock = None
         backend.active -= 1
