@@ -68,6 +68,10 @@ def new_unique_id() -> str:
 class State(enum.Enum):
     """Where a connection is; see the module docstring for the transitions."""
 
+    # Members are singletons compared by identity: hash them so too. Enum's own __hash__ is a
+    # Python function (hash of the name), called twice per state change (the _NEXT look-up).
+    __hash__ = object.__hash__
+
     NEW = "new"
     """Admitted, not started."""
     PEEKING = "peeking"
@@ -244,7 +248,7 @@ class Connection:
         "state",
         "timer",
         "tried",
-        "unique_id",
+        "uid",
         "watch",
     )
 
@@ -297,12 +301,22 @@ class Connection:
         self.failed = EndReason.CONNECT_FAILED
         """How the last backend attempt failed (SOURCE_FAILED: its source, not the backend)."""
         self.connect_started = 0.0
-        uid = None
-        for tlv in admitted.pass_tlvs:
-            if tlv.type == _T_UNIQUE_ID:
-                uid = tlv.value.decode("utf-8", "backslashreplace")
-                break
-        self.unique_id = uid if uid is not None else new_unique_id()
+        self.uid: str | None = None
+        if admitted.pass_tlvs:
+            for tlv in admitted.pass_tlvs:
+                if tlv.type == _T_UNIQUE_ID:
+                    self.uid = tlv.value.decode("utf-8", "backslashreplace")
+                    break
+
+    @property
+    def unique_id(self) -> str:
+        """The connection's id: the upstream's UNIQUE_ID TLV when one was passed on, else a new
+        one, made on first use (for the header's TLV or the access log; most connections of
+        a configuration with neither never need one)."""
+        uid = self.uid
+        if uid is None:
+            uid = self.uid = new_unique_id()
+        return uid
 
     def _enter(self, state: State) -> None:
         """Move to ``state``, undoing what the current state left behind."""

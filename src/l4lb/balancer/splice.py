@@ -459,31 +459,28 @@ class SpliceRelay:
         """Readiness of one of our sockets, from the poller."""
         if self.closed:
             return
-        try:
-            self._event(fd, events)
-        except OSError as err:  # whatever a system call said, it ends this connection only
-            self.failed(err)
-
-    def _event(self, fd: int, events: int) -> None:
         if fd == self.client_fd:
             reader, writer = self.to_backend, self.to_client
         else:
             reader, writer = self.to_client, self.to_backend
-        if events & _ERR:
-            # a reset: deliver what arrived before it (the read then meets the error itself)
-            if not reader.pending and not reader.eof:
-                reader.pump()
-            if not self.closed:
-                sock = self.client if fd == self.client_fd else self.backend
-                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNRESET
-                self.failed(OSError(code, os.strerror(code)))
-            return
-        if events & _OUT and (writer.pending or writer.head):
-            writer.pump()
-            if self.closed:
+        try:
+            if events & _ERR:
+                # a reset: deliver what arrived before it (the read then meets the error itself)
+                if not reader.pending and not reader.eof:
+                    reader.pump()
+                if not self.closed:
+                    sock = self.client if fd == self.client_fd else self.backend
+                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNRESET
+                    self.failed(OSError(code, os.strerror(code)))
                 return
-        if events & _IN and not reader.pending and not reader.head:
-            reader.pump(not events & _HUP, bool(events & EPOLLRDHUP))
+            if events & _OUT and (writer.pending or writer.head):
+                writer.pump()
+                if self.closed:
+                    return
+            if events & _IN and not reader.pending and not reader.head:
+                reader.pump(not events & _HUP, bool(events & EPOLLRDHUP))
+        except OSError as err:  # whatever a system call said, it ends this connection only
+            self.failed(err)
 
     def progress(self, n: int, to_client: bool) -> None:
         if to_client:
