@@ -262,7 +262,9 @@ ROWS: list[tuple[str, str, str, bool]] = [
     ("p99 ms at fixed rate (paced)", "paced", "p99_ms", False),
     ("RSS KiB per idle connection", "idle", "kib_per_conn", False),
     ("balancer CPU us per new conn", "newconn", "balancer_cpu_us_per_op", False),
+    ("  of which user space", "newconn", "balancer_user_us_per_op", False),
     ("balancer CPU us per keep-alive req", "keepalive", "balancer_cpu_us_per_op", False),
+    ("  of which user space", "keepalive", "balancer_user_us_per_op", False),
     ("balancer CPU s per GB (8 streams)", "bulk8", "balancer_cpu_s_per_gb", False),
     ("machine CPU us per new conn, minus direct", "newconn", "machine_cpu_us_per_op_net", False),
     (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
+from typing import Any
 
 from l4lb.proxy_protocol import checksum
 from l4lb.proxy_protocol.errors import InvalidHeader, Reason
@@ -128,7 +129,10 @@ def check_tlvs(data: bytes, start: int, end: int, max_tlvs: int) -> bytes:
 def encode_tlvs(tlvs: Iterable[TLVLike]) -> bytes:
     """The wire form of ``tlvs`` (TLV records or ``(type, value)`` pairs)."""
     out = bytearray()
-    for item in tlvs:
+    # Any, not TLVLike: a compiled build (make compile) would type-check each item itself and
+    # raise TypeError where the checks below raise the project's error
+    items: Iterable[Any] = tlvs
+    for item in items:
         try:
             t, value = item
         except (TypeError, ValueError) as err:
