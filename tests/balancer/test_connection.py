@@ -354,13 +354,13 @@ def test_connect_timeouts_of_many_connections_share_one_deadline_table() -> None
             pairs.append(client)
             conns.append(conn)
             owners.append(owner)
-        assert connection._DEADLINES[loop].keys() == {0.2, 0.4}
+        assert connection.loop_parts(loop).deadlines.keys() == {0.2, 0.4}
         ends = await asyncio.gather(*(o.ended for o in owners))
         for (reason, detail), conn in zip(ends, conns, strict=True):
             assert reason is EndReason.CONNECT_FAILED
             assert detail.endswith(f"connect timeout after {conn.pool.connect_timeout:g}s")
             assert conn.deadlines is None and conn.states == [State.CONNECTING, State.CLOSED]
-        assert not connection._DEADLINES.get(loop)
+        assert not connection.loop_parts(loop).deadlines
         for s in (*pairs, filler, srv):
             s.close()
 

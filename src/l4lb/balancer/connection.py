@@ -196,24 +196,49 @@ class ConnectDeadlines:
                 conn._connect_timeout()
             except Exception:  # a bug in one connection's ending: the others still time out
                 log.exception("event=connect_timeout_failed connection=%s", conn.unique_id)
-        tables = _DEADLINES.get(self.loop)
-        if tables is not None and tables.get(self.timeout) is self:
+        tables = loop_parts(self.loop).deadlines
+        if tables.get(self.timeout) is self:
             del tables[self.timeout]
 
 
-_DEADLINES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[float, ConnectDeadlines]]
-_DEADLINES = weakref.WeakKeyDictionary()
+class LoopParts:
+    """What the connections of one event loop share: its epoll set and connect deadlines."""
+
+    __slots__ = ("deadlines", "loop", "watch")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.watch: poller.Poller | None = poller.for_loop(loop) if _EPOLL else None
+        """The loop's epoll set (None where there is no epoll)."""
+        self.deadlines: dict[float, ConnectDeadlines] = {}
+        """By ``connect_timeout``, while connects with it are in flight."""
+
+    def connect_deadlines(self, timeout: float) -> ConnectDeadlines:
+        """The :class:`ConnectDeadlines` for ``timeout`` (made on first use)."""
+        deadlines = self.deadlines.get(timeout)
+        if deadlines is None:
+            deadlines = self.deadlines[timeout] = ConnectDeadlines(self.loop, timeout)
+        return deadlines
 
 
-def connect_deadlines(loop: asyncio.AbstractEventLoop, timeout: float) -> ConnectDeadlines:
-    """The loop's :class:`ConnectDeadlines` for ``timeout`` (made on first use)."""
-    tables = _DEADLINES.get(loop)
-    if tables is None:
-        tables = _DEADLINES[loop] = {}
-    deadlines = tables.get(timeout)
-    if deadlines is None:
-        deadlines = tables[timeout] = ConnectDeadlines(loop, timeout)
-    return deadlines
+_PARTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopParts]
+_PARTS = weakref.WeakKeyDictionary()
+_last: LoopParts | None = None
+"""The last loop's parts: a worker has one loop, and a WeakKeyDictionary look-up (a new weak
+reference each time) cost about 0.5 µs per connection."""
+
+
+def loop_parts(loop: asyncio.AbstractEventLoop) -> LoopParts:
+    """The :class:`LoopParts` of ``loop`` (made on first use)."""
+    global _last
+    parts = _last
+    if parts is not None and parts.loop is loop:
+        return parts
+    parts = _PARTS.get(loop)
+    if parts is None:
+        parts = _PARTS[loop] = LoopParts(loop)
+    _last = parts
+    return parts
 
 
 class Connection:
@@ -237,6 +262,7 @@ class Connection:
         "failed",
         "listener",
         "loop",
+        "parts",
         "pool",
         "progress",
         "proxy_version",
@@ -249,7 +275,6 @@ class Connection:
         "timer",
         "tried",
         "uid",
-        "watch",
     )
 
     def __init__(
@@ -290,8 +315,7 @@ class Connection:
         """The timer of PEEKING (tls_peek_timeout)."""
         self.deadlines: ConnectDeadlines | None = None
         """Where CONNECTING waits for its connect_timeout."""
-        self.watch: poller.Poller | None = poller.for_loop(self.loop) if _EPOLL else None
-        """The loop's epoll set (looked up once; None where there is no epoll)."""
+        self.parts = loop_parts(self.loop)
         self.proxy_version = 0
         self.authority: str | None = None
         self.alpn: bytes | None = None
@@ -454,12 +478,13 @@ class Connection:
         if code == 0:
             self._connected()
         elif code == errno.EINPROGRESS:
-            watch = self.watch
+            parts = self.parts
+            watch = parts.watch
             if watch is not None:
                 watch.wait_connected(sock, self._on_writable)
             else:
                 poller.wait_connected(self.loop, sock, self._on_writable)
-            self.deadlines = connect_deadlines(self.loop, pool.connect_timeout)
+            self.deadlines = parts.connect_deadlines(pool.connect_timeout)
             self.deadlines.add(self)
         else:
             self._connect_failed(os.strerror(code), code=code)
@@ -468,7 +493,7 @@ class Connection:
         sock = self.backend_sock
         if self.state is not State.CONNECTING or sock is None:
             return
-        watch = self.watch
+        watch = self.parts.watch
         if watch is not None and watch.connected_cleanly(sock):
             self._connected()
             return
@@ -479,7 +504,7 @@ class Connection:
             self._connected()
 
     def _stop_waiting(self, sock: socket.socket) -> None:
-        watch = self.watch
+        watch = self.parts.watch
         if watch is not None:
             watch.stop_waiting(sock)
         else:

@@ -390,7 +390,10 @@ class SpliceRelay:
         self.client_fd = client.fileno()
         self.conn = conn
         self.pool = pool
-        self.poller = poller.for_loop(loop)
+        watch = _last_poller
+        if watch is None or watch.loop is not loop:
+            watch = _remember_poller(loop)
+        self.poller = watch
         self.to_backend = _Direction(self, client, backend, to_client=False)
         self.to_client = _Direction(self, backend, client, to_client=True)
         self.first_reason: EndReason | None = None
@@ -515,6 +518,17 @@ class SpliceRelay:
         self.client.close()
         self.backend.close()
         self.conn.relay_closed(reason)
+
+
+_last_poller: poller.Poller | None = None
+"""The last loop's poller (a worker has one loop): poller.for_loop's WeakKeyDictionary makes a
+new weak reference on every look-up."""
+
+
+def _remember_poller(loop: asyncio.AbstractEventLoop) -> poller.Poller:
+    global _last_poller
+    _last_poller = poller.for_loop(loop)
+    return _last_poller
 
 
 def start_splice_relay(
