@@ -98,6 +98,14 @@ def parse_v2(data: bytes, options: ParseOptions) -> tuple[ProxyHeader, int]:
                     block,
                 ), size
         elif fam == 0x21:
+            if data[15] == 36 and data[14] == 0 and len(data) >= 52 and options.max_v2_size >= 52:
+                # no TLVs, the usual TCP6 header: not one step more than needed
+                s, d, sp, dp = _INET6.unpack_from(data, FIXED)
+                src = inet_ntop(AF_INET6, s)
+                dst = inet_ntop(AF_INET6, d)
+                if "." in src or "." in dst:  # v4-mapped: see ipv6_text
+                    src, dst = ipv6_text(s), ipv6_text(d)
+                return make_header(2, _PROXY_CMD, _F_INET6, _T_STREAM, (src, sp), (dst, dp)), 52
             size = FIXED + ((data[14] << 8) | data[15])
             if 52 <= size <= options.max_v2_size and len(data) >= size:
                 block = check_tlvs(data, 52, size, options.max_tlvs) if size > 52 else ()
