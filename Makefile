@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench setup sysdeps clean
+.PHONY: run test lint bench setup sysdeps clean compile uncompile
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -14,6 +14,22 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+	@if [ "$(COMPILE)" = 1 ]; then $(MAKE) --no-print-directory compile; fi
+
+# Optional (`make compile`, or `COMPILE=1 make setup`): the codec's parser and the splice relay's
+# hot path compiled with mypyc, in place, as extension modules next to their .py files, which stay
+# the source and the fallback (`make uncompile` goes back to pure Python). Needs a C compiler and
+# the Python headers. An edited .py is NOT picked up until `make compile` runs again: the test
+# suite stops at start when a compiled module is older than its source (tests/conftest.py).
+COMPILED := l4lb/proxy_protocol/parse.py l4lb/proxy_protocol/v1.py l4lb/proxy_protocol/v2.py \
+	l4lb/proxy_protocol/tlv.py l4lb/balancer/splice.py l4lb/balancer/poller.py
+
+compile: $(STAMP) uncompile
+	cd src && ../$(BIN)/mypyc $(COMPILED) >/dev/null
+	rm -rf src/build
+
+uncompile:
+	rm -rf src/build src/*__mypyc*.so $(foreach m,$(COMPILED),src/$(basename $(m)).*.so)
 
 # System packages the tests and benchmarks talk to (real HAProxy and nginx, wrk, chromium;
 # BIRD 2, nftables and conntrack for the anycast fleet test; logrotate and rsyslog for the log tests).
@@ -45,5 +61,5 @@ bench: $(STAMP) sysdeps
 	$(BIN)/python bench/cidr.py
 	$(BIN)/python bench/run.py
 
-clean:
+clean: uncompile
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

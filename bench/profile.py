@@ -71,6 +71,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--native", action="store_true", help="include C frames (slower sampling)")
+    ap.add_argument("--svg", type=Path, help="write a flame graph SVG there instead of the summary")
     args = ap.parse_args()
     work = BENCH / "work" / f"profile-{time.strftime('%Y%m%dT%H%M%S')}"
     backend = cont.Backend(work / "backend", BENCH / "data", 0)
@@ -81,10 +82,10 @@ def main() -> int:
         lb.start()
         if lb.error or lb.proc is None:
             raise SystemExit(f"l4lb did not start: {lb.error}")
-        raw = work / "profile.txt"
+        raw = args.svg or work / "profile.txt"
         spy = [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(lb.proc.pid),
-               "--format", "raw", "-o", str(raw), "--duration", str(args.seconds + 1),
-               "--rate", "250"]  # fmt: skip
+               "--format", "flamegraph" if args.svg else "raw", "-o", str(raw),
+               "--duration", str(args.seconds + 1), "--rate", "250"]  # fmt: skip
         if args.native:
             spy.append("--native")
         recorder = subprocess.Popen(spy, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -97,7 +98,8 @@ def main() -> int:
             )
         recorder.wait(60)
         print(f"l4lb used {cpu.balancer_cpu / cpu.wall:.0%} of its core; stacks in {raw}")
-        print(summarize(raw, args.top))
+        if not args.svg:
+            print(summarize(raw, args.top))
     finally:
         lb.stop()
         backend.stop()

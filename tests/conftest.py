@@ -40,3 +40,25 @@ settings.register_profile(
     "l4lb", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
 )
 settings.load_profile("l4lb")
+
+
+def pytest_configure(config: object) -> None:
+    """Refuse to test a stale mypyc build (``make compile``): Python imports an extension
+    module before its .py, so an edit made since the build would silently not be tested."""
+    import pathlib
+
+    import pytest
+
+    import l4lb
+
+    root = pathlib.Path(l4lb.__file__).parent
+    stale = []
+    for ext in root.rglob("*.so"):
+        source = ext.with_name(ext.name.split(".", 1)[0] + ".py")
+        if source.exists() and source.stat().st_mtime > ext.stat().st_mtime:
+            stale.append(str(source.relative_to(root.parent)))
+    if stale:
+        raise pytest.UsageError(
+            f"{', '.join(sorted(stale))} changed since `make compile`: run `make compile` again "
+            "(or `make uncompile` to test the pure-Python modules)"
+        )

@@ -262,8 +262,16 @@ ROWS: list[tuple[str, str, str, bool]] = [
     ("p99 ms at fixed rate (paced)", "paced", "p99_ms", False),
     ("RSS KiB per idle connection", "idle", "kib_per_conn", False),
     ("balancer CPU us per new conn", "newconn", "balancer_cpu_us_per_op", False),
+    ("  of which user space", "newconn", "balancer_user_us_per_op", False),
     ("balancer CPU us per keep-alive req", "keepalive", "balancer_cpu_us_per_op", False),
+    ("  of which user space", "keepalive", "balancer_user_us_per_op", False),
+    ("balancer CPU s per GB (1 stream)", "bulk1", "balancer_cpu_s_per_gb", False),
     ("balancer CPU s per GB (8 streams)", "bulk8", "balancer_cpu_s_per_gb", False),
+    # All cores (/proc/stat), every contender and direct too, then minus direct's
+    ("machine CPU us per new conn", "newconn", "machine_cpu_us_per_op", False),
+    ("machine CPU us per keep-alive req", "keepalive", "machine_cpu_us_per_op", False),
+    ("machine CPU s per GB (1 stream)", "bulk1", "machine_cpu_s_per_gb", False),
+    ("machine CPU s per GB (8 streams)", "bulk8", "machine_cpu_s_per_gb", False),
     ("machine CPU us per new conn, minus direct", "newconn", "machine_cpu_us_per_op_net", False),
     (
         "machine CPU us per keep-alive req, - direct",
@@ -271,6 +279,7 @@ ROWS: list[tuple[str, str, str, bool]] = [
         "machine_cpu_us_per_op_net",
         False,
     ),
+    ("machine CPU s per GB (1 stream), - direct", "bulk1", "machine_cpu_s_per_gb_net", False),
     ("machine CPU s per GB (8 streams), - direct", "bulk8", "machine_cpu_s_per_gb_net", False),
 ]
 

@@ -111,9 +111,9 @@ def rss_kib(pids: Sequence[int]) -> int:
     return total
 
 
-def cpu_seconds(pids: Sequence[int]) -> float:
-    """User + system CPU seconds used so far by ``pids``."""
-    ticks = 0
+def cpu_split(pids: Sequence[int]) -> tuple[float, float]:
+    """(user, system) CPU seconds used so far by ``pids``."""
+    user = system = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat", "rb") as f:
@@ -121,8 +121,9 @@ def cpu_seconds(pids: Sequence[int]) -> float:
         except OSError:
             continue
         fields = stat[stat.rindex(b")") + 2 :].split()
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / CLOCK_TICKS
+        user += int(fields[11])
+        system += int(fields[12])
+    return user / CLOCK_TICKS, system / CLOCK_TICKS
 
 
 def core_times() -> dict[int, tuple[int, int]]:
@@ -147,9 +148,12 @@ class CpuWindow:
     start_wall: float = 0.0
     start_cores: dict[int, tuple[int, int]] | None = None
     start_cpu: float = 0.0
+    start_user: float = 0.0
     wall: float = 0.0
     cores: dict[int, float] = field(default_factory=dict)
     balancer_cpu: float = 0.0
+    balancer_user: float = 0.0
+    """The part of ``balancer_cpu`` spent in user space (the rest is the kernel's)."""
     machine_cpu: float = 0.0
     """Busy CPU seconds of every core (/proc/stat): balancer, generator, backend, softirq time
     wherever packets landed, and whatever else ran on the machine meanwhile."""
@@ -157,7 +161,8 @@ class CpuWindow:
     def __enter__(self) -> CpuWindow:
         self.start_wall = time.monotonic()
         self.start_cores = core_times()
-        self.start_cpu = cpu_seconds(self.balancer_pids)
+        self.start_user, system = cpu_split(self.balancer_pids)
+        self.start_cpu = self.start_user + system
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -169,7 +174,9 @@ class CpuWindow:
             for c in end
             if c in self.start_cores
         }
-        self.balancer_cpu = cpu_seconds(self.balancer_pids) - self.start_cpu
+        user, system = cpu_split(self.balancer_pids)
+        self.balancer_cpu = user + system - self.start_cpu
+        self.balancer_user = user - self.start_user
         self.machine_cpu = (
             sum(end[c][0] - self.start_cores[c][0] for c in end if c in self.start_cores)
             / CLOCK_TICKS
@@ -190,6 +197,7 @@ class CpuWindow:
         }
         if ops and self.balancer_pids:
             out["balancer_cpu_us_per_op"] = round(self.balancer_cpu / ops * 1e6, 2)
+            out["balancer_user_us_per_op"] = round(self.balancer_user / ops * 1e6, 2)
         if ops:  # for direct too: the run without a balancer, subtracted in the table
             out["machine_cpu_us_per_op"] = round(self.machine_cpu / ops * 1e6, 2)
         return out

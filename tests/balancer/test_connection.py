@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from l4lb.balancer import relay, splice
+from l4lb.balancer import connection, relay, splice
 from l4lb.balancer.admission import Admitted
 from l4lb.balancer.connection import Connection, State
 from l4lb.balancer.pool import Pool
@@ -228,7 +228,7 @@ def test_connect_timeout_ends_connect_failed() -> None:
         assert reason is EndReason.CONNECT_FAILED
         assert detail.endswith("connect timeout after 0.2s"), detail
         assert conn.states == [State.CONNECTING, State.CLOSED]
-        assert conn.timer is None and conn.backend_sock is None
+        assert conn.deadlines is None and conn.backend_sock is None
         for s in (client, filler, srv):
             s.close()
 
@@ -253,10 +253,12 @@ def test_closed_while_connecting_ends_once_and_never_relays() -> None:
         conn.start()
         assert conn.state is State.CONNECTING
         backend_sock = conn.backend_sock
-        assert backend_sock is not None and conn.timer is not None
+        deadlines = conn.deadlines  # the connect timeout, shared with the loop's other connects
+        assert backend_sock is not None and deadlines is not None and conn in deadlines.waiting
         conn.close(EndReason.SHUTDOWN)
         assert owner.ends == [(EndReason.SHUTDOWN, "")]
-        assert backend_sock.fileno() == -1 and conn.timer is None
+        assert backend_sock.fileno() == -1 and conn.deadlines is None
+        assert conn not in deadlines.waiting
         conn.close(EndReason.IDLE_TIMEOUT)
         assert owner.ends == [(EndReason.SHUTDOWN, "")] and relays == []
         assert conn.states == [State.CONNECTING, State.CLOSED]
@@ -329,6 +331,37 @@ def test_peek_waits_for_the_client_then_connects_after_the_timeout() -> None:
         conn.close(EndReason.SHUTDOWN)
         assert (await owner.ended)[0] is EndReason.SHUTDOWN
         for s in (client, far, srv):
+            s.close()
+
+    _run(body)
+
+
+def test_connect_timeouts_of_many_connections_share_one_deadline_table() -> None:
+    """Connects time out in the order they started, per timeout value, through one timer per
+    (loop, timeout): each connection still gets its own pool's timeout, and the table is gone
+    once the last one has timed out."""
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        srv, filler = _unanswered_server()
+        target = [f"127.0.0.1:{srv.getsockname()[1]}"]
+        fast, slow = _pool(target, connect_timeout="200ms"), _pool(target, connect_timeout="400ms")
+        pairs, conns, owners = [], [], []
+        for pool in (slow, fast, fast, slow, fast):
+            client, accepted = _tcp_pair()
+            owner = Owner(loop, relay.start_relay)
+            conn = Recorded(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
+            conn.start()
+            pairs.append(client)
+            conns.append(conn)
+            owners.append(owner)
+        assert connection.loop_parts(loop).deadlines.keys() == {0.2, 0.4}
+        ends = await asyncio.gather(*(o.ended for o in owners))
+        for (reason, detail), conn in zip(ends, conns, strict=True):
+            assert reason is EndReason.CONNECT_FAILED
+            assert detail.endswith(f"connect timeout after {conn.pool.connect_timeout:g}s")
+            assert conn.deadlines is None and conn.states == [State.CONNECTING, State.CLOSED]
+        assert not connection.loop_parts(loop).deadlines
+        for s in (*pairs, filler, srv):
             s.close()
 
     _run(body)

@@ -430,3 +430,47 @@ def test_a_relay_taking_over_a_connect_gets_the_bytes_that_came_with_it() -> Non
                     s.close()
 
         assert _run(main) == b"220 ready\r\n"
+
+
+def _nodelay(r: Rig) -> int:
+    return r.relay.backend.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+def test_backend_nodelay_waits_for_a_second_write() -> None:
+    """A first write that fits one segment leaves at once with Nagle on, so TCP_NODELAY is set
+    on the backend socket only before a second write (a short connection never pays it)."""
+    header = b"PROXY TCP4 127.0.0.1 127.0.0.1 1 2\r\n"
+    with rig(first=header) as r:
+        got = b""
+        while len(got) < len(header):
+            got += r.backend.recv(1024)
+        assert got == header and _nodelay(r) == 0
+        r.client.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        got = b""
+        while not got.endswith(b"\r\n\r\n"):
+            got += r.backend.recv(1024)
+        assert got == b"GET / HTTP/1.1\r\n\r\n" and _nodelay(r)
+
+
+def test_backend_nodelay_set_before_a_first_write_over_one_segment() -> None:
+    """A first write larger than the smallest segment could be held back by Nagle in part."""
+    with rig(first=b"h" * 600) as r:
+        got = b""
+        while len(got) < 600:
+            got += r.backend.recv(1024)
+        assert got == b"h" * 600 and _nodelay(r)
+
+
+def test_an_answer_and_fin_arriving_together_are_both_passed_on() -> None:
+    """The backend answers and closes at once (one EPOLLIN|EPOLLRDHUP wake-up): the answer and
+    then the FIN reach the client; the FIN is inferred from the short read, not read."""
+    with rig() as r:
+        r.client.sendall(b"request")
+        assert r.backend.recv(100) == b"request"
+        r.backend.sendall(b"answer")
+        r.backend.shutdown(socket.SHUT_WR)
+        assert _recv_all(r.client) == b"answer"
+        r.client.shutdown(socket.SHUT_WR)
+        assert _recv_all(r.backend) == b""
+        assert r.conn.done.wait(5)
+        assert r.conn.reasons == ["backend_closed"]

@@ -11,9 +11,10 @@ until RELAYING, then the relay's. The PROXY header is not a state of its own: it
 the connect completes and goes to the backend in the relay's first write.
 
 Everything here runs from event-loop callbacks (no Task per connection): a raw non-blocking
-``connect()`` watched with ``poller.wait_connected`` (one ``epoll_ctl``) and one timer, then the
-relay. Client bytes are not read until a backend is connected (they wait in the kernel), so
-trying another backend after a failed connect loses nothing. With ``authority``/``alpn`` TLVs
+``connect()`` watched with ``poller.wait_connected`` (one ``epoll_ctl``) and a deadline in
+:class:`ConnectDeadlines` (one timer for all the connects of a loop), then the relay. Client
+bytes are not read until a backend is connected (they wait in the kernel), so trying another
+backend after a failed connect loses nothing. With ``authority``/``alpn`` TLVs
 requested, or a listener with ``routes``, the ClientHello is peeked (``MSG_PEEK``, nothing
 consumed) for up to ``tls_peek_timeout`` first; with routes, the pool is chosen when the peek
 is done (:mod:`l4lb.balancer.routes`), the listener's pool being the default.
@@ -28,6 +29,7 @@ import logging
 import os
 import socket
 import time
+import weakref
 from collections import Counter
 from typing import TYPE_CHECKING, Protocol
 
@@ -53,6 +55,9 @@ _T_UNIQUE_ID = int(TLVType.UNIQUE_ID)
 _PEEK_SIZE = 16384
 _PEEK_RETRY = 0.005
 _STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
+_EPOLL = poller.available()
+_EARLY = 0.002
+"""How early a timer may fire (uvloop rounds to milliseconds): not re-armed for that."""
 
 
 def new_unique_id() -> str:
@@ -62,6 +67,10 @@ def new_unique_id() -> str:
 
 class State(enum.Enum):
     """Where a connection is; see the module docstring for the transitions."""
+
+    # Members are singletons compared by identity: hash them so too. Enum's own __hash__ is a
+    # Python function (hash of the name), called twice per state change (the _NEXT look-up).
+    __hash__ = object.__hash__
 
     NEW = "new"
     """Admitted, not started."""
@@ -144,6 +153,94 @@ class Progress:
         return now - self.since >= timeout
 
 
+class ConnectDeadlines:
+    """The connections of one event loop connecting with the same ``connect_timeout``.
+
+    They time out in the order they started, so one timer on the oldest serves them all: a
+    ``call_later`` + ``cancel`` per connection cost about 1.4 µs on uvloop, adding and removing
+    here about 0.1 µs. The timer is left to fire when the last connection leaves (it then
+    finds nothing and stops), so a lone connection does not pay for a cancel either.
+    """
+
+    __slots__ = ("loop", "timeout", "timer", "waiting")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self.loop = loop
+        self.timeout = timeout
+        self.waiting: dict[Connection, float] = {}
+        """Connection -> its deadline, oldest first (dicts keep insertion order)."""
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, conn: Connection) -> None:
+        deadline = self.loop.time() + self.timeout
+        self.waiting[conn] = deadline
+        if self.timer is None:
+            self.timer = self.loop.call_at(deadline, self._expire)
+
+    def discard(self, conn: Connection) -> None:
+        self.waiting.pop(conn, None)
+
+    def _expire(self) -> None:
+        self.timer = None
+        waiting = self.waiting
+        now = self.loop.time() + _EARLY
+        while waiting:
+            conn = next(iter(waiting))
+            deadline = waiting[conn]
+            if deadline > now:
+                self.timer = self.loop.call_at(deadline, self._expire)
+                return
+            del waiting[conn]
+            conn.deadlines = None
+            try:
+                conn._connect_timeout()
+            except Exception:  # a bug in one connection's ending: the others still time out
+                log.exception("event=connect_timeout_failed connection=%s", conn.unique_id)
+        tables = loop_parts(self.loop).deadlines
+        if tables.get(self.timeout) is self:
+            del tables[self.timeout]
+
+
+class LoopParts:
+    """What the connections of one event loop share: its epoll set and connect deadlines."""
+
+    __slots__ = ("deadlines", "loop", "watch")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.watch: poller.Poller | None = poller.for_loop(loop) if _EPOLL else None
+        """The loop's epoll set (None where there is no epoll)."""
+        self.deadlines: dict[float, ConnectDeadlines] = {}
+        """By ``connect_timeout``, while connects with it are in flight."""
+
+    def connect_deadlines(self, timeout: float) -> ConnectDeadlines:
+        """The :class:`ConnectDeadlines` for ``timeout`` (made on first use)."""
+        deadlines = self.deadlines.get(timeout)
+        if deadlines is None:
+            deadlines = self.deadlines[timeout] = ConnectDeadlines(self.loop, timeout)
+        return deadlines
+
+
+_PARTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopParts]
+_PARTS = weakref.WeakKeyDictionary()
+_last: LoopParts | None = None
+"""The last loop's parts: a worker has one loop, and a WeakKeyDictionary look-up (a new weak
+reference each time) cost about 0.5 µs per connection."""
+
+
+def loop_parts(loop: asyncio.AbstractEventLoop) -> LoopParts:
+    """The :class:`LoopParts` of ``loop`` (made on first use)."""
+    global _last
+    parts = _last
+    if parts is not None and parts.loop is loop:
+        return parts
+    parts = _PARTS.get(loop)
+    if parts is None:
+        parts = _PARTS[loop] = LoopParts(loop)
+    _last = parts
+    return parts
+
+
 class Connection:
     """An admitted client connection and everything the access log says about it."""
 
@@ -160,10 +257,12 @@ class Connection:
         "client_progress",
         "client_sock",
         "connect_started",
+        "deadlines",
         "detail",
         "failed",
         "listener",
         "loop",
+        "parts",
         "pool",
         "progress",
         "proxy_version",
@@ -175,7 +274,7 @@ class Connection:
         "state",
         "timer",
         "tried",
-        "unique_id",
+        "uid",
     )
 
     def __init__(
@@ -213,7 +312,10 @@ class Connection:
         self.bytes_to_client = 0
         self.relay: Relay | None = None
         self.timer: asyncio.TimerHandle | None = None
-        """The timer of the state (PEEKING: tls_peek_timeout, CONNECTING: connect_timeout)."""
+        """The timer of PEEKING (tls_peek_timeout)."""
+        self.deadlines: ConnectDeadlines | None = None
+        """Where CONNECTING waits for its connect_timeout."""
+        self.parts = loop_parts(self.loop)
         self.proxy_version = 0
         self.authority: str | None = None
         self.alpn: bytes | None = None
@@ -223,12 +325,22 @@ class Connection:
         self.failed = EndReason.CONNECT_FAILED
         """How the last backend attempt failed (SOURCE_FAILED: its source, not the backend)."""
         self.connect_started = 0.0
-        uid = None
-        for tlv in admitted.pass_tlvs:
-            if tlv.type == _T_UNIQUE_ID:
-                uid = tlv.value.decode("utf-8", "backslashreplace")
-                break
-        self.unique_id = uid if uid is not None else new_unique_id()
+        self.uid: str | None = None
+        if admitted.pass_tlvs:
+            for tlv in admitted.pass_tlvs:
+                if tlv.type == _T_UNIQUE_ID:
+                    self.uid = tlv.value.decode("utf-8", "backslashreplace")
+                    break
+
+    @property
+    def unique_id(self) -> str:
+        """The connection's id: the upstream's UNIQUE_ID TLV when one was passed on, else a new
+        one, made on first use (for the header's TLV or the access log; most connections of
+        a configuration with neither never need one)."""
+        uid = self.uid
+        if uid is None:
+            uid = self.uid = new_unique_id()
+        return uid
 
     def _enter(self, state: State) -> None:
         """Move to ``state``, undoing what the current state left behind."""
@@ -241,8 +353,12 @@ class Connection:
         if old is State.PEEKING:
             with _suppress():
                 self.loop.remove_reader(self.client_sock.fileno())
-        elif old is State.CONNECTING and self.backend_sock is not None:
-            poller.stop_waiting(self.loop, self.backend_sock)
+        elif old is State.CONNECTING:
+            if self.deadlines is not None:
+                self.deadlines.discard(self)
+                self.deadlines = None
+            if self.backend_sock is not None:
+                self._stop_waiting(self.backend_sock)
         self.state = state
 
     # -- the steps -----------------------------------------------------------------------
@@ -362,8 +478,14 @@ class Connection:
         if code == 0:
             self._connected()
         elif code == errno.EINPROGRESS:
-            poller.wait_connected(self.loop, sock, self._on_writable)
-            self.timer = self.loop.call_later(pool.connect_timeout, self._connect_timeout)
+            parts = self.parts
+            watch = parts.watch
+            if watch is not None:
+                watch.wait_connected(sock, self._on_writable)
+            else:
+                poller.wait_connected(self.loop, sock, self._on_writable)
+            self.deadlines = parts.connect_deadlines(pool.connect_timeout)
+            self.deadlines.add(self)
         else:
             self._connect_failed(os.strerror(code), code=code)
 
@@ -371,7 +493,8 @@ class Connection:
         sock = self.backend_sock
         if self.state is not State.CONNECTING or sock is None:
             return
-        if poller.connected_cleanly(self.loop, sock):
+        watch = self.parts.watch
+        if watch is not None and watch.connected_cleanly(sock):
             self._connected()
             return
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -380,8 +503,14 @@ class Connection:
         else:
             self._connected()
 
+    def _stop_waiting(self, sock: socket.socket) -> None:
+        watch = self.parts.watch
+        if watch is not None:
+            watch.stop_waiting(sock)
+        else:
+            poller.stop_waiting(self.loop, sock)
+
     def _connect_timeout(self) -> None:
-        self.timer = None
         why = f"connect timeout after {self.pool.connect_timeout:g}s"
         backend = self.backend
         if backend is not None and backend.source is transparent.CLIENT:
@@ -403,7 +532,7 @@ class Connection:
         self.failed = reason
         sock = self.backend_sock
         if sock is not None:
-            poller.stop_waiting(self.loop, sock)
+            self._stop_waiting(sock)
             sock.close()
             self.backend_sock = None
         backend.active -= 1

@@ -66,6 +66,9 @@ _IN = EPOLLIN | EPOLLRDHUP | EPOLLHUP
 _OUT = EPOLLOUT | EPOLLHUP
 _ERR = EPOLLERR
 _HUP = EPOLLRDHUP | EPOLLHUP | EPOLLERR
+_ONE_SEGMENT = 536
+"""The largest first write sent without TCP_NODELAY: one segment under any MSS (RFC 9293's
+default 536), so Nagle's algorithm cannot hold any of it back."""
 _BUDGET = 16
 """Pipes' worth one direction moves per wake-up before letting other connections run."""
 
@@ -143,6 +146,7 @@ class _Direction:
         "eof",
         "head",
         "head_counts",
+        "nagle",
         "pending",
         "pipe",
         "relay",
@@ -170,14 +174,26 @@ class _Direction:
         self.pending = 0
         """Bytes in the pipe not yet delivered; while > 0 nothing more is read from ``src``."""
         self.eof = False
+        self.nagle = not to_client
+        """Whether ``dst`` still has Nagle's algorithm on: the backend socket gets TCP_NODELAY
+        just before its second write (see :meth:`SpliceRelay._send_first`); the client socket
+        inherits it from the listening socket."""
 
-    def pump(self, short_ok: bool = False) -> None:
+    def no_delay(self) -> None:
+        """Turn Nagle's algorithm off on ``dst`` before a write that could wait for it."""
+        self.nagle = False
+        self.dst.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def pump(self, short_ok: bool = False, fin: bool = False) -> None:
         """Move bytes until the source is drained, the destination is full, or the budget ends.
 
         Edge-triggered: stopping early without ``EAGAIN`` would wait for an edge that may never
         come, so the budget's end schedules the rest with ``call_soon``. ``short_ok``: the wake-up
         was a plain EPOLLIN (no FIN seen), so a short ``recv`` proves the socket drained (TCP
         copies all it has) and the ``EAGAIN`` probe can be skipped; any later byte is a new edge.
+        ``fin``: the wake-up said EPOLLRDHUP, the source's FIN is in: every byte before it is
+        already queued, so a short ``recv`` was the last data and the ``recv`` that would
+        return 0 is skipped (a server closing after its answer costs one system call fewer).
         """
         relay = self.relay
         if self.head and not self._send_head():
@@ -194,13 +210,15 @@ class _Direction:
             if budget < 0:
                 relay.loop.call_soon(self.resume)
                 return
-            if not (self._copy(short_ok) if self.copy else self._splice_in()):
+            if not (self._copy(short_ok, fin) if self.copy else self._splice_in()):
                 return
 
     def _deliver(self) -> bool:
         """Splice the pipe's bytes on to ``dst``; False when this wake-up is over."""
         pipe = self.pipe
         assert pipe is not None
+        if self.nagle:
+            self.no_delay()
         try:
             m = _splice(pipe[0], self.dst_fd, self.pending, flags=_FLAGS)  # type: ignore[misc]
         except BlockingIOError:
@@ -247,7 +265,7 @@ class _Direction:
             self.copy = True
             return None
 
-    def _copy(self, short_ok: bool) -> bool:
+    def _copy(self, short_ok: bool, fin: bool = False) -> bool:
         """Relay one read through the loop's shared buffer; False when this wake-up is over.
 
         For small messages recv/send costs less than splice's two pipe operations (measured:
@@ -268,6 +286,8 @@ class _Direction:
             return False
         if n == len(buf):
             self.copy = False
+        if self.nagle:
+            self.no_delay()
         try:
             sent = self.dst.send(buf[:n])
         except BlockingIOError:
@@ -281,7 +301,12 @@ class _Direction:
             self.head = bytes(buf[sent:n])
             self.head_counts = True
             return False  # the destination's EPOLLOUT edge resumes us
-        return not short_ok or n == len(buf)
+        if n < len(buf):
+            if fin:  # drained up to the FIN (see pump): pass it on without reading it
+                self._ended()
+                return False
+            return not short_ok
+        return True
 
     def resume(self) -> None:
         if not self.relay.closed:
@@ -289,6 +314,8 @@ class _Direction:
 
     def _send_head(self) -> bool:
         """Send what is left of ``head``; True once all of it is out."""
+        if self.nagle:
+            self.no_delay()
         try:
             sent = self.dst.send(self.head)
         except BlockingIOError:
@@ -359,7 +386,10 @@ class SpliceRelay:
         self.client_fd = client.fileno()
         self.conn = conn
         self.pool = pool
-        self.poller = poller.for_loop(loop)
+        watch = _last_poller
+        if watch is None or watch.loop is not loop:
+            watch = _remember_poller(loop)
+        self.poller = watch
         self.to_backend = _Direction(self, client, backend, to_client=False)
         self.to_client = _Direction(self, backend, client, to_client=True)
         self.first_reason: EndReason | None = None
@@ -406,6 +436,11 @@ class SpliceRelay:
                 if size + n == len(buf):
                     self.to_backend.copy = False  # a full read: bulk
         out = buf[: size + n] if n else first
+        if len(out) > _ONE_SEGMENT:
+            self.to_backend.no_delay()
+        # else: a first write on a new connection that fits one segment leaves at once, Nagle
+        # or not (nothing is unacknowledged yet); TCP_NODELAY waits for a second write, which
+        # a short connection never makes (one system call fewer)
         try:
             sent = self.backend.send(out)
         except BlockingIOError:
@@ -423,31 +458,28 @@ class SpliceRelay:
         """Readiness of one of our sockets, from the poller."""
         if self.closed:
             return
-        try:
-            self._event(fd, events)
-        except OSError as err:  # whatever a system call said, it ends this connection only
-            self.failed(err)
-
-    def _event(self, fd: int, events: int) -> None:
         if fd == self.client_fd:
             reader, writer = self.to_backend, self.to_client
         else:
             reader, writer = self.to_client, self.to_backend
-        if events & _ERR:
-            # a reset: deliver what arrived before it (the read then meets the error itself)
-            if not reader.pending and not reader.eof:
-                reader.pump()
-            if not self.closed:
-                sock = self.client if fd == self.client_fd else self.backend
-                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNRESET
-                self.failed(OSError(code, os.strerror(code)))
-            return
-        if events & _OUT and (writer.pending or writer.head):
-            writer.pump()
-            if self.closed:
+        try:
+            if events & _ERR:
+                # a reset: deliver what arrived before it (the read then meets the error itself)
+                if not reader.pending and not reader.eof:
+                    reader.pump()
+                if not self.closed:
+                    sock = self.client if fd == self.client_fd else self.backend
+                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNRESET
+                    self.failed(OSError(code, os.strerror(code)))
                 return
-        if events & _IN and not reader.pending and not reader.head:
-            reader.pump(not events & _HUP)
+            if events & _OUT and (writer.pending or writer.head):
+                writer.pump()
+                if self.closed:
+                    return
+            if events & _IN and not reader.pending and not reader.head:
+                reader.pump(not events & _HUP, bool(events & EPOLLRDHUP))
+        except OSError as err:  # whatever a system call said, it ends this connection only
+            self.failed(err)
 
     def progress(self, n: int, to_client: bool) -> None:
         if to_client:
@@ -484,6 +516,17 @@ class SpliceRelay:
         self.conn.relay_closed(reason)
 
 
+_last_poller: poller.Poller | None = None
+"""The last loop's poller (a worker has one loop): poller.for_loop's WeakKeyDictionary makes a
+new weak reference on every look-up."""
+
+
+def _remember_poller(loop: asyncio.AbstractEventLoop) -> poller.Poller:
+    global _last_poller
+    _last_poller = poller.for_loop(loop)
+    return _last_poller
+
+
 def start_splice_relay(
     loop: asyncio.AbstractEventLoop,
     client_sock: socket.socket,
@@ -500,8 +543,8 @@ def start_splice_relay(
     for sock in (client_sock, backend_sock):
         if sock.gettimeout() != 0.0:
             sock.setblocking(False)
-    # the client's comes from the listening socket; a copied small reply must not wait on Nagle
-    backend_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # TCP_NODELAY: the client's comes from the listening socket, the backend's is set by the
+    # relay before any write that could wait on Nagle (_Direction.nagle)
     relay = SpliceRelay(loop, client_sock, backend_sock, conn)
     relay.start(first)
     return relay

@@ -306,6 +306,43 @@ _h_transport = _setter(ProxyHeader, "transport")
 _h_source = _setter(ProxyHeader, "source")
 _h_destination = _setter(ProxyHeader, "destination")
 _h_tlvs = _setter(ProxyHeader, "tlvs")
+_slot_tlvs = ProxyHeader.__dict__["tlvs"]
+_get_tlvs: Callable[[Any, Any], Any] = _slot_tlvs.__get__
+_tuple_new = tuple.__new__
+
+
+def decode_tlv_block(block: bytes) -> tuple[TLV, ...]:
+    """The TLV records of a block the parser has already checked (bounds, CRC, special types).
+
+    The parsers store a header's TLV bytes as they came (one slice) and this runs on the first
+    read of ``ProxyHeader.tlvs``: a balancer that only wants the addresses never pays for the
+    records. Nothing here can fail: the block was validated whole before the header existed.
+    """
+    out: list[TLV] = []
+    append = out.append
+    new = _tuple_new
+    pos = 0
+    end = len(block)
+    while pos < end:
+        vstart = pos + 3
+        stop = vstart + ((block[pos + 1] << 8) | block[pos + 2])
+        append(new(TLV, (block[pos], block[vstart:stop])))
+        pos = stop
+    return tuple(out)
+
+
+def _read_tlvs(self: ProxyHeader) -> tuple[TLV, ...]:
+    value = _get_tlvs(self, ProxyHeader)
+    if type(value) is bytes:  # a parser's validated block, decoded on first access
+        value = decode_tlv_block(value)
+        _h_tlvs(self, value)
+    tlvs: tuple[TLV, ...] = value
+    return tlvs
+
+
+# ``tlvs`` stays a dataclass field (eq, hash, repr, replace and pickling read it by name); its
+# slot may hold the raw block until the property below first decodes it.
+setattr(ProxyHeader, "tlvs", property(_read_tlvs, _h_tlvs, doc="The TLVs, in wire order."))  # noqa: B010
 
 
 class _Unfrozen:
@@ -338,9 +375,12 @@ def make_header(
     transport: Transport,
     source: Address | str | None,
     destination: Address | str | None,
-    tlvs: tuple[TLV, ...] = (),
+    tlvs: tuple[TLV, ...] | bytes = (),
 ) -> ProxyHeader:
-    """A ProxyHeader, built the fast way (see ``_Unfrozen``)."""
+    """A ProxyHeader, built the fast way (see ``_Unfrozen``).
+
+    ``tlvs`` may be a TLV block the caller has validated (see :func:`decode_tlv_block`).
+    """
     h: Any = _Unfrozen()
     h.version = version
     h.command = command

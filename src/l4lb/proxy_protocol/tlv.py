@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
+from typing import Any
 
 from l4lb.proxy_protocol import checksum
 from l4lb.proxy_protocol.errors import InvalidHeader, Reason
-from l4lb.proxy_protocol.model import TLV, SSLInfo, TLVType
+from l4lb.proxy_protocol.model import TLV, SSLInfo, TLVType, decode_tlv_block
 
 _TL = struct.Struct("!BH")
 _SSL_HEAD = struct.Struct("!BI")
+_U32 = struct.Struct("!I")
+_ZERO4 = bytes(4)
 
 MAX_UNIQUE_ID = 128
 _T_CRC32C = int(TLVType.CRC32C)
 _T_UNIQUE_ID = int(TLVType.UNIQUE_ID)
 _T_SSL = int(TLVType.SSL)
 _SPECIAL = frozenset((_T_CRC32C, _T_UNIQUE_ID, _T_SSL))
-_tuple_new = tuple.__new__
 
 TLVLike = TLV | tuple[int, bytes]
 
@@ -48,76 +50,89 @@ def parse_ssl(value: bytes) -> SSLInfo:
 
 
 def parse_tlvs(data: bytes, start: int, end: int, max_tlvs: int) -> tuple[TLV, ...]:
-    """The TLVs in ``data[start:end]`` (``end`` is the header's end), checked and verified.
+    """The TLVs in ``data[start:end]`` (``end`` is the header's end), checked and verified."""
+    return decode_tlv_block(check_tlvs(data, start, end, max_tlvs))
 
-    Every record must fit and the last must end exactly at ``end``. A CRC32C TLV is verified
-    over ``data[:end]`` with its value zeroed (spec 2.2.3). This loop is the codec's hottest
-    code for TLV-carrying headers: checks of the rare types are kept out of its way.
+
+def check_tlvs(data: bytes, start: int, end: int, max_tlvs: int) -> bytes:
+    """``data[start:end]`` once its TLVs are checked (``end`` is the header's end).
+
+    The records are not built here: the parsers keep the block and
+    :func:`~l4lb.proxy_protocol.model.decode_tlv_block` builds them on first access. Every
+    record must fit and the last must end exactly at ``end``; a CRC32C TLV is verified over
+    ``data[:end]`` with its value zeroed (spec 2.2.3). This loop is the codec's hottest code for
+    TLV-carrying headers, so it does the least per record: a record running past the block ends
+    the loop (checked once after it) or fails to unpack (a 1- or 2-byte stray tail), and the
+    rare types are checked out of its way.
     """
-    tlvs: list[TLV] = []
-    append = tlvs.append
-    new = _tuple_new
+    block = data[start:end]
+    size = end - start
     special = _SPECIAL
     crc_at = -1
-    pos = start
-    last = end - 3
-    while pos < end:
-        if pos > last:
-            raise InvalidHeader(
-                Reason.TLV_OVERFLOW,
-                f"{end - pos} stray byte(s) at offset {pos}: a TLV needs at least 3",
-            )
-        t = data[pos]
-        vstart = pos + 3
-        pos = vstart + ((data[pos + 1] << 8) | data[pos + 2])
-        if pos > end:
-            raise InvalidHeader(
-                Reason.TLV_OVERFLOW,
-                f"TLV 0x{t:02X} at offset {vstart - 3} declares {pos - vstart} bytes, "
-                f"only {end - vstart} left in the header",
-            )
-        value = data[vstart:pos]
-        if t in special:
-            if t == _T_CRC32C:
-                if crc_at >= 0 or pos - vstart != 4:
-                    raise InvalidHeader(
-                        Reason.BAD_TLV,
-                        "more than one CRC32C TLV"
-                        if crc_at >= 0
-                        else f"CRC32C TLV is {pos - vstart} bytes, must be 4",
-                    )
-                crc_at = vstart
-            elif t == _T_UNIQUE_ID:
-                if pos - vstart > MAX_UNIQUE_ID:
-                    raise InvalidHeader(
-                        Reason.UNIQUE_ID_TOO_LONG,
-                        f"UNIQUE_ID is {pos - vstart} bytes, at most {MAX_UNIQUE_ID}",
-                    )
-            else:
-                parse_ssl(value)
-        append(new(TLV, (t, value)))
-    if len(tlvs) > max_tlvs:
-        raise InvalidHeader(Reason.TLV_TOO_MANY, f"{len(tlvs)} TLVs, more than {max_tlvs}")
-    if crc_at >= 0:
-        verify_crc(data, crc_at, end)
-    return tuple(tlvs)
-
-
-def verify_crc(data: bytes, crc_at: int, end: int) -> None:
-    """Check the CRC32C stored at ``data[crc_at:crc_at+4]`` against ``data[:end]``."""
-    expected = data[crc_at : crc_at + 4]
-    actual = checksum.crc32c_bytes(data[:crc_at] + b"\0\0\0\0" + data[crc_at + 4 : end])
-    if actual != int.from_bytes(expected, "big"):
+    pos = 0
+    head = _TL.unpack_from
+    try:
+        while pos < size:
+            t, n = head(block, pos)
+            pos += 3 + n
+            if t in special:
+                if pos > size:
+                    break  # reported below, as any record running past the header
+                if t == _T_CRC32C:
+                    if crc_at >= 0 or n != 4:
+                        raise InvalidHeader(
+                            Reason.BAD_TLV,
+                            "more than one CRC32C TLV"
+                            if crc_at >= 0
+                            else f"CRC32C TLV is {n} bytes, must be 4",
+                        )
+                    crc_at = start + pos - 4
+                elif t == _T_UNIQUE_ID:
+                    if n > MAX_UNIQUE_ID:
+                        raise InvalidHeader(
+                            Reason.UNIQUE_ID_TOO_LONG,
+                            f"UNIQUE_ID is {n} bytes, at most {MAX_UNIQUE_ID}",
+                        )
+                else:
+                    parse_ssl(block[pos - n : pos])
+    except struct.error:
         raise InvalidHeader(
-            Reason.CRC_MISMATCH,
-            f"CRC32C is 0x{expected.hex()} in the header but 0x{actual:08x} computed",
+            Reason.TLV_OVERFLOW,
+            f"{size - pos} stray byte(s) at offset {start + pos}: a TLV needs at least 3",
+        ) from None
+    if pos > size:
+        vstart = pos - n
+        raise InvalidHeader(
+            Reason.TLV_OVERFLOW,
+            f"TLV 0x{t:02X} at offset {start + vstart - 3} declares {n} bytes, "
+            f"only {size - vstart} left in the header",
         )
+    if size > 3 * max_tlvs:  # below that, even empty records cannot exceed the limit
+        count = 0
+        pos = 0
+        while pos < size:
+            pos += 3 + ((block[pos + 1] << 8) | block[pos + 2])
+            count += 1
+        if count > max_tlvs:
+            raise InvalidHeader(Reason.TLV_TOO_MANY, f"{count} TLVs, more than {max_tlvs}")
+    if crc_at >= 0:
+        expected = _U32.unpack_from(data, crc_at)[0]
+        actual = checksum.crc32c_bytes(data[:crc_at] + _ZERO4 + data[crc_at + 4 : end])
+        if actual != expected:
+            raise InvalidHeader(
+                Reason.CRC_MISMATCH,
+                f"CRC32C is 0x{expected:08x} in the header but 0x{actual:08x} computed",
+            )
+    return block
 
 
 def encode_tlvs(tlvs: Iterable[TLVLike]) -> bytes:
     """The wire form of ``tlvs`` (TLV records or ``(type, value)`` pairs)."""
     out = bytearray()
-    for item in tlvs:
+    # Any, not TLVLike: a compiled build (make compile) would type-check each item itself and
+    # raise TypeError where the checks below raise the project's error
+    items: Iterable[Any] = tlvs
+    for item in items:
         try:
             t, value = item
         except (TypeError, ValueError) as err:

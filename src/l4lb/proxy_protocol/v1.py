@@ -145,7 +145,7 @@ def parse_line(line: bytes, options: ParseOptions, end: int = -2) -> ProxyHeader
 def parse_v1(data: bytes, options: ParseOptions) -> tuple[ProxyHeader, int]:
     """The v1 header at the start of ``data`` (which starts with ``PROXY``)."""
     end = data.find(b"\r\n", 0, MAX_LENGTH)
-    if end > 0:
+    if end > 6:  # (not data[6:end] with end < 6: a mypyc build's slice refuses start > stop)
         # Fast path: the common well-formed TCP4/TCP6 line, validated field by field in one go.
         # A line accepted here has no stray CR/LF (each field matched its strict syntax); any
         # failure goes to the careful path below, which also names the error.
