@@ -84,10 +84,8 @@ def test_v1_fast_path_agrees_with_strict_path_cold_and_warm(
 @given(st.binary(min_size=16, max_size=16), st.binary(min_size=4, max_size=4))
 def test_address_text_caches_give_ipaddress_text_cold_and_warm(p6: bytes, p4: bytes) -> None:
     v2_mod._V6_TEXT.clear()
-    v2_mod._V4_TEXT.clear()
     for _ in range(2):
         assert v2_mod.ipv6_text(p6) == ipaddress.IPv6Address(p6).compressed
-        assert v2_mod.ipv4_text(p4) == str(ipaddress.IPv4Address(p4))
     wire6 = v2_mod.SIGNATURE + b"\x21\x21\x00\x24" + p6 + p6[::-1] + struct.pack("!HH", 1, 2)
     wire4 = v2_mod.SIGNATURE + b"\x21\x11\x00\x0c" + p4 + p4[::-1] + struct.pack("!HH", 1, 2)
     for _ in range(2):
@@ -104,9 +102,6 @@ def test_text_caches_stay_bounded() -> None:
         packed = struct.pack("!QQ", 0x20010DB8 << 32, i)
         assert v2_mod.ipv6_text(packed) == ipaddress.IPv6Address(packed).compressed
         assert len(v2_mod._V6_TEXT) <= v2_mod.V6_TEXT_MAX
-        p4 = struct.pack("!I", 0xC0000200 + i)
-        assert v2_mod.ipv4_text(p4) == str(ipaddress.IPv4Address(p4))
-        assert len(v2_mod._V4_TEXT) <= v2_mod.V4_TEXT_MAX
     for i in range(v1_mod.V4_TEXT_MAX + 50):
         a, b = divmod(i, 256)
         line = f"PROXY TCP4 10.{a}.{b}.1 192.0.2.1 1000 80\r\n".encode()
