@@ -5,6 +5,10 @@ both, and the ratio. Prints one table and writes bench/results/codec-<timestamp>
 Runs in about 20 s (each figure: the best of 7 interleaved runs of ~0.08 s).
 
     .venv/bin/python bench/codec.py [--quick]
+    .venv/bin/python bench/codec.py --instructions [--side ours] [--count 20000]
+
+``--instructions`` counts user-space instructions per parse instead of timing them (callgrind,
+``--count`` parses minus none, ``PYTHONHASHSEED=0``): counts the machine's load does not change.
 """
 
 from __future__ import annotations
@@ -12,7 +16,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
+import re
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -175,11 +182,54 @@ def fmt_rate(r: float | None) -> str:
     return f"{r / 1e6:.2f} M/s" if r >= 1e6 else f"{r / 1e3:.0f} k/s"
 
 
+def _run_parses(index: int, side: str, count: int) -> None:
+    """The child of ``--instructions``: ``count`` parses of one row by one side."""
+    row = rows()[index]
+    key = f"{side}_parse"
+    off = side == "theirs" and not row["their_crc"]
+    fn = row[key]
+    with _their_crc_disabled() if off else contextlib.nullcontext():
+        for _ in range(count):
+            fn()
+
+
+def _callgrind(index: int, side: str, count: int) -> int:
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable]
+    cmd += [__file__, "--_child", f"{index},{side},{count}"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    found = re.search(r"Collected : (\d+)", proc.stderr)
+    if found is None:
+        raise SystemExit(f"no callgrind total in: {proc.stderr[-500:]}")
+    return int(found.group(1))
+
+
+def instructions(sides: list[str], count: int) -> int:
+    """User-space instructions per parse, each row and side: (N parses - 0 parses) / N."""
+    for i, row in enumerate(rows()):
+        cells = []
+        for side in sides:
+            per = (_callgrind(i, side, count) - _callgrind(i, side, 0)) / count
+            cells.append(f"{side} {per:,.0f}")
+        print(f"{row['name'].strip():<27} " + " | ".join(cells), flush=True)
+    return 0
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="shorter timings (noisier)")
     ap.add_argument("--no-json", action="store_true", help="do not write bench/results/*.json")
+    ap.add_argument("--instructions", action="store_true", help="count instructions (callgrind)")
+    ap.add_argument("--side", choices=["ours", "theirs", "both"], default="both")
+    ap.add_argument("--count", type=int, default=20000, help="parses per callgrind run")
+    ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args._child:
+        index, side, count = args._child.split(",")
+        _run_parses(int(index), side, int(count))
+        return 0
+    if args.instructions:
+        return instructions(["ours", "theirs"] if args.side == "both" else [args.side], args.count)
     target, rounds = (0.03, 3) if args.quick else (0.08, 7)
     started = time.perf_counter()
     table: list[dict[str, Any]] = []

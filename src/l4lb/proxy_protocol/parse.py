@@ -36,9 +36,10 @@ def parse(data: Buffer, options: ParseOptions = DEFAULT_OPTIONS) -> tuple[ProxyH
     """
     if type(data) is not bytes:
         data = bytes(data)
-    if data.startswith(V2_SIGNATURE):
+    # (slices compared, not startswith: a METH_VARARGS call costs more than the slice)
+    if data[:12] == V2_SIGNATURE:
         return parse_v2(data, options)
-    if data.startswith(V1_SIGNATURE):
+    if data[:5] == V1_SIGNATURE:
         return parse_v1(data, options)
     version = sniff(data)
     if version is None:

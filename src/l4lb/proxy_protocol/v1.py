@@ -62,6 +62,27 @@ def v1_line_length(peeked: bytes | bytearray) -> int | None:
     return scan(peeked)
 
 
+_V4_TEXT: dict[bytes, str] = {}
+"""Validated IPv4 address field -> its text, for the addresses seen last (see v2's
+``_V6_TEXT``): a look-up instead of a decode and an ``inet_pton``. Holds only fields that
+``inet_pton`` accepted, keyed by their exact bytes; emptied when it reaches ``V4_TEXT_MAX``."""
+V4_TEXT_MAX = 1024
+_v4_cached = _V4_TEXT.get
+
+
+def _v4_checked(raw: bytes) -> str | None:
+    """The text of a v1 IPv4 field if ``inet_pton`` accepts it (and remembered), else None."""
+    try:
+        text = raw.decode("ascii")
+        inet_pton(AF_INET, text)  # glibc's is strict: 4 decimal parts, no leading zeros
+    except (UnicodeDecodeError, OSError, ValueError):
+        return None
+    if len(_V4_TEXT) >= V4_TEXT_MAX:
+        _V4_TEXT.clear()
+    _V4_TEXT[raw] = text
+    return text
+
+
 def _port(raw: bytes) -> int:
     if not (0 < len(raw) <= 5 and raw.isdigit()) or (raw[0] == 0x30 and len(raw) > 1):
         raise InvalidHeader(
@@ -165,17 +186,16 @@ def parse_v1(data: bytes, options: ParseOptions) -> tuple[ProxyHeader, int]:
                 if sp <= 65535 and dp <= 65535:
                     try:
                         if proto == b"TCP4":
-                            s = src.decode()
-                            d = dst.decode()
-                            inet_pton(AF_INET, s)  # glibc's is strict: no leading zeros
-                            inet_pton(AF_INET, d)
-                            return make_header(1, _PROXY, _INET, _STREAM, (s, sp), (d, dp)), end + 2
-                        if proto == b"TCP6":
-                            s = inet_ntop(AF_INET6, inet_pton(AF_INET6, src.decode()))
-                            d = inet_ntop(AF_INET6, inet_pton(AF_INET6, dst.decode()))
-                            if "." not in s and "." not in d:  # else: ipaddress's text, below
-                                header = make_header(1, _PROXY, _INET6, _STREAM, (s, sp), (d, dp))
+                            s = _v4_cached(src) or _v4_checked(src)
+                            d = _v4_cached(dst) or _v4_checked(dst)
+                            if s and d:
+                                header = make_header(1, _PROXY, _INET, _STREAM, (s, sp), (d, dp))
                                 return header, end + 2
+                        if proto == b"TCP6":
+                            s = ipv6_text(inet_pton(AF_INET6, src.decode()))
+                            d = ipv6_text(inet_pton(AF_INET6, dst.decode()))
+                            header = make_header(1, _PROXY, _INET6, _STREAM, (s, sp), (d, dp))
+                            return header, end + 2
                     except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
                         pass
     length = scan(data)
