@@ -130,6 +130,10 @@ def map_mmap(fd: int, size: int, writable: bool = True, offset: int = 0) -> mmap
         raise BpfError(err.errno or 0, f"mmap of a bpf map: {err.strerror}") from err
 
 
+PROG_LOAD_ATTEMPTS = 5
+"""Loads tried when the kernel answers EAGAIN."""
+
+
 def prog_load(kind: int, code: bytes, attach_type: int, name: str, license: str = "GPL") -> int:
     """Load a program; on refusal the error carries the end of the verifier's log."""
     text = ctypes.create_string_buffer(code, len(code))
@@ -140,6 +144,14 @@ def prog_load(kind: int, code: bytes, attach_type: int, name: str, license: str 
         kind, len(code) // 8, ctypes.addressof(text), ctypes.addressof(lic),
         1, len(log), ctypes.addressof(log), 0, 0, name.encode()[:15], 0, attach_type,
     )  # fmt: skip
+    for _ in range(PROG_LOAD_ATTEMPTS - 1):
+        # EAGAIN: the verifier was interrupted (a signal, or memory pressure); try again, as
+        # libbpf does. Seen once under a loaded full suite.
+        try:
+            return bpf(PROG_LOAD, _attr(attr), f"prog_load({name})")
+        except BpfError as err:
+            if err.errno != errno.EAGAIN:
+                break
     try:
         return bpf(PROG_LOAD, _attr(attr), f"prog_load({name})")
     except BpfError as err:
