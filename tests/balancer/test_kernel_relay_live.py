@@ -15,23 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from l4lb.balancer.kernel_path import KernelPath
 from tests.balancer.helpers import backend, connect, echo, recv_all
+from tests.balancer.kernel_support import needs_kernel_path
 from tests.support.l4lb import config_text, l4lb
 from tests.support.peers import free_port, stop_process, wait_for
-
-
-def _kernel_path_or_reason() -> str | None:
-    try:
-        path = KernelPath(slots=64)
-    except OSError as err:
-        return f"the kernel relay cannot load here: {err}"
-    path.close()
-    return None
-
-
-_UNAVAILABLE = _kernel_path_or_reason()
-needs_kernel_path = pytest.mark.skipif(_UNAVAILABLE is not None, reason=_UNAVAILABLE or "")
 
 
 def cfg(port: int, backends: list[str], **pool: object) -> str:
