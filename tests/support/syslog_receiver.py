@@ -16,6 +16,7 @@ import contextlib
 import re
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -185,51 +186,57 @@ class SyslogReceiver:
             reader = self._octets if self.kind == "tcp" else self._nul_ended
             threading.Thread(target=reader, args=(conn,), daemon=True).start()
 
+    def _read(
+        self, conn: socket.socket, frames: Callable[[bytes], bytes | None], what: str
+    ) -> None:
+        """Feed ``conn``'s bytes to ``frames`` (which takes the complete messages out of the
+        buffer and gives back the rest, or None on a framing error) until the peer closes."""
+        buf = b""
+        while True:
+            try:
+                chunk = conn.recv(65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                if buf:
+                    self._error(f"connection ended inside a {what}: {buf[:80]!r}")
+                return
+            rest = frames(buf + chunk)
+            if rest is None:
+                return
+            buf = rest
+
     def _octets(self, conn: socket.socket) -> None:
         """RFC 6587 3.4.1: MSG-LEN (a nonzero digit, then digits) SP SYSLOG-MSG, strictly."""
-        buf = b""
-        while True:
-            try:
-                chunk = conn.recv(65536)
-            except OSError:
-                chunk = b""
-            if not chunk:
-                if buf:
-                    self._error(f"connection ended inside a frame: {buf[:80]!r}")
-                return
-            buf += chunk
-            while buf:
-                space = buf.find(b" ")
-                if space < 0:
-                    if not buf.isdigit() or len(buf) > 10:
-                        self._error(f"bad frame length {buf[:20]!r}")
-                        return
-                    break
-                length_text = buf[:space]
-                if not re.fullmatch(rb"[1-9]\d{0,9}", length_text):
-                    self._error(f"bad frame length {length_text[:20]!r}")
-                    return
-                length = int(length_text)
-                if len(buf) < space + 1 + length:
-                    break
-                self._add(buf[space + 1 : space + 1 + length])
-                buf = buf[space + 1 + length :]
+        self._read(conn, self._octet_frames, "frame")
+
+    def _octet_frames(self, buf: bytes) -> bytes | None:
+        while buf:
+            space = buf.find(b" ")
+            if space < 0:
+                if not buf.isdigit() or len(buf) > 10:
+                    self._error(f"bad frame length {buf[:20]!r}")
+                    return None
+                break
+            length_text = buf[:space]
+            if not re.fullmatch(rb"[1-9]\d{0,9}", length_text):
+                self._error(f"bad frame length {length_text[:20]!r}")
+                return None
+            length = int(length_text)
+            if len(buf) < space + 1 + length:
+                break
+            self._add(buf[space + 1 : space + 1 + length])
+            buf = buf[space + 1 + length :]
+        return buf
 
     def _nul_ended(self, conn: socket.socket) -> None:
-        buf = b""
-        while True:
-            try:
-                chunk = conn.recv(65536)
-            except OSError:
-                chunk = b""
-            if not chunk:
-                if buf:
-                    self._error(f"connection ended inside a message: {buf[:80]!r}")
-                return
-            buf += chunk
-            *done, buf = buf.split(b"\0")
-            for data in done:
-                self._add(data)
+        self._read(conn, self._nul_frames, "message")
+
+    def _nul_frames(self, buf: bytes) -> bytes:
+        *done, rest = buf.split(b"\0")
+        for data in done:
+            self._add(data)
+        return rest
 
     def _error(self, text: str) -> None:
         with self._lock:
