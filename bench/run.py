@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import contenders as cont
+from harness import targets
 from harness.figures import MEASUREMENTS, SINGLE_ROUND, Settings, add_machine_net, merge_rounds
 from harness.report import table
 
@@ -44,13 +45,16 @@ ALL = [
 
 
 def _git_commit() -> str:
+    """The commit measured, with ``-dirty`` when tracked files differ from it."""
     try:
-        return subprocess.run(
+        commit = subprocess.run(
             ["git", "-C", str(BENCH), "rev-parse", "--short", "HEAD"],
             capture_output=True, text=True, check=True,
         ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(BENCH), "diff", "--quiet", "HEAD"]).returncode
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return commit + ("-dirty" if dirty else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,8 +94,16 @@ def main(argv: list[str] | None = None) -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    load_before = os.getloadavg()
+    commit = _git_commit()
+    build = targets.build(sys.executable)
     work = args.workdir / stamp
     print(f"bench {stamp}: contenders {', '.join(names)}; work files in {work}", flush=True)
+    print(
+        f"  commit {commit}; l4lb build: {build['build']}; load average "
+        f"{load_before[0]:.2f} at start",
+        flush=True,
+    )
     cont.make_big_file(data / "big.bin", settings.bulk_bytes)
     backend = cont.Backend(work / "backend", data, gen_core)
     backend.start()
@@ -136,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             c.stop()
         backend.stop()
 
+    load_after = os.getloadavg()
     add_machine_net(results)
     print()
     print(table(results, names))
@@ -145,19 +158,31 @@ def main(argv: list[str] | None = None) -> int:
         "direct;\nit counts anything else running on the machine too: on a shared machine, "
         "read it within one run only"
     )
+    checked = targets.check_all(results, names)
+    print("\nIssue 16's targets (ratio = l4lb ÷ reference; † that side was load-generator-bound)")
+    print(targets.table(checked))
+    compiled = ", ".join(build.get("compiled", [])) or "none"
+    print(
+        f"commit {commit}; l4lb build: {build['build']} (compiled modules: {compiled}); "
+        f"load average {load_before[0]:.2f} at start, {load_after[0]:.2f} at end "
+        f"({os.cpu_count()} cores)"
+    )
     doc = {
         "time": stamp,
-        "commit": _git_commit(),
+        "commit": commit,
+        "build": build,
         "quick": args.quick,
         "machine": {
             "cpus": os.cpu_count(),
             "kernel": platform.release(),
             "python": platform.python_version(),
-            "loadavg_at_end": os.getloadavg(),
+            "loadavg_at_start": load_before,
+            "loadavg_at_end": load_after,
         },
         "settings": {k: getattr(settings, k) for k in settings.__slots__},
         "rounds": rounds,
         "results": results,
+        "targets": checked,
     }
     out = args.out or (work / "results.json" if args.quick else BENCH / "results" / f"{stamp}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
