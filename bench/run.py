@@ -125,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
             n = 1 if fig in SINGLE_ROUND else rounds
             taken: dict[str, list[dict[str, Any]]] = {c.name: [] for c in live}
             for r in range(n):
-                for c in live:  # contenders alternate within every round
+                # contenders alternate within every round, and each round starts one further
+                # along: none always follows the same one (load from elsewhere drifts in time)
+                for c in live[r % len(live) :] + live[: r % len(live)]:
                     t = time.monotonic()
                     try:
                         res = MEASUREMENTS[fig](c, settings)
