@@ -66,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=BENCH / "work")
     ap.add_argument("--no-pin", action="store_true", help="do not pin to cores (taskset)")
     ap.add_argument(
+        "--gc-pauses",
+        action="store_true",
+        help="run l4lb under harness/gcprobe.py: its garbage-collector pauses go in the JSON",
+    )
+    ap.add_argument(
         "--rounds", type=int, help="rounds per figure, median kept (default 3; quick 1)"
     )
     args = ap.parse_args(argv)
@@ -113,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         check=True,
     )
     running = [cont.make(n, work, backend, bal_core) for n in names]
+    if args.gc_pauses:
+        for c in running:
+            if isinstance(c, cont.L4lb):
+                c.gc_out = c.workdir / "gc.json"
     results: dict[str, dict[str, Any]] = {n: {} for n in names}
     try:
         for c in running:
@@ -149,6 +158,18 @@ def main(argv: list[str] | None = None) -> int:
         for c in running:
             c.stop()
         backend.stop()
+    for c in running:
+        if isinstance(c, cont.L4lb) and c.gc_out is not None and c.gc_out.exists():
+            results[c.name]["gc"] = gc = json.loads(c.gc_out.read_text())
+            print(
+                f"  gc pauses {c.name}: "
+                + "; ".join(
+                    f"{g} {gc[g]['collections']}× max {gc[g]['max_ms']} ms"
+                    for g in ("gen0", "gen1", "gen2")
+                )
+                + f"; full collections at {gc['full_collections_at_s']} s",
+                flush=True,
+            )
 
     load_after = os.getloadavg()
     add_machine_net(results)

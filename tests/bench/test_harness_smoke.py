@@ -32,7 +32,7 @@ def test_quick_run_produces_every_figure(tmp_path: Path) -> None:
         [
             sys.executable, str(ROOT / "bench" / "run.py"), "--quick",
             "--contenders", ",".join(contenders), "--figures", ",".join(figures),
-            "--workdir", str(tmp_path), "--out", str(out),
+            "--workdir", str(tmp_path), "--out", str(out), "--gc-pauses",
         ],
         capture_output=True, text=True, timeout=90, cwd=ROOT,
     )  # fmt: skip
@@ -63,6 +63,11 @@ def test_quick_run_produces_every_figure(tmp_path: Path) -> None:
     assert rows["idle RSS per connection ≤ every peer's"]["verdict"] in ("met", "NOT met")
     keepalive = next(t for t in rows if t.startswith("machine CPU per keep-alive"))
     assert rows[keepalive]["verdict"] == "not measured"  # not among this run's figures
+    # --gc-pauses: l4lb ran under harness/gcprobe.py, which timed its collector
+    gc = doc["results"]["l4lb-splice"]["gc"]
+    assert gc["frozen_objects"] > 1000  # runtime.settle_gc froze the start-up objects
+    assert gc["gen2"]["collections"] == len(gc["full_collections_at_s"]) >= 1  # settle_gc's own
+    assert "gc pauses l4lb-splice: gen0" in proc.stdout
     # which l4lb ran, on which commit, under what load
     splice = importlib.import_module("l4lb.balancer.splice").__file__ or ""
     assert doc["build"]["build"] == ("mypyc" if splice.endswith(".so") else "pure Python")
