@@ -436,7 +436,7 @@ def settle_gc() -> None:
     """Put every object alive now out of the cyclic garbage collector's reach (``gc.freeze``).
 
     What start-up builds (modules, config, pools, listeners: about 30,000 objects) lives as long
-    as the process, yet each full collection walked all of it: 18-42 ms on the bench machine,
+    as the process, yet each full collection walked all of it: 12-89 ms on the bench machine,
     once in 6,000 to 30,000 connections, a stall that every connection in flight waits out (at
     1,000 new connections/s, the p99 of the 2 s round it falls in). Frozen, they are never
     scanned again;
