@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     checked = targets.check_all(results, names)
     print("\nIssue 16's targets (ratio = l4lb ÷ reference; † that side was load-generator-bound)")
-    print(targets.table(checked))
+    print(targets.table(checked) if checked else "none checked: no l4lb-splice or l4lb-kernel ran")
     compiled = ", ".join(build.get("compiled", [])) or "none"
     print(
         f"commit {commit}; l4lb build: {build['build']} (compiled modules: {compiled}); "
