@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import contenders as cont
+from harness import targets
 from harness.figures import MEASUREMENTS, SINGLE_ROUND, Settings, add_machine_net, merge_rounds
 from harness.report import table
 
@@ -44,13 +45,16 @@ ALL = [
 
 
 def _git_commit() -> str:
+    """The commit measured, with ``-dirty`` when tracked files differ from it."""
     try:
-        return subprocess.run(
+        commit = subprocess.run(
             ["git", "-C", str(BENCH), "rev-parse", "--short", "HEAD"],
             capture_output=True, text=True, check=True,
         ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(BENCH), "diff", "--quiet", "HEAD"]).returncode
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return commit + ("-dirty" if dirty else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="JSON file (default bench/results/<time>.json)")
     ap.add_argument("--workdir", type=Path, default=BENCH / "work")
     ap.add_argument("--no-pin", action="store_true", help="do not pin to cores (taskset)")
+    ap.add_argument(
+        "--gc-pauses",
+        action="store_true",
+        help="run l4lb under harness/gcprobe.py: its garbage-collector pauses go in the JSON",
+    )
     ap.add_argument(
         "--rounds", type=int, help="rounds per figure, median kept (default 3; quick 1)"
     )
@@ -90,8 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    load_before = os.getloadavg()
+    commit = _git_commit()
+    build = targets.build(sys.executable)
     work = args.workdir / stamp
     print(f"bench {stamp}: contenders {', '.join(names)}; work files in {work}", flush=True)
+    print(
+        f"  commit {commit}; l4lb build: {build['build']}; load average "
+        f"{load_before[0]:.2f} at start",
+        flush=True,
+    )
     cont.make_big_file(data / "big.bin", settings.bulk_bytes)
     backend = cont.Backend(work / "backend", data, gen_core)
     backend.start()
@@ -101,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         check=True,
     )
     running = [cont.make(n, work, backend, bal_core) for n in names]
+    if args.gc_pauses:
+        for c in running:
+            if isinstance(c, cont.L4lb):
+                c.gc_out = c.workdir / "gc.json"
     results: dict[str, dict[str, Any]] = {n: {} for n in names}
     try:
         for c in running:
@@ -113,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
             n = 1 if fig in SINGLE_ROUND else rounds
             taken: dict[str, list[dict[str, Any]]] = {c.name: [] for c in live}
             for r in range(n):
-                for c in live:  # contenders alternate within every round
+                # contenders alternate within every round, and each round starts one further
+                # along: none always follows the same one (load from elsewhere drifts in time)
+                for c in live[r % len(live) :] + live[: r % len(live)]:
                     t = time.monotonic()
                     try:
                         res = MEASUREMENTS[fig](c, settings)
@@ -135,7 +158,20 @@ def main(argv: list[str] | None = None) -> int:
         for c in running:
             c.stop()
         backend.stop()
+    for c in running:
+        if isinstance(c, cont.L4lb) and c.gc_out is not None and c.gc_out.exists():
+            results[c.name]["gc"] = gc = json.loads(c.gc_out.read_text())
+            print(
+                f"  gc pauses {c.name}: "
+                + "; ".join(
+                    f"{g} {gc[g]['collections']}× max {gc[g]['max_ms']} ms"
+                    for g in ("gen0", "gen1", "gen2")
+                )
+                + f"; full collections at {gc['full_collections_at_s']} s",
+                flush=True,
+            )
 
+    load_after = os.getloadavg()
     add_machine_net(results)
     print()
     print(table(results, names))
@@ -145,19 +181,31 @@ def main(argv: list[str] | None = None) -> int:
         "direct;\nit counts anything else running on the machine too: on a shared machine, "
         "read it within one run only"
     )
+    checked = targets.check_all(results, names)
+    print("\nIssue 16's targets (ratio = l4lb ÷ reference; † that side was load-generator-bound)")
+    print(targets.table(checked) if checked else "none checked: no l4lb-splice or l4lb-kernel ran")
+    compiled = ", ".join(build.get("compiled", [])) or "none"
+    print(
+        f"commit {commit}; l4lb build: {build['build']} (compiled modules: {compiled}); "
+        f"load average {load_before[0]:.2f} at start, {load_after[0]:.2f} at end "
+        f"({os.cpu_count()} cores)"
+    )
     doc = {
         "time": stamp,
-        "commit": _git_commit(),
+        "commit": commit,
+        "build": build,
         "quick": args.quick,
         "machine": {
             "cpus": os.cpu_count(),
             "kernel": platform.release(),
             "python": platform.python_version(),
-            "loadavg_at_end": os.getloadavg(),
+            "loadavg_at_start": load_before,
+            "loadavg_at_end": load_after,
         },
         "settings": {k: getattr(settings, k) for k in settings.__slots__},
         "rounds": rounds,
         "results": results,
+        "targets": checked,
     }
     out = args.out or (work / "results.json" if args.quick else BENCH / "results" / f"{stamp}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

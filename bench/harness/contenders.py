@@ -18,6 +18,7 @@ from pathlib import Path
 
 from harness import procs
 
+HERE = Path(__file__).resolve().parent
 NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 IDLE = "300s"  # every idle timeout on the path, so held connections stay up while measured
 MAX_CONNS = 9500  # per contender; each proxied connection takes two descriptors of 20,000
@@ -114,13 +115,17 @@ class Contender:
         if argv is None:
             self.port = self.backend.plain_port
             return
-        self.proc = procs.start(argv, self.core, self.workdir / "stdout.log")
+        self.proc = procs.start(argv, self.core, self.workdir / "stdout.log", self.env())
         try:
             procs.wait_port(self.port, self.proc)
         except (RuntimeError, TimeoutError) as err:
             log = (self.workdir / "stdout.log").read_text(errors="replace")[-600:]
             self.stop()
             self.error = f"{err}: {log.strip()}"
+
+    def env(self) -> dict[str, str] | None:
+        """The balancer's environment (None: the bench's own)."""
+        return None
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -184,6 +189,8 @@ class NginxStream(Contender):
 @dataclass
 class L4lb(Contender):
     relay: str = "stream"
+    gc_out: Path | None = None
+    """Run under ``gcprobe.py``, which writes the collector's pauses here at exit."""
 
     def argv(self) -> list[str] | None:
         self.port = procs.free_port()
@@ -208,8 +215,15 @@ backends = [{{ address = "127.0.0.1:{self.backend.proxy_port}" }}]
 access = "off"
 """
         )
+        if self.gc_out is not None:
+            return [sys.executable, str(HERE / "gcprobe.py"), "run", "--config", str(cfg)]
         exe = Path(sys.executable).parent / "l4lb"
         return [str(exe), "run", "--config", str(cfg)]
+
+    def env(self) -> dict[str, str] | None:
+        if self.gc_out is None:
+            return None
+        return {**os.environ, "L4LB_BENCH_GC_OUT": str(self.gc_out)}
 
 
 def make(name: str, workdir: Path, backend: Backend, core: int | None) -> Contender:

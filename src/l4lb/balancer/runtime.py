@@ -24,6 +24,7 @@ pools) is built first, and only when all of it exists is it swapped in.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import time
@@ -431,6 +432,23 @@ async def attach_parts(balancer: Balancer) -> None:
     workers.attach(balancer)  # in a worker: tells the supervisor of each applied reload
 
 
+def settle_gc() -> None:
+    """Put every object alive now out of the cyclic garbage collector's reach (``gc.freeze``).
+
+    What start-up builds (modules, config, pools, listeners: about 30,000 objects) lives as long
+    as the process, yet each full collection walked all of it: 12-89 ms on the bench machine,
+    once in 6,000 to 30,000 connections, a stall that every connection in flight waits out (at
+    1,000 new connections/s, the p99 of the 2 s round it falls in). Frozen, they are never
+    scanned again;
+    what comes later (connections) is collected as before. Run at start and after every reload:
+    unfreezing first lets the full collection free what the reload made garbage, so a reload
+    leaks nothing that was frozen.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
 def _reopen_logs(balancer: Balancer) -> None:
     """SIGUSR2: reopen the access log, reconnect the event lines' syslog (if they use one)."""
     balancer.access_log.reopen()
@@ -499,6 +517,8 @@ async def serve(
             await announcer.close()
             await balancer.stop(timeout=0)
             return 1
+    settle_gc()
+    balancer.on_reload.append(lambda b: settle_gc())
     if workers.is_worker():  # worker=N is in the line; the supervisor says how many run
         log.info("event=started relay=%s", config.relay)
     else:

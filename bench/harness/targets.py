@@ -1,0 +1,252 @@
+"""Issue 16's targets, checked against one run's results: a row per target and l4lb contender.
+
+Each row names the target, l4lb's value, the reference (a named peer, or the best of the peers
+that ran), the ratio l4lb ÷ reference, whether it is met, and how far it is. A † on a side
+means that side's figure was load-generator-bound (see ``procs.CpuWindow.summary``): the figure
+understates that balancer, so the comparison is less sure.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_RELAY = "l4lb-splice"
+"""The contender running l4lb's default relay (``relay = "splice"`` since issue 16)."""
+
+KERNEL_RELAY = "l4lb-kernel"
+PEERS = ("haproxy", "haproxy-splice", "nginx")
+BEST_PEER = "best peer"
+"""Reference: the best value among the peers that ran (the fastest, the cheapest)."""
+
+CODEC_ROW = (
+    "codec parse ≥ 3× the PyPI peer, every shape",
+    "see bench/codec.py",
+    "its own table: make bench runs it first",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    label: str
+    measurement: str
+    key: str
+    higher_is_better: bool
+    unit: str
+    reference: str = BEST_PEER
+    factor: float = 1.0
+    """The target is ``factor`` × the reference (0.5 for "≤ 0.5× HAProxy's")."""
+    contenders: tuple[str, ...] = (DEFAULT_RELAY,)
+
+
+TARGETS: tuple[Target, ...] = (
+    Target("new conn/s ≥ the fastest peer's", "newconn", "rate", True, "/s"),
+    Target(
+        "balancer CPU per new conn ≤ every peer's (nginx, HAProxy)",
+        "newconn",
+        "balancer_cpu_us_per_op",
+        False,
+        "µs",
+    ),
+    Target("p99 at a fixed rate (paced) ≤ every peer's", "paced", "p99_ms", False, "ms"),
+    Target(
+        "machine CPU per keep-alive req, minus direct, ≤ 0.5× HAProxy's",
+        "keepalive",
+        "machine_cpu_us_per_op_net",
+        False,
+        "µs",
+        reference="haproxy",
+        factor=0.5,
+        contenders=(DEFAULT_RELAY, KERNEL_RELAY),
+    ),
+    Target(
+        "machine CPU per GB (8 streams), minus direct, ≤ 0.5× HAProxy's",
+        "bulk8",
+        "machine_cpu_s_per_gb_net",
+        False,
+        "s",
+        reference="haproxy",
+        factor=0.5,
+        contenders=(DEFAULT_RELAY, KERNEL_RELAY),
+    ),
+    Target(
+        "machine CPU per GB (1 stream), minus direct, ≤ 0.5× HAProxy's",
+        "bulk1",
+        "machine_cpu_s_per_gb_net",
+        False,
+        "s",
+        reference="haproxy",
+        factor=0.5,
+        contenders=(DEFAULT_RELAY, KERNEL_RELAY),
+    ),
+    Target("idle RSS per connection ≤ every peer's", "idle", "kib_per_conn", False, "KiB"),
+)
+
+
+def _num(v: float) -> str:
+    a = abs(v)
+    if a >= 1000:
+        return f"{v:,.0f}"
+    if a >= 100:
+        return f"{v:.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def _value(results: dict[str, Any], contender: str, t: Target) -> tuple[float | None, bool]:
+    """(the figure, whether it was load-generator-bound); None when not measured or failed."""
+    res = results.get(contender, {}).get(t.measurement)
+    if not isinstance(res, dict) or "failed" in res:
+        return None, False
+    v = res.get(t.key)
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return None, False
+    return float(v), bool(res.get("generator_bound"))
+
+
+def _reference(results: dict[str, Any], t: Target) -> tuple[str, float, bool] | None:
+    """(peer, its value, generator-bound) for the target's reference; None if no peer has it."""
+    names = PEERS if t.reference == BEST_PEER else (t.reference,)
+    found = []
+    for name in names:
+        v, bound = _value(results, name, t)
+        if v is not None:
+            found.append((name, v, bound))
+    if not found:
+        return None
+    pick = max if t.higher_is_better else min
+    return pick(found, key=lambda x: x[1])
+
+
+def check(t: Target, contender: str, results: dict[str, Any]) -> dict[str, Any]:
+    """One row: the target, the values, the ratio, the verdict and how far."""
+    row: dict[str, Any] = {
+        "target": t.label,
+        "contender": contender,
+        "measurement": t.measurement,
+        "key": t.key,
+        "unit": t.unit,
+    }
+    value, bound = _value(results, contender, t)
+    ref = _reference(results, t)
+    if value is None or ref is None:
+        missing = (
+            contender
+            if value is None
+            else "/".join(PEERS if t.reference == BEST_PEER else (t.reference,))
+        )
+        row.update(verdict="not measured", how_far=f"no {t.measurement} figure for {missing}")
+        return row
+    peer, ref_value, ref_bound = ref
+    row.update(
+        value=value,
+        reference=peer,
+        reference_value=ref_value,
+        generator_bound=bound,
+        reference_generator_bound=ref_bound,
+    )
+    for who, v in ((peer, ref_value), (contender, value)):
+        if v <= 0 and (who == peer or t.key.endswith("_net")):
+            # a minus-direct figure at or below zero is the noise of a shared machine, not a cost
+            row.update(
+                ratio=None,
+                verdict="n/a",
+                how_far=f"{who}'s figure is {_num(v)} {t.unit}: noise, no ratio",
+            )
+            return row
+    ratio = value / ref_value
+    goal = t.factor * ref_value
+    met = value >= goal if t.higher_is_better else value <= goal
+    diff = value - goal
+    sign = "+" if diff >= 0 else "-"
+    scale = f"{ratio:.2f}× {peer}"
+    if t.factor != 1.0:
+        scale += f", target {t.factor:g}× = {_num(goal)} {t.unit}"
+    row.update(
+        ratio=round(ratio, 3),
+        target_value=round(goal, 3),
+        verdict="met" if met else "NOT met",
+        how_far=f"{sign}{_num(abs(diff))} {t.unit}, {scale}",
+    )
+    return row
+
+
+def check_all(results: dict[str, Any], contenders: list[str]) -> list[dict[str, Any]]:
+    """Every target for every l4lb contender it concerns that ran (in this run's order)."""
+    rows = []
+    for t in TARGETS:
+        for c in t.contenders:
+            if c in contenders and "error" not in results.get(c, {}):
+                rows.append(check(t, c, results))
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The targets as a Markdown table; † marks a load-generator-bound side."""
+    head = ["target", "l4lb", "value", "reference", "ratio", "verdict", "how far"]
+    lines = [head]
+    for r in rows:
+        if "value" not in r:
+            lines.append([r["target"], r["contender"], "-", "-", "-", r["verdict"], r["how_far"]])
+            continue
+        mark = " †" if r["generator_bound"] else ""
+        ref_mark = " †" if r["reference_generator_bound"] else ""
+        ratio = f"{r['ratio']:.2f}x" if r.get("ratio") is not None else "-"
+        lines.append(
+            [
+                r["target"],
+                r["contender"],
+                f"{_num(r['value'])} {r['unit']}{mark}",
+                f"{r['reference']} {_num(r['reference_value'])}{ref_mark}",
+                ratio,
+                r["verdict"],
+                r["how_far"],
+            ]
+        )
+    lines.append([CODEC_ROW[0], "-", "-", "-", "-", CODEC_ROW[1], CODEC_ROW[2]])
+    widths = [max(len(x[i]) for x in lines) for i in range(len(head))]
+    out = []
+    for n, x in enumerate(lines):
+        out.append("| " + " | ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)) + " |")
+        if n == 0:
+            out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(out)
+
+
+def build(python: str) -> dict[str, Any]:
+    """Which l4lb ran: compiled with mypyc or pure Python, as the bench's interpreter imports it.
+
+    The l4lb the bench starts is the one next to ``python`` (same virtual environment), so this
+    asks that interpreter, not the harness's own imports.
+    """
+    modules = [
+        "l4lb.balancer.splice",
+        "l4lb.balancer.poller",
+        "l4lb.balancer.connection",
+        "l4lb.proxy_protocol.parse",
+    ]
+    code = (
+        "import importlib, json, sys\n"
+        "out = {}\n"
+        f"for m in {modules!r}:\n"
+        "    try:\n"
+        "        out[m] = importlib.import_module(m).__file__\n"
+        "    except Exception as err:\n"
+        "        out[m] = f'not importable: {err}'\n"
+        "print(json.dumps(out))\n"
+    )
+    try:
+        proc = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60)
+        files: dict[str, str] = json.loads(proc.stdout)
+    except (OSError, subprocess.TimeoutExpired, json.JSONDecodeError) as err:
+        return {"build": "unknown", "error": f"{type(err).__name__}: {err}"}
+    compiled = sorted(m for m, f in files.items() if f.endswith(".so"))
+    splice = files.get("l4lb.balancer.splice", "")
+    return {
+        "build": "mypyc" if splice.endswith(".so") else "pure Python",
+        "compiled": compiled,
+        "files": files,
+    }

@@ -1,0 +1,114 @@
+"""The issue-16 targets table (bench/harness/targets.py) from hand-made results.
+
+What a `make bench` run concludes depends only on this arithmetic, so it is checked here without
+running anything: the reference picked (the best peer, or HAProxy), the verdict, how far, the
+marks for a load-generator-bound side, and the rows that cannot be judged.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "bench_targets", ROOT / "bench" / "harness" / "targets.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+targets = _load()
+
+
+def _target(label_start: str) -> Any:
+    return next(t for t in targets.TARGETS if t.label.startswith(label_start))
+
+
+def test_a_rate_is_compared_with_the_fastest_peer() -> None:
+    results = {
+        "haproxy": {"newconn": {"rate": 10_000.0}},
+        "nginx": {"newconn": {"rate": 13_000.0, "generator_bound": True}},
+        "l4lb-splice": {"newconn": {"rate": 11_700.0}},
+    }
+    row = targets.check(_target("new conn/s"), "l4lb-splice", results)
+    assert row["reference"] == "nginx" and row["reference_value"] == 13_000.0
+    assert row["ratio"] == 0.9
+    assert row["verdict"] == "NOT met"
+    assert row["how_far"] == "-1,300 /s, 0.90× nginx"
+    assert row["reference_generator_bound"] is True and row["generator_bound"] is False
+
+
+def test_a_cost_is_compared_with_the_cheapest_peer_and_may_be_met() -> None:
+    results = {
+        "haproxy": {"paced": {"p99_ms": 3.5}},
+        "haproxy-splice": {"paced": {"p99_ms": 3.1}},
+        "nginx": {"paced": {"p99_ms": 4.0}},
+        "l4lb-splice": {"paced": {"p99_ms": 3.0}},
+    }
+    row = targets.check(_target("p99"), "l4lb-splice", results)
+    assert row["reference"] == "haproxy-splice"
+    assert row["verdict"] == "met"
+    assert row["how_far"] == "-0.10 ms, 0.97× haproxy-splice"
+
+    results["l4lb-splice"]["paced"]["p99_ms"] = 3.72
+    row = targets.check(_target("p99"), "l4lb-splice", results)
+    assert row["verdict"] == "NOT met"
+    assert row["how_far"] == "+0.62 ms, 1.20× haproxy-splice"
+
+
+def test_half_of_haproxy_machine_wide() -> None:
+    results = {
+        "haproxy": {"keepalive": {"machine_cpu_us_per_op_net": 52.1}},
+        "nginx": {"keepalive": {"machine_cpu_us_per_op_net": 10.0}},  # not the reference here
+        "l4lb-kernel": {"keepalive": {"machine_cpu_us_per_op_net": 32.8, "generator_bound": True}},
+    }
+    row = targets.check(_target("machine CPU per keep-alive"), "l4lb-kernel", results)
+    assert row["reference"] == "haproxy"
+    assert row["ratio"] == 0.63
+    assert row["target_value"] == 26.05
+    assert row["verdict"] == "NOT met"
+    assert row["how_far"] == "+6.75 µs, 0.63× haproxy, target 0.5× = 26.1 µs"
+    text = targets.table([row])
+    assert "32.8 µs †" in text and "haproxy 52.1 |" in text.replace("  ", " ")
+
+
+def test_rows_that_cannot_be_judged_say_why() -> None:
+    results = {
+        "haproxy": {"bulk8": {"machine_cpu_s_per_gb_net": -0.2}, "idle": {"failed": "boom"}},
+        "l4lb-splice": {"bulk8": {"machine_cpu_s_per_gb_net": 0.4}, "idle": {"kib_per_conn": 1.4}},
+        "l4lb-kernel": {"bulk8": {"machine_cpu_s_per_gb_net": -0.1}},
+    }
+    bulk = _target("machine CPU per GB (8 streams)")
+    assert targets.check(bulk, "l4lb-splice", results)["verdict"] == "n/a"  # reference ≤ 0
+    results["haproxy"]["bulk8"]["machine_cpu_s_per_gb_net"] = 1.0
+    kernel = targets.check(bulk, "l4lb-kernel", results)
+    assert kernel["verdict"] == "n/a" and "l4lb-kernel's figure is -0.10 s" in kernel["how_far"]
+    idle = targets.check(_target("idle RSS"), "l4lb-splice", results)  # the only peer failed
+    assert idle["verdict"] == "not measured"
+    paced = targets.check(_target("p99"), "l4lb-splice", results)
+    assert paced["verdict"] == "not measured"
+    assert "no paced figure for l4lb-splice" in paced["how_far"]
+
+
+def test_every_target_for_the_relays_it_concerns() -> None:
+    results: dict[str, Any] = {"haproxy": {}, "l4lb-splice": {}, "l4lb-kernel": {}}
+    rows = targets.check_all(results, ["haproxy", "l4lb-splice", "l4lb-kernel", "l4lb-stream"])
+    splice = [r["target"] for r in rows if r["contender"] == "l4lb-splice"]
+    kernel = [r["target"] for r in rows if r["contender"] == "l4lb-kernel"]
+    assert splice == [t.label for t in targets.TARGETS]
+    assert kernel == [t.label for t in targets.TARGETS if t.label.startswith("machine CPU")]
+    assert not any(r["contender"] == "l4lb-stream" for r in rows)
+    results["l4lb-kernel"]["error"] = "needs root"  # did not start: no rows, not "not met"
+    rows = targets.check_all(results, ["haproxy", "l4lb-splice", "l4lb-kernel"])
+    assert {r["contender"] for r in rows} == {"l4lb-splice"}
+    assert "codec parse" in targets.table(rows)
