@@ -123,42 +123,48 @@ def test_a_connection_that_only_streams_is_handed_over_by_age() -> None:
 
 @pytest.mark.parametrize("run", range(3))
 def test_a_hand_over_while_bytes_flow_both_ways_is_byte_exact(run: int) -> None:
-    """Both sides send 1400-byte messages without pause; the hand-over (by age) lands in the
-    middle of both streams, with bytes in the sockets' queues and arriving during the
-    insertion. (Saturated bulk with larger writes is rarely idle: it stays on splice.)"""
-    up_chunk = down_chunk = 1400
+    """Both sides send 1400-byte messages without pause. One message each way first, then both
+    streams at once: the client's next bytes after the backend's make the exchange that hands
+    the pair over, in the middle of both streams, with bytes in the sockets' queues and arriving
+    during the insertion. (Saturated bulk with larger writes is rarely idle: it stays on
+    splice.)"""
+    chunk = 1400
     up, down = os.urandom(16 * MB), os.urandom(48 * MB)
-    with rig(handover=Handover(exchanges=1 << 30, age=0.05)) as r:
-        assert recv_exactly(r.backend, len(HDR)) == HDR
+    with rig(handover=Handover(exchanges=1, age=3600.0)) as r:
+        r.client.sendall(up[:chunk])
+        assert recv_exactly(r.backend, len(HDR) + chunk) == HDR + up[:chunk]
+        r.backend.sendall(down[:chunk])
+        assert recv_exactly(r.client, chunk) == down[:chunk]
         got: dict[str, tuple[int, str]] = {}
         readers = [
             threading.Thread(target=lambda: got.setdefault("backend", digest_until_eof(r.backend))),
             threading.Thread(target=lambda: got.setdefault("client", digest_until_eof(r.client))),
         ]
 
-        def send(sock: socket.socket, data: bytes, chunk: int) -> None:
+        def send(sock: socket.socket, data: bytes) -> None:
             view = memoryview(data)
-            for i in range(0, len(data), chunk):
+            for i in range(chunk, len(data), chunk):
                 sock.sendall(view[i : i + chunk])
             sock.shutdown(socket.SHUT_WR)
 
         writers = [
-            threading.Thread(target=send, args=(r.client, up, up_chunk)),
-            threading.Thread(target=send, args=(r.backend, down, down_chunk)),
+            threading.Thread(target=send, args=(r.backend, down)),
+            threading.Thread(target=send, args=(r.client, up)),
         ]
         for t in readers + writers:
             t.start()
         for t in readers + writers:
             t.join(120)
-        assert got["backend"] == (len(up), hashlib.sha256(up).hexdigest())
-        assert got["client"] == (len(down), hashlib.sha256(down).hexdigest())
+        rest_up, rest_down = up[chunk:], down[chunk:]
+        assert got["backend"] == (len(rest_up), hashlib.sha256(rest_up).hexdigest())
+        assert got["client"] == (len(rest_down), hashlib.sha256(rest_down).hexdigest())
         assert r.conn.done.wait(10)
         assert (r.conn.bytes_from_client, r.conn.bytes_to_client) == (len(up), len(down))
         assert r.path.handed_over == 1
         at = getattr(r.relay, "handed_at", None)
         assert at is not None
         # in the middle of both streams: splice carried some of each, the kernel relay the rest
-        assert 0 < at[0] < len(up) and 0 < at[1] < len(down), at
+        assert chunk < at[0] < len(up) and chunk <= at[1] < len(down), at
         kernel = getattr(r.relay, "kernel", None)
         assert isinstance(kernel, KernelRelay)
         for d in (kernel.to_backend, kernel.to_client):
