@@ -1,7 +1,10 @@
 """The kernel relay (``relay = "kernel"``): an eBPF sockmap moves the bytes, the process watches.
 
-One implementation of :mod:`l4lb.balancer.relay_contract`, opt-in. After the PROXY header is
-written, both sockets go into a ``SOCKMAP`` whose ``SK_SKB`` verdict program (assembled in
+One implementation of :mod:`l4lb.balancer.relay_contract`, opt-in, for long-lived connections:
+a connection starts on the splice relay and is handed over once it has proved long-lived
+(:class:`Handover`, :class:`_Probation`), so a short one never pays for the insertion. From then
+on (or at once, with :data:`AT_ONCE`, after the PROXY header is written), both sockets go into a
+``SOCKMAP`` whose ``SK_SKB`` verdict program (assembled in
 :mod:`l4lb.balancer.kernel_path`, loaded with :mod:`l4lb.balancer.bpf`: no bcc, no clang)
 redirects every received skb to the peer socket's egress, so bytes never enter the process. Per
 worker, one :class:`~l4lb.balancer.kernel_path.KernelPath` holds:
