@@ -6,14 +6,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
-from l4lb.balancer import kernel_relay
+from l4lb.balancer import bpf, kernel_relay
 from l4lb.balancer.kernel_path import KernelPath
 from l4lb.balancer.kernel_relay import AT_ONCE, Handover, KernelRelay
 from l4lb.balancer.relay_contract import Relay, default_relay
@@ -158,3 +160,46 @@ def digest_until_eof(s: socket.socket) -> tuple[int, str]:
         h.update(chunk)
         n += len(chunk)
     return n, h.hexdigest()
+
+
+def _process_tree(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        with contextlib.suppress(OSError):
+            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+    return out
+
+
+def _count_keys(map_id: int) -> int:
+    fd = bpf.map_fd_by_id(map_id)
+    try:
+        return len(bpf.map_keys(fd, 8))
+    finally:
+        os.close(fd)
+
+
+def sockets_in_the_map(pid: int) -> int:
+    """Sockets that process ``pid`` (or a child: its workers) has handed to the kernel now: the
+    elements of each of its kernel relay cookie -> slot hashes (``l4lb_slots``)."""
+    seen: set[int] = set()
+    total = 0
+    for p in _process_tree(pid):
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{p}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if "bpf-map" not in os.readlink(fd):
+                        continue
+                    info = dict(
+                        line.split(":\t", 1)
+                        for line in Path(f"/proc/{p}/fdinfo/{fd.name}").read_text().splitlines()
+                        if ":\t" in line
+                    )
+                    shape = (info.get("map_type"), info.get("key_size"), info.get("value_size"))
+                    map_id = int(info.get("map_id", "0"))
+                    # BPF_MAP_TYPE_HASH, cookie -> slot; once per map (fork shares them)
+                    if shape == ("1", "8", "4") and map_id not in seen:
+                        seen.add(map_id)
+                        total += _count_keys(map_id)
+    return total
