@@ -623,8 +623,8 @@ class Handover:
     """
 
     exchanges: int = 3
-    """Client turns after an answer: HTTP/1 keep-alive is handed over with its fourth request;
-    a TLS 1.2 handshake plus one request makes two, a TLS 1.3 one with a request one."""
+    """Times the client speaks again after an answer: HTTP/1 keep-alive is handed over with its
+    fourth request; a TLS 1.2 handshake plus one request makes two such turns, TLS 1.3 one."""
     age: float = 1.0
     """Seconds after which a connection that still moves bytes (a stream, a slow chat, bulk
     with pauses) is handed over whatever its exchanges."""
