@@ -1,10 +1,24 @@
-"""Whether this machine can run the kernel relay: one marker for the kernel relay's own tests."""
+"""Whether this machine can run the kernel relay, and a rig to drive the relay on its own: shared by
+the kernel relay's test files."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import pytest
 
+from l4lb.balancer import bpf, kernel_relay
 from l4lb.balancer.kernel_path import KernelPath
+from l4lb.balancer.kernel_relay import AT_ONCE, Handover, KernelRelay
+from l4lb.balancer.relay_contract import Relay, default_relay
 
 
 def _kernel_path_or_reason() -> str | None:
@@ -20,3 +34,172 @@ UNAVAILABLE = _kernel_path_or_reason()
 """Why the kernel relay cannot load here, or None when it can."""
 
 needs_kernel_path = pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or "")
+
+
+@dataclass
+class Conn:
+    bytes_from_client: int = 0
+    bytes_to_client: int = 0
+    reasons: list[str] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def relay_closed(self, reason: str) -> None:
+        self.reasons.append(reason)
+        self.done.set()
+
+
+@dataclass
+class Rig:
+    client: socket.socket
+    backend: socket.socket
+    conn: Conn
+    relay: Relay
+    path: KernelPath
+    loop: asyncio.AbstractEventLoop
+
+    def redirected(self, to_client: bool) -> int:
+        """Bytes the program redirected in that direction."""
+        assert isinstance(self.relay, KernelRelay)
+        d = self.relay.to_client if to_client else self.relay.to_backend
+        return d.redirected()
+
+    def on_loop(self, fn: object) -> object:
+        """Run ``fn()`` on the relay's loop and return its result."""
+        out: list[object] = []
+        done = threading.Event()
+
+        def call() -> None:
+            out.append(fn())  # type: ignore[operator]
+            done.set()
+
+        self.loop.call_soon_threadsafe(call)
+        assert done.wait(10)
+        return out[0]
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """(connected, accepted), as the balancer has them: the backend socket is the connected one."""
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        a = socket.create_connection(srv.getsockname())
+        b, _ = srv.accept()
+    return a, b
+
+
+def new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:
+        return asyncio.new_event_loop()
+
+
+@contextlib.contextmanager
+def rig(
+    first: bytes = b"HDR\r\n",
+    before: object = None,
+    limit: int = kernel_relay.BACKLOG_LIMIT,
+    handover: Handover = AT_ONCE,
+) -> Iterator[Rig]:
+    """A relay between a test client and a test backend; ``before(client, backend)`` runs
+    before the relay starts (bytes or a FIN that must be there before the insertion).
+    ``handover``: when the connection leaves the splice relay (default: no splice phase)."""
+    client, relay_client = tcp_pair()
+    relay_backend, backend = tcp_pair()
+    for s in (client, backend):
+        s.settimeout(15)
+    for s in (relay_client, relay_backend):
+        s.setblocking(False)
+    if before is not None:
+        before(client, backend)  # type: ignore[operator]
+    loop = new_loop()
+    path = KernelPath(slots=64, limit=limit)
+    conn = Conn()
+    made: list[Relay] = []
+    ready = threading.Event()
+
+    def path_for(_: asyncio.AbstractEventLoop) -> KernelPath:
+        return path
+
+    start = kernel_relay.make_start(default_relay(), path_for, handover)
+
+    def begin() -> None:
+        path.bind(loop)
+        made.append(start(loop, relay_client, relay_backend, first, conn))  # type: ignore[arg-type]
+        ready.set()
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    loop.call_soon_threadsafe(begin)
+    assert ready.wait(10)
+    try:
+        yield Rig(client, backend, conn, made[0], path, loop)
+    finally:
+        loop.call_soon_threadsafe(made[0].close, "test_end")  # type: ignore[arg-type]
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+        path.close()
+        client.close()
+        backend.close()
+
+
+def recv_exactly(s: socket.socket, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        chunk = s.recv(min(1 << 16, n - len(out)))
+        assert chunk, f"EOF after {len(out)} of {n} bytes"
+        out += chunk
+    return bytes(out)
+
+
+def digest_until_eof(s: socket.socket) -> tuple[int, str]:
+    h = hashlib.sha256()
+    n = 0
+    while chunk := s.recv(1 << 18):
+        h.update(chunk)
+        n += len(chunk)
+    return n, h.hexdigest()
+
+
+def _process_tree(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        with contextlib.suppress(OSError):
+            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+    return out
+
+
+def _count_keys(map_id: int) -> int:
+    fd = bpf.map_fd_by_id(map_id)
+    try:
+        return len(bpf.map_keys(fd, 8))
+    finally:
+        os.close(fd)
+
+
+def sockets_in_the_map(pid: int) -> int:
+    """Sockets that process ``pid`` (or a child: its workers) has handed to the kernel now: the
+    elements of each of its kernel relay cookie -> slot hashes (``l4lb_slots``)."""
+    seen: set[int] = set()
+    total = 0
+    for p in _process_tree(pid):
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{p}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if "bpf-map" not in os.readlink(fd):
+                        continue
+                    info = dict(
+                        line.split(":\t", 1)
+                        for line in Path(f"/proc/{p}/fdinfo/{fd.name}").read_text().splitlines()
+                        if ":\t" in line
+                    )
+                    shape = (info.get("map_type"), info.get("key_size"), info.get("value_size"))
+                    map_id = int(info.get("map_id", "0"))
+                    # BPF_MAP_TYPE_HASH, cookie -> slot; once per map (fork shares them)
+                    if shape == ("1", "8", "4") and map_id not in seen:
+                        seen.add(map_id)
+                        total += _count_keys(map_id)
+    return total

@@ -9,150 +9,29 @@ bytes really went through the kernel (the program's ``redirected`` counts), not 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import os
 import socket
 import struct
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import pytest
 
 from l4lb.balancer import bpf, kernel_relay, splice
 from l4lb.balancer.kernel_path import KernelPath, written
 from l4lb.balancer.kernel_relay import KernelRelay
-from l4lb.balancer.relay_contract import Relay, default_relay
-from tests.balancer.kernel_support import needs_kernel_path
+from tests.balancer.kernel_support import (
+    Rig,
+    digest_until_eof,
+    needs_kernel_path,
+    recv_exactly,
+    rig,
+)
 from tests.support.peers import wait_for
 
 pytestmark = needs_kernel_path
 
 MB = 1 << 20
-
-
-@dataclass
-class Conn:
-    bytes_from_client: int = 0
-    bytes_to_client: int = 0
-    reasons: list[str] = field(default_factory=list)
-    done: threading.Event = field(default_factory=threading.Event)
-
-    def relay_closed(self, reason: str) -> None:
-        self.reasons.append(reason)
-        self.done.set()
-
-
-@dataclass
-class Rig:
-    client: socket.socket
-    backend: socket.socket
-    conn: Conn
-    relay: Relay
-    path: KernelPath
-    loop: asyncio.AbstractEventLoop
-
-    def redirected(self, to_client: bool) -> int:
-        """Bytes the program redirected in that direction."""
-        assert isinstance(self.relay, KernelRelay)
-        d = self.relay.to_client if to_client else self.relay.to_backend
-        return d.redirected()
-
-    def on_loop(self, fn: object) -> object:
-        """Run ``fn()`` on the relay's loop and return its result."""
-        out: list[object] = []
-        done = threading.Event()
-
-        def call() -> None:
-            out.append(fn())  # type: ignore[operator]
-            done.set()
-
-        self.loop.call_soon_threadsafe(call)
-        assert done.wait(10)
-        return out[0]
-
-
-def _tcp_pair() -> tuple[socket.socket, socket.socket]:
-    """(connected, accepted), as the balancer has them: the backend socket is the connected one."""
-    with socket.create_server(("127.0.0.1", 0)) as srv:
-        a = socket.create_connection(srv.getsockname())
-        b, _ = srv.accept()
-    return a, b
-
-
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-
-        return uvloop.new_event_loop()
-    except ImportError:
-        return asyncio.new_event_loop()
-
-
-@contextlib.contextmanager
-def rig(
-    first: bytes = b"HDR\r\n", before: object = None, limit: int = kernel_relay.BACKLOG_LIMIT
-) -> Iterator[Rig]:
-    """A relay between a test client and a test backend; ``before(client, backend)`` runs
-    before the relay starts (bytes or a FIN that must be there before the insertion)."""
-    client, relay_client = _tcp_pair()
-    relay_backend, backend = _tcp_pair()
-    for s in (client, backend):
-        s.settimeout(15)
-    for s in (relay_client, relay_backend):
-        s.setblocking(False)
-    if before is not None:
-        before(client, backend)  # type: ignore[operator]
-    loop = _new_loop()
-    path = KernelPath(slots=64, limit=limit)
-    conn = Conn()
-    made: list[Relay] = []
-    ready = threading.Event()
-
-    def path_for(_: asyncio.AbstractEventLoop) -> KernelPath:
-        return path
-
-    start = kernel_relay.make_start(default_relay(), path_for)
-
-    def begin() -> None:
-        path.bind(loop)
-        made.append(start(loop, relay_client, relay_backend, first, conn))  # type: ignore[arg-type]
-        ready.set()
-
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    loop.call_soon_threadsafe(begin)
-    assert ready.wait(10)
-    try:
-        yield Rig(client, backend, conn, made[0], path, loop)
-    finally:
-        loop.call_soon_threadsafe(made[0].close, "test_end")  # type: ignore[arg-type]
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
-        path.close()
-        client.close()
-        backend.close()
-
-
-def _recv_exactly(s: socket.socket, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        chunk = s.recv(min(1 << 16, n - len(out)))
-        assert chunk, f"EOF after {len(out)} of {n} bytes"
-        out += chunk
-    return bytes(out)
-
-
-def _digest_until_eof(s: socket.socket) -> tuple[int, str]:
-    h = hashlib.sha256()
-    n = 0
-    while chunk := s.recv(1 << 18):
-        h.update(chunk)
-        n += len(chunk)
-    return n, h.hexdigest()
 
 
 def test_bytes_queued_before_the_insertion_come_first_in_order() -> None:
@@ -162,12 +41,12 @@ def test_bytes_queued_before_the_insertion_come_first_in_order() -> None:
 
     with rig(before=before) as r:
         assert isinstance(r.relay, KernelRelay)
-        assert _recv_exactly(r.backend, 18) == b"HDR\r\nearly request"
-        assert _recv_exactly(r.client, 12) == b"220 banner\r\n"
+        assert recv_exactly(r.backend, 18) == b"HDR\r\nearly request"
+        assert recv_exactly(r.client, 12) == b"220 banner\r\n"
         r.client.sendall(b"+more")
-        assert _recv_exactly(r.backend, 5) == b"+more"
+        assert recv_exactly(r.backend, 5) == b"+more"
         r.backend.sendall(b"+answer")
-        assert _recv_exactly(r.client, 7) == b"+answer"
+        assert recv_exactly(r.client, 7) == b"+answer"
         # through the kernel: the program counted them, this process copied none
         assert (r.redirected(False), r.redirected(True)) == (18, 19)
         assert r.relay.to_backend.user_bytes == r.relay.to_client.user_bytes == 0
@@ -179,7 +58,7 @@ def test_bytes_queued_before_the_insertion_come_first_in_order() -> None:
 def test_fin_follows_a_large_transfer_byte_exact_both_ways(closer: str) -> None:
     up, down = os.urandom(48 * MB), os.urandom(40 * MB)
     with rig() as r:
-        assert _recv_exactly(r.backend, 5) == b"HDR\r\n"
+        assert recv_exactly(r.backend, 5) == b"HDR\r\n"
 
         def send(sock: socket.socket, data: bytes) -> None:
             sock.sendall(data)
@@ -188,10 +67,10 @@ def test_fin_follows_a_large_transfer_byte_exact_both_ways(closer: str) -> None:
         first, second = (r.client, r.backend) if closer == "client" else (r.backend, r.client)
         got: dict[str, tuple[int, str]] = {}
         to_backend = threading.Thread(
-            target=lambda: got.setdefault("backend", _digest_until_eof(r.backend))
+            target=lambda: got.setdefault("backend", digest_until_eof(r.backend))
         )
         to_client = threading.Thread(
-            target=lambda: got.setdefault("client", _digest_until_eof(r.client))
+            target=lambda: got.setdefault("client", digest_until_eof(r.client))
         )
         first_peer, second_peer = (
             (to_backend, to_client) if first is r.client else (to_client, to_backend)
@@ -231,11 +110,11 @@ def test_a_client_that_sent_fin_before_the_insertion_falls_back() -> None:
 
     with rig(before=settled) as r:
         assert not isinstance(r.relay, KernelRelay)  # the sockmap refuses a CLOSE_WAIT socket
-        assert _recv_exactly(r.backend, 18) == b"HDR\r\nwhole request"
+        assert recv_exactly(r.backend, 18) == b"HDR\r\nwhole request"
         assert r.backend.recv(10) == b""  # its FIN follows
         r.backend.sendall(b"reply")
         r.backend.shutdown(socket.SHUT_WR)
-        assert _recv_exactly(r.client, 5) == b"reply"
+        assert recv_exactly(r.client, 5) == b"reply"
         assert r.client.recv(10) == b""
         assert r.conn.done.wait(10)
         assert r.conn.bytes_from_client == 13
@@ -248,11 +127,11 @@ def test_a_backend_that_closed_before_the_insertion_is_copied_in_user_mode() -> 
 
     with rig(before=before) as r:
         assert isinstance(r.relay, KernelRelay)
-        assert _recv_exactly(r.client, 5) == b"bye\r\n"
+        assert recv_exactly(r.client, 5) == b"bye\r\n"
         assert r.client.recv(10) == b""
         r.client.sendall(b"still listening?")
         r.client.shutdown(socket.SHUT_WR)
-        assert _recv_exactly(r.backend, 21) == b"HDR\r\nstill listening?"
+        assert recv_exactly(r.backend, 21) == b"HDR\r\nstill listening?"
         assert r.backend.recv(10) == b""
         assert r.conn.done.wait(10)
         assert (r.conn.bytes_from_client, r.conn.bytes_to_client) == (16, 5)
@@ -283,7 +162,7 @@ def test_a_client_reading_nothing_bounds_what_the_kernel_queues() -> None:
         r.backend.settimeout(15)
         sender = threading.Thread(target=lambda: r.backend.sendall(view[pushed:]))
         sender.start()
-        got = _recv_exactly(r.client, len(data))
+        got = recv_exactly(r.client, len(data))
         sender.join(30)
         assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
         assert r.redirected(True) > 0
@@ -293,9 +172,9 @@ def test_small_credit_hands_back_often_and_loses_nothing() -> None:
     """A 64 KiB credit: the direction goes back and forth between kernel and process many times."""
     up = os.urandom(32 * MB)
     with rig(limit=64 << 10) as r:
-        assert _recv_exactly(r.backend, 5) == b"HDR\r\n"
+        assert recv_exactly(r.backend, 5) == b"HDR\r\n"
         got: list[tuple[int, str]] = []
-        reader = threading.Thread(target=lambda: got.append(_digest_until_eof(r.backend)))
+        reader = threading.Thread(target=lambda: got.append(digest_until_eof(r.backend)))
         reader.start()
         r.client.sendall(up)
         r.client.shutdown(socket.SHUT_WR)
@@ -310,7 +189,7 @@ def test_small_credit_hands_back_often_and_loses_nothing() -> None:
 
 def test_a_reset_resets_the_other_side() -> None:
     with rig() as r:
-        assert _recv_exactly(r.backend, 5) == b"HDR\r\n"
+        assert recv_exactly(r.backend, 5) == b"HDR\r\n"
         r.client.sendall(b"x")
         assert r.backend.recv(10) == b"x"
         r.backend.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.balancer.helpers import backend, connect, echo, recv_all
-from tests.balancer.kernel_support import needs_kernel_path
+from tests.balancer.kernel_support import needs_kernel_path, sockets_in_the_map
 from tests.support.l4lb import config_text, l4lb
 from tests.support.peers import free_port, stop_process, wait_for
 
@@ -27,7 +27,8 @@ def cfg(port: int, backends: list[str], **pool: object) -> str:
 
 @needs_kernel_path
 def test_traffic_through_the_kernel_keeps_the_idle_timeout_away(tmp_path: Path) -> None:
-    """The process sees none of these bytes: the idle sweep must read the program's counts."""
+    """After its third exchange the process sees none of these bytes (they go through the
+    kernel): the idle sweep must read the program's counts."""
     port = free_port()
     with (
         backend(echo) as be,
@@ -46,6 +47,38 @@ def test_traffic_through_the_kernel_keeps_the_idle_timeout_away(tmp_path: Path) 
         (line,) = lb.wait_access(1)
         assert line["end"] == "idle_timeout"
         assert (line["bytes_from_client"], line["bytes_to_client"]) == (sent, sent)
+
+
+@needs_kernel_path
+def test_only_a_connection_that_proved_long_lived_enters_the_kernel(tmp_path: Path) -> None:
+    """Seen from outside: the worker's cookie -> slot map holds the sockets handed over."""
+    port = free_port()
+    with backend(echo) as be, l4lb(tmp_path, cfg(port, [be.address])) as lb:
+        short = connect(port)
+        short.sendall(b"one request\n")
+        assert recv_all(short, 12) == b"one request\n"
+        long = connect(port)
+        for i in range(3):  # the client speaks again after an answer twice
+            long.sendall(b"req%d\n" % i)
+            assert recv_all(long, 5) == b"req%d\n" % i
+        assert "kernel_relay_unavailable" not in lb.log_text()
+        assert sockets_in_the_map(lb.pid) == 0
+        long.sendall(b"req3\n")  # the third time: handed over, both of its sockets
+        assert recv_all(long, 5) == b"req3\n"
+        assert wait_for(lambda: sockets_in_the_map(lb.pid) == 2)
+        for i in range(4, 8):
+            long.sendall(b"req%d\n" % i)
+            assert recv_all(long, 5) == b"req%d\n" % i
+        for c in (short, long):
+            c.shutdown(1)
+            assert c.recv(1) == b""
+            c.close()
+        lines = lb.wait_access(2)
+        assert sorted((ln["bytes_from_client"], ln["bytes_to_client"]) for ln in lines) == [
+            (12, 12),
+            (40, 40),
+        ]
+        assert wait_for(lambda: sockets_in_the_map(lb.pid) == 0)
 
 
 @needs_kernel_path
@@ -148,8 +181,9 @@ def test_a_reload_switches_the_relay_and_live_connections_keep_theirs(tmp_path: 
             # the reload loaded the program and self-tested it
             assert any("bpf-prog" in d for d in _bpf_descriptors(lb.pid))
             by_kernel = connect(port)
-            by_kernel.sendall(b"two\n")
-            assert recv_all(by_kernel, 4) == b"two\n"
+            for i in range(4):  # the fourth exchange hands it to the kernel (Handover)
+                by_kernel.sendall(b"two%d\n" % i)
+                assert recv_all(by_kernel, 5) == b"two%d\n" % i
             by_splice.sendall(b"still splice\n")
             assert recv_all(by_splice, 13) == b"still splice\n"
             lb.reload(splice_cfg)
@@ -162,5 +196,5 @@ def test_a_reload_switches_the_relay_and_live_connections_keep_theirs(tmp_path: 
             lines = lb.wait_access(2)
             assert sorted((ln["bytes_from_client"], ln["bytes_to_client"]) for ln in lines) == [
                 (17, 17),
-                (17, 17),
+                (33, 33),
             ]

@@ -22,6 +22,8 @@ __all__ = [
     "BpfError",
     "map_create",
     "map_delete",
+    "map_fd_by_id",
+    "map_keys",
     "map_lookup",
     "map_mmap",
     "map_update",
@@ -33,8 +35,8 @@ _NR_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x"
 _ATTR_SIZE = 128
 
 # commands
-MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM = 0, 1, 2, 3
-PROG_LOAD, PROG_ATTACH, PROG_DETACH = 5, 8, 9
+MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY = 0, 1, 2, 3, 4
+PROG_LOAD, PROG_ATTACH, PROG_DETACH, MAP_GET_FD_BY_ID = 5, 8, 9, 14
 
 # map types, program types, attach types, flags
 MAP_HASH, MAP_ARRAY, MAP_SOCKMAP, MAP_RINGBUF = 1, 2, 15, 27
@@ -119,6 +121,29 @@ def map_delete(fd: int, key: bytes) -> bool:
             return False
         raise
     return True
+
+
+def map_keys(fd: int, key_size: int) -> list[bytes]:
+    """Every key of a map (a snapshot: elements can come and go meanwhile)."""
+    key = ctypes.create_string_buffer(key_size)
+    nxt = ctypes.create_string_buffer(key_size)
+    keys: list[bytes] = []
+    while True:
+        prev = ctypes.addressof(key) if keys else 0  # no key: the first one
+        attr = struct.pack("<IIQQ", fd, 0, prev, ctypes.addressof(nxt))
+        try:
+            bpf(MAP_GET_NEXT_KEY, _attr(attr), "map_get_next_key")
+        except BpfError as err:
+            if err.errno == errno.ENOENT:
+                return keys
+            raise
+        keys.append(nxt.raw)
+        ctypes.memmove(key, nxt, key_size)
+
+
+def map_fd_by_id(map_id: int) -> int:
+    """A new descriptor of the map ``map_id`` (any process's; needs CAP_SYS_ADMIN)."""
+    return bpf(MAP_GET_FD_BY_ID, _attr(struct.pack("<III", map_id, 0, 0)), "map_get_fd_by_id")
 
 
 def map_mmap(fd: int, size: int, writable: bool = True, offset: int = 0) -> mmap.mmap:

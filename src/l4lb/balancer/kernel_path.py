@@ -212,6 +212,8 @@ class KernelPath:
         self.free = list(range(slots - 1, -1, -1))
         self.owners: dict[int, SlotOwner] = {}
         self.relays: weakref.WeakSet[Refreshable] = weakref.WeakSet()
+        self.handed_over = 0
+        """Connections whose sockets went into the map (the relay's own count)."""
 
     def _map(self, kind: int, key: int, value: int, entries: int, flags: int, name: str) -> int:
         fd = bpf.map_create(kind, key, value, entries, flags, name)

@@ -1,7 +1,10 @@
 """The kernel relay (``relay = "kernel"``): an eBPF sockmap moves the bytes, the process watches.
 
-One implementation of :mod:`l4lb.balancer.relay_contract`, opt-in. After the PROXY header is
-written, both sockets go into a ``SOCKMAP`` whose ``SK_SKB`` verdict program (assembled in
+One implementation of :mod:`l4lb.balancer.relay_contract`, opt-in, for long-lived connections:
+a connection starts on the splice relay and is handed over once it has proved long-lived
+(:class:`Handover`, :class:`_Probation`), so a short one never pays for the insertion. From then
+on (or at once, with :data:`AT_ONCE`, after the PROXY header is written), both sockets go into a
+``SOCKMAP`` whose ``SK_SKB`` verdict program (assembled in
 :mod:`l4lb.balancer.kernel_path`, loaded with :mod:`l4lb.balancer.bpf`: no bcc, no clang)
 redirects every received skb to the peer socket's egress, so bytes never enter the process. Per
 worker, one :class:`~l4lb.balancer.kernel_path.KernelPath` holds:
@@ -61,8 +64,9 @@ import socket
 import time
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from l4lb.balancer import poller
+from l4lb.balancer import poller, splice
 from l4lb.balancer.kernel_path import (
     ARMED,
     ASKED,
@@ -90,7 +94,10 @@ from l4lb.balancer.relay_contract import (
 )
 
 __all__ = [
+    "AT_ONCE",
     "BACKLOG_LIMIT",
+    "HANDOVER",
+    "Handover",
     "KernelPath",
     "KernelRelay",
     "SelfTestError",
@@ -229,6 +236,12 @@ class _Direction:
             if self.relay.path.state[self.slot * WORDS + ASKED]:
                 self.refill()
         else:
+            if not self.user:
+                # handed back: watch EPOLLIN first. The record can come before the passed skb
+                # is in the socket's queue (the psock queues it after the verdict), so the read
+                # below may meet EAGAIN, and without EPOLLIN nothing would wake us for it
+                self.user = True
+                self.relay.update_mask(self.src)
             self.pump()
 
     def refill(self) -> None:
@@ -413,12 +426,17 @@ class KernelRelay:
         self.first_reason: EndReason | None = None
         self.closed = False
 
-    def start(self, header_sent: int, client_slot: int, backend_slot: int) -> None:
-        """Both slots are armed and the client is in the map; put the backend in, then read."""
+    def begin(self) -> None:
+        """The slots are armed and the client is in the map: put the backend in, then read."""
+        try:
+            self._begin()
+        except OSError as err:  # an epoll registration refused (out of memory): this one ends
+            self.failed(err)
+
+    def _begin(self) -> None:
         path = self.path
         up, down = self.to_backend, self.to_client
-        up.sent = header_sent
-        up.slot, down.slot = client_slot, backend_slot
+        client_slot, backend_slot = up.slot, down.slot
         path.owners[client_slot] = up
         path.owners[backend_slot] = down
         up.user = down.user = False
@@ -546,7 +564,6 @@ class KernelRelay:
         conn.bytes_to_client = self.to_client.user_bytes + self.to_client.redirected()
 
 
-# -- per worker: the path, the self-test, the start of a connection ---------------------------
 # -- per worker: the path, the start of a connection ---------------------------
 
 _PATHS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, KernelPath] = (
@@ -595,16 +612,176 @@ def refresh(loop: asyncio.AbstractEventLoop) -> None:
             relay.refresh()
 
 
+@dataclass(frozen=True, slots=True)
+class Handover:
+    """When a ``relay = "kernel"`` connection leaves the splice relay for the kernel.
+
+    A connection starts on the splice relay and is handed over at the first moment nothing of it
+    waits in a pipe or a buffer once it has proved long-lived: its client spoke again after an
+    answer ``exchanges`` times, or it still moves bytes after ``age`` seconds. Short connections
+    never pay for the insertion (cookies, map updates, the kernel's psock set-up and tear-down).
+    """
+
+    exchanges: int = 3
+    """Times the client speaks again after an answer: HTTP/1 keep-alive is handed over with its
+    fourth request; a TLS 1.2 handshake plus one request makes two such turns, TLS 1.3 one."""
+    age: float = 1.0
+    """Seconds after which a connection that still moves bytes (a stream, a slow chat, bulk
+    with pauses) is handed over whatever its exchanges."""
+
+    @property
+    def at_once(self) -> bool:
+        """Insert right after the PROXY header (no splice phase): the relay as first built."""
+        return self.exchanges <= 0 or self.age <= 0
+
+
+HANDOVER = Handover()
+
+
+AT_ONCE = Handover(0, 0.0)
+
+
+class _Probation(splice.SpliceRelay):
+    """The splice relay of a ``relay = "kernel"`` connection that has not proved long-lived yet.
+
+    After each readiness event it counts the client's turns and, once :class:`Handover` says so
+    and :meth:`~l4lb.balancer.splice.SpliceRelay.idle` holds (no byte in a pipe or buffer, no
+    FIN seen, each source's last read drained it), hands both sockets to a :class:`KernelRelay`.
+    Drained, because the program takes a queued skb whole: one that splice or ``recv`` had read
+    part of would go out again from its start (seen: 0.3 KB to 260 KB sent twice when the
+    hand-over came after a read that had stopped at its budget). Bytes that arrived since the
+    last read are whole skbs: the kernel relay's read after the insertion pushes them through
+    the program in order, as at a first start. A connection that is never idle (both ways
+    saturated, or a destination that never drains) stays on splice.
+    """
+
+    __slots__ = (
+        "down_seen",
+        "due",
+        "exchanges",
+        "handed_at",
+        "kernel",
+        "path",
+        "policy",
+        "up_seen",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        client: socket.socket,
+        backend: socket.socket,
+        conn: RelayConn,
+        path: KernelPath,
+        policy: Handover,
+    ) -> None:
+        super().__init__(loop, client, backend, conn)
+        self.path = path
+        self.policy = policy
+        self.kernel: KernelRelay | None = None
+        self.exchanges = 0
+        self.up_seen = 0
+        self.down_seen = 0
+        self.due = loop.time() + policy.age
+        self.handed_at: tuple[int, int] | None = None
+        """(bytes from the client, bytes to the client) relayed by splice before the hand-over."""
+
+    def event(self, fd: int, events: int) -> None:
+        super().event(fd, events)
+        if self.closed:
+            return
+        conn = self.conn
+        if fd == self.client_fd:
+            up = conn.bytes_from_client
+            if up != self.up_seen:
+                self.up_seen = up
+                down = conn.bytes_to_client
+                if down != self.down_seen:  # the client speaks again after an answer
+                    self.down_seen = down
+                    self.exchanges += 1
+        if (
+            self.exchanges >= self.policy.exchanges or self.loop.time() >= self.due
+        ) and self.idle():
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        path = self.path
+        self.exchanges = -(1 << 62)  # from now on the clock decides when to try again
+        self.due = float("inf")  # one attempt: what fails below fails again
+        relay = self._insert() if len(path.free) >= 2 else None
+        if relay is None:
+            if len(path.free) < 2:
+                _Fallbacks.note("every slot of the kernel path is taken")
+            return
+        self.detach()
+        self.kernel = relay
+        path.handed_over += 1
+        relay.begin()
+
+    def _insert(self) -> KernelRelay | None:
+        client, backend, conn = self.client, self.backend, self.conn
+        try:
+            # bytes this process wrote into each, header included (none redirected yet)
+            to_backend = written(backend, connected=True)
+            to_client = written(client, connected=False)
+        except OSError:
+            return None  # a dead socket: the splice relay's next read or write says so
+        relay = _insert(self.loop, self.path, client, backend, conn)
+        if relay is None:  # e.g. the client's FIN is in (not ESTABLISHED): splice keeps it
+            return None
+        up, down = relay.to_backend, relay.to_client
+        up.sent, down.sent = to_backend, to_client
+        up.user_bytes, down.user_bytes = conn.bytes_from_client, conn.bytes_to_client
+        self.handed_at = (up.user_bytes, down.user_bytes)
+        return relay
+
+    def close(self, reason: EndReason) -> None:
+        if self.kernel is not None:
+            self.kernel.close(reason)
+        else:
+            super().close(reason)
+
+
+def _insert(
+    loop: asyncio.AbstractEventLoop,
+    path: KernelPath,
+    client_sock: socket.socket,
+    backend_sock: socket.socket,
+    conn: RelayConn,
+) -> KernelRelay | None:
+    """Arm two slots and put the client socket in the sockmap: the relay to :meth:`begin
+    <KernelRelay.begin>`, or None (slots freed) when the client socket cannot be inserted."""
+    client_slot, backend_slot = path.free.pop(), path.free.pop()
+    path.arm(client_slot, backend_slot)
+    path.arm(backend_slot, client_slot)
+    try:
+        key = path.insert(client_sock, client_slot)
+    except OSError as err:  # e.g. EOPNOTSUPP: the client already sent FIN
+        path.free += [backend_slot, client_slot]
+        _Fallbacks.note(f"client socket not inserted: {err}")
+        return None
+    # the client's comes from the listening socket; a small reply must not wait on Nagle
+    backend_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    relay = KernelRelay(loop, path, client_sock, backend_sock, conn)
+    relay.keys.append((key, client_slot))
+    relay.to_backend.slot, relay.to_client.slot = client_slot, backend_slot
+    path.relays.add(relay)
+    return relay
+
+
 def make_start(
     fallback: StartRelay,
     path_for: Callable[[asyncio.AbstractEventLoop], KernelPath | None] | None = None,
+    handover: Handover = HANDOVER,
 ) -> StartRelay:
     """The ``start`` of the kernel relay; connections it cannot take go to ``fallback``.
 
     ``path_for(loop)`` gives the loop's :class:`KernelPath` (default: one per loop, made on
-    first use, the self-tested one first).
+    first use, the self-tested one first). ``handover`` says when a connection leaves the splice
+    relay for the kernel (:data:`AT_ONCE`: right after the PROXY header).
     """
     get_path = _path_for if path_for is None else path_for
+    at_once = handover.at_once or not splice.available()
 
     def start_kernel_relay(
         loop: asyncio.AbstractEventLoop,
@@ -618,6 +795,13 @@ def make_start(
             if path is not None:
                 _Fallbacks.note("every slot of the kernel path is taken")
             return fallback(loop, client_sock, backend_sock, first, conn)
+        if not at_once:
+            for sock in (client_sock, backend_sock):
+                if sock.gettimeout() != 0.0:
+                    sock.setblocking(False)
+            probation = _Probation(loop, client_sock, backend_sock, conn, path, handover)
+            probation.start(first)
+            return probation
         sent = 0
         if first:  # the PROXY header goes before any redirected byte
             try:
@@ -628,24 +812,12 @@ def make_start(
                 sent = 0
             if sent < len(first):
                 return fallback(loop, client_sock, backend_sock, first[sent:], conn)
-        client_slot, backend_slot = path.free.pop(), path.free.pop()
-        path.arm(client_slot, backend_slot)
-        path.arm(backend_slot, client_slot)
-        try:
-            key = path.insert(client_sock, client_slot)
-        except OSError as err:  # e.g. EOPNOTSUPP: the client already sent FIN
-            path.free += [backend_slot, client_slot]
-            _Fallbacks.note(f"client socket not inserted: {err}")
+        relay = _insert(loop, path, client_sock, backend_sock, conn)
+        if relay is None:
             return fallback(loop, client_sock, backend_sock, b"", conn)
-        # the client's comes from the listening socket; a small reply must not wait on Nagle
-        backend_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        relay = KernelRelay(loop, path, client_sock, backend_sock, conn)
-        relay.keys.append((key, client_slot))
-        path.relays.add(relay)
-        try:
-            relay.start(sent, client_slot, backend_slot)
-        except OSError as err:  # an epoll registration refused (out of memory): this one ends
-            relay.failed(err)
+        relay.to_backend.sent = sent
+        path.handed_over += 1
+        relay.begin()
         return relay
 
     return start_kernel_relay

@@ -150,6 +150,7 @@ class _Direction:
         "pending",
         "pipe",
         "relay",
+        "resuming",
         "src",
         "src_fd",
         "to_client",
@@ -174,6 +175,8 @@ class _Direction:
         self.pending = 0
         """Bytes in the pipe not yet delivered; while > 0 nothing more is read from ``src``."""
         self.eof = False
+        self.resuming = False
+        """The budget ran out before ``EAGAIN``: the source may hold a part-read skb."""
         self.nagle = not to_client
         """Whether ``dst`` still has Nagle's algorithm on: the backend socket gets TCP_NODELAY
         just before its second write (see :meth:`SpliceRelay._send_first`); the client socket
@@ -208,6 +211,7 @@ class _Direction:
                 return
             budget -= 1
             if budget < 0:
+                self.resuming = True
                 relay.loop.call_soon(self.resume)
                 return
             if not (self._copy(short_ok, fin) if self.copy else self._splice_in()):
@@ -309,6 +313,7 @@ class _Direction:
         return True
 
     def resume(self) -> None:
+        self.resuming = False
         if not self.relay.closed:
             self.pump()
 
@@ -514,6 +519,32 @@ class SpliceRelay:
         self.client.close()
         self.backend.close()
         self.conn.relay_closed(reason)
+
+    # -- the kernel relay's hand-over (l4lb.balancer.kernel_relay) ---------------------------
+
+    def idle(self) -> bool:
+        """Nothing waits in a pipe or a buffer, no FIN was seen, and each source's last read
+        drained it (``EAGAIN`` or a short read: no skb in its queue is read part of the way):
+        the sockets can change relay."""
+        up, down = self.to_backend, self.to_client
+        return not (
+            self.closed
+            or up.pending
+            or up.head
+            or up.eof
+            or up.resuming
+            or down.pending
+            or down.head
+            or down.eof
+            or down.resuming
+        )
+
+    def detach(self) -> None:
+        """Stop relaying (only when :meth:`idle`) without closing or reporting: another relay
+        owns the sockets from now on; a resume already scheduled does nothing."""
+        self.closed = True
+        self.to_backend.stop()
+        self.to_client.stop()
 
 
 _last_poller: poller.Poller | None = None
