@@ -38,6 +38,7 @@ import logging
 import os
 import socket
 import time
+from typing import Final
 
 from l4lb.balancer import poller
 from l4lb.balancer.poller import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP
@@ -71,6 +72,10 @@ _ONE_SEGMENT = 536
 default 536), so Nagle's algorithm cannot hold any of it back."""
 _BUDGET = 16
 """Pipes' worth one direction moves per wake-up before letting other connections run."""
+# EndReason members as constants: on Python 3.11 ``EndReason.X`` goes through EnumType's slow
+# __getattr__ path (about 1,400 instructions a read; see connection.py)
+_BACKEND_CLOSED: Final = EndReason.BACKEND_CLOSED
+_CLIENT_CLOSED: Final = EndReason.CLIENT_CLOSED
 
 
 def available() -> bool:
@@ -490,7 +495,7 @@ class SpliceRelay:
     def half_closed(self, to_client: bool) -> None:
         """One direction has ended with a FIN; close when both have."""
         if self.first_reason is None:
-            self.first_reason = EndReason.BACKEND_CLOSED if to_client else EndReason.CLIENT_CLOSED
+            self.first_reason = _BACKEND_CLOSED if to_client else _CLIENT_CLOSED
         if self.to_backend.eof and self.to_client.eof:
             self.close(self.first_reason)
 
