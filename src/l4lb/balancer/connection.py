@@ -629,6 +629,7 @@ class Connection:
             return
         relayed = self.state is RELAYING
         self._enter(CLOSED)
+        self.relay = None  # it points back at us: no cycle left for the cyclic GC to find
         if not relayed:
             # Never relayed: the client socket is still ours to close (with a RST when refused).
             if reason in _REFUSED:

@@ -376,6 +376,7 @@ class SpliceRelay:
         "to_backend",
         "to_client",
     )
+    __deletable__ = ("to_backend", "to_client")  # for mypyc, which refuses ``del`` otherwise
 
     def __init__(
         self,
@@ -515,6 +516,10 @@ class SpliceRelay:
         self.poller.forget(self.to_client.src_fd)
         self.to_backend.stop()
         self.to_client.stop()
+        # The directions point back at the relay: without that cycle, the connection's objects
+        # go at once by reference counting, not in the cyclic GC's next pass (which walks every
+        # young object; measured: 10k fewer user-space instructions per connection).
+        del self.to_backend, self.to_client
         # closing removes them from the epoll set
         self.client.close()
         self.backend.close()
