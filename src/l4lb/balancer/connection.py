@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 from l4lb.balancer import poller, tls_peek, transparent
 from l4lb.balancer.admission import Admitted
 from l4lb.balancer.health import local_resource_error
-from l4lb.balancer.relay_contract import EndReason, Relay, StartRelay, reset_socket
+from l4lb.balancer.relay_contract import EndReason, Relay, Socket, StartRelay, reset_socket
 from l4lb.config.values import format_hostport
 from l4lb.proxy_protocol import TLV, ProxyProtocolError, TLVType, build
 
@@ -120,7 +120,7 @@ DEFAULT_ROUTE = "default"
 """The access log's ``route`` of a connection no route matched, sent to the listener's pool."""
 
 
-def set_keepalive(sock: socket.socket, idle: int, interval: int, count: int) -> None:
+def set_keepalive(sock: Socket, idle: int, interval: int, count: int) -> None:
     """TCP keepalive: first probe after ``idle`` s of silence, then every ``interval`` s,
     the connection reset after ``count`` unanswered probes."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -292,7 +292,7 @@ class Connection:
         self,
         listener: Owner,
         pool: Pool,
-        sock: socket.socket,
+        sock: Socket,
         admitted: Admitted,
         routes: RouteTable | None = None,
     ) -> None:
@@ -317,7 +317,7 @@ class Connection:
         self.server_progress = Progress(now)
         """Bytes to the client (``server_timeout``)."""
         self.backend: Backend | None = None
-        self.backend_sock: socket.socket | None = None
+        self.backend_sock: Socket | None = None
         self.tried: tuple[Backend, ...] = ()
         self.bytes_from_client = 0
         self.bytes_to_client = 0
@@ -466,7 +466,8 @@ class Connection:
         source = backend.source
         try:
             if source is None:
-                sock = socket.socket(family, _STREAM_NONBLOCK)
+                # the client socket's class: the one the listener's relay takes
+                sock = type(self.client_sock)(family, _STREAM_NONBLOCK)
             else:  # from the client's address (transparent) or a fixed one
                 sock = transparent.open_socket(family, source, ip)
         except OSError as err:
@@ -514,7 +515,7 @@ class Connection:
         else:
             self._connected()
 
-    def _stop_waiting(self, sock: socket.socket) -> None:
+    def _stop_waiting(self, sock: Socket) -> None:
         watch = self.parts.watch
         if watch is not None:
             watch.stop_waiting(sock)

@@ -42,7 +42,7 @@ from typing import Final
 
 from l4lb.balancer import poller
 from l4lb.balancer.poller import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP
-from l4lb.balancer.relay_contract import EndReason, RelayConn, error_reason, reset_socket
+from l4lb.balancer.relay_contract import EndReason, RelayConn, Socket, error_reason, reset_socket
 
 __all__ = [
     "PIPE_SIZE",
@@ -160,9 +160,7 @@ class _Direction:
         "to_client",
     )
 
-    def __init__(
-        self, relay: SpliceRelay, src: socket.socket, dst: socket.socket, to_client: bool
-    ) -> None:
+    def __init__(self, relay: SpliceRelay, src: Socket, dst: Socket, to_client: bool) -> None:
         self.relay = relay
         self.src = src
         self.src_fd = src.fileno()
@@ -381,8 +379,8 @@ class SpliceRelay:
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        client: socket.socket,
-        backend: socket.socket,
+        client: Socket,
+        backend: Socket,
         conn: RelayConn,
         pool: PipePool = POOL,
     ) -> None:
@@ -539,8 +537,8 @@ def _remember_poller(loop: asyncio.AbstractEventLoop) -> poller.Poller:
 
 def start_splice_relay(
     loop: asyncio.AbstractEventLoop,
-    client_sock: socket.socket,
-    backend_sock: socket.socket,
+    client_sock: Socket,
+    backend_sock: Socket,
     first: bytes,
     conn: RelayConn,
 ) -> SpliceRelay:
