@@ -256,6 +256,9 @@ class Connection:
     """An admitted client connection and everything the access log says about it."""
 
     __slots__ = (
+        "_client_progress",
+        "_progress",
+        "_server_progress",
         "admission",
         "admitted",
         "alpn",
@@ -263,9 +266,9 @@ class Connection:
         "authority",
         "backend",
         "backend_sock",
+        "born",
         "bytes_from_client",
         "bytes_to_client",
-        "client_progress",
         "client_sock",
         "connect_started",
         "deadlines",
@@ -275,12 +278,10 @@ class Connection:
         "loop",
         "parts",
         "pool",
-        "progress",
         "proxy_version",
         "relay",
         "route",
         "routes",
-        "server_progress",
         "started",
         "state",
         "timer",
@@ -309,13 +310,12 @@ class Connection:
         """The admission that let it in (a reload may give the listener a new one)."""
         self.state = NEW
         self.started = time.monotonic()
-        now = self.loop.time()
-        self.progress = Progress(now)
-        """Bytes either way (``idle_timeout``)."""
-        self.client_progress = Progress(now)
-        """Bytes from the client (``client_timeout``)."""
-        self.server_progress = Progress(now)
-        """Bytes to the client (``server_timeout``)."""
+        self.born = self.loop.time()
+        """The loop's clock at accept: where the idle, client and server timeouts start."""
+        # The sweep's Progress objects are made when it first looks (see ``progress``)
+        self._progress: Progress | None = None
+        self._client_progress: Progress | None = None
+        self._server_progress: Progress | None = None
         self.backend: Backend | None = None
         self.backend_sock: Socket | None = None
         self.tried: tuple[Backend, ...] = ()
@@ -342,6 +342,29 @@ class Connection:
                 if tlv.type == _T_UNIQUE_ID:
                     self.uid = tlv.value.decode("utf-8", "backslashreplace")
                     break
+
+    # Made on the sweep's first look, as if made at accept: a short connection never meets a
+    # sweep, and three objects fewer per connection save about 5k user-space instructions.
+    @property
+    def progress(self) -> Progress:
+        """Bytes either way (``idle_timeout``)."""
+        if self._progress is None:
+            self._progress = Progress(self.born)
+        return self._progress
+
+    @property
+    def client_progress(self) -> Progress:
+        """Bytes from the client (``client_timeout``)."""
+        if self._client_progress is None:
+            self._client_progress = Progress(self.born)
+        return self._client_progress
+
+    @property
+    def server_progress(self) -> Progress:
+        """Bytes to the client (``server_timeout``)."""
+        if self._server_progress is None:
+            self._server_progress = Progress(self.born)
+        return self._server_progress
 
     @property
     def unique_id(self) -> str:
