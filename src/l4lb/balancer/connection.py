@@ -391,7 +391,8 @@ class Connection:
             if self.deadlines is not None:
                 self.deadlines.discard(self)
                 self.deadlines = None
-            if self.backend_sock is not None:
+            # RELAYING comes from a finished connect: its watch is over already
+            if self.backend_sock is not None and state is not RELAYING:
                 self._stop_waiting(self.backend_sock)
         self.state = state
 
@@ -404,7 +405,7 @@ class Connection:
             self._enter(PEEKING)
             self.loop.add_reader(self.client_sock.fileno(), self._peek)
             self.timer = self.loop.call_later(timeout, self._peek_done)
-        elif self._route():
+        elif routes is None or self._route():
             self.connect_next()
 
     def _peek(self) -> None:
