@@ -11,7 +11,8 @@ Three users share it:
   paused by backpressure, registered with no event bits so only ``EPOLLERR``/``EPOLLHUP`` show.
 
 The loop watches the set itself with a single ``add_reader``. The syscall-saving design: a
-socket is added once, for input and output, edge-triggered, and never modified; an edge-triggered
+socket is added once, for input and output, edge-triggered, and (but for the splice relay's client
+socket, whose output is added when a write to it first blocks) never modified; an edge-triggered
 reader moves bytes until ``EAGAIN``, and closing a socket removes it from the set. A backend
 socket added while it connects stays in the set as a marker, so a splice relay takes it over
 without another ``epoll_ctl``. This costs two ``epoll_ctl`` calls per connection, where
