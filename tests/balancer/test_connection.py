@@ -8,7 +8,9 @@ start, a retry after a refusal) are driven here step by step and awaited on the 
 
 from __future__ import annotations
 
+import _socket
 import asyncio
+import gc
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,7 +21,13 @@ from l4lb.balancer import connection, relay, splice
 from l4lb.balancer.admission import Admitted
 from l4lb.balancer.connection import Connection, State
 from l4lb.balancer.pool import Pool
-from l4lb.balancer.relay_contract import EndReason, RelayConn, StartRelay
+from l4lb.balancer.relay_contract import (
+    EndReason,
+    RelayConn,
+    StartRelay,
+    python_socket,
+    socket_class,
+)
 from l4lb.config.schema import BackendConfig, PoolConfig
 from l4lb.proxy_protocol import HeaderReader
 from tests.balancer.conftest import RELAY_MODES
@@ -444,3 +452,95 @@ def test_a_client_hello_split_over_two_segments_is_waited_for() -> None:
             s.close()
 
     _run(body)
+
+
+def test_a_spliced_connection_leaves_no_reference_cycle() -> None:
+    """When it ends, a spliced connection's objects go by reference counting: nothing of it
+    is left for the cyclic GC to find (a cycle costs a GC pass over every young object)."""
+    if not splice.available():
+        pytest.skip("os.splice needs Linux")
+    gc.collect()
+    gc.disable()
+    try:
+
+        async def body(loop: asyncio.AbstractEventLoop) -> None:
+            srv = _server()
+            client, accepted = _tcp_pair()
+            owner = Owner(loop, splice.start_splice_relay)
+            pool = _pool([f"127.0.0.1:{srv.getsockname()[1]}"])
+            Connection(owner, pool, accepted, Admitted(CLIENT, DESTINATION)).start()
+            far, _ = await loop.sock_accept(srv)
+            await _read_header(loop, far)
+            client.sendall(b"ping")
+            client.shutdown(socket.SHUT_WR)
+            assert await loop.sock_recv(far, 10) == b"ping"
+            far.close()
+            assert await owner.ended == (EndReason.CLIENT_CLOSED, "")
+            for s in (client, srv):
+                s.close()
+
+        _run(body)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        left = [o for o in gc.garbage if isinstance(o, Connection | splice.SpliceRelay)]
+        assert left == []
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+
+
+def test_the_stream_relay_takes_c_sockets_made_for_another_relay() -> None:
+    """A connection accepted while the splice relay was configured has C sockets
+    (``_socket.socket``); a reload may hand it to the stream relay, whose uvloop transports
+    need ``socket.socket`` objects: they are wrapped, and the C objects no longer own the
+    descriptors (nothing closes those numbers a second time)."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        srv = _server()
+        client, accepted = _tcp_pair()
+        c_accepted = _socket.socket(accepted.family, accepted.type, 0, accepted.detach())
+        owner = Owner(loop, relay.start_relay)
+        pool = _pool([f"127.0.0.1:{srv.getsockname()[1]}"])
+        conn = Connection(owner, pool, c_accepted, Admitted(CLIENT, DESTINATION))
+        conn.start()
+        far, _ = await loop.sock_accept(srv)
+        await _read_header(loop, far)
+        c_backend = conn.backend_sock
+        assert type(c_backend) is _socket.socket  # the client socket's class
+        client.sendall(b"ping")
+        assert await loop.sock_recv(far, 10) == b"ping"
+        await loop.sock_sendall(far, b"pong")
+        client.settimeout(5)
+        assert await loop.run_in_executor(None, client.recv, 10) == b"pong"
+        assert c_accepted.fileno() == -1 and c_backend.fileno() == -1  # detached, wrapped
+        client.shutdown(socket.SHUT_WR)
+        assert await loop.sock_recv(far, 10) == b""
+        far.close()
+        assert await owner.ended == (EndReason.CLIENT_CLOSED, "")
+        for s in (client, srv):
+            s.close()
+
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(asyncio.wait_for(body(loop), 20))
+    finally:
+        loop.close()
+
+
+def test_python_socket_wraps_a_c_socket_and_leaves_a_socket_object_as_it_is() -> None:
+    a, b = socket.socketpair()
+    assert python_socket(a) is a
+    fd = b.fileno()
+    c = _socket.socket(b.family, b.type, 0, b.detach())
+    wrapped = python_socket(c)
+    assert isinstance(wrapped, socket.socket) and wrapped.fileno() == fd
+    assert c.fileno() == -1  # the C object gave the descriptor up: one owner only
+    a.sendall(b"x")
+    assert wrapped.recv(1) == b"x"
+    assert socket_class(relay.start_relay) is socket.socket
+    if splice.available():
+        assert socket_class(splice.start_splice_relay) is _socket.socket
+    for s in (a, wrapped):
+        s.close()

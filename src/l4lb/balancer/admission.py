@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from l4lb.balancer.relay_contract import Socket
 from l4lb.config.values import format_hostport
 from l4lb.proxy_protocol import TLV, ProxyHeader, sniff
 from l4lb.trust.cidr import CidrError, CidrSet, ip_to_int
@@ -127,10 +128,10 @@ class _Waiting:
 
     def __init__(
         self,
-        sock: socket.socket,
+        sock: Socket,
         peer: Address,
         gate: HeaderGate,
-        done: Callable[[socket.socket, Admitted], None],
+        done: Callable[[Socket, Admitted], None],
         deadline: float,
     ) -> None:
         self.sock = sock
@@ -211,10 +212,10 @@ class Admission:
 
     def admit(
         self,
-        sock: socket.socket,
+        sock: Socket,
         peer: Address,
         sockname: Address,
-        done: Callable[[socket.socket, Admitted], None],
+        done: Callable[[Socket, Admitted], None],
     ) -> None:
         """Take ownership of ``sock``; call ``done`` once if it is admitted, else close it."""
         policy = self.policy
@@ -366,9 +367,9 @@ class Admission:
 
     def _decided(
         self,
-        sock: socket.socket,
+        sock: Socket,
         decision: Decision,
-        done: Callable[[socket.socket, Admitted], None],
+        done: Callable[[Socket, Admitted], None],
     ) -> None:
         if not decision.accepted:
             reason = str(decision.reason)
@@ -414,7 +415,7 @@ class Admission:
             self.release(admitted)
             sock.close()
 
-    def _client_passes(self, sock: socket.socket, peer: Address, client: Address) -> bool:
+    def _client_passes(self, sock: Socket, peer: Address, client: Address) -> bool:
         """deny, then allow, then the limits; False (and the socket rejected) if one says no."""
         try:
             version, value = ip_to_int(client[0])
@@ -444,7 +445,7 @@ class Admission:
 
     def _reject(
         self,
-        sock: socket.socket,
+        sock: Socket,
         peer: Address,
         reason: str,
         detail: str,

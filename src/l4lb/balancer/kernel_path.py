@@ -23,6 +23,7 @@ from typing import Protocol
 
 from l4lb.balancer import bpf, poller
 from l4lb.balancer.poller import EPOLLET, EPOLLIN
+from l4lb.balancer.relay_contract import Socket
 
 __all__ = [
     "BACKLOG_LIMIT",
@@ -78,7 +79,7 @@ class Refreshable(Protocol):
     def refresh(self) -> None: ...
 
 
-def written(sock: socket.socket, connected: bool) -> int:
+def written(sock: Socket, connected: bool) -> int:
     """Bytes ever written into ``sock``'s send queue: ``tcp_info.bytes_acked + SIOCOUTQ``.
 
     A connected socket's ``bytes_acked`` counts its SYN. ``bytes_acked`` is read first: bytes
@@ -255,7 +256,7 @@ class KernelPath:
         st[base + COPIED] = 0
         st[base + WANT] = 1
 
-    def insert(self, sock: socket.socket, slot: int) -> bytes:
+    def insert(self, sock: Socket, slot: int) -> bytes:
         """Name ``sock``'s slot to the program, then put it in the sockmap; the cookie key."""
         key = sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8)
         bpf.map_update(self.slots_fd, key, struct.pack("<I", slot))

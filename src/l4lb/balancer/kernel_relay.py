@@ -88,6 +88,7 @@ from l4lb.balancer.relay_contract import (
     EndReason,
     Relay,
     RelayConn,
+    Socket,
     StartRelay,
     error_reason,
     reset_socket,
@@ -154,9 +155,7 @@ class _Direction:
         "waiting",
     )
 
-    def __init__(
-        self, relay: KernelRelay, src: socket.socket, dst: socket.socket, to_client: bool
-    ) -> None:
+    def __init__(self, relay: KernelRelay, src: Socket, dst: Socket, to_client: bool) -> None:
         self.relay = relay
         self.src = src
         self.src_fd = src.fileno()
@@ -408,8 +407,8 @@ class KernelRelay:
         self,
         loop: asyncio.AbstractEventLoop,
         path: KernelPath,
-        client: socket.socket,
-        backend: socket.socket,
+        client: Socket,
+        backend: Socket,
         conn: RelayConn,
     ) -> None:
         self.loop = loop
@@ -461,7 +460,7 @@ class KernelRelay:
         self.guard(up.pump)
         self.guard(down.pump)
 
-    def _mask(self, sock: socket.socket) -> int:
+    def _mask(self, sock: Socket) -> int:
         if sock is self.client:
             out_of, into = self.to_backend, self.to_client
         else:
@@ -473,7 +472,7 @@ class KernelRelay:
             mask |= EPOLLOUT
         return mask
 
-    def update_mask(self, sock: socket.socket) -> None:
+    def update_mask(self, sock: Socket) -> None:
         if self.closed:
             return
         fd = sock.fileno()
@@ -785,8 +784,8 @@ def make_start(
 
     def start_kernel_relay(
         loop: asyncio.AbstractEventLoop,
-        client_sock: socket.socket,
-        backend_sock: socket.socket,
+        client_sock: Socket,
+        backend_sock: Socket,
         first: bytes,
         conn: RelayConn,
     ) -> Relay:

@@ -27,7 +27,7 @@ import msgspec
 
 from l4lb.balancer.admission import Admission, Admitted, Rejected
 from l4lb.balancer.connection import Connection
-from l4lb.balancer.relay_contract import EndReason, StartRelay
+from l4lb.balancer.relay_contract import EndReason, Socket, StartRelay, socket_class
 from l4lb.balancer.routes import RouteTable
 from l4lb.config.schema import ListenerConfig
 from l4lb.config.values import format_hostport
@@ -118,6 +118,7 @@ class Listener:
         "routes",
         "running",
         "sock",
+        "sock_class",
         "start_relay",
         "total",
     )
@@ -136,6 +137,8 @@ class Listener:
         self.name = config.name
         self.max_conns = config.max_conns
         self.start_relay = start_relay
+        self.sock_class = socket_class(start_relay)
+        """What accepted sockets are made of (the C type, unless the relay needs more)."""
         self.sock = sock
         self.active = 0
         self.total = 0
@@ -191,6 +194,7 @@ class Listener:
     def _accept(self) -> None:
         accept = self.sock._accept  # type: ignore[attr-defined]
         family = self.sock.family
+        make = self.sock_class
         admit = self.admission.admit
         local = self.local
         for _ in range(ACCEPT_BATCH):
@@ -212,7 +216,7 @@ class Listener:
                 self._unwatch()
                 self.loop.call_later(_EMFILE_PAUSE, self._watch)
                 return
-            sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+            sock = make(family, socket.SOCK_STREAM, 0, fd)
             sock.setblocking(False)  # TCP_NODELAY is inherited from the listening socket
             here = local
             if here is None:  # a wildcard bind: the address the client reached is per socket
@@ -224,7 +228,7 @@ class Listener:
                 here = (name[0], name[1])
             admit(sock, (peer[0], peer[1]), here, self._admitted)
 
-    def _admitted(self, sock: socket.socket, admitted: Admitted) -> None:
+    def _admitted(self, sock: Socket, admitted: Admitted) -> None:
         balancer = self.balancer
         pool = balancer.pools.get(self.config.pool)
         if pool is None:
@@ -295,6 +299,7 @@ class Listener:
             self._set_defer_accept(config.defer_accept_s)
         self.routes = RouteTable.of(config)
         self.start_relay = self.balancer.start_relay
+        self.sock_class = socket_class(self.start_relay)
         if admission is not None:
             previous = self.admission
             self.admission = admission

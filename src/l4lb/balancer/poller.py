@@ -11,7 +11,8 @@ Three users share it:
   paused by backpressure, registered with no event bits so only ``EPOLLERR``/``EPOLLHUP`` show.
 
 The loop watches the set itself with a single ``add_reader``. The syscall-saving design: a
-socket is added once, for input and output, edge-triggered, and never modified; an edge-triggered
+socket is added once, for input and output, edge-triggered, and (but for the splice relay's client
+socket, whose output is added when a write to it first blocks) never modified; an edge-triggered
 reader moves bytes until ``EAGAIN``, and closing a socket removes it from the set. A backend
 socket added while it connects stays in the set as a marker, so a splice relay takes it over
 without another ``epoll_ctl``. This costs two ``epoll_ctl`` calls per connection, where
@@ -32,10 +33,11 @@ import asyncio
 import contextlib
 import logging
 import select
-import socket
 import weakref
 from collections.abc import Callable
 from typing import Protocol
+
+from l4lb.balancer.relay_contract import Socket
 
 __all__ = [
     "EPOLLERR",
@@ -96,7 +98,7 @@ class Poller:
 
     # -- the backend connect -----------------------------------------------------------------
 
-    def wait_connected(self, sock: socket.socket, callback: Callable[[], object]) -> None:
+    def wait_connected(self, sock: Socket, callback: Callable[[], object]) -> None:
         """Call ``callback`` once when the connecting ``sock`` is writable (connected or failed)."""
         fd = sock.fileno()
         self.fds[fd] = _Connecting(self, sock, callback)
@@ -105,28 +107,26 @@ class Poller:
         except FileExistsError:  # a number reused by a socket we stopped watching
             self.ep.modify(fd, EDGE_EVENTS)
 
-    def stop_waiting(self, sock: socket.socket) -> None:
+    def stop_waiting(self, sock: Socket) -> None:
         """Forget a :meth:`wait_connected` that will not be needed (the caller closes ``sock``)."""
         current = self.fds.get(sock.fileno())
-        if isinstance(current, _Connecting) and current.sock() is sock:
+        if isinstance(current, _Connecting) and current.sock is sock:
             current.callback = None
 
-    def connected_cleanly(self, sock: socket.socket) -> bool:
+    def connected_cleanly(self, sock: Socket) -> bool:
         """True when the wake-up that ended ``sock``'s connect said "writable" and nothing
         else: the connect succeeded, no ``SO_ERROR`` look-up needed. False: ask ``SO_ERROR``."""
         current = self.fds.get(sock.fileno())
         return (
             isinstance(current, _Connecting)
-            and current.sock() is sock
+            and current.sock is sock
             and current.writable
             and not current.seen & (EPOLLERR | EPOLLHUP)
         )
 
     # -- edge-triggered owners (the splice relay) --------------------------------------------
 
-    def take(
-        self, sock: socket.socket, fd: int, handler: Handler, events: int = EDGE_EVENTS
-    ) -> int:
+    def take(self, sock: Socket, fd: int, handler: Handler, events: int = EDGE_EVENTS) -> int:
         """Send ``sock``'s events to ``handler`` from now on; returns events not yet handled.
 
         A socket still in the set from its connect costs no system call; the events its connect
@@ -136,7 +136,7 @@ class Poller:
         """
         current = self.fds.get(fd)
         self.fds[fd] = handler
-        if isinstance(current, _Connecting) and current.sock() is sock:
+        if isinstance(current, _Connecting) and current.sock is sock:
             if events != EDGE_EVENTS:  # the kernel relay's own mask
                 self.ep.modify(fd, events)
             return current.seen
@@ -205,11 +205,11 @@ class _Connecting:
 
     __slots__ = ("callback", "poller", "seen", "sock", "writable")
 
-    def __init__(
-        self, poller: Poller, sock: socket.socket, callback: Callable[[], object] | None
-    ) -> None:
+    def __init__(self, poller: Poller, sock: Socket, callback: Callable[[], object] | None) -> None:
         self.poller = poller
-        self.sock = weakref.ref(sock)
+        self.sock = sock
+        """Held, not weakly: the C socket type takes no weak references. Its owner closes it; the
+        marker goes at the descriptor's next event or when the number is registered again."""
         self.callback = callback
         self.seen = 0
         """The events of the wake-up that ended the connect (handed on by :meth:`Poller.take`)."""
@@ -242,7 +242,7 @@ def for_loop(loop: asyncio.AbstractEventLoop) -> Poller:
 
 
 def wait_connected(
-    loop: asyncio.AbstractEventLoop, sock: socket.socket, callback: Callable[[], object]
+    loop: asyncio.AbstractEventLoop, sock: Socket, callback: Callable[[], object]
 ) -> None:
     """Call ``callback`` once when the connecting ``sock`` is writable (connected or failed).
 
@@ -262,7 +262,7 @@ def wait_connected(
     loop.add_writer(fd, once)
 
 
-def connected_cleanly(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bool:
+def connected_cleanly(loop: asyncio.AbstractEventLoop, sock: Socket) -> bool:
     """Inside a :func:`wait_connected` callback: True when the connect surely succeeded
     (writable, no error or hang-up), so ``getsockopt(SO_ERROR)`` can be skipped."""
     if not _HAVE_EPOLL:
@@ -271,7 +271,7 @@ def connected_cleanly(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> b
     return poller is not None and poller.connected_cleanly(sock)
 
 
-def stop_waiting(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+def stop_waiting(loop: asyncio.AbstractEventLoop, sock: Socket) -> None:
     """Forget a :func:`wait_connected` that will not be needed (the caller closes ``sock``)."""
     if not _HAVE_EPOLL:
         loop.remove_writer(sock.fileno())

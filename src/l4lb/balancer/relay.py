@@ -21,7 +21,15 @@ from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
 from l4lb.balancer import poller
-from l4lb.balancer.relay_contract import EndReason, Relay, RelayConn, error_reason, reset_socket
+from l4lb.balancer.relay_contract import (
+    EndReason,
+    Relay,
+    RelayConn,
+    Socket,
+    error_reason,
+    python_socket,
+    reset_socket,
+)
 
 log = logging.getLogger("l4lb.relay")
 
@@ -275,12 +283,13 @@ class StreamRelay:
 
 def start_relay(
     loop: asyncio.AbstractEventLoop,
-    client_sock: socket.socket,
-    backend_sock: socket.socket,
+    client_sock: Socket,
+    backend_sock: Socket,
     first: bytes,
     conn: RelayConn,
 ) -> Relay:
     """Relay between two connected non-blocking sockets; ``first`` goes to the backend first."""
-    relay = StreamRelay(loop, client_sock, backend_sock, first, conn)
+    client, backend = python_socket(client_sock), python_socket(backend_sock)  # for uvloop
+    relay = StreamRelay(loop, client, backend, first, conn)
     relay.start()
     return relay

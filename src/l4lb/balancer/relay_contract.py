@@ -20,6 +20,7 @@ Three implementations: :mod:`l4lb.balancer.relay` (``stream``, asyncio Protocols
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import errno
@@ -36,14 +37,22 @@ __all__ = [
     "EndReason",
     "Relay",
     "RelayConn",
+    "Socket",
     "StartRelay",
     "default_relay",
     "error_reason",
     "get_relay",
+    "python_socket",
     "reset_socket",
+    "socket_class",
 ]
 
 log = logging.getLogger("l4lb.relay")
+
+Socket = _socket.socket
+"""What a relay is given: ``socket.socket`` is a Python subclass of this C type, whose
+``__init__`` and ``close`` are Python frames; the listener makes the C type itself for the
+relays that can take it (:func:`socket_class`)."""
 
 
 class EndReason(StrEnum):
@@ -93,7 +102,7 @@ def error_reason(code: int | None) -> EndReason:
     return EndReason.RESET if code in RESET_ERRNOS else EndReason.ERROR
 
 
-def reset_socket(sock: socket.socket) -> None:
+def reset_socket(sock: Socket) -> None:
     """Arrange for the next close of ``sock`` to send a RST."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
@@ -116,10 +125,27 @@ class Relay(Protocol):
         """Close both sides now (idle timeout, shutdown), discarding buffered data."""
 
 
-StartRelay = Callable[
-    [asyncio.AbstractEventLoop, socket.socket, socket.socket, bytes, RelayConn], Relay
-]
+StartRelay = Callable[[asyncio.AbstractEventLoop, Socket, Socket, bytes, RelayConn], Relay]
 """``start(loop, client_sock, backend_sock, first, conn)``: relay two connected sockets."""
+
+
+def socket_class(start: StartRelay) -> type[Socket]:
+    """The class of the sockets made for ``start``: the C type (no Python ``__init__``,
+    ``close`` and ``_real_close`` frames: about 10k fewer user-space instructions per spliced
+    connection), but ``socket.socket`` for the stream relay (see :func:`python_socket`)."""
+    from l4lb.balancer import relay
+
+    return socket.socket if start is relay.start_relay else Socket
+
+
+def python_socket(sock: Socket) -> socket.socket:
+    """``sock`` as a ``socket.socket``, which uvloop's transports need: they detach one when
+    they close, but close any other object a second time after libuv has (``EBADF``, or a
+    descriptor another thread has just been given). A C socket, made for another relay before a
+    reload switched to the stream relay, is wrapped anew (one ``getsockname`` more)."""
+    if isinstance(sock, socket.socket):
+        return sock
+    return socket.socket(sock.family, sock.type, sock.proto, sock.detach())
 
 
 def default_relay() -> StartRelay:
