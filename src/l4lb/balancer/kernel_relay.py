@@ -668,8 +668,8 @@ class _Probation(splice.SpliceRelay):
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        client: socket.socket,
-        backend: socket.socket,
+        client: Socket,
+        backend: Socket,
         conn: RelayConn,
         path: KernelPath,
         policy: Handover,
@@ -744,8 +744,8 @@ class _Probation(splice.SpliceRelay):
 def _insert(
     loop: asyncio.AbstractEventLoop,
     path: KernelPath,
-    client_sock: socket.socket,
-    backend_sock: socket.socket,
+    client_sock: Socket,
+    backend_sock: Socket,
     conn: RelayConn,
 ) -> KernelRelay | None:
     """Arm two slots and put the client socket in the sockmap: the relay to :meth:`begin
