@@ -42,6 +42,7 @@ from l4lb.proxy_protocol import TLV, ProxyProtocolError, TLVType, build
 
 if TYPE_CHECKING:
     import asyncio
+    from collections.abc import Callable
 
     from l4lb.balancer.admission import Admission
     from l4lb.balancer.pool import Backend, Pool
@@ -262,6 +263,7 @@ class Connection:
         "failed",
         "listener",
         "loop",
+        "on_state",
         "parts",
         "pool",
         "progress",
@@ -284,8 +286,11 @@ class Connection:
         sock: socket.socket,
         admitted: Admitted,
         routes: RouteTable | None = None,
+        on_state: Callable[[State], None] | None = None,
     ) -> None:
         self.listener = listener
+        self.on_state = on_state
+        """Told every state entered, after the step (tests and debugging; usually None)."""
         self.routes = routes
         """The listener's routes: the pool is chosen after the peek (None: ``pool`` serves)."""
         self.route: str | None = None
@@ -360,6 +365,8 @@ class Connection:
             if self.backend_sock is not None:
                 self._stop_waiting(self.backend_sock)
         self.state = state
+        if self.on_state is not None:
+            self.on_state(state)
 
     # -- the steps -----------------------------------------------------------------------
 
