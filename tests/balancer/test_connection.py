@@ -79,7 +79,9 @@ class ReadsSeen(asyncio.SelectorEventLoop):
 
 
 def _pool(addresses: list[str], **kw: Any) -> Pool:
-    backends = [BackendConfig(address=a) for a in addresses]
+    """A pool of these backends; sequences in ``kw`` are tuples, as the config loader makes them
+    (a compiled pool.py checks the declared types)."""
+    backends = tuple(BackendConfig(address=a) for a in addresses)
     return Pool("p", PoolConfig(backends=backends, **kw))
 
 
@@ -339,7 +341,7 @@ def test_peek_waits_for_the_client_then_connects_after_the_timeout() -> None:
         owner = Owner(loop, relay.start_relay)
         pool = _pool(
             [f"127.0.0.1:{srv.getsockname()[1]}"],
-            proxy_tlvs=["authority"],
+            proxy_tlvs=("authority",),
             tls_peek_timeout="100ms",
         )
         conn, states = recorded(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
@@ -394,7 +396,7 @@ def test_closed_while_peeking_stops_watching_the_client() -> None:
     async def body(loop: asyncio.AbstractEventLoop) -> None:
         client, accepted = _tcp_pair()
         owner = Owner(loop, relay.start_relay)
-        pool = _pool(["127.0.0.1:9"], proxy_tlvs=["alpn"], tls_peek_timeout="10s")
+        pool = _pool(["127.0.0.1:9"], proxy_tlvs=("alpn",), tls_peek_timeout="10s")
         conn, states = recorded(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
         conn.start()
         conn.close(EndReason.SHUTDOWN)
@@ -438,7 +440,7 @@ def test_a_client_hello_split_over_two_segments_is_waited_for() -> None:
         owner = Owner(loop, relay.start_relay)
         pool = _pool(
             [f"127.0.0.1:{srv.getsockname()[1]}"],
-            proxy_tlvs=["authority", "alpn"],
+            proxy_tlvs=("authority", "alpn"),
             tls_peek_timeout="10s",
         )
         conn, states = recorded(owner, pool, accepted, Admitted(CLIENT, DESTINATION))

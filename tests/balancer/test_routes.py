@@ -164,7 +164,7 @@ class RoutingOwner(Owner):
 
 def _pool_at(name: str, srv: socket.socket) -> Pool:
     address = f"127.0.0.1:{srv.getsockname()[1]}"
-    return Pool(name, PoolConfig(backends=[BackendConfig(address=address)], send_proxy="off"))
+    return Pool(name, PoolConfig(backends=(BackendConfig(address=address),), send_proxy="off"))
 
 
 def test_a_client_hello_in_two_segments_is_routed_and_forwarded_whole() -> None:
