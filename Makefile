@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench setup sysdeps clean compile uncompile
+.PHONY: run test lint bench setup sysdeps clean compile uncompile build
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -13,23 +13,59 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-setup: $(STAMP)
-	@if [ "$(COMPILE)" = 1 ]; then $(MAKE) --no-print-directory compile; fi
+setup: $(STAMP) build
 
-# Optional (`make compile`, or `COMPILE=1 make setup`): the codec's parser and the splice relay's
-# hot path compiled with mypyc, in place, as extension modules next to their .py files, which stay
-# the source and the fallback (`make uncompile` goes back to pure Python). Needs a C compiler and
-# the Python headers. An edited .py is NOT picked up until `make compile` runs again: the test
-# suite stops at start when a compiled module is older than its source (tests/conftest.py).
+# The hot modules compiled with mypyc, by default: the codec's parser and a new connection's
+# path. Compiled in place, as extension modules next to their .py files, which stay the source
+# and the fallback (Python imports an extension module before its .py). Needs a C compiler and
+# the Python headers; without them the build says so in one line and stays pure Python.
+# `COMPILE=0 make setup` (or test, run, bench) removes the build: pure Python; `make compile`
+# forces a build (it fails without a compiler). The build is redone whenever one of these
+# files (or this Makefile) is newer than it, so every make target runs what the source says;
+# the test suite refuses to start on a compiled module older than its .py (tests/conftest.py),
+# for pytest run by hand after an edit. docs/performance.md has what each module saves (and
+# why listener.py, admission.py and kernel_relay.py are not in the list).
+COMPILE ?= 1
 COMPILED := l4lb/proxy_protocol/parse.py l4lb/proxy_protocol/v1.py l4lb/proxy_protocol/v2.py \
-	l4lb/proxy_protocol/tlv.py l4lb/balancer/splice.py l4lb/balancer/poller.py
+	l4lb/proxy_protocol/tlv.py l4lb/balancer/splice.py l4lb/balancer/poller.py \
+	l4lb/balancer/connection.py l4lb/balancer/pool.py l4lb/balancer/algorithms.py \
+	l4lb/balancer/relay_contract.py
+BUILT := $(VENV)/.compiled
+MYPYC_LOG := $(VENV)/mypyc.log
+# Prints what is missing (and fails) when this venv's Python cannot build extension modules.
+CAN_COMPILE := $(BIN)/python -c 'import os, shlex, shutil, sys, sysconfig; \
+	cc = shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")[0]; \
+	inc = os.path.join(sysconfig.get_paths()["include"], "Python.h"); \
+	missing = [m for m, ok in ((f"a C compiler ({cc})", shutil.which(cc)), \
+	  (f"the Python headers ({inc})", os.path.exists(inc))) if not ok]; \
+	print(" and ".join(missing), "missing"); sys.exit(bool(missing))'
+
+ifeq ($(COMPILE),0)
+build: uncompile
+else
+build: $(BUILT)
+endif
+
+$(BUILT): $(STAMP) $(addprefix src/,$(COMPILED)) Makefile
+	@if missing=$$($(CAN_COMPILE)); then \
+	  $(MAKE) --no-print-directory compile; \
+	else \
+	  $(MAKE) --no-print-directory uncompile >/dev/null; \
+	  echo "l4lb: pure Python, not compiled with mypyc: $$missing (e.g. apt-get install gcc python3-dev, then make setup)"; \
+	fi
 
 compile: $(STAMP) uncompile
-	cd src && ../$(BIN)/mypyc $(COMPILED) >/dev/null
+	@echo "l4lb: compiling the hot modules with mypyc (about 20-50 s; COMPILE=0 for pure Python)"
+	@cd src && ../$(BIN)/mypyc $(COMPILED) >../$(MYPYC_LOG) 2>&1 \
+	  || { cat ../$(MYPYC_LOG); rm -rf build; echo "l4lb: mypyc failed (above); COMPILE=0 make setup runs pure Python"; exit 1; }
 	rm -rf src/build
+	touch $(BUILT)
 
+# Every extension module under src, not only today's list: one left from a longer list (or
+# another branch's) would shadow its .py.
 uncompile:
-	rm -rf src/build src/*__mypyc*.so $(foreach m,$(COMPILED),src/$(basename $(m)).*.so)
+	rm -rf src/build $(BUILT)
+	find src -name '*.so' -delete
 
 # System packages the tests and benchmarks talk to (real HAProxy and nginx, wrk, chromium;
 # BIRD 2, nftables and conntrack for the anycast fleet test; logrotate and rsyslog for the log tests).
@@ -45,10 +81,10 @@ sysdeps:
 	    bird2 nftables conntrack logrotate rsyslog >/dev/null; \
 	fi
 
-run: $(STAMP)
+run: setup
 	$(BIN)/l4lb demo
 
-test: $(STAMP) sysdeps
+test: setup sysdeps
 	$(BIN)/pytest -q -n 2 --dist loadfile
 
 lint: $(STAMP)
@@ -56,7 +92,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests bench examples
 	$(BIN)/mypy --strict src
 
-bench: $(STAMP) sysdeps
+bench: setup sysdeps
 	$(BIN)/python bench/codec.py
 	$(BIN)/python bench/cidr.py
 	$(BIN)/python bench/run.py

@@ -42,23 +42,43 @@ settings.register_profile(
 settings.load_profile("l4lb")
 
 
-def pytest_configure(config: object) -> None:
-    """Refuse to test a stale mypyc build (``make compile``): Python imports an extension
-    module before its .py, so an edit made since the build would silently not be tested."""
+def _compiled() -> tuple[list[str], list[str]]:
+    """The l4lb modules imported from a mypyc build (``make setup`` makes one by default), and
+    those of them whose .py is newer than the build."""
     import pathlib
-
-    import pytest
 
     import l4lb
 
     root = pathlib.Path(l4lb.__file__).parent
-    stale = []
+    compiled, stale = [], []
     for ext in root.rglob("*.so"):
         source = ext.with_name(ext.name.split(".", 1)[0] + ".py")
-        if source.exists() and source.stat().st_mtime > ext.stat().st_mtime:
-            stale.append(str(source.relative_to(root.parent)))
+        if not source.exists():
+            continue
+        name = str(source.relative_to(root.parent))
+        compiled.append(name)
+        if source.stat().st_mtime > ext.stat().st_mtime:
+            stale.append(name)
+    return sorted(compiled), sorted(stale)
+
+
+def pytest_configure(config: object) -> None:
+    """Refuse to test a stale mypyc build: Python imports an extension module before its .py,
+    so an edit made since the build would silently not be tested. ``make test`` rebuilds
+    first; this catches pytest run by hand after an edit."""
+    import pytest
+
+    _, stale = _compiled()
     if stale:
         raise pytest.UsageError(
-            f"{', '.join(sorted(stale))} changed since `make compile`: run `make compile` again "
-            "(or `make uncompile` to test the pure-Python modules)"
+            f"{', '.join(stale)} changed since the mypyc build: run `make setup` to rebuild it "
+            "(or `COMPILE=0 make setup` to test the pure-Python modules)"
         )
+
+
+def pytest_report_header(config: object) -> str:
+    """Which build the suite runs: CI runs it compiled and a part of it pure (.ci/run)."""
+    compiled, _ = _compiled()
+    if not compiled:
+        return "l4lb: pure Python (no mypyc build)"
+    return f"l4lb: compiled with mypyc: {', '.join(compiled)}"

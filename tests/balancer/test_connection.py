@@ -55,20 +55,41 @@ class Owner:
             self.ended.set_result((reason, detail))
 
 
-class Recorded(Connection):
-    """A Connection that keeps the list of states it went through."""
+def recorded(*args: Any) -> tuple[Connection, list[State]]:
+    """A Connection and the list of the states it goes through (its ``on_state``)."""
+    states: list[State] = []
+    return Connection(*args, on_state=states.append), states
 
-    def __init__(self, *args: Any) -> None:
-        self.states: list[State] = []
-        super().__init__(*args)
 
-    def _enter(self, state: State) -> None:
-        super()._enter(state)
-        self.states.append(state)
+class ReadsSeen(asyncio.SelectorEventLoop):
+    """An event loop that tells when a reader callback on one file descriptor has run.
+
+    The connection's peek is the reader on the client socket while it is PEEKING, so a test
+    can wait for "the first bytes were looked at" on the event itself (a compiled Connection
+    cannot be subclassed to hook ``_peek``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fd = -1
+        self.read: asyncio.Event = asyncio.Event()
+
+    def add_reader(self, fd: Any, callback: Callable[..., object], *args: Any) -> None:
+        if fd != self.fd:
+            super().add_reader(fd, callback, *args)
+            return
+
+        def reader() -> None:
+            callback(*args)
+            self.read.set()
+
+        super().add_reader(fd, reader)
 
 
 def _pool(addresses: list[str], **kw: Any) -> Pool:
-    backends = [BackendConfig(address=a) for a in addresses]
+    """A pool of these backends; sequences in ``kw`` are tuples, as the config loader makes them
+    (a compiled pool.py checks the declared types)."""
+    backends = tuple(BackendConfig(address=a) for a in addresses)
     return Pool("p", PoolConfig(backends=backends, **kw))
 
 
@@ -87,8 +108,11 @@ def _server() -> socket.socket:
     return srv
 
 
-def _run(body: Callable[[asyncio.AbstractEventLoop], Awaitable[None]]) -> None:
-    loop = asyncio.new_event_loop()
+def _run(
+    body: Callable[[asyncio.AbstractEventLoop], Awaitable[None]],
+    loop: asyncio.AbstractEventLoop | None = None,
+) -> None:
+    loop = loop or asyncio.new_event_loop()
     try:
         loop.run_until_complete(asyncio.wait_for(body(loop), 20))
     finally:
@@ -120,7 +144,7 @@ def test_relays_with_header_then_ends_client_closed(mode: str) -> None:
         client, accepted = _tcp_pair()
         owner = Owner(loop, _relay(mode))
         pool = _pool([f"127.0.0.1:{srv.getsockname()[1]}"])
-        conn = Recorded(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
+        conn, states = recorded(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
         assert conn.state is State.NEW
         conn.start()
         far, _ = await loop.sock_accept(srv)
@@ -139,7 +163,7 @@ def test_relays_with_header_then_ends_client_closed(mode: str) -> None:
         assert await loop.sock_recv(far, 10) == b""
         far.close()
         assert await owner.ended == (EndReason.CLIENT_CLOSED, "")
-        assert conn.states == [State.CONNECTING, State.RELAYING, State.CLOSED]
+        assert states == [State.CONNECTING, State.RELAYING, State.CLOSED]
         assert (conn.bytes_from_client, conn.bytes_to_client) == (4, 4)
         assert pool.backends[0].active == 0 and pool.backends[0].bytes_in == 4
         client.close()
@@ -154,12 +178,12 @@ def test_no_backend_resets_the_client() -> None:
         owner = Owner(loop, relay.start_relay)
         pool = _pool(["127.0.0.1:9"])
         pool.set_admin(pool.backends[0], "disable")
-        conn = Recorded(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
+        conn, states = recorded(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
         conn.start()
         reason, detail = await owner.ended
         assert reason is EndReason.NO_BACKEND
         assert detail == "no backend of pool p is available"
-        assert conn.states == [State.CLOSED]
+        assert states == [State.CLOSED]
         client.settimeout(5)
         with pytest.raises(ConnectionResetError):
             client.recv(10)
@@ -176,11 +200,11 @@ def test_a_refused_connect_is_retried_on_the_next_backend() -> None:
         dead = f"127.0.0.1:{dead_port()}"
         live = f"127.0.0.1:{srv.getsockname()[1]}"
         pool = _pool([dead, live], retries=1)  # roundrobin starts with the first
-        conn = Recorded(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
+        conn, states = recorded(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
         conn.start()
         far, _ = await loop.sock_accept(srv)
         await _read_header(loop, far)
-        assert conn.states == [State.CONNECTING, State.CONNECTING, State.RELAYING]
+        assert states == [State.CONNECTING, State.CONNECTING, State.RELAYING]
         assert [b.address for b in conn.tried] == [dead, live]
         assert pool.by_address[dead].connect_failures == 1
         assert pool.by_address[dead].active == 0
@@ -199,12 +223,12 @@ def test_every_backend_refusing_ends_connect_failed_with_the_last_error() -> Non
         owner = Owner(loop, relay.start_relay)
         dead = f"127.0.0.1:{dead_port()}"
         pool = _pool([dead], retries=2)
-        conn = Recorded(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
+        conn, states = recorded(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
         conn.start()
         reason, detail = await owner.ended
         assert reason is EndReason.CONNECT_FAILED
         assert detail.startswith(f"{dead}: ") and "refused" in detail
-        assert conn.states == [State.CONNECTING, State.CLOSED]
+        assert states == [State.CONNECTING, State.CLOSED]
         assert pool.backends[0].active == 0
         client.settimeout(5)
         with pytest.raises(ConnectionResetError):
@@ -230,12 +254,12 @@ def test_connect_timeout_ends_connect_failed() -> None:
         client, accepted = _tcp_pair()
         owner = Owner(loop, relay.start_relay)
         pool = _pool([f"127.0.0.1:{srv.getsockname()[1]}"], connect_timeout="200ms")
-        conn = Recorded(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
+        conn, states = recorded(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
         conn.start()
         reason, detail = await owner.ended
         assert reason is EndReason.CONNECT_FAILED
         assert detail.endswith("connect timeout after 0.2s"), detail
-        assert conn.states == [State.CONNECTING, State.CLOSED]
+        assert states == [State.CONNECTING, State.CLOSED]
         assert conn.deadlines is None and conn.backend_sock is None
         for s in (client, filler, srv):
             s.close()
@@ -257,7 +281,7 @@ def test_closed_while_connecting_ends_once_and_never_relays() -> None:
 
         owner = Owner(loop, start_relay)
         pool = _pool([f"127.0.0.1:{srv.getsockname()[1]}"])
-        conn = Recorded(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
+        conn, states = recorded(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
         conn.start()
         assert conn.state is State.CONNECTING
         backend_sock = conn.backend_sock
@@ -269,7 +293,7 @@ def test_closed_while_connecting_ends_once_and_never_relays() -> None:
         assert conn not in deadlines.waiting
         conn.close(EndReason.IDLE_TIMEOUT)
         assert owner.ends == [(EndReason.SHUTDOWN, "")] and relays == []
-        assert conn.states == [State.CONNECTING, State.CLOSED]
+        assert states == [State.CONNECTING, State.CLOSED]
         assert pool.backends[0].active == 0
         client.settimeout(5)
         assert client.recv(10) == b""  # closed, not refused: a stop is not the backend's fault
@@ -305,10 +329,10 @@ def test_a_relay_ending_inside_its_own_start_is_accounted_once() -> None:
 
         owner = Owner(loop, start_relay)
         pool = _pool([f"127.0.0.1:{srv.getsockname()[1]}"])
-        conn = Recorded(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
+        conn, states = recorded(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
         conn.start()
         assert await owner.ended == (EndReason.RESET, "")
-        assert conn.states == [State.CONNECTING, State.RELAYING, State.CLOSED]
+        assert states == [State.CONNECTING, State.RELAYING, State.CLOSED]
         conn.close(EndReason.SHUTDOWN)
         assert len(owner.ends) == 1
         assert pool.backends[0].active == 0
@@ -325,16 +349,16 @@ def test_peek_waits_for_the_client_then_connects_after_the_timeout() -> None:
         owner = Owner(loop, relay.start_relay)
         pool = _pool(
             [f"127.0.0.1:{srv.getsockname()[1]}"],
-            proxy_tlvs=["authority"],
+            proxy_tlvs=("authority",),
             tls_peek_timeout="100ms",
         )
-        conn = Recorded(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
+        conn, states = recorded(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
         conn.start()
         assert conn.state is State.PEEKING
         far, _ = await loop.sock_accept(srv)  # after the peek timeout: a silent client
         header, _ = await _read_header(loop, far)
         assert header.source == CLIENT
-        assert conn.states == [State.PEEKING, State.CONNECTING, State.RELAYING]
+        assert states == [State.PEEKING, State.CONNECTING, State.RELAYING]
         assert conn.authority is None
         conn.close(EndReason.SHUTDOWN)
         assert (await owner.ended)[0] is EndReason.SHUTDOWN
@@ -353,21 +377,22 @@ def test_connect_timeouts_of_many_connections_share_one_deadline_table() -> None
         srv, filler = _unanswered_server()
         target = [f"127.0.0.1:{srv.getsockname()[1]}"]
         fast, slow = _pool(target, connect_timeout="200ms"), _pool(target, connect_timeout="400ms")
-        pairs, conns, owners = [], [], []
+        pairs, conns, owners, seen = [], [], [], []
         for pool in (slow, fast, fast, slow, fast):
             client, accepted = _tcp_pair()
             owner = Owner(loop, relay.start_relay)
-            conn = Recorded(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
+            conn, states = recorded(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
             conn.start()
             pairs.append(client)
             conns.append(conn)
             owners.append(owner)
+            seen.append(states)
         assert connection.loop_parts(loop).deadlines.keys() == {0.2, 0.4}
         ends = await asyncio.gather(*(o.ended for o in owners))
-        for (reason, detail), conn in zip(ends, conns, strict=True):
+        for (reason, detail), conn, states in zip(ends, conns, seen, strict=True):
             assert reason is EndReason.CONNECT_FAILED
             assert detail.endswith(f"connect timeout after {conn.pool.connect_timeout:g}s")
-            assert conn.deadlines is None and conn.states == [State.CONNECTING, State.CLOSED]
+            assert conn.deadlines is None and states == [State.CONNECTING, State.CLOSED]
         assert not connection.loop_parts(loop).deadlines
         for s in (*pairs, filler, srv):
             s.close()
@@ -379,12 +404,12 @@ def test_closed_while_peeking_stops_watching_the_client() -> None:
     async def body(loop: asyncio.AbstractEventLoop) -> None:
         client, accepted = _tcp_pair()
         owner = Owner(loop, relay.start_relay)
-        pool = _pool(["127.0.0.1:9"], proxy_tlvs=["alpn"], tls_peek_timeout="10s")
-        conn = Recorded(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
+        pool = _pool(["127.0.0.1:9"], proxy_tlvs=("alpn",), tls_peek_timeout="10s")
+        conn, states = recorded(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
         conn.start()
         conn.close(EndReason.SHUTDOWN)
         assert owner.ends == [(EndReason.SHUTDOWN, "")]
-        assert conn.states == [State.PEEKING, State.CLOSED]
+        assert states == [State.PEEKING, State.CLOSED]
         assert conn.timer is None
         client.settimeout(5)
         assert client.recv(10) == b""  # a clean close: not refused, just ended
@@ -413,29 +438,23 @@ def test_a_client_hello_split_over_two_segments_is_waited_for() -> None:
 
     hello_bytes = client_hello("split.example.test", ["h2"])
 
-    class Peeks(Recorded):
-        def __init__(self, *args: Any) -> None:
-            self.peeked: asyncio.Event = asyncio.Event()
-            super().__init__(*args)
-
-        def _peek(self) -> None:
-            super()._peek()
-            self.peeked.set()
+    peeks = ReadsSeen()
 
     async def body(loop: asyncio.AbstractEventLoop) -> None:
         srv = _server()
         client, accepted = _tcp_pair()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peeks.fd = accepted.fileno()
         owner = Owner(loop, relay.start_relay)
         pool = _pool(
             [f"127.0.0.1:{srv.getsockname()[1]}"],
-            proxy_tlvs=["authority", "alpn"],
+            proxy_tlvs=("authority", "alpn"),
             tls_peek_timeout="10s",
         )
-        conn = Peeks(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
+        conn, states = recorded(owner, pool, accepted, Admitted(CLIENT, DESTINATION))
         conn.start()
         client.sendall(hello_bytes[:40])
-        await conn.peeked.wait()  # the first part was looked at: not a whole ClientHello yet
+        await peeks.read.wait()  # the first part was looked at: not a whole ClientHello yet
         assert conn.state is State.PEEKING
         client.sendall(hello_bytes[40:])
         far, _ = await loop.sock_accept(srv)
@@ -445,13 +464,13 @@ def test_a_client_hello_split_over_two_segments_is_waited_for() -> None:
         while len(got) < len(hello_bytes):
             got += await loop.sock_recv(far, 1 << 16)
         assert got == hello_bytes
-        assert conn.states == [State.PEEKING, State.CONNECTING, State.RELAYING]
+        assert states == [State.PEEKING, State.CONNECTING, State.RELAYING]
         conn.close(EndReason.SHUTDOWN)
         assert (await owner.ended)[0] is EndReason.SHUTDOWN
         for s in (client, far, srv):
             s.close()
 
-    _run(body)
+    _run(body, peeks)
 
 
 def test_a_spliced_connection_leaves_no_reference_cycle() -> None:

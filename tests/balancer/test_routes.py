@@ -17,7 +17,15 @@ from l4lb.balancer.relay_contract import EndReason
 from l4lb.balancer.routes import RouteTable, unreachable
 from l4lb.config.loader import ConfigError, parse_config
 from l4lb.config.schema import BackendConfig, PoolConfig, RouteConfig
-from tests.balancer.test_connection import CLIENT, DESTINATION, Owner, _run, _server, _tcp_pair
+from tests.balancer.test_connection import (
+    CLIENT,
+    DESTINATION,
+    Owner,
+    ReadsSeen,
+    _run,
+    _server,
+    _tcp_pair,
+)
 from tests.balancer.test_tls_peek import client_hello
 
 ROUTES = [
@@ -156,20 +164,13 @@ class RoutingOwner(Owner):
 
 def _pool_at(name: str, srv: socket.socket) -> Pool:
     address = f"127.0.0.1:{srv.getsockname()[1]}"
-    return Pool(name, PoolConfig(backends=[BackendConfig(address=address)], send_proxy="off"))
+    return Pool(name, PoolConfig(backends=(BackendConfig(address=address),), send_proxy="off"))
 
 
 def test_a_client_hello_in_two_segments_is_routed_and_forwarded_whole() -> None:
     hello = client_hello("www.example.com", ["http/1.1", "h2"])
 
-    class Peeks(Connection):
-        def __init__(self, *args: Any) -> None:
-            self.peeked = asyncio.Event()
-            super().__init__(*args)
-
-        def _peek(self) -> None:
-            super()._peek()
-            self.peeked.set()
+    peeks = ReadsSeen()
 
     async def body(loop: asyncio.AbstractEventLoop) -> None:
         default_srv, web_srv = _server(), _server()
@@ -178,10 +179,11 @@ def test_a_client_hello_in_two_segments_is_routed_and_forwarded_whole() -> None:
         table = RouteTable(ROUTES[1:2], peek_timeout=10.0)
         client, accepted = _tcp_pair()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = Peeks(owner, pools["default"], accepted, Admitted(CLIENT, DESTINATION), table)
+        peeks.fd = accepted.fileno()
+        conn = Connection(owner, pools["default"], accepted, Admitted(CLIENT, DESTINATION), table)
         conn.start()
         client.sendall(hello[:30])
-        await conn.peeked.wait()
+        await peeks.read.wait()  # the first part was looked at
         assert conn.state is State.PEEKING  # not enough to route yet
         client.sendall(hello[30:])
         far, _ = await loop.sock_accept(web_srv)
@@ -196,7 +198,7 @@ def test_a_client_hello_in_two_segments_is_routed_and_forwarded_whole() -> None:
         for s in (client, far, default_srv, web_srv):
             s.close()
 
-    _run(body)
+    _run(body, peeks)
 
 
 def test_no_match_with_reject_resets_the_client() -> None:

@@ -22,7 +22,7 @@ class Clock:
 
 
 def _pool(backends: list[dict[str, Any]], clock: Clock | None = None, **kw: Any) -> Pool:
-    configs = [BackendConfig(**b) for b in backends]
+    configs = tuple(BackendConfig(**b) for b in backends)
     return Pool("p", PoolConfig(backends=configs, **kw), clock=clock or Clock())
 
 
@@ -198,7 +198,7 @@ def test_a_backend_keeps_its_ramp_across_a_reload() -> None:
     old.set_health(backend, True)
     clock.now += 1.0
     config = PoolConfig(
-        backends=[BackendConfig(address="192.0.2.1:80", weight=20, slowstart="10s")]
+        backends=(BackendConfig(address="192.0.2.1:80", weight=20, slowstart="10s"),)
     )
     new = Pool("p", config, old, clock=clock)
     new.reconcile(old, keep_api=False)  # the reload put in force (the runtime's swap)

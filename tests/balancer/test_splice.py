@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from l4lb.balancer import poller, splice
+from l4lb.balancer.relay_contract import EndReason
 from tests.support.peers import wait_for
 
 pytestmark = pytest.mark.skipif(not splice.available(), reason="os.splice needs Linux")
@@ -224,7 +225,7 @@ def test_idle_connection_holds_no_pipe() -> None:
             assert r.client.recv(10) == b"pong"
         assert not r.conn.done.is_set()
         assert r.relay.to_backend.pipe is None and r.relay.to_client.pipe is None
-        r.call(r.relay.close, "idle_timeout")
+        r.call(r.relay.close, EndReason.IDLE_TIMEOUT)
         assert r.conn.done.wait(5)
         assert r.conn.reasons == ["idle_timeout"]
         assert r.client.recv(10) == b""
@@ -233,11 +234,11 @@ def test_idle_connection_holds_no_pipe() -> None:
 
 def test_close_ends_both_sides_once() -> None:
     with rig() as r:
-        r.call(r.relay.close, "shutdown")
+        r.call(r.relay.close, EndReason.SHUTDOWN)
         assert r.conn.done.wait(5)
         assert r.client.recv(10) == b""
         assert r.backend.recv(10) == b""
-        r.call(r.relay.close, "again")
+        r.call(r.relay.close, EndReason.ERROR)  # ignored: already closed
         threading.Event().wait(0.1)
         assert r.conn.reasons == ["shutdown"]
 

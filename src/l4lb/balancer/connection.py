@@ -42,6 +42,7 @@ from l4lb.proxy_protocol import TLV, ProxyProtocolError, TLVType, build
 
 if TYPE_CHECKING:
     import asyncio
+    from collections.abc import Callable
 
     from l4lb.balancer.admission import Admission
     from l4lb.balancer.pool import Backend, Pool
@@ -276,6 +277,7 @@ class Connection:
         "failed",
         "listener",
         "loop",
+        "on_state",
         "parts",
         "pool",
         "proxy_version",
@@ -296,8 +298,11 @@ class Connection:
         sock: Socket,
         admitted: Admitted,
         routes: RouteTable | None = None,
+        on_state: Callable[[State], None] | None = None,
     ) -> None:
         self.listener = listener
+        self.on_state = on_state
+        """Told every state entered, after the step (tests and debugging; usually None)."""
         self.routes = routes
         """The listener's routes: the pool is chosen after the peek (None: ``pool`` serves)."""
         self.route: str | None = None
@@ -395,6 +400,8 @@ class Connection:
             if self.backend_sock is not None and state is not RELAYING:
                 self._stop_waiting(self.backend_sock)
         self.state = state
+        if self.on_state is not None:
+            self.on_state(state)
 
     # -- the steps -----------------------------------------------------------------------
 
