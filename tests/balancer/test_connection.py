@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from l4lb.balancer import connection, relay, splice
+from l4lb.balancer import connection, kernel_relay, relay, splice
 from l4lb.balancer.admission import Admitted
 from l4lb.balancer.connection import Connection, State
 from l4lb.balancer.pool import Pool
@@ -120,10 +120,16 @@ def _run(
 
 
 def _relay(mode: str) -> StartRelay:
+    if mode in ("splice", "kernel") and not splice.available():
+        pytest.skip("os.splice needs Linux")
     if mode == "splice":
-        if not splice.available():
-            pytest.skip("os.splice needs Linux")
         return splice.start_splice_relay
+    if mode == "kernel":  # every connection into the kernel at once, as the relay suite runs it
+        from tests.balancer.kernel_support import UNAVAILABLE
+
+        if UNAVAILABLE is not None:
+            pytest.skip(UNAVAILABLE)
+        return kernel_relay.make_start(splice.start_splice_relay, handover=kernel_relay.AT_ONCE)
     return relay.start_relay
 
 

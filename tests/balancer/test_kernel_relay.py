@@ -20,6 +20,7 @@ import pytest
 from l4lb.balancer import bpf, kernel_relay, splice
 from l4lb.balancer.kernel_path import KernelPath, written
 from l4lb.balancer.kernel_relay import KernelRelay
+from l4lb.balancer.relay_contract import EndReason
 from tests.balancer.kernel_support import (
     Rig,
     digest_until_eof,
@@ -208,7 +209,7 @@ def test_closing_frees_the_slots() -> None:
         assert len(keys) == 2
         assert all(bpf.map_lookup(r.path.slots_fd, key, 4) is not None for key in keys)
         free = len(r.path.free)
-        r.on_loop(lambda: r.relay.close("idle_timeout"))  # type: ignore[arg-type]
+        r.on_loop(lambda: r.relay.close(EndReason.IDLE_TIMEOUT))
         assert r.conn.reasons == ["idle_timeout"]
         assert len(r.path.free) == free + 2
         assert r.path.owners == {}

@@ -82,6 +82,42 @@ def test_only_a_connection_that_proved_long_lived_enters_the_kernel(tmp_path: Pa
 
 
 @needs_kernel_path
+def test_the_kernel_table_sets_the_hand_over_and_a_reload_changes_it(tmp_path: Path) -> None:
+    """``[kernel] handover_exchanges = 0``: a connection enters the kernel right after its
+    header; a reload to thresholds never reached keeps new connections on splice, and the
+    connection already in the kernel stays there."""
+    port = free_port()
+
+    def text(**kernel: object) -> str:
+        top = {"relay": "kernel", "kernel": kernel}
+        return config_text(f"127.0.0.1:{port}", [be.address], top=top)
+
+    with backend(echo) as be, l4lb(tmp_path, text(handover_exchanges=0)) as lb:
+        first = connect(port)
+        first.sendall(b"at once\n")
+        assert recv_all(first, 8) == b"at once\n"
+        assert wait_for(lambda: sockets_in_the_map(lb.pid) == 2)
+        lb.reload(text(handover_exchanges=1000, handover_after="1h"))
+        lb.wait_log("event=reloaded")
+        second = connect(port)
+        for i in range(6):  # more exchanges than the default hands over after
+            second.sendall(b"req%d\n" % i)
+            assert recv_all(second, 5) == b"req%d\n" % i
+        first.sendall(b"still\n")
+        assert recv_all(first, 6) == b"still\n"
+        assert sockets_in_the_map(lb.pid) == 2  # the first one's pair only
+        for c in (first, second):
+            c.shutdown(1)
+            assert c.recv(1) == b""
+            c.close()
+        lines = lb.wait_access(2)
+        assert sorted((ln["bytes_from_client"], ln["bytes_to_client"]) for ln in lines) == [
+            (14, 14),
+            (30, 30),
+        ]
+
+
+@needs_kernel_path
 def test_a_client_that_only_listens_meets_the_client_timeout(tmp_path: Path) -> None:
     def streamer(sock: object, header: object, early: bytes) -> None:
         import socket as s

@@ -212,7 +212,8 @@ class KernelPath:
         self._ring_data = page
         self.free = list(range(slots - 1, -1, -1))
         self.owners: dict[int, SlotOwner] = {}
-        self.relays: weakref.WeakSet[Refreshable] = weakref.WeakSet()
+        self.relays: set[Refreshable] = set()
+        """The relays using this path (each takes itself out when it closes)."""
         self.handed_over = 0
         """Connections whose sockets went into the map (the relay's own count)."""
 

@@ -65,6 +65,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 from l4lb.balancer import poller, splice
 from l4lb.balancer.kernel_path import (
@@ -555,6 +556,7 @@ class KernelRelay:
         for key, slot in self.keys:
             path.release(key, slot)
         self.keys.clear()
+        path.relays.discard(self)
         self.conn.relay_closed(reason)
 
     def refresh_counts(self) -> None:
@@ -575,8 +577,8 @@ _SPARE: list[KernelPath] = []
 class _Fallbacks:
     """Connections the kernel path could not take; said at most every 10 s."""
 
-    count = 0
-    quiet_until = 0.0
+    count: ClassVar[int] = 0
+    quiet_until: ClassVar[float] = 0.0
 
     @classmethod
     def note(cls, why: str) -> None:
@@ -823,12 +825,14 @@ def make_start(
 
 
 def prepare(
-    load: Callable[[], KernelPath] = KernelPath, default: StartRelay | None = None
+    load: Callable[[], KernelPath] = KernelPath,
+    default: StartRelay | None = None,
+    handover: Handover = HANDOVER,
 ) -> StartRelay | None:
     """Load and self-test the kernel path; its ``start``, or None after one log line saying why.
 
     ``load`` builds the path (passed in so a test can make it fail); ``default`` is the relay
-    for connections the path cannot take.
+    for connections the path cannot take; ``handover`` says when a connection enters the kernel.
     """
     try:
         path = load()
@@ -852,7 +856,7 @@ def prepare(
         from l4lb.balancer.relay_contract import default_relay
 
         default = default_relay()
-    return make_start(default)
+    return make_start(default, handover=handover)
 
 
 def _why(err: OSError) -> str:

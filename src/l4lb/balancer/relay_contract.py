@@ -155,15 +155,19 @@ def default_relay() -> StartRelay:
     return splice.start_splice_relay if splice.available() else relay.start_relay
 
 
-def get_relay(name: str) -> StartRelay:
-    """The relay for the config's ``relay`` key (``stream``, ``splice`` or ``kernel``)."""
+def get_relay(name: str, handover: tuple[int, float] = (3, 1.0)) -> StartRelay:
+    """The relay for the config's ``relay`` key (``stream``, ``splice`` or ``kernel``).
+
+    ``handover``: for ``kernel``, when a connection leaves splice for the kernel (the ``[kernel]``
+    table's exchanges and seconds; either 0: at once)."""
     from l4lb.balancer import relay, splice
 
     if name == "kernel":
         # loads and self-tests the program here, in the worker; one log line when it cannot
         from l4lb.balancer import kernel_relay
 
-        start = kernel_relay.prepare(default=default_relay())
+        policy = kernel_relay.Handover(*handover)
+        start = kernel_relay.prepare(default=default_relay(), handover=policy)
         return start if start is not None else default_relay()
     if name == "splice":
         if splice.available():

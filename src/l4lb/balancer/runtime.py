@@ -97,7 +97,7 @@ class Balancer:
         self.config_path = config_path
         self.open_socket = open_socket
         """Makes each listener's socket: ``(host, port) -> socket``; BindError if it cannot."""
-        self.start_relay = get_relay(config.relay)
+        self.start_relay = get_relay(config.relay, config.kernel.handover())
         self.pools: dict[str, Pool] = {name: Pool(name, pc) for name, pc in config.pools.items()}
         self.listeners: dict[str, Listener] = {}
         self.connections: set[Connection] = set()
@@ -296,8 +296,10 @@ class Balancer:
         """Build what ``new`` needs that is not running yet; raises with nothing left behind."""
         self.routing = transparent.prepare(new, self.routing)  # TransparentError
         start_relay = self.start_relay
-        if new.relay != self.config.relay:
-            start_relay = get_relay(new.relay)
+        if new.relay != self.config.relay or (
+            new.relay == "kernel" and new.kernel != self.config.kernel
+        ):
+            start_relay = get_relay(new.relay, new.kernel.handover())
         pools: dict[str, Pool] = {}
         for name, pc in new.pools.items():
             old = self.pools.get(name)

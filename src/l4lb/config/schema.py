@@ -226,6 +226,22 @@ class LogConfig(_Table, frozen=True):
     """The syslog APP-NAME (what rsyslog's ``$programname`` matches)."""
 
 
+class KernelConfig(_Table, frozen=True):
+    """``[kernel]``: when a ``relay = "kernel"`` connection leaves the splice relay for the kernel.
+
+    Either threshold reached hands it over; either at 0 hands every connection over at once,
+    right after the PROXY header (docs/balancer.md, "The kernel relay")."""
+
+    handover_exchanges: Annotated[int, Meta(ge=0, le=MAX_COUNT)] = 3
+    """Times the client speaks again after an answer (HTTP/1 keep-alive: with its 4th request)."""
+    handover_after: Duration = "1s"
+    """Or once the connection has lived this long and still moves bytes."""
+
+    def handover(self) -> tuple[int, float]:
+        """(exchanges, seconds), as :class:`l4lb.balancer.kernel_relay.Handover` takes them."""
+        return self.handover_exchanges, values.parse_duration(self.handover_after)
+
+
 class AdminConfig(_Table, frozen=True):
     """``[admin]``: the admin API / metrics / status page; only started if the table is present."""
 
@@ -594,6 +610,8 @@ class Config(_Table, frozen=True):
     workers: Workers = msgspec.field(default_factory=_default_workers)
     drain_timeout: Duration = "30s"
     relay: RelayKind = "splice"
+    kernel: KernelConfig = msgspec.field(default_factory=KernelConfig)
+    """When ``relay = "kernel"`` hands a connection to the kernel (read with that relay only)."""
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     admin: AdminConfig | None = None
     resolver: ResolverConfig = msgspec.field(default_factory=ResolverConfig)
