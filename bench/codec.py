@@ -8,7 +8,7 @@ bench/results/codec-<timestamp>.json. Runs in about 25 s (each figure: the best 
 interleaved runs of ~0.08 s).
 
     .venv/bin/python bench/codec.py [--quick]
-    .venv/bin/python bench/codec.py --instructions [--side ours] [--count 20000]
+    .venv/bin/python bench/codec.py --instructions [--side ours] [--count 20000] [--only TEXT]
 
 ``--instructions`` counts user-space instructions per parse instead of timing them (callgrind,
 ``--count`` parses minus none, ``PYTHONHASHSEED=0``): counts the machine's load does not change.
@@ -265,9 +265,11 @@ def _callgrind(index: int, side: str, count: int) -> int:
     return int(found.group(1))
 
 
-def instructions(sides: list[str], count: int) -> int:
+def instructions(sides: list[str], count: int, only: str = "") -> int:
     """User-space instructions per parse, each row and side: (N parses - 0 parses) / N."""
     for i, row in enumerate(rows()):
+        if only not in row["name"]:
+            continue
         cells = []
         per: dict[str, float] = {}
         for side in sides:
@@ -287,6 +289,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--instructions", action="store_true", help="count instructions (callgrind)")
     ap.add_argument("--side", choices=["ours", "theirs", "both"], default="both")
     ap.add_argument("--count", type=int, default=20000, help="parses per callgrind run")
+    ap.add_argument("--only", default="", help="--instructions: only rows whose name has this")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._child:
@@ -294,7 +297,8 @@ def main(argv: list[str]) -> int:
         _run_parses(int(index), side, int(count))
         return 0
     if args.instructions:
-        return instructions(["ours", "theirs"] if args.side == "both" else [args.side], args.count)
+        sides = ["ours", "theirs"] if args.side == "both" else [args.side]
+        return instructions(sides, args.count, args.only)
     target, rounds = (0.03, 3) if args.quick else (0.08, 7)
     started = time.perf_counter()
     table: list[dict[str, Any]] = []
