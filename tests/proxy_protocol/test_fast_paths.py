@@ -120,3 +120,21 @@ def test_a_rejected_v1_address_is_never_cached_and_keeps_its_reason() -> None:
         else:
             raise AssertionError("a leading zero was accepted")
     assert b"192.0.2.01" not in v1_mod._V4_TEXT
+
+
+_group = st.one_of(
+    st.integers(1, 0xFFFF),
+    st.sampled_from([1, 0xF, 0x10, 0xFF, 0x100, 0xFFF, 0x1000, 0xFFFF]),
+    st.integers(0, 0xFFF),  # leading zeros, and now and then a zero group
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(_group, min_size=8, max_size=8))
+def test_ipv6_text_without_the_cache_is_ipaddress_text(groups: list[int]) -> None:
+    """The text of a new address (hex groups with leading zeros dropped, or inet_ntop when a
+    group is zero or the first group starts with one) is exactly ``ipaddress``'s."""
+    packed = struct.pack("!8H", *groups)
+    v2_mod._V6_TEXT.clear()
+    assert v2_mod.ipv6_text(packed) == ipaddress.IPv6Address(packed).compressed
+    assert v2_mod._V6_TEXT[packed] == ipaddress.IPv6Address(packed).compressed

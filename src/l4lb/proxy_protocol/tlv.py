@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Final
 
 from l4lb.proxy_protocol import checksum
 from l4lb.proxy_protocol.errors import InvalidHeader, Reason
@@ -15,11 +15,13 @@ _SSL_HEAD = struct.Struct("!BI")
 _U32 = struct.Struct("!I")
 _ZERO4 = bytes(4)
 
-MAX_UNIQUE_ID = 128
-_T_CRC32C = int(TLVType.CRC32C)
-_T_UNIQUE_ID = int(TLVType.UNIQUE_ID)
-_T_SSL = int(TLVType.SSL)
-_SPECIAL = frozenset((_T_CRC32C, _T_UNIQUE_ID, _T_SSL))
+MAX_UNIQUE_ID: Final = 128
+_T_CRC32C: Final = int(TLVType.CRC32C)
+_T_UNIQUE_ID: Final = int(TLVType.UNIQUE_ID)
+_T_SSL: Final = int(TLVType.SSL)
+_SPECIAL: Final = frozenset((_T_CRC32C, _T_UNIQUE_ID, _T_SSL))
+_CHECKED: Final = bytes(1 if t in _SPECIAL else 0 for t in range(256))
+"""Non-zero for the TLV types parsing must look into: one byte look-up per record."""
 
 TLVLike = TLV | tuple[int, bytes]
 
@@ -61,21 +63,22 @@ def check_tlvs(data: bytes, start: int, end: int, max_tlvs: int) -> bytes:
     :func:`~l4lb.proxy_protocol.model.decode_tlv_block` builds them on first access. Every
     record must fit and the last must end exactly at ``end``; a CRC32C TLV is verified over
     ``data[:end]`` with its value zeroed (spec 2.2.3). This loop is the codec's hottest code for
-    TLV-carrying headers, so it does the least per record: a record running past the block ends
-    the loop (checked once after it) or fails to unpack (a 1- or 2-byte stray tail), and the
+    TLV-carrying headers, so it does the least per record (bytes indexing, which a compiled
+    build turns into plain C): a record running past the block ends the loop (checked once
+    after it) or cuts its own header short (IndexError: a 1- or 2-byte stray tail), and the
     rare types are checked out of its way.
     """
     block = data[start:end]
     size = end - start
-    special = _SPECIAL
+    checked = _CHECKED
     crc_at = -1
-    pos = 0
-    head = _TL.unpack_from
+    pos = t = n = 0
     try:
         while pos < size:
-            t, n = head(block, pos)
+            t = block[pos]
+            n = (block[pos + 1] << 8) | block[pos + 2]
             pos += 3 + n
-            if t in special:
+            if checked[t]:
                 if pos > size:
                     break  # reported below, as any record running past the header
                 if t == _T_CRC32C:
@@ -95,7 +98,7 @@ def check_tlvs(data: bytes, start: int, end: int, max_tlvs: int) -> bytes:
                         )
                 else:
                     parse_ssl(block[pos - n : pos])
-    except struct.error:
+    except IndexError:  # a record header cut short: 1 or 2 stray bytes at the end
         raise InvalidHeader(
             Reason.TLV_OVERFLOW,
             f"{size - pos} stray byte(s) at offset {start + pos}: a TLV needs at least 3",

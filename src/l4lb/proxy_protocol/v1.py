@@ -70,13 +70,11 @@ V4_TEXT_MAX = 1024
 _v4_cached = _V4_TEXT.get
 
 
-def _v4_checked(raw: bytes) -> str | None:
-    """The text of a v1 IPv4 field if ``inet_pton`` accepts it (and remembered), else None."""
-    try:
-        text = raw.decode("ascii")
-        inet_pton(AF_INET, text)  # glibc's is strict: 4 decimal parts, no leading zeros
-    except (UnicodeDecodeError, OSError, ValueError):
-        return None
+def _v4_new(raw: bytes) -> str:
+    """The text of a v1 IPv4 field not in the cache (and now in it); raises OSError or
+    ValueError (UnicodeDecodeError) when ``inet_pton`` refuses it, which is never cached."""
+    text = raw.decode()  # a non-ASCII character passes here but never inet_pton
+    inet_pton(AF_INET, text)  # glibc's is strict: 4 decimal parts, no leading zeros
     if len(_V4_TEXT) >= V4_TEXT_MAX:
         _V4_TEXT.clear()
     _V4_TEXT[raw] = text
@@ -186,11 +184,10 @@ def parse_v1(data: bytes, options: ParseOptions) -> tuple[ProxyHeader, int]:
                 if sp <= 65535 and dp <= 65535:
                     try:
                         if proto == b"TCP4":
-                            s = _v4_cached(src) or _v4_checked(src)
-                            d = _v4_cached(dst) or _v4_checked(dst)
-                            if s and d:
-                                header = make_header(1, _PROXY, _INET, _STREAM, (s, sp), (d, dp))
-                                return header, end + 2
+                            s = _v4_cached(src) or _v4_new(src)
+                            d = _v4_cached(dst) or _v4_new(dst)
+                            header = make_header(1, _PROXY, _INET, _STREAM, (s, sp), (d, dp))
+                            return header, end + 2
                         if proto == b"TCP6":
                             s = ipv6_text(inet_pton(AF_INET6, src.decode()))
                             d = ipv6_text(inet_pton(AF_INET6, dst.decode()))

@@ -45,15 +45,28 @@ _v6_cached = _V6_TEXT.get
 
 
 def ipv6_text(packed: bytes) -> str:
-    """Canonical IPv6 text: ``ipaddress``'s compressed form (inet_ntop where they agree)."""
-    text = _v6_cached(packed)
-    if text is None:
+    """Canonical IPv6 text: ``ipaddress``'s compressed form (RFC 5952)."""
+    return _v6_cached(packed) or _v6_new(packed)
+
+
+def _v6_new(packed: bytes) -> str:
+    """``ipv6_text`` for an address not in the cache (and now in it)."""
+    text = packed.hex(":", 2)  # eight 4-digit groups, in a fifth of inet_ntop's time
+    if "0000" in text or text[0] == "0":
+        # A zero group (RFC 5952 compresses the longest run; v4-mapped and v4-compatible
+        # addresses have them) or a leading-zero first group (only ::/8 has one): the
+        # general way. inet_ntop writes v4-mapped/compatible as dotted quads; ipaddress not.
         text = inet_ntop(AF_INET6, packed)
-        if "." in text:  # inet_ntop writes v4-mapped/compatible as dotted quads; ipaddress not
+        if "." in text:
             text = ipaddress.IPv6Address(packed).compressed
-        if len(_V6_TEXT) >= V6_TEXT_MAX:
-            _V6_TEXT.clear()
-        _V6_TEXT[packed] = text
+    elif ":0" in text:
+        # No zero group, so nothing to compress: only each group's leading zeros go.
+        if ":00" in text:
+            text = text.replace(":000", ":").replace(":00", ":")
+        text = text.replace(":0", ":")
+    if len(_V6_TEXT) >= V6_TEXT_MAX:
+        _V6_TEXT.clear()
+    _V6_TEXT[packed] = text
     return text
 
 
@@ -114,15 +127,15 @@ def parse_v2(data: bytes, options: ParseOptions) -> tuple[ProxyHeader, int]:
             if data[15] == 36 and data[14] == 0 and len(data) >= 52 and options.max_v2_size >= 52:
                 # no TLVs, the usual TCP6 header: not one step more than needed
                 s, d, sp, dp = _INET6.unpack_from(data, FIXED)
-                src = _v6_cached(s) or ipv6_text(s)
-                dst = _v6_cached(d) or ipv6_text(d)
+                src = _v6_cached(s) or _v6_new(s)
+                dst = _v6_cached(d) or _v6_new(d)
                 return make_header(2, _PROXY_CMD, _F_INET6, _T_STREAM, (src, sp), (dst, dp)), 52
             size = FIXED + ((data[14] << 8) | data[15])
             if 52 <= size <= options.max_v2_size and len(data) >= size:
                 block = check_tlvs(data, 52, size, options.max_tlvs) if size > 52 else ()
                 s, d, sp, dp = _INET6.unpack_from(data, FIXED)
-                src = _v6_cached(s) or ipv6_text(s)
-                dst = _v6_cached(d) or ipv6_text(d)
+                src = _v6_cached(s) or _v6_new(s)
+                dst = _v6_cached(d) or _v6_new(d)
                 return make_header(
                     2, _PROXY_CMD, _F_INET6, _T_STREAM, (src, sp), (dst, dp), block
                 ), size
