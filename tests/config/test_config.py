@@ -127,6 +127,8 @@ BAD = [
     (_with("workers = 0"), "workers", ">= 1"),
     (_with('drain_timeout = "30 sec"'), "drain_timeout", "write '30s'"),
     (_with('relay = "fast"'), "relay", "'stream', 'splice'"),
+    (_with(tail="[kernel]\nhandover_exchanges = -1"), "kernel.handover_exchanges", ">= 0"),
+    (_with(tail='[kernel]\nhandover_after = "1 sec"'), "kernel.handover_after", "write '1s'"),
     (_with("typo = 1"), "typo", "unknown key"),
     (_with(listener="bnd = 1"), "listeners[0].bnd", "did you mean 'bind'"),
     (_with(listener='accept_proxy = "maybe"'), "listeners[0].accept_proxy", "'optional'"),

@@ -28,6 +28,7 @@ REFERENCE = ROOT / "docs" / "balancer.md"
 SECTIONS = {
     "": "### Top level",
     "log": "### Top level",
+    "kernel": "### Top level",
     "admin": "### Top level",
     "listeners": "### `[[listeners]]`",
     "listeners.routes": "### `[[listeners]]`",
