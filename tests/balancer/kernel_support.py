@@ -18,7 +18,7 @@ import pytest
 from l4lb.balancer import bpf, kernel_relay
 from l4lb.balancer.kernel_path import KernelPath
 from l4lb.balancer.kernel_relay import AT_ONCE, Handover, KernelRelay
-from l4lb.balancer.relay_contract import Relay, default_relay
+from l4lb.balancer.relay_contract import EndReason, Relay, default_relay
 
 
 def _kernel_path_or_reason() -> str | None:
@@ -135,7 +135,7 @@ def rig(
     try:
         yield Rig(client, backend, conn, made[0], path, loop)
     finally:
-        loop.call_soon_threadsafe(made[0].close, "test_end")  # type: ignore[arg-type]
+        loop.call_soon_threadsafe(made[0].close, EndReason.SHUTDOWN)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()

@@ -92,7 +92,7 @@ def rig(first: bytes = b"") -> Iterator[Rig]:
     try:
         yield Rig(client, backend, conn, made[0], loop)
     finally:
-        loop.call_soon_threadsafe(made[0].close, "test_end")
+        loop.call_soon_threadsafe(made[0].close, EndReason.SHUTDOWN)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
