@@ -14,7 +14,7 @@ from l4lb.balancer.listener import open_listening_socket
 from l4lb.balancer.runtime import Balancer
 from l4lb.config.loader import ConfigError, parse_config
 from l4lb.proxy_protocol import ProxyHeader
-from tests.balancer.conftest import RELAY_MODES, relay_top
+from tests.balancer.conftest import RELAY_MODES
 from tests.balancer.helpers import backend, connect, echo, recv_all
 from tests.support.l4lb import config_text, l4lb
 from tests.support.peers import free_port
@@ -100,7 +100,7 @@ def test_with_defer_accept_a_client_that_waits_for_a_banner_is_still_served(
         cfg = config_text(
             f"127.0.0.1:{port}",
             [be.address],
-            top=relay_top(mode),
+            top={"relay": mode},
             listener={"defer_accept": "1s"},
         )
         with l4lb(tmp_path, cfg):

@@ -124,7 +124,7 @@ def _relay(mode: str) -> StartRelay:
         pytest.skip("os.splice needs Linux")
     if mode == "splice":
         return splice.start_splice_relay
-    if mode == "kernel":  # every connection into the kernel at once, as the relay suite runs it
+    if mode == "kernel":  # into the kernel at once: this test's connection is short
         from tests.balancer.kernel_support import UNAVAILABLE
 
         if UNAVAILABLE is not None:

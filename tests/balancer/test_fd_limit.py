@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.balancer.conftest import RELAY_MODES, relay_top
+from tests.balancer.conftest import RELAY_MODES
 from tests.balancer.helpers import backend, echo, hash_until_eof
 from tests.support.l4lb import config_text
 from tests.support.peers import free_port, stop_process, wait_for
@@ -78,7 +78,7 @@ def test_soft_limit_raised_and_every_connection_served(tmp_path: Path, mode: str
     port = free_port()
     with backend(echo) as be:
         text = config_text(
-            f"127.0.0.1:{port}", [be.address], top=relay_top(mode), listener={"max_conns": 300}
+            f"127.0.0.1:{port}", [be.address], top={"relay": mode}, listener={"max_conns": 300}
         )
         proc = _run(tmp_path, text, soft=128, hard=4096)
         try:
@@ -98,7 +98,7 @@ def test_hard_limit_too_low_is_said_at_start_and_overflow_is_logged(
     port = free_port()
     with backend(echo) as be:
         text = config_text(
-            f"127.0.0.1:{port}", [be.address], top=relay_top(mode), listener={"max_conns": 300}
+            f"127.0.0.1:{port}", [be.address], top={"relay": mode}, listener={"max_conns": 300}
         )
         proc = _run(tmp_path, text, soft=128, hard=128)
         try:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from l4lb.proxy_protocol import ProxyHeader
-from tests.balancer.conftest import RELAY_MODES, relay_top
+from tests.balancer.conftest import RELAY_MODES
 from tests.balancer.helpers import backend, connect, dead_port, echo, recv_all
 from tests.support.l4lb import config_text, start_l4lb
 from tests.support.peers import free_port, stop_process, wait_port
@@ -138,7 +138,7 @@ def test_hostile_clients_broken_backends_and_a_crowd(tmp_path: Path, mode: str) 
         text = config_text(
             f"127.0.0.1:{ports['main']}",
             [eb.address],
-            top={**relay_top(mode), "drain_timeout": "2s"},
+            top={"relay": mode, "drain_timeout": "2s"},
             # the keeper idles through every scenario, the crowd included (over 10 s when the
             # machine is loaded): it must end at the SIGTERM's drain, not at its idle_timeout
             pool={"idle_timeout": "300s"},

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from l4lb.proxy_protocol import ProxyHeader, TLVType
-from tests.balancer.conftest import RELAY_MODES, relay_top
+from tests.balancer.conftest import RELAY_MODES
 from tests.balancer.helpers import (
     backend,
     connect,
@@ -39,7 +39,7 @@ def blob(size: int, seed: int) -> bytes:
 
 
 def cfg(port: int, backends: list[str], mode: str, **pool: object) -> str:
-    return config_text(f"127.0.0.1:{port}", backends, top=relay_top(mode), pool=pool)
+    return config_text(f"127.0.0.1:{port}", backends, top={"relay": mode}, pool=pool)
 
 
 def test_bulk_both_ways_byte_exact(tmp_path: Path, mode: str) -> None:
@@ -275,7 +275,7 @@ def test_listener_max_conns_stops_accepting(tmp_path: Path, mode: str) -> None:
     port = free_port()
     with backend(echo) as be:
         text = config_text(
-            f"127.0.0.1:{port}", [be.address], top=relay_top(mode), listener={"max_conns": 2}
+            f"127.0.0.1:{port}", [be.address], top={"relay": mode}, listener={"max_conns": 2}
         )
         with l4lb(tmp_path, text):
             held = [connect(port) for _ in range(2)]
@@ -338,7 +338,7 @@ def test_drain_timeout_closes_leftovers(tmp_path: Path, mode: str) -> None:
     port = free_port()
     with backend(echo) as be:
         text = config_text(
-            f"127.0.0.1:{port}", [be.address], top={**relay_top(mode), "drain_timeout": "500ms"}
+            f"127.0.0.1:{port}", [be.address], top={"relay": mode, "drain_timeout": "500ms"}
         )
         with l4lb(tmp_path, text) as lb:
             client = connect(port)

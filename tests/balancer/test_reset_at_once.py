@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from l4lb.proxy_protocol import Command, local_header, parse
-from tests.balancer.conftest import RELAY_MODES, relay_top
+from tests.balancer.conftest import RELAY_MODES
 from tests.support.echo_backend import EchoBackend
 from tests.support.l4lb import config_text, l4lb
 from tests.support.peers import connect_from, free_port, wait_for
@@ -28,7 +28,7 @@ def test_header_reaches_the_backend_when_the_client_resets_at_once(
         text = config_text(
             f"127.0.0.1:{port}",
             [backend.address],
-            top=relay_top(relay),
+            top={"relay": relay},
             pool={"send_proxy": "v2"},
             listener={"accept_proxy": "required", "trusted_proxies": ["127.0.0.1/32"]},
         )

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from l4lb.proxy_protocol import ProxyHeader
-from tests.balancer.conftest import RELAY_MODES, relay_top
+from tests.balancer.conftest import RELAY_MODES
 from tests.balancer.helpers import backend, recv_all
 from tests.support.l4lb import config_text, l4lb
 from tests.support.peers import free_port, wait_for
@@ -151,7 +151,7 @@ def test_client_timeout_closes_when_the_client_is_silent(tmp_path: Path, mode: s
         with backend(_ticker(stop)) as ticking:
             port = free_port()
             text = config_text(
-                f"127.0.0.1:{port}", [ticking.address], pool=pool, top=relay_top(mode)
+                f"127.0.0.1:{port}", [ticking.address], pool=pool, top={"relay": mode}
             )
             with l4lb(tmp_path, text) as lb:
                 with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
@@ -169,7 +169,7 @@ def test_server_timeout_closes_when_the_backend_is_silent(tmp_path: Path, mode: 
     pool = {"server_timeout": "300ms", "idle_timeout": "10m"}
     with backend(_held) as silent:
         port = free_port()
-        text = config_text(f"127.0.0.1:{port}", [silent.address], pool=pool, top=relay_top(mode))
+        text = config_text(f"127.0.0.1:{port}", [silent.address], pool=pool, top={"relay": mode})
         with l4lb(tmp_path, text) as lb:
             sent = 0
             with socket.create_connection(("127.0.0.1", port), timeout=10) as client:

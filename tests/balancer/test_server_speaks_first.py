@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from l4lb.proxy_protocol import ProxyHeader
-from tests.balancer.conftest import RELAY_MODES, relay_top
+from tests.balancer.conftest import RELAY_MODES
 from tests.balancer.helpers import backend, connect
 from tests.support.l4lb import config_text, l4lb
 from tests.support.peers import free_port
@@ -58,7 +58,7 @@ def test_server_speaks_first_banner_always_arrives(
         cfg = config_text(
             f"127.0.0.1:{port}",
             [be.address],
-            top=relay_top(mode),
+            top={"relay": mode},
             pool={"send_proxy": send_proxy, "idle_timeout": "60s"},
             access_log="off",
         )

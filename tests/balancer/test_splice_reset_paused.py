@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from l4lb.proxy_protocol import ProxyHeader
-from tests.balancer.conftest import RELAY_MODES, relay_top
+from tests.balancer.conftest import RELAY_MODES
 from tests.balancer.helpers import Backend, backend, connect, hash_until_eof, reset
 from tests.support.l4lb import config_text, l4lb
 from tests.support.peers import free_port, wait_for
@@ -73,7 +73,7 @@ def test_reset_while_paused_resets_the_other_side(tmp_path: Path, mode: str, res
     port = free_port()
     with backend(lambda *_: None) as be:
         socks, release = _stalled_backend(be)
-        cfg = config_text(f"127.0.0.1:{port}", [be.address], top=relay_top(mode))
+        cfg = config_text(f"127.0.0.1:{port}", [be.address], top={"relay": mode})
         try:
             with l4lb(tmp_path, cfg) as lb:
                 client = socket.socket()
@@ -104,7 +104,7 @@ def test_client_fin_while_paused_closes_nothing_early(tmp_path: Path, mode: str)
     port = free_port()
     with backend(lambda *_: None) as be:
         socks, release = _stalled_backend(be)
-        cfg = config_text(f"127.0.0.1:{port}", [be.address], top=relay_top(mode))
+        cfg = config_text(f"127.0.0.1:{port}", [be.address], top={"relay": mode})
         try:
             with l4lb(tmp_path, cfg) as lb:
                 client = connect(port)

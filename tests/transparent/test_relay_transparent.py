@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from l4lb.proxy_protocol import ProxyHeader
-from tests.balancer.conftest import RELAY_MODES, relay_top
+from tests.balancer.conftest import RELAY_MODES
 from tests.balancer.helpers import backend, connect, hash_until_eof, recv_all, reset
 from tests.support.l4lb import config_text, l4lb
 from tests.support.netns import needs_root
@@ -34,7 +34,7 @@ def cfg(port: int, backends: list[str], mode: str, **pool: object) -> str:
     return config_text(
         f"127.0.0.1:{port}",
         backends,
-        top={**relay_top(mode), "transparent_routing": "off"},
+        top={"relay": mode, "transparent_routing": "off"},
         pool={**TRANSPARENT, **pool},
     )
 
