@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import socket
@@ -170,3 +171,22 @@ def connect(port: int, source: str = "127.0.0.1", host: str = "127.0.0.1") -> so
     s.bind((source, 0))
     s.connect((host, port))
     return s
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """(connected, accepted) over loopback, as the balancer has them: the backend socket is the
+    connected one, the client's the accepted one."""
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        a = socket.create_connection(srv.getsockname())
+        b, _ = srv.accept()
+    return a, b
+
+
+def new_loop() -> asyncio.AbstractEventLoop:
+    """A uvloop loop (what the balancer runs), or asyncio's where uvloop is missing."""
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:
+        return asyncio.new_event_loop()

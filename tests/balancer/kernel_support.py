@@ -19,6 +19,7 @@ from l4lb.balancer import bpf, kernel_relay
 from l4lb.balancer.kernel_path import KernelPath
 from l4lb.balancer.kernel_relay import AT_ONCE, Handover, KernelRelay
 from l4lb.balancer.relay_contract import EndReason, Relay, default_relay
+from tests.balancer.helpers import new_loop, tcp_pair
 
 
 def _kernel_path_or_reason() -> str | None:
@@ -75,23 +76,6 @@ class Rig:
         self.loop.call_soon_threadsafe(call)
         assert done.wait(10)
         return out[0]
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    """(connected, accepted), as the balancer has them: the backend socket is the connected one."""
-    with socket.create_server(("127.0.0.1", 0)) as srv:
-        a = socket.create_connection(srv.getsockname())
-        b, _ = srv.accept()
-    return a, b
-
-
-def new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-
-        return uvloop.new_event_loop()
-    except ImportError:
-        return asyncio.new_event_loop()
 
 
 @contextlib.contextmanager

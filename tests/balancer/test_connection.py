@@ -31,7 +31,7 @@ from l4lb.balancer.relay_contract import (
 from l4lb.config.schema import BackendConfig, PoolConfig
 from l4lb.proxy_protocol import HeaderReader
 from tests.balancer.conftest import RELAY_MODES
-from tests.balancer.helpers import dead_port
+from tests.balancer.helpers import dead_port, tcp_pair
 
 CLIENT = ("127.0.0.7", 40000)
 DESTINATION = ("127.0.0.1", 443)
@@ -95,9 +95,7 @@ def _pool(addresses: list[str], **kw: Any) -> Pool:
 
 def _tcp_pair() -> tuple[socket.socket, socket.socket]:
     """(the test's client end, the balancer's accepted end), both TCP over loopback."""
-    with socket.create_server(("127.0.0.1", 0)) as srv:
-        a = socket.create_connection(srv.getsockname())
-        b, _ = srv.accept()
+    a, b = tcp_pair()
     b.setblocking(False)
     return a, b
 

@@ -23,6 +23,7 @@ import pytest
 
 from l4lb.balancer import poller, splice
 from l4lb.balancer.relay_contract import EndReason
+from tests.balancer.helpers import new_loop, tcp_pair
 from tests.support.peers import wait_for
 
 pytestmark = pytest.mark.skipif(not splice.available(), reason="os.splice needs Linux")
@@ -54,29 +55,13 @@ class Rig:
         self.loop.call_soon_threadsafe(fn, *args)  # type: ignore[arg-type]
 
 
-def _tcp_pair() -> tuple[socket.socket, socket.socket]:
-    with socket.create_server(("127.0.0.1", 0)) as srv:
-        a = socket.create_connection(srv.getsockname())
-        b, _ = srv.accept()
-    return a, b
-
-
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-
-        return uvloop.new_event_loop()
-    except ImportError:
-        return asyncio.new_event_loop()
-
-
 @contextlib.contextmanager
 def rig(first: bytes = b"") -> Iterator[Rig]:
-    client, relay_client = _tcp_pair()
-    relay_backend, backend = _tcp_pair()
+    client, relay_client = tcp_pair()
+    relay_backend, backend = tcp_pair()
     for s in (client, backend):
         s.settimeout(15)
-    loop = _new_loop()
+    loop = new_loop()
     conn = Conn()
     made: list[splice.SpliceRelay] = []
     ready = threading.Event()
@@ -313,7 +298,7 @@ def test_many_tiny_writes_then_fin_arrive_whole() -> None:
 
 
 def _run(coro_fn: object) -> object:
-    loop = _new_loop()
+    loop = new_loop()
     try:
         return loop.run_until_complete(coro_fn())  # type: ignore[operator]
     finally:
@@ -381,7 +366,7 @@ def test_a_relay_takes_over_a_socket_watched_while_connecting() -> None:
 
         async def main() -> bytes:
             loop = asyncio.get_running_loop()
-            client, relay_client = _tcp_pair()
+            client, relay_client = tcp_pair()
             backend = _connecting(srv)
             await _connected(loop, backend)
             far, _ = await loop.sock_accept(srv)
@@ -413,7 +398,7 @@ def test_a_relay_taking_over_a_connect_gets_the_bytes_that_came_with_it() -> Non
 
         async def main() -> bytes:
             loop = asyncio.get_running_loop()
-            client, relay_client = _tcp_pair()
+            client, relay_client = tcp_pair()
             backend = _connecting(srv)
             srv.settimeout(5)
             far, _ = srv.accept()  # blocking: the loop sees nothing until the banner is there
