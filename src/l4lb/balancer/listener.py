@@ -20,7 +20,7 @@ import errno
 import logging
 import socket
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import msgspec
 
@@ -44,10 +44,12 @@ __all__ = ["BindError", "Listener", "OpenSocket", "ensure_not_listening", "open_
 
 log = logging.getLogger("l4lb.listener")
 
-ACCEPT_BATCH = 64
-_EMFILE_PAUSE = 0.1
-_TCP_DEFER_ACCEPT = getattr(socket, "TCP_DEFER_ACCEPT", 9)
-_RETRY_ACCEPT = frozenset((errno.ECONNABORTED, errno.EINTR, errno.EPROTO))
+# ``Final`` module constants: compiled, a plain module name is a dict look-up on every read
+ACCEPT_BATCH: Final = 64
+_EMFILE_PAUSE: Final = 0.1
+_TCP_DEFER_ACCEPT: Final[int] = getattr(socket, "TCP_DEFER_ACCEPT", 9)
+_SOCK_STREAM: Final = int(socket.SOCK_STREAM)
+_RETRY_ACCEPT: Final = frozenset((errno.ECONNABORTED, errno.EINTR, errno.EPROTO))
 """accept() errors about one connection (it went away in the backlog): take the next one."""
 
 
@@ -64,6 +66,7 @@ class Listener:
         "admission",
         "balancer",
         "config",
+        "family",
         "local",
         "loop",
         "max_conns",
@@ -103,6 +106,9 @@ class Listener:
         self.accepting = False
         bound = self.address
         self.local: tuple[str, int] | None = None if _is_wildcard(bound[0]) else bound
+        self.family = int(sock.family)
+        """The listening socket's address family, read once: ``socket.family`` is a Python
+        property that converts to an IntEnum on every read (about 5k instructions)."""
         """The listener's own address when every accepted socket shares it (a specific IP)."""
         # Options accepted sockets inherit, set once here rather than on each of them: a
         # socket opened elsewhere (a worker's shared one, a test's) gets them too.
@@ -147,7 +153,7 @@ class Listener:
 
     def _accept(self) -> None:
         accept = self.sock._accept  # type: ignore[attr-defined]
-        family = self.sock.family
+        family = self.family
         make = self.sock_class
         admit = self.admission.admit
         local = self.local
@@ -159,7 +165,7 @@ class Listener:
                 # _accept(): socket.accept() without its per-call IntEnum conversions. It calls
                 # accept4(SOCK_CLOEXEC); SOCK_NONBLOCK through ctypes would save the ioctl below
                 # but costs more user-space instructions than it saves (docs/performance.md).
-                fd, peer = accept()
+                fd, peer = cast("tuple[int, Any]", accept())
             except BlockingIOError:
                 return
             except OSError as err:
@@ -170,7 +176,7 @@ class Listener:
                 self._unwatch()
                 self.loop.call_later(_EMFILE_PAUSE, self._watch)
                 return
-            sock = make(family, socket.SOCK_STREAM, 0, fd)
+            sock = make(family, _SOCK_STREAM, 0, fd)
             sock.setblocking(False)  # TCP_NODELAY is inherited from the listening socket
             here = local
             if here is None:  # a wildcard bind: the address the client reached is per socket
