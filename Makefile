@@ -31,7 +31,7 @@ COMPILED := l4lb/proxy_protocol/parse.py l4lb/proxy_protocol/v1.py l4lb/proxy_pr
 	l4lb/proxy_protocol/tlv.py l4lb/balancer/splice.py l4lb/balancer/poller.py \
 	l4lb/balancer/connection.py l4lb/balancer/pool.py l4lb/balancer/algorithms.py \
 	l4lb/balancer/relay_contract.py l4lb/balancer/kernel_relay.py \
-	l4lb/balancer/listener.py l4lb/balancer/admission.py
+	l4lb/balancer/listener.py l4lb/balancer/admission.py l4lb/proxy_protocol/encode.py
 BUILT := $(VENV)/.compiled
 MYPYC_LOG := $(VENV)/mypyc.log
 # Prints what is missing (and fails) when this venv's Python cannot build extension modules.
