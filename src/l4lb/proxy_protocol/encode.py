@@ -6,7 +6,7 @@ import ipaddress
 import struct
 from collections.abc import Iterable, Sequence
 from socket import AF_INET, AF_INET6, inet_pton
-from typing import Any, overload
+from typing import Any, Final, overload
 
 from l4lb.proxy_protocol.checksum import crc32c as _crc32c
 from l4lb.proxy_protocol.errors import InvalidHeader, Reason
@@ -22,20 +22,21 @@ from l4lb.proxy_protocol.model import (
 from l4lb.proxy_protocol.tlv import TLVLike, encode_tlvs
 from l4lb.proxy_protocol.v2 import SIGNATURE
 
-_FIXED = struct.Struct("!12sBBH")
-_INET = struct.Struct("!4s4sHH")
-_INET6 = struct.Struct("!16s16sHH")
-_TCP4_HEAD = SIGNATURE + b"\x21\x11\x00\x0c"
-_TCP6_HEAD = SIGNATURE + b"\x21\x21\x00\x24"
-_CRC_PLACEHOLDER = b"\x03\x00\x04\x00\x00\x00\x00"
-_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
-_T_CRC = int(TLVType.CRC32C)
+# ``Final``: compiled (Makefile COMPILED), a plain module name is a dict look-up on every read
+_FIXED: Final = struct.Struct("!12sBBH")
+_INET: Final = struct.Struct("!4s4sHH")
+_INET6: Final = struct.Struct("!16s16sHH")
+_TCP4_HEAD: Final = SIGNATURE + b"\x21\x11\x00\x0c"
+_TCP6_HEAD: Final = SIGNATURE + b"\x21\x21\x00\x24"
+_CRC_PLACEHOLDER: Final = b"\x03\x00\x04\x00\x00\x00\x00"
+_V4_MAPPED: Final = b"\0" * 10 + b"\xff\xff"
+_T_CRC: Final = int(TLVType.CRC32C)
 
-_LOCAL_V2 = SIGNATURE + b"\x20\x00\x00\x00"
-_LOCAL_V1 = b"PROXY UNKNOWN\r\n"
+_LOCAL_V2: Final = SIGNATURE + b"\x20\x00\x00\x00"
+_LOCAL_V1: Final = b"PROXY UNKNOWN\r\n"
 
-_CACHE_MAX = 4096
-_packed_cache: dict[str, tuple[int, bytes]] = {}
+_CACHE_MAX: Final = 4096
+_packed_cache: Final[dict[str, tuple[int, bytes]]] = {}
 
 
 def local_header(version: int = 2) -> bytes:
