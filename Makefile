@@ -23,14 +23,15 @@ setup: $(STAMP) build
 # forces a build (it fails without a compiler). The build is redone whenever one of these
 # files (or this Makefile) is newer than it, so every make target runs what the source says;
 # the test suite refuses to start on a compiled module older than its .py (tests/conftest.py),
-# for pytest run by hand after an edit. docs/performance.md has what each module saves (and
-# why listener.py and admission.py are not in the list; kernel_relay.py is, since its hand-over
-# class extends the compiled splice relay, which an interpreted class cannot).
+# for pytest run by hand after an edit. docs/performance.md has what each module saves
+# (kernel_relay.py is in the list since its hand-over class extends the compiled splice relay,
+# which an interpreted class cannot).
 COMPILE ?= 1
 COMPILED := l4lb/proxy_protocol/parse.py l4lb/proxy_protocol/v1.py l4lb/proxy_protocol/v2.py \
 	l4lb/proxy_protocol/tlv.py l4lb/balancer/splice.py l4lb/balancer/poller.py \
 	l4lb/balancer/connection.py l4lb/balancer/pool.py l4lb/balancer/algorithms.py \
-	l4lb/balancer/relay_contract.py l4lb/balancer/kernel_relay.py
+	l4lb/balancer/relay_contract.py l4lb/balancer/kernel_relay.py \
+	l4lb/balancer/listener.py l4lb/balancer/admission.py l4lb/proxy_protocol/encode.py
 BUILT := $(VENV)/.compiled
 MYPYC_LOG := $(VENV)/mypyc.log
 # Prints what is missing (and fails) when this venv's Python cannot build extension modules.

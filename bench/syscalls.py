@@ -3,6 +3,7 @@
     python bench/syscalls.py --relay stream --conns 2000          # system calls (strace -c)
     python bench/syscalls.py --relay splice --instructions        # + user instructions (callgrind)
     python bench/syscalls.py --relay splice --no-syscalls --window 3   # same, around the load only
+    python bench/syscalls.py --relay splice,nginx,haproxy --conns 2000  # the peers, counted alike
 
 Starts the bench's nginx backend and one l4lb (``workers = 1``), opens ``--conns`` connections
 (``--parallel`` at a time), each sending ``GET /tiny`` with ``Connection: close`` and reading to
@@ -15,6 +16,8 @@ up (300 connections), and counts only while each of R rounds of ``--conns`` conn
 (``callgrind_control -i on``/``off``): no start-up, no idle timers of a longer run, so the
 figure moves by about 0.5 % between rounds instead of the two-run difference's 3 %.
 Both figures are counts, not times: other processes on the machine do not change them.
+``--relay nginx`` or ``haproxy`` counts that peer's system calls the same way (its bench
+configuration: one nginx worker, one HAProxy thread, each sending PROXY v2).
 """
 
 from __future__ import annotations
@@ -81,14 +84,32 @@ def _worker(proc: subprocess.Popen[bytes]) -> int:
     return tree[-1]
 
 
+PEERS = ("nginx", "haproxy")
+"""``--relay`` names that count a peer's system calls instead of l4lb's."""
+
+
+def _start_peer(
+    name: str, backend: cont.Backend, work: Path
+) -> tuple[subprocess.Popen[bytes], int]:
+    """The peer as the bench runs it (unpinned), and its port."""
+    peer = cont.make(name, work, backend, None)
+    peer.workdir.mkdir(parents=True, exist_ok=True)
+    argv = peer.argv()
+    assert argv is not None
+    return _start(argv, work / name / "stdout.log", peer.port), peer.port
+
+
 def count_syscalls(
     relay: str, conns: int, parallel: int, backend: cont.Backend, work: Path
 ) -> None:
     work.mkdir(parents=True, exist_ok=True)
-    port = procs.free_port()
-    cfg = _config(work, relay, port, backend)
-    exe = Path(sys.executable).parent / "l4lb"
-    proc = _start([str(exe), "run", "--config", str(cfg)], work / "stdout.log", port)
+    if relay in PEERS:
+        proc, port = _start_peer(relay, backend, work)
+    else:
+        port = procs.free_port()
+        cfg = _config(work, relay, port, backend)
+        exe = Path(sys.executable).parent / "l4lb"
+        proc = _start([str(exe), "run", "--config", str(cfg)], work / "stdout.log", port)
     try:
         load(port, 200, parallel)  # warm-up: pools, caches, the pipe pool
         out = work / "strace.txt"
@@ -111,7 +132,8 @@ def count_syscalls(
             rows.append((int(m.group(1)), m.group(2)))
             total += int(m.group(1))
     rows.sort(reverse=True)
-    print(f"relay={relay}: {total / conns:.1f} system calls per connection ({conns} connections)")
+    who = relay if relay in PEERS else f"relay={relay}"
+    print(f"{who}: {total / conns:.1f} system calls per connection ({conns} connections)")
     for n, name in rows:
         if n / conns >= 0.05:
             print(f"  {n / conns:6.2f}  {name}")
@@ -203,6 +225,8 @@ def main() -> int:
         for relay in args.relay.split(","):
             if not args.no_syscalls:
                 count_syscalls(relay, args.conns, args.parallel, backend, work / relay)
+            if relay in PEERS:
+                continue  # instructions: l4lb only
             if args.instructions:
                 count_instructions(relay, args.conns, args.parallel, backend, work / relay)
             if args.window:

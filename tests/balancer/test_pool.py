@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import bisect
+
+import pytest
+
 from l4lb.balancer.pool import CONNECT_BUCKETS, BackendState, Pool
 from l4lb.config.schema import BackendConfig, PoolConfig
 
@@ -25,6 +29,20 @@ def test_reload_keeps_backend_objects_state_and_counters() -> None:
     assert c.state is BackendState.UP and c.total == 0
     assert new.pick("10.0.0.1") is c  # b drains
     assert a.active == 3  # the removed backend's connections keep counting on their object
+
+
+@pytest.mark.parametrize(
+    "seconds", [0.0, 0.0001, 0.0005, 0.00051, 0.002, 0.01, 0.0999, 0.1, 0.7, 1.0, 1.5, 60.0]
+)
+def test_connect_latency_lands_in_the_bucket_of_its_upper_bound(seconds: float) -> None:
+    """A connect of ``seconds`` counts in the first bucket whose bound is >= it (bisect_left),
+    bounds included; past the last bound, in the extra last bucket."""
+    (b,) = Pool("web", pool_config("127.0.0.1:1")).backends
+    b.connected(seconds)
+    expected = [0] * (len(CONNECT_BUCKETS) + 1)
+    expected[bisect.bisect_left(CONNECT_BUCKETS, seconds)] = 1
+    assert b.latency_counts == expected
+    assert b.latency_sum == seconds and b.total == 1
 
 
 def test_hooks_and_counters() -> None:

@@ -50,14 +50,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("l4lb.conn")
 
-_UID_PREFIX = os.urandom(5).hex()
-_uid_counter = itertools.count(1)
-_T_UNIQUE_ID = int(TLVType.UNIQUE_ID)
-_PEEK_SIZE = 16384
-_PEEK_RETRY = 0.005
-_STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
-_EPOLL = poller.available()
-_EARLY = 0.002
+# ``Final`` module constants: compiled, a plain module name is a dict look-up on every read
+_UID_PREFIX: Final = os.urandom(5).hex()
+_uid_counter: Final = itertools.count(1)
+_T_UNIQUE_ID: Final = int(TLVType.UNIQUE_ID)
+_PEEK_SIZE: Final = 16384
+_PEEK_RETRY: Final = 0.005
+_STREAM_NONBLOCK: Final = int(socket.SOCK_STREAM) | getattr(socket, "SOCK_NONBLOCK", 0)
+_AF_INET: Final = int(socket.AF_INET)
+_AF_INET6: Final = int(socket.AF_INET6)
+_EINPROGRESS: Final = errno.EINPROGRESS
+_monotonic: Final = time.monotonic
+_EPOLL: Final = poller.available()
+_EARLY: Final = 0.002
 """How early a timer may fire (uvloop rounds to milliseconds): not re-armed for that."""
 
 
@@ -96,7 +101,7 @@ CLOSED: Final = State.CLOSED
 _ERROR: Final = EndReason.ERROR
 _CONNECT_FAILED: Final = EndReason.CONNECT_FAILED
 
-_NEXT: dict[State, frozenset[State]] = {
+_NEXT: Final[dict[State, frozenset[State]]] = {
     State.NEW: frozenset((State.PEEKING, State.CONNECTING, State.CLOSED)),
     State.PEEKING: frozenset((State.CONNECTING, State.CLOSED)),
     State.CONNECTING: frozenset((State.CONNECTING, State.RELAYING, State.CLOSED)),
@@ -104,7 +109,7 @@ _NEXT: dict[State, frozenset[State]] = {
     State.CLOSED: frozenset(),
 }
 
-_REFUSED = frozenset(
+_REFUSED: Final = frozenset(
     (
         EndReason.NO_BACKEND,
         EndReason.CONNECT_FAILED,
@@ -114,10 +119,12 @@ _REFUSED = frozenset(
     )
 )
 """Ends before the relay that reset the client (it must not take a clean FIN for an answer)."""
-_LOGGED = frozenset((EndReason.NO_BACKEND, EndReason.CONNECT_FAILED, EndReason.SOURCE_FAILED))
+_LOGGED: Final = frozenset(
+    (EndReason.NO_BACKEND, EndReason.CONNECT_FAILED, EndReason.SOURCE_FAILED)
+)
 
 
-DEFAULT_ROUTE = "default"
+DEFAULT_ROUTE: Final = "default"
 """The access log's ``route`` of a connection no route matched, sent to the listener's pool."""
 
 
@@ -314,7 +321,7 @@ class Connection:
         self.admission = listener.admission
         """The admission that let it in (a reload may give the listener a new one)."""
         self.state = NEW
-        self.started = time.monotonic()
+        self.started = _monotonic()
         self.born = self.loop.time()
         """The loop's clock at accept: where the idle, client and server timeouts start."""
         # The sweep's Progress objects are made when it first looks (see ``progress``)
@@ -493,7 +500,7 @@ class Connection:
         self.tried += (backend,)
         self.backend = backend
         backend.active += 1
-        family = socket.AF_INET6 if ":" in backend.host else socket.AF_INET
+        family = _AF_INET6 if ":" in backend.host else _AF_INET
         source = backend.source
         try:
             if source is None:
@@ -516,11 +523,11 @@ class Connection:
                 with _suppress():  # the client may be gone already: the relay will see it
                     set_keepalive(self.client_sock, *keepalive)
         self.backend_sock = sock  # TCP_NODELAY: the relay's (uvloop sets it on its transports)
-        self.connect_started = time.monotonic()
+        self.connect_started = _monotonic()
         code = sock.connect_ex((backend.host, backend.port))
         if code == 0:
             self._connected()
-        elif code == errno.EINPROGRESS:
+        elif code == _EINPROGRESS:
             parts = self.parts
             watch = parts.watch
             if watch is not None:
@@ -605,7 +612,7 @@ class Connection:
         backend = self.backend
         sock = self.backend_sock
         assert backend is not None and sock is not None
-        backend.connected(time.monotonic() - self.connect_started)
+        backend.connected(_monotonic() - self.connect_started)
         self.pool.connect_result(backend, True)
         if self.state is not CONNECTING:
             return

@@ -20,85 +20,41 @@ import errno
 import logging
 import socket
 from collections import Counter
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import msgspec
 
 from l4lb.balancer.admission import Admission, Admitted, Rejected
 from l4lb.balancer.connection import Connection
+from l4lb.balancer.listen_socket import (
+    BindError,
+    OpenSocket,
+    ensure_not_listening,
+    open_listening_socket,
+)
 from l4lb.balancer.relay_contract import EndReason, Socket, StartRelay, socket_class
 from l4lb.balancer.routes import RouteTable
 from l4lb.config.schema import ListenerConfig
-from l4lb.config.values import format_hostport
 
 if TYPE_CHECKING:
     from l4lb.balancer.pool import Pool
     from l4lb.balancer.runtime import Balancer
 
+__all__ = ["BindError", "Listener", "OpenSocket", "ensure_not_listening", "open_listening_socket"]
+
 log = logging.getLogger("l4lb.listener")
 
-ACCEPT_BATCH = 64
-_EMFILE_PAUSE = 0.1
-_TCP_DEFER_ACCEPT = getattr(socket, "TCP_DEFER_ACCEPT", 9)
-_RETRY_ACCEPT = frozenset((errno.ECONNABORTED, errno.EINTR, errno.EPROTO))
+# ``Final`` module constants: compiled, a plain module name is a dict look-up on every read
+ACCEPT_BATCH: Final = 64
+_EMFILE_PAUSE: Final = 0.1
+_TCP_DEFER_ACCEPT: Final[int] = getattr(socket, "TCP_DEFER_ACCEPT", 9)
+_SOCK_STREAM: Final = int(socket.SOCK_STREAM)
+_RETRY_ACCEPT: Final = frozenset((errno.ECONNABORTED, errno.EINTR, errno.EPROTO))
 """accept() errors about one connection (it went away in the backlog): take the next one."""
 
 
 def _is_wildcard(host: str) -> bool:
     return host in ("0.0.0.0", "::")
-
-
-class BindError(OSError):
-    """A listener could not bind its address (in use, not local, no permission)."""
-
-
-OpenSocket = Callable[[str, int], socket.socket]
-"""Makes a listener's socket for ``(host, port)``; raises :class:`BindError` when it cannot."""
-
-
-def open_listening_socket(host: str, port: int, backlog: int = 4096) -> socket.socket:
-    """A non-blocking listening socket with SO_REUSEADDR and SO_REUSEPORT (and TCP_NODELAY,
-    which accepted sockets inherit)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if hasattr(socket, "SO_REUSEPORT"):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:  # "[::]:443" takes IPv4 too, whatever bindv6only says
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind((host, port))
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except OSError as err:
-        sock.close()
-        raise BindError(
-            err.errno, f"cannot bind {format_hostport(host, port)}: {err.strerror}"
-        ) from err
-    return sock
-
-
-def ensure_not_listening(host: str, port: int) -> None:
-    """Raise :class:`BindError` if another socket already listens on ``host:port``.
-
-    Listening sockets set ``SO_REUSEPORT`` (for workers and reloads), so a second ``l4lb run``
-    on the same config would bind too and silently take half the connections. A probe bound
-    without ``SO_REUSEPORT`` fails where any socket listens, and is closed at once.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:  # as the listener itself will bind
-            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        try:
-            probe.bind((host, port))
-        except OSError as err:
-            why = err.strerror
-            if err.errno == errno.EADDRINUSE:
-                why = "address already in use (is another l4lb running with this config?)"
-            raise BindError(err.errno, f"cannot bind {format_hostport(host, port)}: {why}") from err
 
 
 class Listener:
@@ -110,6 +66,7 @@ class Listener:
         "admission",
         "balancer",
         "config",
+        "family",
         "local",
         "loop",
         "max_conns",
@@ -149,6 +106,9 @@ class Listener:
         self.accepting = False
         bound = self.address
         self.local: tuple[str, int] | None = None if _is_wildcard(bound[0]) else bound
+        self.family = int(sock.family)
+        """The listening socket's address family, read once: ``socket.family`` is a Python
+        property that converts to an IntEnum on every read (about 5k instructions)."""
         """The listener's own address when every accepted socket shares it (a specific IP)."""
         # Options accepted sockets inherit, set once here rather than on each of them: a
         # socket opened elsewhere (a worker's shared one, a test's) gets them too.
@@ -193,7 +153,7 @@ class Listener:
 
     def _accept(self) -> None:
         accept = self.sock._accept  # type: ignore[attr-defined]
-        family = self.sock.family
+        family = self.family
         make = self.sock_class
         admit = self.admission.admit
         local = self.local
@@ -205,7 +165,7 @@ class Listener:
                 # _accept(): socket.accept() without its per-call IntEnum conversions. It calls
                 # accept4(SOCK_CLOEXEC); SOCK_NONBLOCK through ctypes would save the ioctl below
                 # but costs more user-space instructions than it saves (docs/performance.md).
-                fd, peer = accept()
+                fd, peer = cast("tuple[int, Any]", accept())
             except BlockingIOError:
                 return
             except OSError as err:
@@ -216,7 +176,7 @@ class Listener:
                 self._unwatch()
                 self.loop.call_later(_EMFILE_PAUSE, self._watch)
                 return
-            sock = make(family, socket.SOCK_STREAM, 0, fd)
+            sock = make(family, _SOCK_STREAM, 0, fd)
             sock.setblocking(False)  # TCP_NODELAY is inherited from the listening socket
             here = local
             if here is None:  # a wildcard bind: the address the client reached is per socket

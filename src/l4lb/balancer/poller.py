@@ -35,7 +35,7 @@ import logging
 import select
 import weakref
 from collections.abc import Callable
-from typing import Protocol
+from typing import Final, Protocol
 
 from l4lb.balancer.relay_contract import Socket
 
@@ -58,18 +58,19 @@ __all__ = [
 log = logging.getLogger("l4lb.poller")
 
 # Linux's values, spelled out so the module imports anywhere (``available()`` says if it runs)
-EPOLLIN = 0x1
-EPOLLOUT = 0x4
-EPOLLERR = 0x8
-EPOLLHUP = 0x10
-EPOLLRDHUP = 0x2000
-EPOLLET = 1 << 31
-EDGE_EVENTS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+# ``Final``: the compiled modules read them as constants, not from the module's dict
+EPOLLIN: Final = 0x1
+EPOLLOUT: Final = 0x4
+EPOLLERR: Final = 0x8
+EPOLLHUP: Final = 0x10
+EPOLLRDHUP: Final = 0x2000
+EPOLLET: Final = 1 << 31
+EDGE_EVENTS: Final = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
 """What a socket is registered for (once): both directions, edge-triggered."""
 
-SCRATCH_SIZE = 1 << 16
+SCRATCH_SIZE: Final = 1 << 16
 
-_HAVE_EPOLL = hasattr(select, "epoll")
+_HAVE_EPOLL: Final = hasattr(select, "epoll")
 
 
 def available() -> bool:

@@ -18,12 +18,12 @@ pool steps the ramp when it picks (at most every :data:`RAMP_STEP`), so nothing 
 
 from __future__ import annotations
 
-import bisect
 import enum
 import logging
 import math
 import time
 from collections.abc import Callable
+from typing import Final
 
 from l4lb.balancer.algorithms import ALGORITHMS, Algorithm
 from l4lb.balancer.transparent import Source, parse_source
@@ -32,7 +32,17 @@ from l4lb.config.values import parse_hostport
 
 log = logging.getLogger("l4lb.pool")
 
-CONNECT_BUCKETS: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0)
+CONNECT_BUCKETS: Final[tuple[float, ...]] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.1,
+    0.5,
+    1.0,
+)
 """Upper bounds (seconds) of the connect-latency histogram; a last bucket counts the rest."""
 
 PROXY_VERSIONS = {"off": 0, "v1": 1, "v2": 2}
@@ -164,7 +174,12 @@ class Backend:
 
     def connected(self, seconds: float) -> None:
         """A connect succeeded after ``seconds``."""
-        self.latency_counts[bisect.bisect_left(CONNECT_BUCKETS, seconds)] += 1
+        i = 0  # bisect_left(CONNECT_BUCKETS, seconds), without a module call and float boxing
+        for bound in CONNECT_BUCKETS:
+            if seconds <= bound:
+                break
+            i += 1
+        self.latency_counts[i] += 1
         self.latency_sum += seconds
         self.total += 1
 

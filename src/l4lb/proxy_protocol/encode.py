@@ -6,6 +6,7 @@ import ipaddress
 import struct
 from collections.abc import Iterable, Sequence
 from socket import AF_INET, AF_INET6, inet_pton
+from typing import Any, Final, overload
 
 from l4lb.proxy_protocol.checksum import crc32c as _crc32c
 from l4lb.proxy_protocol.errors import InvalidHeader, Reason
@@ -21,20 +22,21 @@ from l4lb.proxy_protocol.model import (
 from l4lb.proxy_protocol.tlv import TLVLike, encode_tlvs
 from l4lb.proxy_protocol.v2 import SIGNATURE
 
-_FIXED = struct.Struct("!12sBBH")
-_INET = struct.Struct("!4s4sHH")
-_INET6 = struct.Struct("!16s16sHH")
-_TCP4_HEAD = SIGNATURE + b"\x21\x11\x00\x0c"
-_TCP6_HEAD = SIGNATURE + b"\x21\x21\x00\x24"
-_CRC_PLACEHOLDER = b"\x03\x00\x04\x00\x00\x00\x00"
-_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
-_T_CRC = int(TLVType.CRC32C)
+# ``Final``: compiled (Makefile COMPILED), a plain module name is a dict look-up on every read
+_FIXED: Final = struct.Struct("!12sBBH")
+_INET: Final = struct.Struct("!4s4sHH")
+_INET6: Final = struct.Struct("!16s16sHH")
+_TCP4_HEAD: Final = SIGNATURE + b"\x21\x11\x00\x0c"
+_TCP6_HEAD: Final = SIGNATURE + b"\x21\x21\x00\x24"
+_CRC_PLACEHOLDER: Final = b"\x03\x00\x04\x00\x00\x00\x00"
+_V4_MAPPED: Final = b"\0" * 10 + b"\xff\xff"
+_T_CRC: Final = int(TLVType.CRC32C)
 
-_LOCAL_V2 = SIGNATURE + b"\x20\x00\x00\x00"
-_LOCAL_V1 = b"PROXY UNKNOWN\r\n"
+_LOCAL_V2: Final = SIGNATURE + b"\x20\x00\x00\x00"
+_LOCAL_V1: Final = b"PROXY UNKNOWN\r\n"
 
-_CACHE_MAX = 4096
-_packed_cache: dict[str, tuple[int, bytes]] = {}
+_CACHE_MAX: Final = 4096
+_packed_cache: Final[dict[str, tuple[int, bytes]]] = {}
 
 
 def local_header(version: int = 2) -> bytes:
@@ -42,7 +44,7 @@ def local_header(version: int = 2) -> bytes:
     return _LOCAL_V1 if version == 1 else _LOCAL_V2
 
 
-def _pack_host(host: str) -> tuple[int, bytes]:
+def _pack_host(host: object) -> tuple[int, bytes]:
     """(4 or 6, packed address) for socket-style host text, cached (listener addresses repeat)."""
     if type(host) is not str:
         raise InvalidHeader(Reason.UNENCODABLE, f"host must be str, not {type(host).__name__}")
@@ -68,11 +70,12 @@ def _v6_text(host: str, packed: bytes) -> str:
     return host
 
 
-def _check_port(port: int) -> None:
+def _check_port(port: object) -> None:
     if not (type(port) is int and 0 <= port <= 65535):
         raise InvalidHeader(Reason.UNENCODABLE, f"port {port!r} is not an integer 0-65535")
 
 
+@overload
 def build(
     version: int,
     source: Address,
@@ -80,6 +83,30 @@ def build(
     *,
     tlvs: Sequence[TLVLike] = (),
     crc32c: bool = False,
+) -> bytes: ...
+
+
+@overload
+def build(
+    version: int,
+    source: tuple[str, int, int, int],
+    destination: tuple[str, int, int, int],
+    *,
+    tlvs: Sequence[TLVLike] = (),
+    crc32c: bool = False,
+) -> bytes: ...
+
+
+# Compiled with mypyc (Makefile COMPILED): the implementation's parameters are loose (mypyc
+# checks a declared tuple[str, int] on entry and would raise TypeError where the checks below
+# raise the project's error); the overloads above are what callers are held to.
+def build(
+    version: object,
+    source: Sequence[Any],
+    destination: Sequence[Any],
+    *,
+    tlvs: Sequence[TLVLike] = (),
+    crc32c: object = False,
 ) -> bytes:
     """A PROXY header for a TCP connection from ``source`` to ``destination``.
 
@@ -124,7 +151,7 @@ def build(
             return _TCP6_HEAD + _INET6.pack(spacked, dpacked, sport, dport)
         addr = _INET6.pack(spacked, dpacked, sport, dport)
         fam = 0x21
-    return _assemble(0x21, fam, addr, tlvs, crc32c)
+    return _assemble(0x21, fam, addr, tlvs, bool(crc32c))
 
 
 def _assemble(ver_cmd: int, fam: int, addr: bytes, tlvs: Iterable[TLVLike], crc: bool) -> bytes:
@@ -195,7 +222,9 @@ def _encode_v1(h: ProxyHeader) -> bytes:
 def _checked_ips(h: ProxyHeader) -> tuple[Address, Address, tuple[bytes, bytes]]:
     """Source, destination and their packed hosts; each host of the header's family, each port
     valid (shared by v1 and v2)."""
-    src, dst = h.source, h.destination
+    # Any: compiled, a read typed as the field's union raises TypeError for a value outside it
+    loose: Any = h
+    src, dst = loose.source, loose.destination
     if not (isinstance(src, tuple) and isinstance(dst, tuple)):
         raise InvalidHeader(
             Reason.UNENCODABLE, f"{h.family.name} needs (host, port) source and destination"
@@ -230,7 +259,8 @@ def _encode_v2(h: ProxyHeader, crc: bool) -> bytes:
     if h.command is Command.LOCAL or h.family is Family.UNSPEC:
         addr = b"\0" * size  # LOCAL: a dummy block so TLVs sit where the family says
     elif h.family is Family.UNIX:
-        addr = _unix_bytes(h.source) + _unix_bytes(h.destination)
+        loose: Any = h  # as in _checked_ips
+        addr = _unix_bytes(loose.source) + _unix_bytes(loose.destination)
     else:
         src, dst, packed = _checked_ips(h)
         st = _INET if h.family is Family.INET else _INET6
