@@ -142,6 +142,13 @@ def program(slots: int, state: int, socks: int, ring: int, limit: int) -> bytes:
     # the program would move those bytes twice. Cut the old part first (drop a wholly old skb).
     a.load(4, 1, 6, SKB_CB_SEQ)
     a.load(4, 2, 6, SKB_CB_END_SEQ)
+    a.mov32(4, 2)
+    a.sub(4, 1)
+    a.mov32(4, 4)  # end_seq - seq: len, or len + 1 with a FIN; else cb is not TCP's (a kernel
+    a.jump_if_reg(4, "==", 7, "seq_ok")  # that maps it elsewhere): leave the skb alone
+    a.add_imm(4, -1)
+    a.jump_if_reg(4, "!=", 7, "no_seq")
+    a.label("seq_ok")
     a.load(8, 3, 9, 8 * NEXT)
     a.jump_if(3, "==", 0, "fresh")  # the first skb since the insertion
     a.mov32(3, 3)
@@ -193,6 +200,7 @@ def program(slots: int, state: int, socks: int, ring: int, limit: int) -> bytes:
     a.lsh_imm(3, 32)
     a.add(2, 3)
     a.store(8, 9, 8 * NEXT, 2)  # next = end_seq | 1 << 32
+    a.label("no_seq")
     a.jump_if(7, "==", 0, "drop")
     a.load(8, 1, 9, 8 * PASSED)
     a.load(8, 2, 9, 8 * ARMED)
@@ -415,8 +423,9 @@ def self_test(path: KernelPath) -> None:
     """Relay bytes both ways over loopback through ``path``; raise if anything is off.
 
     Covers what the relay relies on: the insertion, a byte queued before it (pushed by the read
-    after it), redirects both ways, the program's counts, the written-bytes sum used for the FIN
-    (on an accepted and a connected socket), and a hand-back with its ring record.
+    after it), redirects both ways, the program's counts and sequence numbers, the written-bytes
+    sum used for the FIN (on an accepted and a connected socket), and a hand-back with its ring
+    record.
     """
     client, lb_c = _pair()
     lb_b, backend = _pair()
@@ -445,6 +454,9 @@ def self_test(path: KernelPath) -> None:
         counts = (st[c * WORDS + REDIRECTED], st[b * WORDS + REDIRECTED])
         if counts != (4, 4):
             raise SelfTestError(f"redirected counts {counts}, expected (4, 4)")
+        if not (st[c * WORDS + NEXT] and st[b * WORDS + NEXT]):
+            # without them a retransmission that overlaps received bytes is relayed twice
+            raise SelfTestError("the program cannot read the skbs' TCP sequence numbers")
         for sock, connected, want in ((lb_b, True, 8), (lb_c, False, 4)):
             got = written(sock, connected)
             if got != want:
