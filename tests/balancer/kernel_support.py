@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import os
 import socket
+import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -187,3 +188,53 @@ def sockets_in_the_map(pid: int) -> int:
                         seen.add(map_id)
                         total += _count_keys(map_id)
     return total
+
+
+TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ = 19, 20, 21
+TCP_RECV_QUEUE, TCP_SEND_QUEUE = 1, 2
+
+
+def _sequence_numbers(sock: socket.socket) -> tuple[int, int]:
+    """(the next sequence number ``sock`` sends, the next it expects), read in repair mode."""
+    seqs = []
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+    try:
+        for queue in (TCP_SEND_QUEUE, TCP_RECV_QUEUE):
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, queue)
+            seqs.append(
+                struct.unpack("<I", sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ, 4))[0]
+            )
+    finally:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 0)
+    return seqs[0], seqs[1]
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def retransmit_overlapping(sender: socket.socket, old: bytes, new: bytes) -> None:
+    """Send, as ``sender`` would retransmit them, the last ``old`` bytes it sent followed by
+    ``new`` bytes it has not sent yet: one segment that starts before what its peer has received
+    and ends after it (what a retransmission after lost or late ACKs can be, when TCP merges
+    segments). A raw socket on loopback; ``sender`` sends ``new`` itself afterwards (its peer
+    then drops that copy as a plain duplicate)."""
+    src, dst = sender.getsockname(), sender.getpeername()
+    snd_nxt, rcv_nxt = _sequence_numbers(sender)
+    payload = old + new
+    header = struct.pack(
+        "!HHIIBBHHH",
+        src[1], dst[1], (snd_nxt - len(old)) & 0xFFFFFFFF, rcv_nxt,
+        5 << 4, 0x18, 65535, 0, 0,  # ACK | PSH, no options
+    )  # fmt: skip
+    pseudo = socket.inet_aton(src[0]) + socket.inet_aton(dst[0])
+    pseudo += struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(header) + len(payload))
+    checksum = _checksum(pseudo + header + payload)
+    header = header[:16] + struct.pack("!H", checksum) + header[18:]
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP) as raw:
+        raw.sendto(header + payload, (dst[0], 0))

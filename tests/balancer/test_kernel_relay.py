@@ -18,7 +18,7 @@ import threading
 import pytest
 
 from l4lb.balancer import bpf, kernel_relay, splice
-from l4lb.balancer.kernel_path import KernelPath, written
+from l4lb.balancer.kernel_path import CREDIT, STALE, WORDS, KernelPath, written
 from l4lb.balancer.kernel_relay import KernelRelay
 from l4lb.balancer.relay_contract import EndReason
 from tests.balancer.kernel_support import (
@@ -26,6 +26,7 @@ from tests.balancer.kernel_support import (
     digest_until_eof,
     needs_kernel_path,
     recv_exactly,
+    retransmit_overlapping,
     rig,
 )
 from tests.support.peers import wait_for
@@ -146,12 +147,6 @@ def _backlog(r: Rig) -> int:
     return d.redirected() + d.sent - written(d.dst, connected=False)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known open bug (docs/balancer.md, 'The kernel relay'): after the destination stalled, "
-    "the bytes delivered were sometimes not the bytes sent (2 of 2 CI runs on 6 Dec 2026, 0 of 27 "
-    "runs alone); the bound on what the kernel queues held every time",
-)
 def test_a_client_reading_nothing_bounds_what_the_kernel_queues() -> None:
     """Without the credit, the probe saw 256 MiB pile up in the psock for such a client."""
     data = os.urandom(256 * MB)
@@ -173,6 +168,34 @@ def test_a_client_reading_nothing_bounds_what_the_kernel_queues() -> None:
         sender.join(30)
         assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
         assert r.redirected(True) > 0
+
+
+@pytest.mark.parametrize("way", ["redirected", "handed_back"])
+def test_a_retransmission_overlapping_received_bytes_is_relayed_once(way: str) -> None:
+    """A segment that starts before what the socket has received (a retransmission after late
+    ACKs, merged with new bytes) is queued whole by TCP; the sockmap hands the program the whole
+    skb, old bytes included. Seen under load as a destination that got one 65,483-byte segment
+    twice; here made on purpose with a raw socket, the same every run."""
+    old, new, rest = os.urandom(3000), os.urandom(2000), os.urandom(MB)
+    with rig(first=b"") as r:
+        r.backend.sendall(old)
+        assert recv_exactly(r.client, len(old)) == old
+        assert isinstance(r.relay, KernelRelay)
+        d = r.relay.to_client
+        if way == "handed_back":  # the next skb goes to the process, which copies it
+            r.on_loop(lambda: r.path.state.__setitem__(d.slot * WORDS + CREDIT, 0))
+        retransmit_overlapping(r.backend, old[-1000:], new)
+        assert recv_exactly(r.client, len(new)) == new  # not old[-1000:] again
+        r.backend.sendall(new + rest)  # TCP drops this copy of ``new`` itself
+        r.backend.shutdown(socket.SHUT_WR)
+        assert digest_until_eof(r.client) == (len(rest), hashlib.sha256(rest).hexdigest())
+        # the 1,000 old bytes, and ``new`` again at the head of the backend's next segment
+        # (which also carries the first bytes of ``rest``), unless TCP sent ``new`` alone
+        assert r.path.state[d.slot * WORDS + STALE] in (1000, 3000)
+        if way == "handed_back":
+            assert d.user_bytes > 0
+        else:
+            assert d.user_bytes == 0
 
 
 def test_small_credit_hands_back_often_and_loses_nothing() -> None:

@@ -29,7 +29,12 @@ from tests.balancer.helpers import (
 from tests.support.l4lb import config_text, l4lb
 from tests.support.peers import free_port, wait_for
 
-pytestmark = pytest.mark.parametrize("mode", RELAY_MODES)
+MODES = [*RELAY_MODES, "kernel-at-once"]
+"""Every relay, and the kernel relay with every connection handed to the kernel right after the
+PROXY header, so that bulk and slow readers go through the kernel's data path itself (with the
+default hand-over they stay on splice)."""
+
+pytestmark = pytest.mark.parametrize("mode", MODES)
 
 MB = 1 << 20
 
@@ -38,8 +43,15 @@ def blob(size: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
+def relay_keys(mode: str) -> dict[str, object]:
+    """The top-level config keys that choose ``mode``."""
+    if mode == "kernel-at-once":
+        return {"relay": "kernel", "kernel": {"handover_exchanges": 0}}
+    return {"relay": mode}
+
+
 def cfg(port: int, backends: list[str], mode: str, **pool: object) -> str:
-    return config_text(f"127.0.0.1:{port}", backends, top={"relay": mode}, pool=pool)
+    return config_text(f"127.0.0.1:{port}", backends, top=relay_keys(mode), pool=pool)
 
 
 def test_bulk_both_ways_byte_exact(tmp_path: Path, mode: str) -> None:
@@ -275,7 +287,7 @@ def test_listener_max_conns_stops_accepting(tmp_path: Path, mode: str) -> None:
     port = free_port()
     with backend(echo) as be:
         text = config_text(
-            f"127.0.0.1:{port}", [be.address], top={"relay": mode}, listener={"max_conns": 2}
+            f"127.0.0.1:{port}", [be.address], top=relay_keys(mode), listener={"max_conns": 2}
         )
         with l4lb(tmp_path, text):
             held = [connect(port) for _ in range(2)]
@@ -338,7 +350,7 @@ def test_drain_timeout_closes_leftovers(tmp_path: Path, mode: str) -> None:
     port = free_port()
     with backend(echo) as be:
         text = config_text(
-            f"127.0.0.1:{port}", [be.address], top={"relay": mode, "drain_timeout": "500ms"}
+            f"127.0.0.1:{port}", [be.address], top={**relay_keys(mode), "drain_timeout": "500ms"}
         )
         with l4lb(tmp_path, text) as lb:
             client = connect(port)

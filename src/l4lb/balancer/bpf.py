@@ -10,6 +10,7 @@ map type or attach type).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -47,6 +48,7 @@ ANY, NOEXIST = 0, 1
 
 # helpers
 MAP_LOOKUP_ELEM_FN, GET_SOCKET_COOKIE_FN, SK_REDIRECT_MAP_FN, RINGBUF_OUTPUT_FN = 1, 46, 52, 130
+SKB_ADJUST_ROOM_FN = 50
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -160,26 +162,36 @@ PROG_LOAD_ATTEMPTS = 5
 
 
 def prog_load(kind: int, code: bytes, attach_type: int, name: str, license: str = "GPL") -> int:
-    """Load a program; on refusal the error carries the end of the verifier's log."""
+    """Load a program; on refusal the error carries the end of the verifier's log.
+
+    Loaded without a log first: the verifier's full log of a program with a loop overflows any
+    reasonable buffer (``ENOSPC``); the log is asked for only to explain a refusal.
+    """
     text = ctypes.create_string_buffer(code, len(code))
     lic = ctypes.create_string_buffer(license.encode())
     log = ctypes.create_string_buffer(1 << 16)
-    attr = struct.pack(
-        "<IIQQIIQII16sII",
-        kind, len(code) // 8, ctypes.addressof(text), ctypes.addressof(lic),
-        1, len(log), ctypes.addressof(log), 0, 0, name.encode()[:15], 0, attach_type,
-    )  # fmt: skip
+
+    def attr(level: int) -> ctypes.Array[ctypes.c_char]:
+        return _attr(struct.pack(
+            "<IIQQIIQII16sII",
+            kind, len(code) // 8, ctypes.addressof(text), ctypes.addressof(lic),
+            level, len(log) if level else 0, ctypes.addressof(log) if level else 0, 0, 0,
+            name.encode()[:15], 0, attach_type,
+        ))  # fmt: skip
+
     for _ in range(PROG_LOAD_ATTEMPTS - 1):
         # EAGAIN: the verifier was interrupted (a signal, or memory pressure); try again, as
         # libbpf does. Seen once under a loaded full suite.
         try:
-            return bpf(PROG_LOAD, _attr(attr), f"prog_load({name})")
+            return bpf(PROG_LOAD, attr(0), f"prog_load({name})")
         except BpfError as err:
             if err.errno != errno.EAGAIN:
                 break
     try:
-        return bpf(PROG_LOAD, _attr(attr), f"prog_load({name})")
+        return bpf(PROG_LOAD, attr(0), f"prog_load({name})")
     except BpfError as err:
+        with contextlib.suppress(BpfError):  # the same refusal, with the verifier's reasons
+            os.close(bpf(PROG_LOAD, attr(1), f"prog_load({name})"))  # (accepted this time)
         verifier = log.value.decode("utf-8", "replace").strip()
         if verifier:
             lines = " | ".join(verifier.splitlines()[-6:])
@@ -246,6 +258,22 @@ class Asm:
 
     def add_imm(self, dst: int, imm: int) -> None:
         self._emit(0x07, dst, imm=imm)
+
+    def sub(self, dst: int, src: int) -> None:
+        """``dst -= src`` (registers, 64-bit)."""
+        self._emit(0x1F, dst, src)
+
+    def rsh_imm(self, dst: int, imm: int) -> None:
+        """``dst >>= imm`` (64-bit, logical)."""
+        self._emit(0x77, dst, imm=imm)
+
+    def lsh_imm(self, dst: int, imm: int) -> None:
+        """``dst <<= imm`` (64-bit)."""
+        self._emit(0x67, dst, imm=imm)
+
+    def mov32(self, dst: int, src: int) -> None:
+        """``dst = (u32)src`` (the upper half cleared)."""
+        self._emit(0xBC, dst, src)
 
     def load(self, size: int, dst: int, src: int, off: int) -> None:
         """``dst = *(size *)(src + off)``."""

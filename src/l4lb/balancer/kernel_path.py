@@ -49,8 +49,12 @@ RING_SIZE = 1 << 16
 #   peer        the peer socket's slot (this process)
 #   copied      passed bytes this process has read and written on (this process)
 #   want        0: never redirect again (this process; a peer that could not be inserted)
-REDIRECTED, PASSED, ARMED, CREDIT, ASKED, PEER, COPIED, WANT = 0, 1, 2, 3, 4, 5, 6, 7
-WORDS = 8
+#   next        the TCP sequence number after the last byte the program saw, | 1 << 32 (program;
+#               0: none seen yet)
+#   stale       bytes the program cut from skbs because the socket had delivered them before
+#               (program; a retransmission that overlaps what came before: see :func:`program`)
+REDIRECTED, PASSED, ARMED, CREDIT, ASKED, PEER, COPIED, WANT, NEXT, STALE = range(10)
+WORDS = 10
 VALUE = 8 * WORDS
 NEVER = (1 << 64) - 1
 """``armed`` that no ``passed`` count reaches: the direction stays with this process."""
@@ -60,6 +64,12 @@ SIOCOUTQ = 0x5411
 TCP_INFO_SIZE = 136
 BYTES_ACKED = 120
 SK_PASS = 1
+SKB_CB_SEQ, SKB_CB_END_SEQ = 48, 52
+"""``__sk_buff.cb[0]`` and ``cb[1]``: for an SK_SKB program, the skb's TCP sequence numbers."""
+TRIM_STEP = 0xFFF
+"""The most ``bpf_skb_adjust_room`` cuts from an SK_SKB skb's head in one call."""
+TRIM_CALLS = 64
+"""Calls the program makes at most to cut one skb's old head (``TRIM_CALLS * TRIM_STEP`` bytes)."""
 
 
 class SelfTestError(Exception):
@@ -127,6 +137,71 @@ def program(slots: int, state: int, socks: int, ring: int, limit: int) -> bytes:
     a.call(bpf.MAP_LOOKUP_ELEM_FN)
     a.jump_if(0, "==", 0, "pass_plain")
     a.mov(9, 0)  # r9 = &state[slot]
+    # A retransmitted segment that overlaps bytes the socket already received is queued whole
+    # (TCP readers skip the old part by sequence number; the sockmap's read_skb does not), so
+    # the program would move those bytes twice. Cut the old part first (drop a wholly old skb).
+    a.load(4, 1, 6, SKB_CB_SEQ)
+    a.load(4, 2, 6, SKB_CB_END_SEQ)
+    a.mov32(4, 2)
+    a.sub(4, 1)
+    a.mov32(4, 4)  # end_seq - seq: len, or len + 1 with a FIN; else cb is not TCP's (a kernel
+    a.jump_if_reg(4, "==", 7, "seq_ok")  # that maps it elsewhere): leave the skb alone
+    a.add_imm(4, -1)
+    a.jump_if_reg(4, "!=", 7, "no_seq")
+    a.label("seq_ok")
+    a.load(8, 3, 9, 8 * NEXT)
+    a.jump_if(3, "==", 0, "fresh")  # the first skb since the insertion
+    a.mov32(3, 3)
+    a.mov32(4, 2)
+    a.sub(4, 3)
+    a.mov32(4, 4)  # end_seq - next (mod 2**32)
+    a.jump_if(4, "==", 0, "stale_all")
+    a.rsh_imm(4, 31)
+    a.jump_if(4, "!=", 0, "stale_all")  # ends at or before next: every byte is old
+    a.mov32(4, 3)
+    a.sub(4, 1)
+    a.mov32(4, 4)  # next - seq (mod 2**32): the old bytes at the head
+    a.jump_if(4, "==", 0, "fresh")
+    a.mov(5, 4)
+    a.rsh_imm(5, 31)
+    a.jump_if(5, "!=", 0, "fresh")  # starts after next (not expected): nothing to cut
+    a.load(8, 5, 9, 8 * STALE)
+    a.add(5, 4)
+    a.store(8, 9, 8 * STALE, 5)
+    a.store(8, 10, -32, 4)  # old bytes left to cut
+    a.mov_imm(5, 0)
+    a.store(8, 10, -40, 5)  # calls made
+    a.label("trim")
+    a.load(8, 4, 10, -32)
+    a.jump_if(4, "==", 0, "trimmed")
+    a.load(8, 5, 10, -40)
+    a.jump_if(5, ">=", TRIM_CALLS, "trimmed")
+    a.add_imm(5, 1)
+    a.store(8, 10, -40, 5)
+    a.mov(2, 4)
+    a.jump_if(2, "<=", TRIM_STEP, "step")
+    a.mov_imm(2, TRIM_STEP)
+    a.label("step")
+    a.sub(4, 2)
+    a.store(8, 10, -32, 4)
+    a.mov_imm(3, 0)
+    a.sub(3, 2)
+    a.mov(2, 3)  # -step
+    a.mov(1, 6)
+    a.mov_imm(3, 0)
+    a.mov_imm(4, 0)
+    a.call(bpf.SKB_ADJUST_ROOM_FN)
+    a.jump_if(0, "==", 0, "trim")
+    a.label("trimmed")
+    a.load(4, 7, 6, 0)  # r7 = the new skb->len
+    a.load(4, 2, 6, SKB_CB_END_SEQ)
+    a.label("fresh")
+    a.mov_imm(3, 1)
+    a.lsh_imm(3, 32)
+    a.add(2, 3)
+    a.store(8, 9, 8 * NEXT, 2)  # next = end_seq | 1 << 32
+    a.label("no_seq")
+    a.jump_if(7, "==", 0, "drop")
     a.load(8, 1, 9, 8 * PASSED)
     a.load(8, 2, 9, 8 * ARMED)
     a.jump_if_reg(1, "==", 2, "kernel")
@@ -173,6 +248,10 @@ def program(slots: int, state: int, socks: int, ring: int, limit: int) -> bytes:
     a.label("pass_plain")
     a.mov_imm(0, SK_PASS)
     a.exit()
+    a.label("stale_all")
+    a.load(8, 5, 9, 8 * STALE)
+    a.add(5, 7)
+    a.store(8, 9, 8 * STALE, 5)
     a.label("drop")
     a.mov_imm(0, 0)
     a.exit()
@@ -256,6 +335,8 @@ class KernelPath:
         st[base + PEER] = peer
         st[base + COPIED] = 0
         st[base + WANT] = 1
+        st[base + NEXT] = 0
+        st[base + STALE] = 0
 
     def insert(self, sock: Socket, slot: int) -> bytes:
         """Name ``sock``'s slot to the program, then put it in the sockmap; the cookie key."""
@@ -342,8 +423,9 @@ def self_test(path: KernelPath) -> None:
     """Relay bytes both ways over loopback through ``path``; raise if anything is off.
 
     Covers what the relay relies on: the insertion, a byte queued before it (pushed by the read
-    after it), redirects both ways, the program's counts, the written-bytes sum used for the FIN
-    (on an accepted and a connected socket), and a hand-back with its ring record.
+    after it), redirects both ways, the program's counts and sequence numbers, the written-bytes
+    sum used for the FIN (on an accepted and a connected socket), and a hand-back with its ring
+    record.
     """
     client, lb_c = _pair()
     lb_b, backend = _pair()
@@ -372,6 +454,9 @@ def self_test(path: KernelPath) -> None:
         counts = (st[c * WORDS + REDIRECTED], st[b * WORDS + REDIRECTED])
         if counts != (4, 4):
             raise SelfTestError(f"redirected counts {counts}, expected (4, 4)")
+        if not (st[c * WORDS + NEXT] and st[b * WORDS + NEXT]):
+            # without them a retransmission that overlaps received bytes is relayed twice
+            raise SelfTestError("the program cannot read the skbs' TCP sequence numbers")
         for sock, connected, want in ((lb_b, True, 8), (lb_c, False, 4)):
             got = written(sock, connected)
             if got != want:

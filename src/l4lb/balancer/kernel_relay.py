@@ -43,6 +43,10 @@ itself (``armed = passed``, a new credit). The rules the contract asks for:
   ``redirected`` count. The source's ``bytes_received`` would count the FIN and the passed
   bytes, so the program's own count is the reference.
 - **Resets**: ``EPOLLERR`` on either socket resets both, as the other relays do.
+- **Retransmissions that overlap**: TCP queues a segment that starts before what the socket has
+  received whole (its readers skip the old part by sequence number) and the sockmap hands the
+  program the whole skb, so the program cuts the old head itself, by the skb's sequence
+  numbers (:func:`~l4lb.balancer.kernel_path.program`); otherwise those bytes go out twice.
 - **A socket that is no longer ESTABLISHED** cannot be inserted: if the client's insertion
   fails the connection falls back to the default relay; if the backend's fails (the client's
   is in), both directions stay in user mode for the connection's life.
