@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     checked = targets.check_all(results, names)
     print(
         "\nIssue 16's targets (ratio = l4lb ÷ reference; † that side was load-generator-bound;"
-        "\n‡ that side's paced generator was itself late by half its p99 or more)"
+        "\n‡ half or more of that side's p99 was its paced generator's own lateness)"
     )
     print(targets.table(checked) if checked else "none checked: no l4lb-splice or l4lb-kernel ran")
     compiled = ", ".join(build.get("compiled", [])) or "none"

@@ -3,10 +3,10 @@
 Each row names the target, l4lb's value, the reference (a named peer, or the best of the peers
 that ran), the ratio l4lb ÷ reference, whether it is met, and how far it is. A † on a side
 means that side's figure was load-generator-bound (see ``procs.CpuWindow.summary``): the figure
-understates that balancer, so the comparison is less sure. On the fixed-rate p99 row a ‡ marks a
-side whose paced generator was itself late (its ``lag_p99_ms``) by half that p99 or more: the
-tail is then mostly the generator's, and ``how far`` adds the same requests' p99 counted from
-their own ``connect()`` (``p99_from_connect_ms``, each request's lag taken out) for both sides.
+understates that balancer, so the comparison is less sure. On the fixed-rate p99 row ``how far``
+adds the same requests' p99 counted from their own ``connect()`` (``p99_from_connect_ms``: each
+request's own generator lag taken out, request by request) for both sides, and a ‡ marks a side
+where that takes out half the p99 or more: that tail was mostly the generator's lateness.
 """
 
 from __future__ import annotations
@@ -42,14 +42,14 @@ class Target:
     factor: float = 1.0
     """The target is ``factor`` × the reference (0.5 for "≤ 0.5× HAProxy's")."""
     contenders: tuple[str, ...] = (DEFAULT_RELAY,)
-    lag_key: str | None = None
-    """The generator's own lateness in the same figure (a ‡ when it is half the value or more)."""
     alt_key: str | None = None
-    """The same figure without the generator's lag, stated beside it in ``how far``."""
+    """The same figure without the generator's lag, stated beside it in ``how far`` (a ‡ when it
+    is at most :data:`LAG_BOUND` × the figure)."""
 
 
 LAG_BOUND = 0.5
-"""A side is generator-lag-bound when its generator's lag p99 is at least this share of its p99."""
+"""A side is generator-lag-bound when taking each request's lag out leaves at most this share
+of its p99."""
 
 
 TARGETS: tuple[Target, ...] = (
@@ -67,7 +67,6 @@ TARGETS: tuple[Target, ...] = (
         "p99_ms",
         False,
         "ms",
-        lag_key="lag_p99_ms",
         alt_key="p99_from_connect_ms",
     ),
     Target(
@@ -135,15 +134,14 @@ def _extra(results: dict[str, Any], contender: str, measurement: str, key: str) 
 
 
 def _lag_notes(t: Target, contender: str, peer: str, results: dict[str, Any]) -> dict[str, Any]:
-    """For a target with ``lag_key``/``alt_key``: which sides were generator-lag-bound, and the
-    figure without the generator's lag for both sides."""
+    """For a target with ``alt_key``: which sides were generator-lag-bound, and the figure
+    without the generator's lag for both sides."""
     notes: dict[str, Any] = {}
-    if t.lag_key is not None:
-        for field, who in (("lag_bound", contender), ("reference_lag_bound", peer)):
-            lag = _extra(results, who, t.measurement, t.lag_key)
-            value = _extra(results, who, t.measurement, t.key)
-            notes[field] = lag is not None and value is not None and lag >= LAG_BOUND * value
     if t.alt_key is not None:
+        for field, who in (("lag_bound", contender), ("reference_lag_bound", peer)):
+            alt = _extra(results, who, t.measurement, t.alt_key)
+            value = _extra(results, who, t.measurement, t.key)
+            notes[field] = alt is not None and value is not None and alt <= LAG_BOUND * value
         mine = _extra(results, contender, t.measurement, t.alt_key)
         theirs = _extra(results, peer, t.measurement, t.alt_key)
         if mine is not None and theirs is not None and theirs > 0:
@@ -242,7 +240,7 @@ def check_all(results: dict[str, Any], contenders: list[str]) -> list[dict[str, 
 
 def table(rows: list[dict[str, Any]]) -> str:
     """The targets as a Markdown table; † marks a load-generator-bound side, ‡ a side whose
-    generator was late by half its p99 or more."""
+    p99 was mostly its generator's own lateness."""
     head = ["target", "l4lb", "value", "reference", "ratio", "verdict", "how far"]
     lines = [head]
     for r in rows:
