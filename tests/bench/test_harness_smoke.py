@@ -80,3 +80,26 @@ def test_quick_run_produces_every_figure(tmp_path: Path) -> None:
     assert f"l4lb build: {doc['build']['build']}" in proc.stdout
     assert doc["commit"] != "unknown"
     assert len(doc["machine"]["loadavg_at_start"]) == len(doc["machine"]["loadavg_at_end"]) == 3
+
+
+def test_latency_probe_times_every_step_for_every_contender(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable, str(ROOT / "bench" / "latency.py"),
+            "--contenders", "haproxy,l4lb-splice", "--conns", "5", "--warmup", "1",
+            "--workdir", str(tmp_path),
+        ],
+        capture_output=True, text=True, timeout=90, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[2:-1]
+        for line in proc.stdout.splitlines()
+        if line.startswith("| ") and "contender" not in line
+    }
+    assert set(rows) == {"haproxy", "l4lb-splice"}
+    for cells in rows.values():
+        assert len(cells) == 4  # connect, first, rest, total: "p50 / p90" each
+        for cell in cells:
+            p50, p90 = (float(x) for x in cell.split("/"))
+            assert 0 < p50 <= p90
