@@ -17,9 +17,8 @@ made against its schedule: what the generator itself adds to every latency.
 
 ``p50_ms``/``p99_ms`` (the figures) count from the schedule. ``*_from_connect_ms`` count the same
 requests from their actual ``connect()``: each request's own lag taken out, request by request
-(a percentile of differences, not a difference of percentiles). On a shared machine, where the
-generator's lag is half or more of every contender's p99, that second figure shows more of what
-the balancer adds; it still includes the generator's lateness in reading the answer.
+(a percentile of differences, not a difference of percentiles): how much of a tail was the
+generator starting late. It still includes the generator's lateness in reading the answer.
 """
 
 from __future__ import annotations
