@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from l4lb.balancer import kernel_relay, relay, splice
+from l4lb.balancer import kernel_relay, poller, relay, splice
 from l4lb.balancer.admission import Admitted
 from l4lb.balancer.connection import Connection, State
 from l4lb.balancer.pool import Pool
@@ -164,5 +164,44 @@ def test_a_refused_loopback_backend_is_retried_on_the_next_one_within_start() ->
         assert pool.by_address[live].active == 0
         client.close()
         srv.close()
+
+    _run(body)
+
+
+def test_a_backend_connected_at_once_wakes_nothing_until_it_speaks() -> None:
+    """Registered for input only (``Poller.take_input``): its room to write is no event. Added
+    for output too, the set reported EPOLLOUT at once, a loop wake-up for nothing per
+    connection (failed before the change: the backend's EPOLLOUT was in the poll below)."""
+    start_relay = _relay("splice")
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        srv = socket.create_server(("127.0.0.1", 0))
+        srv.setblocking(False)
+        pool = _pool([f"127.0.0.1:{srv.getsockname()[1]}"])
+        conn, states, owner, client = _connection(loop, start_relay, pool)
+        client.sendall(b"hello")
+        conn.start()
+        assert states == [State.CONNECTING, State.RELAYING]
+        backend = conn.backend_sock
+        assert backend is not None
+        # what the loop would be woken for now: nothing from the backend (nothing came yet)
+        ready = dict(poller.for_loop(loop).ep.poll(0))
+        assert backend.fileno() not in ready, ready
+        far, _ = await loop.sock_accept(srv)
+        reader = HeaderReader()
+        header = None
+        while header is None:
+            header = reader.feed(await loop.sock_recv(far, reader.next_read_size()))
+        got = reader.trailing
+        while len(got) < 5:
+            got += await loop.sock_recv(far, 10)
+        assert got == b"hello"
+        await loop.sock_sendall(far, b"world")  # input: that wakes it, and is relayed
+        client.settimeout(10)
+        assert await loop.run_in_executor(None, client.recv, 10) == b"world"
+        conn.close(EndReason.SHUTDOWN)
+        assert (await _ended(owner))[0] is EndReason.SHUTDOWN
+        for s in (far, client, srv):
+            s.close()
 
     _run(body)
