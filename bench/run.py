@@ -170,6 +170,16 @@ def main(argv: list[str] | None = None) -> int:
                 + f"; full collections at {gc['full_collections_at_s']} s",
                 flush=True,
             )
+            serving = gc.get("serving", {})
+            print(
+                "    after the first full one (while serving): "
+                + "; ".join(
+                    f"{g} {serving[g]['collections']}× max {serving[g]['max_ms']} ms"
+                    for g in ("gen0", "gen1", "gen2")
+                    if g in serving
+                ),
+                flush=True,
+            )
 
     load_after = os.getloadavg()
     add_machine_net(results)
@@ -182,7 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         "read it within one run only"
     )
     checked = targets.check_all(results, names)
-    print("\nIssue 16's targets (ratio = l4lb ÷ reference; † that side was load-generator-bound)")
+    print(
+        "\nIssue 16's targets (ratio = l4lb ÷ reference; † that side was load-generator-bound;"
+        "\n‡ half or more of that side's p99 was its paced generator's own lateness)"
+    )
     print(targets.table(checked) if checked else "none checked: no l4lb-splice or l4lb-kernel ran")
     compiled = ", ".join(build.get("compiled", [])) or "none"
     print(

@@ -261,6 +261,7 @@ ROWS: list[tuple[str, str, str, bool]] = [
     ("p50 ms at fixed rate (paced)", "paced", "p50_ms", False),
     ("p99 ms at fixed rate (paced)", "paced", "p99_ms", False),
     ("  the generator's own lag, p99 ms", "paced", "lag_p99_ms", False),
+    ("  p99 ms from each request's connect() (its lag out)", "paced", "p99_from_connect_ms", False),
     ("RSS KiB per idle connection", "idle", "kib_per_conn", False),
     ("balancer CPU us per new conn", "newconn", "balancer_cpu_us_per_op", False),
     ("  of which user space", "newconn", "balancer_user_us_per_op", False),

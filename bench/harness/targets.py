@@ -3,7 +3,10 @@
 Each row names the target, l4lb's value, the reference (a named peer, or the best of the peers
 that ran), the ratio l4lb ÷ reference, whether it is met, and how far it is. A † on a side
 means that side's figure was load-generator-bound (see ``procs.CpuWindow.summary``): the figure
-understates that balancer, so the comparison is less sure.
+understates that balancer, so the comparison is less sure. On the fixed-rate p99 row ``how far``
+adds the same requests' p99 counted from their own ``connect()`` (``p99_from_connect_ms``: each
+request's own generator lag taken out, request by request) for both sides, and a ‡ marks a side
+where that takes out half the p99 or more: that tail was mostly the generator's lateness.
 """
 
 from __future__ import annotations
@@ -39,6 +42,14 @@ class Target:
     factor: float = 1.0
     """The target is ``factor`` × the reference (0.5 for "≤ 0.5× HAProxy's")."""
     contenders: tuple[str, ...] = (DEFAULT_RELAY,)
+    alt_key: str | None = None
+    """The same figure without the generator's lag, stated beside it in ``how far`` (a ‡ when it
+    is at most :data:`LAG_BOUND` × the figure)."""
+
+
+LAG_BOUND = 0.5
+"""A side is generator-lag-bound when taking each request's lag out leaves at most this share
+of its p99."""
 
 
 TARGETS: tuple[Target, ...] = (
@@ -50,7 +61,14 @@ TARGETS: tuple[Target, ...] = (
         False,
         "µs",
     ),
-    Target("p99 at a fixed rate (paced) ≤ every peer's", "paced", "p99_ms", False, "ms"),
+    Target(
+        "p99 at a fixed rate (paced) ≤ every peer's",
+        "paced",
+        "p99_ms",
+        False,
+        "ms",
+        alt_key="p99_from_connect_ms",
+    ),
     Target(
         "machine CPU per keep-alive req, minus direct, ≤ 0.5× HAProxy's",
         "keepalive",
@@ -105,6 +123,34 @@ def _value(results: dict[str, Any], contender: str, t: Target) -> tuple[float | 
     if not isinstance(v, (int, float)) or isinstance(v, bool):
         return None, False
     return float(v), bool(res.get("generator_bound"))
+
+
+def _extra(results: dict[str, Any], contender: str, measurement: str, key: str) -> float | None:
+    res = results.get(contender, {}).get(measurement)
+    v = res.get(key) if isinstance(res, dict) else None
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return None
+    return float(v)
+
+
+def _lag_notes(t: Target, contender: str, peer: str, results: dict[str, Any]) -> dict[str, Any]:
+    """For a target with ``alt_key``: which sides were generator-lag-bound, and the figure
+    without the generator's lag for both sides."""
+    notes: dict[str, Any] = {}
+    if t.alt_key is not None:
+        for field, who in (("lag_bound", contender), ("reference_lag_bound", peer)):
+            alt = _extra(results, who, t.measurement, t.alt_key)
+            value = _extra(results, who, t.measurement, t.key)
+            notes[field] = alt is not None and value is not None and alt <= LAG_BOUND * value
+        mine = _extra(results, contender, t.measurement, t.alt_key)
+        theirs = _extra(results, peer, t.measurement, t.alt_key)
+        if mine is not None and theirs is not None and theirs > 0:
+            notes.update(
+                alt_value=mine,
+                reference_alt_value=theirs,
+                alt_ratio=round(mine / theirs, 3),
+            )
+    return notes
 
 
 def _reference(results: dict[str, Any], t: Target) -> tuple[str, float, bool] | None:
@@ -165,11 +211,19 @@ def check(t: Target, contender: str, results: dict[str, Any]) -> dict[str, Any]:
     scale = f"{ratio:.2f}× {peer}"
     if t.factor != 1.0:
         scale += f", target {t.factor:g}× = {_num(goal)} {t.unit}"
+    how_far = f"{sign}{_num(abs(diff))} {t.unit}, {scale}"
+    notes = _lag_notes(t, contender, peer, results)
+    if "alt_value" in notes:
+        how_far += (
+            f"; from connect(): {_num(notes['alt_value'])} vs {_num(notes['reference_alt_value'])}"
+            f" {t.unit}, {notes['alt_ratio']:.2f}×"
+        )
     row.update(
+        notes,
         ratio=round(ratio, 3),
         target_value=round(goal, 3),
         verdict="met" if met else "NOT met",
-        how_far=f"{sign}{_num(abs(diff))} {t.unit}, {scale}",
+        how_far=how_far,
     )
     return row
 
@@ -185,15 +239,18 @@ def check_all(results: dict[str, Any], contenders: list[str]) -> list[dict[str, 
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """The targets as a Markdown table; † marks a load-generator-bound side."""
+    """The targets as a Markdown table; † marks a load-generator-bound side, ‡ a side whose
+    p99 was mostly its generator's own lateness."""
     head = ["target", "l4lb", "value", "reference", "ratio", "verdict", "how far"]
     lines = [head]
     for r in rows:
         if "value" not in r:
             lines.append([r["target"], r["contender"], "-", "-", "-", r["verdict"], r["how_far"]])
             continue
-        mark = " †" if r["generator_bound"] else ""
-        ref_mark = " †" if r["reference_generator_bound"] else ""
+        mark = (" †" if r["generator_bound"] else "") + (" ‡" if r.get("lag_bound") else "")
+        ref_mark = (" †" if r["reference_generator_bound"] else "") + (
+            " ‡" if r.get("reference_lag_bound") else ""
+        )
         ratio = f"{r['ratio']:.2f}x" if r.get("ratio") is not None else "-"
         lines.append(
             [

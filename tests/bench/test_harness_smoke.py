@@ -46,6 +46,8 @@ def test_quick_run_produces_every_figure(tmp_path: Path) -> None:
         assert res["bulk1"]["errors"] == 0 and res["bulk1"]["bytes"] == 8 << 20
         assert res["paced"]["ok"] == res["paced"]["requests"] > 0
         assert res["paced"]["lag_p99_ms"] >= 0  # the generator's own lateness, reported
+        # each request counted from its own connect() is no longer than from its schedule
+        assert 0 < res["paced"]["p99_from_connect_ms"] <= res["paced"]["p99_ms"]
         assert res["idle"]["connections"] == 100 and res["idle"]["errors"] == 0
         assert res["idle"]["backend_connections"] >= 100
     # the table: a row per figure, l4lb's values as a ratio to HAProxy's
@@ -68,9 +70,36 @@ def test_quick_run_produces_every_figure(tmp_path: Path) -> None:
     assert gc["frozen_objects"] > 1000  # runtime.settle_gc froze the start-up objects
     assert gc["gen2"]["collections"] == len(gc["full_collections_at_s"]) >= 1  # settle_gc's own
     assert "gc pauses l4lb-splice: gen0" in proc.stdout
+    # the collections connections met: after settle_gc's full one, none of them full
+    assert gc["serving"]["gen2"]["collections"] == 0
+    assert gc["serving"]["gen0"]["collections"] <= gc["gen0"]["collections"]
+    assert "after the first full one (while serving)" in proc.stdout
     # which l4lb ran, on which commit, under what load
     splice = importlib.import_module("l4lb.balancer.splice").__file__ or ""
     assert doc["build"]["build"] == ("mypyc" if splice.endswith(".so") else "pure Python")
     assert f"l4lb build: {doc['build']['build']}" in proc.stdout
     assert doc["commit"] != "unknown"
     assert len(doc["machine"]["loadavg_at_start"]) == len(doc["machine"]["loadavg_at_end"]) == 3
+
+
+def test_latency_probe_times_every_step_for_every_contender(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable, str(ROOT / "bench" / "latency.py"),
+            "--contenders", "haproxy,l4lb-splice", "--conns", "5", "--warmup", "1",
+            "--workdir", str(tmp_path),
+        ],
+        capture_output=True, text=True, timeout=90, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[2:-1]
+        for line in proc.stdout.splitlines()
+        if line.startswith("| ") and "contender" not in line
+    }
+    assert set(rows) == {"haproxy", "l4lb-splice"}
+    for cells in rows.values():
+        assert len(cells) == 4  # connect, first, rest, total: "p50 / p90" each
+        for cell in cells:
+            p50, p90 = (float(x) for x in cell.split("/"))
+            assert 0 < p50 <= p90

@@ -66,6 +66,28 @@ def test_a_cost_is_compared_with_the_cheapest_peer_and_may_be_met() -> None:
     assert row["how_far"] == "+0.62 ms, 1.20× haproxy-splice"
 
 
+def test_a_p99_mostly_the_generators_lag_is_marked_and_given_without_it() -> None:
+    results = {
+        "haproxy": {"paced": {"p99_ms": 4.0, "p99_from_connect_ms": 3.5}},
+        "nginx": {"paced": {"p99_ms": 4.4, "p99_from_connect_ms": 1.9}},
+        "l4lb-splice": {"paced": {"p99_ms": 5.0, "p99_from_connect_ms": 2.5}},
+    }
+    row = targets.check(_target("p99"), "l4lb-splice", results)
+    assert row["reference"] == "haproxy"  # chosen by the figure itself, not the adjusted one
+    assert row["verdict"] == "NOT met"  # the verdict stays on the figure from the schedule
+    assert row["lag_bound"] is True  # 2.5 ms left of a 5.0 ms p99 without the lag: half
+    assert row["reference_lag_bound"] is False  # 3.5 of 4.0
+    assert row["alt_value"] == 2.5 and row["reference_alt_value"] == 3.5
+    assert row["how_far"] == "+1.00 ms, 1.25× haproxy; from connect(): 2.50 vs 3.50 ms, 0.71×"
+    text = targets.table([row])
+    assert "5.00 ms ‡" in text and "haproxy 4.00 |" in text
+
+    del results["haproxy"]["paced"]["p99_from_connect_ms"]  # an older result file: no note
+    row = targets.check(_target("p99"), "l4lb-splice", results)
+    assert row["how_far"] == "+1.00 ms, 1.25× haproxy" and "alt_value" not in row
+    assert row["lag_bound"] is True and row["reference_lag_bound"] is False
+
+
 def test_half_of_haproxy_machine_wide() -> None:
     results = {
         "haproxy": {"keepalive": {"machine_cpu_us_per_op_net": 52.1}},

@@ -46,6 +46,7 @@ __all__ = [
     "EPOLLIN",
     "EPOLLOUT",
     "EPOLLRDHUP",
+    "INPUT_EVENTS",
     "Handler",
     "Poller",
     "available",
@@ -67,6 +68,9 @@ EPOLLRDHUP: Final = 0x2000
 EPOLLET: Final = 1 << 31
 EDGE_EVENTS: Final = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
 """What a socket is registered for (once): both directions, edge-triggered."""
+INPUT_EVENTS = EPOLLIN | EPOLLRDHUP | EPOLLET
+"""Input only (:meth:`Poller.take_input`): a new socket is writable, and registering it for
+output would report that at once, a wake-up for nothing."""
 
 SCRATCH_SIZE: Final = 1 << 16
 
@@ -146,6 +150,28 @@ class Poller:
         except FileExistsError:  # a socket we stopped watching but that was never closed
             self.ep.modify(fd, events)
         return 0
+
+    def take_input(self, sock: Socket, fd: int, handler: Handler) -> int:
+        """:meth:`take` for a socket whose output edges are not wanted yet; returns the events
+        not yet handled, or -1 when the socket was added for input only (:data:`INPUT_EVENTS`).
+
+        A socket still in the set from its connect keeps that registration (both directions:
+        its connect's wake-up has reported the output edge already). Any other socket (a
+        connect seen finished without a wake-up, ``Connection.connect_next`` on loopback) is
+        added for input only: added for output too, a new socket's room to write would be
+        reported at once, and wake the loop for nothing. On -1 the caller asks for output with
+        :meth:`modify` when a write would block.
+        """
+        current = self.fds.get(fd)
+        if isinstance(current, _Connecting) and current.sock is sock:
+            self.fds[fd] = handler
+            return current.seen
+        self.fds[fd] = handler
+        try:
+            self.ep.register(fd, INPUT_EVENTS)
+        except FileExistsError:  # a socket we stopped watching but that was never closed
+            self.ep.modify(fd, INPUT_EVENTS)
+        return -1
 
     def modify(self, fd: int, events: int) -> None:
         """Watch other events of a socket taken with :meth:`take` (the kernel relay's modes);

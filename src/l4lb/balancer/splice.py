@@ -375,8 +375,9 @@ class _Direction:
         relay = self.relay
         other = relay.to_backend if self.to_client else relay.to_client
         if not other.eof:
-            # if the other side is already gone, its own read or write will say so
-            # not contextlib.suppress: a context manager object per connection
+            # if the other side is already gone, its own read or write will say so (try, not
+            # contextlib.suppress: compiled, its __enter__/__exit__ are three interpreted calls
+            # on every connection's FIN)
             try:  # noqa: SIM105
                 self.dst.shutdown(_SHUT_WR)
             except OSError:
@@ -456,8 +457,13 @@ class SpliceRelay:
         # backend comes from its connect watch, which may have seen its first bytes already
         watch.take(self.client, self.client_fd, self, _CLIENT_EVENTS)
         backend_fd = self.to_client.src_fd
-        seen = watch.take(self.backend, backend_fd, self)
-        if seen:
+        seen = watch.take_input(self.backend, backend_fd, self)
+        if seen < 0:  # connected without a wake-up: added for input only, as the client is
+            up = self.to_backend
+            up.out_watched = False
+            if up.head:  # the first write did not all go: its EPOLLOUT edge resumes it
+                up.wait_writable()
+        elif seen:
             self.event(backend_fd, seen)
 
     def _send_first(self, first: bytes) -> None:
