@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 
 from l4lb.balancer import kernel_relay, poller, relay, splice
-from l4lb.balancer.admission import Admitted
+from l4lb.balancer.admission import Admission, Admitted
 from l4lb.balancer.connection import Connection, State
 from l4lb.balancer.pool import Pool
 from l4lb.balancer.relay_contract import EndReason, StartRelay
-from l4lb.config.schema import BackendConfig, PoolConfig
+from l4lb.config.schema import BackendConfig, ListenerConfig, PoolConfig
 from l4lb.proxy_protocol import HeaderReader
 from tests.balancer.conftest import RELAY_MODES
 from tests.balancer.helpers import dead_port, tcp_pair
@@ -37,7 +37,11 @@ class Owner:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, start_relay: StartRelay) -> None:
         self.loop = loop
-        self.admission: Any = None
+        self.admission = Admission(
+            ListenerConfig(name=self.name, bind="127.0.0.1:1", pool="p"),
+            loop=loop,
+            on_reject=lambda rejected: None,
+        )
         self.start_relay = start_relay
         self.ends: list[tuple[EndReason, str]] = []
 
