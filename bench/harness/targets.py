@@ -12,8 +12,10 @@ where that takes out half the p99 or more: that tail was mostly the generator's 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 DEFAULT_RELAY = "l4lb-splice"
@@ -273,18 +275,26 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+MAKEFILE = Path(__file__).resolve().parents[2] / "Makefile"
+
+
+def compiled_set(makefile: Path = MAKEFILE) -> list[str]:
+    """The modules ``make`` compiles with mypyc, read from the Makefile's ``COMPILED`` list, as
+    dotted names (the splice relay first: the build is called mypyc when it is compiled)."""
+    text = makefile.read_text().replace("\\\n", " ")
+    match = re.search(r"^COMPILED\s*:=(.*)$", text, re.MULTILINE)
+    paths = match.group(1).split() if match else []
+    names = [p.removesuffix(".py").replace("/", ".") for p in paths]
+    return sorted(names, key=lambda n: (n != "l4lb.balancer.splice", n))
+
+
 def build(python: str) -> dict[str, Any]:
     """Which l4lb ran: compiled with mypyc or pure Python, as the bench's interpreter imports it.
 
     The l4lb the bench starts is the one next to ``python`` (same virtual environment), so this
     asks that interpreter, not the harness's own imports.
     """
-    modules = [
-        "l4lb.balancer.splice",
-        "l4lb.balancer.poller",
-        "l4lb.balancer.connection",
-        "l4lb.proxy_protocol.parse",
-    ]
+    modules = compiled_set()
     code = (
         "import importlib, json, sys\n"
         "out = {}\n"

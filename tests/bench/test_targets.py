@@ -134,3 +134,13 @@ def test_every_target_for_the_relays_it_concerns() -> None:
     rows = targets.check_all(results, ["haproxy", "l4lb-splice", "l4lb-kernel"])
     assert {r["contender"] for r in rows} == {"l4lb-splice"}
     assert "codec parse" in targets.table(rows)
+
+
+def test_the_build_line_names_every_module_the_makefile_compiles() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    names = targets.compiled_set()
+    assert names[0] == "l4lb.balancer.splice"
+    assert {"l4lb.balancer.connection", "l4lb.proxy_protocol.parse"} <= set(names)
+    for name in names:
+        assert name.replace(".", "/") + ".py" in makefile
+        importlib.import_module(name)
