@@ -17,36 +17,18 @@ from typing import Any
 import pytest
 
 from l4lb.balancer import kernel_relay, poller, relay, splice
-from l4lb.balancer.admission import Admission, Admitted
+from l4lb.balancer.admission import Admitted
 from l4lb.balancer.connection import Connection, State
 from l4lb.balancer.pool import Pool
 from l4lb.balancer.relay_contract import EndReason, StartRelay
-from l4lb.config.schema import BackendConfig, ListenerConfig, PoolConfig
+from l4lb.config.schema import BackendConfig, PoolConfig
 from l4lb.proxy_protocol import HeaderReader
 from tests.balancer.conftest import RELAY_MODES
 from tests.balancer.helpers import dead_port, tcp_pair
+from tests.balancer.test_connection import Owner
 
 CLIENT = ("127.0.0.7", 40000)
 DESTINATION = ("127.0.0.1", 443)
-
-
-class Owner:
-    """What a Listener gives its connections; records how each ended."""
-
-    name = "at-once"
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, start_relay: StartRelay) -> None:
-        self.loop = loop
-        self.admission = Admission(
-            ListenerConfig(name=self.name, bind="127.0.0.1:1", pool="p"),
-            loop=loop,
-            on_reject=lambda rejected: None,
-        )
-        self.start_relay = start_relay
-        self.ends: list[tuple[EndReason, str]] = []
-
-    def connection_ended(self, conn: Connection, reason: EndReason, detail: str) -> None:
-        self.ends.append((reason, detail))
 
 
 def _relay(mode: str) -> StartRelay:
@@ -86,6 +68,19 @@ def _run(body: Callable[[asyncio.AbstractEventLoop], Awaitable[None]]) -> None:
         loop.close()
 
 
+def _started(
+    loop: asyncio.AbstractEventLoop, start_relay: StartRelay
+) -> tuple[socket.socket, Pool, tuple[Connection, list[State], Owner, socket.socket]]:
+    """A listening loopback backend, and a connection to it started with b"hello" queued."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    srv.setblocking(False)
+    pool = _pool([f"127.0.0.1:{srv.getsockname()[1]}"])
+    made = _connection(loop, start_relay, pool)
+    made[3].sendall(b"hello")
+    made[0].start()
+    return srv, pool, made
+
+
 async def _ended(owner: Owner) -> tuple[EndReason, str]:
     while not owner.ends:
         await asyncio.sleep(0.01)
@@ -97,12 +92,7 @@ def test_a_loopback_backend_is_relaying_when_start_returns(mode: str) -> None:
     start_relay = _relay(mode)
 
     async def body(loop: asyncio.AbstractEventLoop) -> None:
-        srv = socket.create_server(("127.0.0.1", 0))
-        srv.setblocking(False)
-        pool = _pool([f"127.0.0.1:{srv.getsockname()[1]}"])
-        conn, states, owner, client = _connection(loop, start_relay, pool)
-        client.sendall(b"hello")
-        conn.start()
+        srv, pool, (conn, states, owner, client) = _started(loop, start_relay)
         # within this callback, no turn of the loop since: the connect was seen finished
         assert states == [State.CONNECTING, State.RELAYING]
         assert pool.backends[0].total == 1  # counted as a connect that succeeded
@@ -179,12 +169,7 @@ def test_a_backend_connected_at_once_wakes_nothing_until_it_speaks() -> None:
     start_relay = _relay("splice")
 
     async def body(loop: asyncio.AbstractEventLoop) -> None:
-        srv = socket.create_server(("127.0.0.1", 0))
-        srv.setblocking(False)
-        pool = _pool([f"127.0.0.1:{srv.getsockname()[1]}"])
-        conn, states, owner, client = _connection(loop, start_relay, pool)
-        client.sendall(b"hello")
-        conn.start()
+        srv, _, (conn, states, owner, client) = _started(loop, start_relay)
         assert states == [State.CONNECTING, State.RELAYING]
         backend = conn.backend_sock
         assert backend is not None
