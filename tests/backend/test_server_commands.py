@@ -4,9 +4,12 @@ naming the setting (no traceback, no worker restart loop), and the worker classe
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -227,3 +230,37 @@ def test_gunicorn_silent_balancer_connection_times_out(
         stop_process(proc, timeout=15)
     text = (tmp_path / "server.log").read_text()
     assert "header_timeout (no complete PROXY header within 1s (0 bytes received))" in text
+
+
+def test_hypercorn_workers_stopped_by_a_flood_of_sigterm_print_no_traceback(tmp_path: Path) -> None:
+    """A supervisor's SIGTERM can reach a worker while asyncio.run closes its loop: the loop's
+    close() shut the wake-up pipe before removing the signal handlers, and a signal in between
+    printed "Exception ignored ... Bad file descriptor" with a traceback (seen in CI). The group
+    gets SIGTERM again and again until the supervisor is gone, to hit that window."""
+    port = free_port()
+    args = [sys.executable, "-m", "l4lb.backend.hypercorn", "tests.backend.servers:asgi_app"]
+    args += ["--bind", f"127.0.0.1:{port}", "--workers", "2"]
+    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115
+    env = _env(L4LB_TRUSTED_PROXIES="127.0.0.1/32")
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        wait_port("127.0.0.1", port, timeout=30, proc=proc)
+        sent = 0
+        while proc.poll() is None and sent < 200_000:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            sent += 1
+            # paced, not a wait: unpaced, the flood fills the loop's wake-up pipe (64 KiB of
+            # signal bytes unread while it shuts down) and asyncio warns of that instead
+            time.sleep(0.0002)
+        # 0, or SIGTERM itself once Python's finalization has put the default handler back
+        assert proc.wait(30) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        log.close()
+    text = (tmp_path / "server.log").read_text(errors="replace")
+    assert "Traceback" not in text and "Exception ignored" not in text, text

@@ -100,9 +100,11 @@ async def serve(
     else:
         wrapped = wrap_app(app, config.wsgi_max_body_size, mode)  # type: ignore[arg-type]
     loop = asyncio.get_running_loop()
+    handled: tuple[signal.Signals, ...] = ()
     if shutdown_trigger is None:
         stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        handled = (signal.SIGINT, signal.SIGTERM)
+        for sig in handled:
             loop.add_signal_handler(sig, stop.set)
         shutdown_trigger = stop.wait
 
@@ -172,6 +174,11 @@ async def serve(
         await lifespan.wait_for_shutdown()
         lifespan_task.cancel()
         await asyncio.gather(lifespan_task, return_exceptions=True)
+        # Our handlers go before asyncio.run closes the loop: its close() shuts the wake-up pipe
+        # first and removes the handlers after, and a signal in between (a supervisor's second
+        # SIGTERM) printed "Exception ignored ... Bad file descriptor" with a traceback.
+        for sig in handled:
+            loop.remove_signal_handler(sig)
 
 
 async def _wait(context: WorkerContext) -> None:
