@@ -68,7 +68,7 @@ EPOLLRDHUP: Final = 0x2000
 EPOLLET: Final = 1 << 31
 EDGE_EVENTS: Final = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
 """What a socket is registered for (once): both directions, edge-triggered."""
-INPUT_EVENTS = EPOLLIN | EPOLLRDHUP | EPOLLET
+INPUT_EVENTS: Final = EPOLLIN | EPOLLRDHUP | EPOLLET
 """Input only (:meth:`Poller.take_input`): a new socket is writable, and registering it for
 output would report that at once, a wake-up for nothing."""
 
@@ -164,13 +164,8 @@ class Poller:
         """
         current = self.fds.get(fd)
         if isinstance(current, _Connecting) and current.sock is sock:
-            self.fds[fd] = handler
-            return current.seen
-        self.fds[fd] = handler
-        try:
-            self.ep.register(fd, INPUT_EVENTS)
-        except FileExistsError:  # a socket we stopped watching but that was never closed
-            self.ep.modify(fd, INPUT_EVENTS)
+            return self.take(sock, fd, handler)
+        self.take(sock, fd, handler, INPUT_EVENTS)
         return -1
 
     def modify(self, fd: int, events: int) -> None:

@@ -45,11 +45,11 @@ from l4lb.balancer import poller
 from l4lb.balancer.poller import (
     EDGE_EVENTS,
     EPOLLERR,
-    EPOLLET,
     EPOLLHUP,
     EPOLLIN,
     EPOLLOUT,
     EPOLLRDHUP,
+    INPUT_EVENTS,
 )
 from l4lb.balancer.relay_contract import EndReason, RelayConn, Socket, error_reason, reset_socket
 
@@ -78,8 +78,6 @@ _IN: Final = EPOLLIN | EPOLLRDHUP | EPOLLHUP
 _OUT: Final = EPOLLOUT | EPOLLHUP
 _ERR: Final = EPOLLERR
 _HUP: Final = EPOLLRDHUP | EPOLLHUP | EPOLLERR
-_CLIENT_EVENTS: Final = EPOLLIN | EPOLLRDHUP | EPOLLET
-"""The client socket's registration: output is added when a write to it blocks."""
 _SHUT_WR: Final = int(socket.SHUT_WR)
 _ONE_SEGMENT: Final = 536
 """The largest first write sent without TCP_NODELAY: one segment under any MSS (RFC 9293's
@@ -455,7 +453,7 @@ class SpliceRelay:
         watch = self.poller
         # registering reports what is already pending (edge-triggered sets start "ready"); the
         # backend comes from its connect watch, which may have seen its first bytes already
-        watch.take(self.client, self.client_fd, self, _CLIENT_EVENTS)
+        watch.take(self.client, self.client_fd, self, INPUT_EVENTS)  # output when a write blocks
         backend_fd = self.to_client.src_fd
         seen = watch.take_input(self.backend, backend_fd, self)
         if seen < 0:  # connected without a wake-up: added for input only, as the client is
