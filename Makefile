@@ -16,22 +16,24 @@ $(STAMP): pyproject.toml
 setup: $(STAMP) build
 
 # The hot modules compiled with mypyc, by default: the codec's parser and a new connection's
-# path. Compiled in place, as extension modules next to their .py files, which stay the source
-# and the fallback (Python imports an extension module before its .py). Needs a C compiler and
-# the Python headers; without them the build says so in one line and stays pure Python.
+# path, as listed in pyproject.toml's [tool.l4lb] compiled (the one list: setup.py compiles the
+# same modules into the wheel, docs/install.md). Compiled in place, as extension modules next to
+# their .py files, which stay the source and the fallback (Python imports an extension module
+# before its .py). Needs a C compiler and the Python headers; without them the build says so in
+# one line and stays pure Python.
 # `COMPILE=0 make setup` (or test, run, bench) removes the build: pure Python; `make compile`
 # forces a build (it fails without a compiler). The build is redone whenever one of these
-# files (or this Makefile) is newer than it, so every make target runs what the source says;
-# the test suite refuses to start on a compiled module older than its .py (tests/conftest.py),
-# for pytest run by hand after an edit. docs/performance.md has what each module saves
-# (kernel_relay.py is in the list since its hand-over class extends the compiled splice relay,
-# which an interpreted class cannot).
+# files (or this Makefile, or pyproject.toml) is newer than it, so every make target runs what
+# the source says; the test suite refuses to start on a compiled module older than its .py
+# (tests/conftest.py), for pytest run by hand after an edit. docs/performance.md has what each
+# module saves.
 COMPILE ?= 1
-COMPILED := l4lb/proxy_protocol/parse.py l4lb/proxy_protocol/v1.py l4lb/proxy_protocol/v2.py \
-	l4lb/proxy_protocol/tlv.py l4lb/balancer/splice.py l4lb/balancer/poller.py \
-	l4lb/balancer/connection.py l4lb/balancer/pool.py l4lb/balancer/algorithms.py \
-	l4lb/balancer/relay_contract.py l4lb/balancer/kernel_relay.py \
-	l4lb/balancer/listener.py l4lb/balancer/admission.py l4lb/proxy_protocol/encode.py
+COMPILED := $(shell $(PY) -c 'import tomllib; \
+	mods = tomllib.load(open("pyproject.toml", "rb"))["tool"]["l4lb"]["compiled"]; \
+	print(*(m.replace(".", "/") + ".py" for m in mods))')
+ifeq ($(strip $(COMPILED)),)
+$(error no [tool.l4lb] compiled list read from pyproject.toml by $(PY) (Python 3.11 or later))
+endif
 BUILT := $(VENV)/.compiled
 MYPYC_LOG := $(VENV)/mypyc.log
 # Prints what is missing (and fails) when this venv's Python cannot build extension modules.
@@ -48,7 +50,7 @@ else
 build: $(BUILT)
 endif
 
-$(BUILT): $(STAMP) $(addprefix src/,$(COMPILED)) Makefile
+$(BUILT): $(STAMP) $(addprefix src/,$(COMPILED)) Makefile pyproject.toml
 	@if missing=$$($(CAN_COMPILE)); then \
 	  $(MAKE) --no-print-directory compile; \
 	else \
@@ -90,8 +92,8 @@ test: setup sysdeps
 	$(BIN)/pytest -q -n 2 --dist loadfile
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench examples
-	$(BIN)/ruff format --check src tests bench examples
+	$(BIN)/ruff check src tests bench examples setup.py
+	$(BIN)/ruff format --check src tests bench examples setup.py
 	$(BIN)/mypy --strict src
 
 bench: setup sysdeps

@@ -12,8 +12,8 @@ where that takes out half the p99 or more: that tail was mostly the generator's 
 from __future__ import annotations
 
 import json
-import re
 import subprocess
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -275,16 +275,15 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-MAKEFILE = Path(__file__).resolve().parents[2] / "Makefile"
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 
-def compiled_set(makefile: Path = MAKEFILE) -> list[str]:
-    """The modules ``make`` compiles with mypyc, read from the Makefile's ``COMPILED`` list, as
-    dotted names (the splice relay first: the build is called mypyc when it is compiled)."""
-    text = makefile.read_text().replace("\\\n", " ")
-    match = re.search(r"^COMPILED\s*:=(.*)$", text, re.MULTILINE)
-    paths = match.group(1).split() if match else []
-    names = [p.removesuffix(".py").replace("/", ".") for p in paths]
+def compiled_set(pyproject: Path = PYPROJECT) -> list[str]:
+    """The modules compiled with mypyc (``make setup`` in place, setup.py into the wheel): the
+    ``[tool.l4lb] compiled`` list in pyproject.toml, as dotted names (the splice relay first: the
+    build is called mypyc when it is compiled)."""
+    with pyproject.open("rb") as file:
+        names: list[str] = tomllib.load(file)["tool"]["l4lb"]["compiled"]
     return sorted(names, key=lambda n: (n != "l4lb.balancer.splice", n))
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Callable, Sequence
+from importlib.machinery import EXTENSION_SUFFIXES
+from pathlib import Path
 
 # name -> (module, one-line help). Each module has ``main(argv: list[str]) -> int``.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -32,6 +34,24 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def build() -> str:
+    """Which build is installed: "compiled with mypyc: N modules" or "pure Python".
+
+    A compiled module is an extension module beside its ``.py`` file (in a wheel built with a
+    C compiler, or a checkout after ``make setup``); Python imports it before the ``.py``.
+    """
+    package = Path(__file__).parent
+    sources = (
+        path.with_name(path.name.split(".", 1)[0] + ".py")
+        for suffix in EXTENSION_SUFFIXES
+        for path in package.rglob(f"*{suffix}")
+    )
+    compiled = {source for source in sources if source.exists()}
+    if not compiled:
+        return "pure Python"
+    return f"compiled with mypyc: {len(compiled)} modules"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -40,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[0] in ("-V", "--version"):
         from l4lb import __version__
 
-        print(f"l4lb {__version__}")
+        print(f"l4lb {__version__} ({build()})")
         return 0
     name, rest = args[0], args[1:]
     if name not in COMMANDS:

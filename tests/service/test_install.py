@@ -1,6 +1,10 @@
 """docs/install.md, exercised: build the wheel with the venv's pip, install it into a fresh
 venv outside the checkout, then ``l4lb check`` and ``l4lb run`` from that venv serve one
-connection. Needs the package index (pip) for the build backend and the dependencies."""
+connection. Needs the package index (pip) for the build backend and the dependencies.
+
+The wheel built here is the pure-Python one (``L4LB_COMPILE=0``, docs/install.md's fallback):
+tests/test_wheel.py builds, installs and serves from the compiled one, which costs a mypyc
+build (about 45 s of one core) that a second test need not pay again."""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ REPO = Path(__file__).parents[2]
 
 def _run(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["L4LB_COMPILE"] = "0"
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, (args, done.stdout[-3000:], done.stderr[-3000:])
     return done
@@ -37,6 +42,8 @@ def test_wheel_into_a_fresh_venv_checks_and_serves(tmp_path: Path) -> None:
     python = str(venv / "bin" / "python")
     where = _run([python, "-c", "import l4lb; print(l4lb.__file__)"], cwd=tmp_path)
     assert where.stdout.strip().startswith(str(venv)), where.stdout  # not the checkout
+    version = _run([str(venv / "bin" / "l4lb"), "--version"], cwd=tmp_path)
+    assert version.stdout.strip().endswith("(pure Python)"), version.stdout
 
     etc, logs = tmp_path / "etc" / "l4lb", tmp_path / "log" / "l4lb"
     etc.mkdir(parents=True)
