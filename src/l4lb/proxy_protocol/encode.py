@@ -22,7 +22,8 @@ from l4lb.proxy_protocol.model import (
 from l4lb.proxy_protocol.tlv import TLVLike, encode_tlvs
 from l4lb.proxy_protocol.v2 import SIGNATURE
 
-# ``Final``: compiled (Makefile COMPILED), a plain module name is a dict look-up on every read
+# ``Final``: compiled (pyproject.toml [tool.l4lb] compiled), a plain module name is a dict
+# look-up on every read
 _FIXED: Final = struct.Struct("!12sBBH")
 _INET: Final = struct.Struct("!4s4sHH")
 _INET6: Final = struct.Struct("!16s16sHH")
@@ -97,9 +98,9 @@ def build(
 ) -> bytes: ...
 
 
-# Compiled with mypyc (Makefile COMPILED): the implementation's parameters are loose (mypyc
-# checks a declared tuple[str, int] on entry and would raise TypeError where the checks below
-# raise the project's error); the overloads above are what callers are held to.
+# Compiled with mypyc (pyproject.toml [tool.l4lb] compiled): the implementation's parameters
+# are loose (mypyc checks a declared tuple[str, int] on entry and would raise TypeError where the
+# checks below raise the project's error); the overloads above are what callers are held to.
 def build(
     version: object,
     source: Sequence[Any],
