@@ -232,6 +232,8 @@ def one_run(i: int, data: bytes, path: kp.KernelPath, args: argparse.Namespace) 
     relay_backend, backend = tcp_pair()
     for s in (relay_client, relay_backend):
         s.setblocking(False)
+        if args.rcvbuf:  # a small receive buffer: more drops, more retransmissions
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, args.rcvbuf * 1024)
     down_r, down_w = os.pipe()
     up_r, up_w = os.pipe()
     ours = [relay_client, relay_backend]
@@ -360,6 +362,9 @@ def main() -> int:
         default="stalls",
         help="stalls: pauses while reading; blocked: read nothing until the sender has been "
         "blocked for a second, then everything (test_a_client_reading_nothing_...)",
+    )
+    parser.add_argument(
+        "--rcvbuf", type=int, default=0, help="SO_RCVBUF of the relay's sockets, KiB (0: auto)"
     )
     parser.add_argument("--read-size", type=int, default=256, help="KiB per recv (default 256)")
     parser.add_argument(

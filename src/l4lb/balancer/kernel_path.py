@@ -215,8 +215,7 @@ def program(slots: int, state: int, socks: int, ring: int, limit: int) -> bytes:
     a.jump_if(2, "<=", TRIM_STEP, "step")
     a.mov_imm(2, TRIM_STEP)
     a.label("step")
-    a.sub(4, 2)
-    a.store(8, 10, -32, 4)
+    a.store(8, 10, -48, 2)  # this call's step
     a.mov_imm(3, 0)
     a.sub(3, 2)
     a.mov(2, 3)  # -step
@@ -224,8 +223,19 @@ def program(slots: int, state: int, socks: int, ring: int, limit: int) -> bytes:
     a.mov_imm(3, 0)
     a.mov_imm(4, 0)
     a.call(bpf.SKB_ADJUST_ROOM_FN)
-    a.jump_if(0, "==", 0, "trim")
+    a.jump_if(0, "!=", 0, "trimmed")
+    a.load(8, 4, 10, -32)
+    a.load(8, 2, 10, -48)
+    a.sub(4, 2)
+    a.store(8, 10, -32, 4)  # cut: that many fewer left
+    a.jump("trim")
     a.label("trimmed")
+    # ``stale`` counted every old byte; take back those left uncut (the call limit, or a
+    # refused call): they go out again, and the count says so by not covering them
+    a.load(8, 4, 10, -32)
+    a.load(8, 5, 9, 8 * STALE)
+    a.sub(5, 4)
+    a.store(8, 9, 8 * STALE, 5)
     a.load(4, 7, 6, 0)  # r7 = the new skb->len
     a.load(4, 2, 6, SKB_CB_END_SEQ)
     a.label("fresh")
