@@ -147,6 +147,52 @@ def digest_until_eof(s: socket.socket) -> tuple[int, str]:
     return n, h.hexdigest()
 
 
+def recv_until_eof(s: socket.socket) -> bytes:
+    out = bytearray()
+    while chunk := s.recv(1 << 18):
+        out += chunk
+    return bytes(out)
+
+
+def difference(got: bytes, want: bytes) -> str:
+    """Where ``got`` first differs from ``want`` and what came there instead ("" when equal):
+    a stream that repeats a segment says which bytes came again, and how many."""
+    if got == want:
+        return ""
+    at = next(
+        (
+            i
+            for i in range(0, min(len(got), len(want)), 4096)
+            if got[i : i + 4096] != want[i : i + 4096]
+        ),
+        None,
+    )
+    if at is None:
+        at = min(len(got), len(want))
+    else:
+        at += next(k for k in range(4096) if got[at + k : at + k + 1] != want[at + k : at + k + 1])
+    line = f"{len(got)} bytes for {len(want)}; the first wrong byte at offset {at}"
+    probe = got[at : at + 64]
+    if len(probe) == 64:
+        source = want.rfind(probe, 0, at + 1)
+        if source < 0:
+            source = want.find(probe, at)
+        if source >= 0:
+            line += f": bytes sent at offset {source} came there ({at - source:+d})"
+        else:
+            line += ": bytes that were never sent came there"
+    return line
+
+
+def tcp_counters(sock: socket.socket) -> dict[str, int]:
+    """What TCP itself resent on ``sock`` (``tcp_info``: bytes_retrans, total_retrans)."""
+    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 216)
+    return {
+        "total_retrans": struct.unpack_from("<I", raw, 100)[0],
+        "bytes_retrans": struct.unpack_from("<Q", raw, 208)[0],
+    }
+
+
 def _process_tree(pid: int) -> list[int]:
     out, todo = [], [pid]
     while todo:

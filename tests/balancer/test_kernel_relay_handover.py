@@ -17,11 +17,13 @@ import threading
 import pytest
 
 from l4lb.balancer import splice
+from l4lb.balancer.kernel_path import STALE, WORDS
 from l4lb.balancer.kernel_relay import HANDOVER, Handover, KernelRelay
 from tests.balancer.kernel_support import (
     digest_until_eof,
     needs_kernel_path,
     recv_exactly,
+    retransmit_overlapping,
     rig,
 )
 from tests.support.peers import wait_for
@@ -169,3 +171,30 @@ def test_a_hand_over_while_bytes_flow_both_ways_is_byte_exact(run: int) -> None:
         assert isinstance(kernel, KernelRelay)
         for d in (kernel.to_backend, kernel.to_client):
             assert d.redirected() > 0
+
+
+def test_a_retransmission_overlapping_bytes_splice_read_is_relayed_once() -> None:
+    """The first skb after the hand-over can be a retransmission (late ACKs) that starts in bytes
+    splice had already read and relayed: TCP queues it whole, and the program, with no byte of
+    the socket seen yet, had nothing to compare its start with, so the old bytes went out again.
+    The insertion now tells the program where the socket's unread bytes start. Made on purpose
+    with a raw socket, the same every run."""
+    old, new, rest = os.urandom(3000), os.urandom(2000), os.urandom(MB)
+    with rig(handover=Handover(exchanges=1, age=3600.0)) as r:
+        r.client.sendall(b"one")
+        assert recv_exactly(r.backend, len(HDR) + 3) == HDR + b"one"
+        r.backend.sendall(old)  # relayed by splice, before the insertion
+        assert recv_exactly(r.client, len(old)) == old
+        r.client.sendall(b"two")  # speaks again after an answer: handed over
+        assert recv_exactly(r.backend, 3) == b"two"
+        assert wait_for(lambda: r.path.handed_over == 1)
+        kernel = getattr(r.relay, "kernel", None)
+        assert isinstance(kernel, KernelRelay)
+        retransmit_overlapping(r.backend, old[-1000:], new)
+        assert recv_exactly(r.client, len(new)) == new  # not old[-1000:] again
+        r.backend.sendall(new + rest)  # TCP drops this copy of ``new`` itself
+        r.backend.shutdown(socket.SHUT_WR)
+        assert digest_until_eof(r.client) == (len(rest), hashlib.sha256(rest).hexdigest())
+        d = kernel.to_client
+        assert r.path.state[d.slot * WORDS + STALE] in (1000, 3000)
+        assert d.redirected() > 0

@@ -50,7 +50,8 @@ RING_SIZE = 1 << 16
 #   copied      passed bytes this process has read and written on (this process)
 #   want        0: never redirect again (this process; a peer that could not be inserted)
 #   next        the TCP sequence number after the last byte the program saw, | 1 << 32 (program;
-#               0: none seen yet)
+#               at the insertion: where the socket's unread bytes start, :func:`unread_from`;
+#               0: unknown)
 #   stale       bytes the program cut from skbs because the socket had delivered them before
 #               (program; a retransmission that overlaps what came before: see :func:`program`)
 REDIRECTED, PASSED, ARMED, CREDIT, ASKED, PEER, COPIED, WANT, NEXT, STALE = range(10)
@@ -70,6 +71,8 @@ TRIM_STEP = 0xFFF
 """The most ``bpf_skb_adjust_room`` cuts from an SK_SKB skb's head in one call."""
 TRIM_CALLS = 64
 """Calls the program makes at most to cut one skb's old head (``TRIM_CALLS * TRIM_STEP`` bytes)."""
+TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ, TCP_RECV_QUEUE = 19, 20, 21, 1
+SIOCINQ = 0x541B
 
 
 class SelfTestError(Exception):
@@ -100,6 +103,36 @@ def written(sock: Socket, connected: bool) -> int:
     queued = array.array("i", [0])
     fcntl.ioctl(sock.fileno(), SIOCOUTQ, queued)
     return int(acked + queued[0])
+
+
+def unread_from(sock: Socket) -> int | None:
+    """The TCP sequence number of the first byte ``sock`` has received and nobody has read yet
+    (the kernel's ``copied_seq``), or None when the socket will not say (no CAP_NET_ADMIN).
+
+    ``rcv_nxt`` read in repair mode (``TCP_QUEUE_SEQ`` of the receive queue; repair mode changes
+    nothing else of a socket that no one writes to meanwhile) less the bytes queued unread
+    (``SIOCINQ``: valid before the socket is in the sockmap). Read again until a packet arriving
+    in between did not move ``rcv_nxt``.
+    """
+    level = socket.IPPROTO_TCP
+    count = array.array("i", [0])
+    for _ in range(4):
+        try:
+            sock.setsockopt(level, TCP_REPAIR, 1)
+        except OSError:
+            return None
+        try:
+            sock.setsockopt(level, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+            before = sock.getsockopt(level, TCP_QUEUE_SEQ)
+            fcntl.ioctl(sock.fileno(), SIOCINQ, count)
+            after = sock.getsockopt(level, TCP_QUEUE_SEQ)
+        except OSError:
+            return None
+        finally:
+            sock.setsockopt(level, TCP_REPAIR, 0)
+        if before == after:
+            return (after - count[0]) & 0xFFFFFFFF
+    return None
 
 
 # -- the program -----------------------------------------------------------------------------
@@ -182,8 +215,7 @@ def program(slots: int, state: int, socks: int, ring: int, limit: int) -> bytes:
     a.jump_if(2, "<=", TRIM_STEP, "step")
     a.mov_imm(2, TRIM_STEP)
     a.label("step")
-    a.sub(4, 2)
-    a.store(8, 10, -32, 4)
+    a.store(8, 10, -48, 2)  # this call's step
     a.mov_imm(3, 0)
     a.sub(3, 2)
     a.mov(2, 3)  # -step
@@ -191,8 +223,19 @@ def program(slots: int, state: int, socks: int, ring: int, limit: int) -> bytes:
     a.mov_imm(3, 0)
     a.mov_imm(4, 0)
     a.call(bpf.SKB_ADJUST_ROOM_FN)
-    a.jump_if(0, "==", 0, "trim")
+    a.jump_if(0, "!=", 0, "trimmed")
+    a.load(8, 4, 10, -32)
+    a.load(8, 2, 10, -48)
+    a.sub(4, 2)
+    a.store(8, 10, -32, 4)  # cut: that many fewer left
+    a.jump("trim")
     a.label("trimmed")
+    # ``stale`` counted every old byte; take back those left uncut (the call limit, or a
+    # refused call): they go out again, and the count says so by not covering them
+    a.load(8, 4, 10, -32)
+    a.load(8, 5, 9, 8 * STALE)
+    a.sub(5, 4)
+    a.store(8, 9, 8 * STALE, 5)
     a.load(4, 7, 6, 0)  # r7 = the new skb->len
     a.load(4, 2, 6, SKB_CB_END_SEQ)
     a.label("fresh")
@@ -339,7 +382,15 @@ class KernelPath:
         st[base + STALE] = 0
 
     def insert(self, sock: Socket, slot: int) -> bytes:
-        """Name ``sock``'s slot to the program, then put it in the sockmap; the cookie key."""
+        """Name ``sock``'s slot to the program, then put it in the sockmap; the cookie key.
+
+        The program learns where the socket's unread bytes start (``next``): its first skb can
+        be a retransmission that overlaps bytes read before the insertion (by splice before a
+        hand-over), and only that number says which of its bytes are old.
+        """
+        start = unread_from(sock)
+        if start is not None:
+            self.state[slot * WORDS + NEXT] = start | 1 << 32
         key = sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8)
         bpf.map_update(self.slots_fd, key, struct.pack("<I", slot))
         try:
