@@ -72,6 +72,7 @@ TRIM_STEP = 0xFFF
 TRIM_CALLS = 64
 """Calls the program makes at most to cut one skb's old head (``TRIM_CALLS * TRIM_STEP`` bytes)."""
 TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ, TCP_RECV_QUEUE = 19, 20, 21, 1
+TCP_REPAIR_OFF_NO_WP = -1  # leave repair mode without sending the peer a window probe (4.19+)
 SIOCINQ = 0x541B
 
 
@@ -129,7 +130,7 @@ def unread_from(sock: Socket) -> int | None:
         except OSError:
             return None
         finally:
-            sock.setsockopt(level, TCP_REPAIR, 0)
+            sock.setsockopt(level, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
         if before == after:
             return (after - count[0]) & 0xFFFFFFFF
     return None
