@@ -105,6 +105,45 @@ def test_half_of_haproxy_machine_wide() -> None:
     assert "32.8 µs †" in text and "haproxy 52.1 |" in text.replace("  ", " ")
 
 
+def test_a_row_not_met_says_where_its_cpu_goes_on_both_sides() -> None:
+    ka = {"balancer_cpu_us_per_op": 0.3, "balancer_user_us_per_op": 0.1}
+    results = {
+        "haproxy": {
+            "keepalive": {
+                "machine_cpu_us_per_op_net": 13.7,
+                "balancer_cpu_us_per_op": 13.4,
+                "balancer_user_us_per_op": 1.4,
+            }
+        },
+        "l4lb-kernel": {"keepalive": {"machine_cpu_us_per_op_net": 15.9, **ka}},
+        "l4lb-splice": {"keepalive": {"machine_cpu_us_per_op_net": 5.0, **ka}},
+    }
+    t = _target("machine CPU per keep-alive")
+    row = targets.check(t, "l4lb-kernel", results)
+    assert row["verdict"] == "NOT met"
+    assert row["why"] == (
+        "CPU per keepalive operation: l4lb-kernel user 0.10 + system 0.20"
+        " + outside the process 15.6 µs; haproxy user 1.40 + system 12.0"
+        " + outside the process 0.30 µs"
+    )
+    assert "Where the figures of the rows not met come from" in targets.table([row])
+    met = targets.check(t, "l4lb-splice", results)
+    assert met["verdict"] == "met" and "why" not in met
+    assert "Where the figures" not in targets.table([met])
+    del results["haproxy"]["keepalive"]["balancer_user_us_per_op"]  # a figure the run lacks
+    assert "why" not in targets.check(t, "l4lb-kernel", results)
+
+
+def test_a_p99_not_met_says_where_its_tail_is() -> None:
+    mine = {"p99_ms": 0.55, "p50_ms": 0.33, "p99_from_connect_ms": 0.47, "lag_p99_ms": 0.11}
+    theirs = {"p99_ms": 0.49, "p50_ms": 0.32, "p99_from_connect_ms": 0.40}
+    results = {"nginx": {"paced": theirs}, "l4lb-splice": {"paced": mine}}
+    row = targets.check(_target("p99"), "l4lb-splice", results)
+    assert row["why"] == (
+        "l4lb-splice vs nginx: p50 0.33 vs 0.32 ms, p99 from connect() 0.47 vs 0.40 ms"
+    )
+
+
 def test_rows_that_cannot_be_judged_say_why() -> None:
     results = {
         "haproxy": {"bulk8": {"machine_cpu_s_per_gb_net": -0.2}, "idle": {"failed": "boom"}},
