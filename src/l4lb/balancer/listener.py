@@ -19,7 +19,7 @@ import contextlib
 import errno
 import logging
 import socket
-import struct
+import sys
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Final, cast
 
@@ -59,7 +59,7 @@ _TCPI_UNACKED: Final = 24
 """Offset of ``tcpi_unacked`` in ``struct tcp_info`` (after 8 bytes and 4 u32s); on a listening
 socket the kernel puts its accept queue's length there."""
 _TCPI_UNACKED_END: Final = _TCPI_UNACKED + 4
-_U32: Final = struct.Struct("=I")
+_LITTLE: Final = sys.byteorder == "little"
 
 
 def _is_wildcard(host: str) -> bool:
@@ -228,7 +228,10 @@ class Listener:
             return ACCEPT_BATCH
         if len(info) < _TCPI_UNACKED_END:
             return ACCEPT_BATCH
-        return int(_U32.unpack_from(info, _TCPI_UNACKED)[0])
+        at = _TCPI_UNACKED  # a native-endian u32, read byte by byte (no Struct call, no tuple)
+        if _LITTLE:
+            return info[at] | info[at + 1] << 8 | info[at + 2] << 16 | info[at + 3] << 24
+        return info[at + 3] | info[at + 2] << 8 | info[at + 1] << 16 | info[at] << 24
 
     def _admitted(self, sock: Socket, admitted: Admitted) -> None:
         balancer = self.balancer

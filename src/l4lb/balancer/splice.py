@@ -393,7 +393,7 @@ class _Direction:
             self.pending = 0
 
 
-class SpliceRelay:
+class SpliceRelay(poller.NativeHandler):
     """Relays one connection between ``client`` and ``backend`` with ``os.splice``.
 
     Owns both sockets from :meth:`start` on and closes them when both directions have ended, on
