@@ -51,13 +51,21 @@ from l4lb.balancer.poller import (
     EPOLLRDHUP,
     INPUT_EVENTS,
 )
-from l4lb.balancer.relay_contract import EndReason, RelayConn, Socket, error_reason, reset_socket
+from l4lb.balancer.relay_contract import (
+    EndReason,
+    NativeConn,
+    RelayConn,
+    Socket,
+    error_reason,
+    reset_socket,
+)
 
 __all__ = [
     "PIPE_SIZE",
     "PipePool",
     "SpliceRelay",
     "available",
+    "start_nonblocking",
     "start_splice_relay",
 ]
 
@@ -481,7 +489,7 @@ class SpliceRelay(poller.NativeHandler):
                 reset = err
             # n == 0 at EOF too: the registration below reports it again
             if n:
-                self.conn.bytes_from_client += n
+                self.progress(n, False)
                 if size + n == len(buf):
                     self.to_backend.copy = False  # a full read: bulk
         out = buf[: size + n] if n else first
@@ -531,10 +539,16 @@ class SpliceRelay(poller.NativeHandler):
             self.failed(err)
 
     def progress(self, n: int, to_client: bool) -> None:
-        if to_client:
-            self.conn.bytes_to_client += n
+        conn = self.conn
+        if isinstance(conn, NativeConn):  # C fields (see NativeConn)
+            if to_client:
+                conn.bytes_to_client += n
+            else:
+                conn.bytes_from_client += n
+        elif to_client:
+            conn.bytes_to_client += n
         else:
-            self.conn.bytes_from_client += n
+            conn.bytes_from_client += n
 
     def half_closed(self, to_client: bool) -> None:
         """One direction has ended with a FIN; close when both have."""
@@ -566,7 +580,11 @@ class SpliceRelay(poller.NativeHandler):
         # closing removes them from the epoll set
         self.client.close()
         self.backend.close()
-        self.conn.relay_closed(reason)
+        conn = self.conn
+        if isinstance(conn, NativeConn):
+            conn.relay_closed(reason)  # a C call (see NativeConn)
+        else:
+            conn.relay_closed(reason)
 
     # -- the kernel relay's hand-over (l4lb.balancer.kernel_relay) ---------------------------
 
@@ -622,6 +640,18 @@ def start_splice_relay(
     for sock in (client_sock, backend_sock):
         if sock.gettimeout() != 0.0:
             sock.setblocking(False)
+    return start_nonblocking(loop, client_sock, backend_sock, first, conn)
+
+
+def start_nonblocking(
+    loop: asyncio.AbstractEventLoop,
+    client_sock: Socket,
+    backend_sock: Socket,
+    first: bytes,
+    conn: RelayConn,
+) -> SpliceRelay:
+    """:func:`start_splice_relay` for sockets the caller knows are non-blocking (a
+    :class:`~l4lb.balancer.connection.Connection`'s): no ``gettimeout()`` check."""
     # TCP_NODELAY: the client's comes from the listening socket, the backend's is set by the
     # relay before any write that could wait on Nagle (_Direction.nagle)
     relay = SpliceRelay(loop, client_sock, backend_sock, conn)
