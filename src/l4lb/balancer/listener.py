@@ -259,7 +259,8 @@ class Listener:
         conn.admission.release(conn.admitted)
         if not self.accepting and self.running:
             self._watch()
-        balancer.log_connection(conn, reason, detail)
+        if balancer.access_log.enabled:  # off: no call into the (interpreted) runtime
+            balancer.log_connection(conn, reason, detail)
 
     @property
     def rejections(self) -> Counter[str]:

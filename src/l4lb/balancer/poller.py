@@ -193,7 +193,9 @@ class Poller:
 
     def forget(self, fd: int) -> None:
         """Send ``fd``'s events nowhere; the caller closes it (which removes it from the set)."""
-        self.fds.pop(fd, None)
+        fds = self.fds
+        if fd in fds:  # compiled, two C look-ups; ``pop(fd, None)`` is a method call (~400)
+            del fds[fd]
 
     # -- error-only watches (the stream relay's paused sides) --------------------------------
 
