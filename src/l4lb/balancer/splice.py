@@ -182,12 +182,13 @@ class _Direction:
         "to_client",
     )
 
-    def __init__(self, relay: SpliceRelay, src: Socket, dst: Socket, to_client: bool) -> None:
+    def __init__(
+        self, relay: SpliceRelay, src: Socket, dst: Socket, fds: tuple[int, int], to_client: bool
+    ) -> None:
         self.relay = relay
         self.src = src
-        self.src_fd = src.fileno()
         self.dst = dst
-        self.dst_fd = dst.fileno()
+        self.src_fd, self.dst_fd = fds  # the relay's: fileno() is a method call each
         self.to_client = to_client
         self.copy = True
         """Small messages are copied (recv/send); the first full read switches to splice."""
@@ -435,15 +436,16 @@ class SpliceRelay(poller.NativeHandler):
         self.loop = loop
         self.client = client
         self.backend = backend
-        self.client_fd = client.fileno()
+        client_fd = self.client_fd = client.fileno()
+        backend_fd = backend.fileno()
         self.conn = conn
         self.pool = pool
         watch = _last_poller
         if watch is None or watch.loop is not loop:
             watch = _remember_poller(loop)
         self.poller = watch
-        self.to_backend = _Direction(self, client, backend, to_client=False)
-        self.to_client = _Direction(self, backend, client, to_client=True)
+        self.to_backend = _Direction(self, client, backend, (client_fd, backend_fd), False)
+        self.to_client = _Direction(self, backend, client, (backend_fd, client_fd), True)
         self.first_reason: EndReason | None = None
         self.closed = False
 
