@@ -74,6 +74,9 @@ INPUT_EVENTS: Final = EPOLLIN | EPOLLRDHUP | EPOLLET
 output would report that at once, a wake-up for nothing."""
 
 SCRATCH_SIZE: Final = 1 << 16
+SCRATCH_ROOM: Final = 256
+"""Bytes at the scratch buffer's start kept for a header written in front of what a read put
+after them (:attr:`Poller.room`: the splice relay's first write, PROXY header + client bytes)."""
 
 _HAVE_EPOLL: Final = hasattr(select, "epoll")
 
@@ -104,12 +107,14 @@ class NativeHandler:
 class Poller:
     """The epoll set of one event loop, and which handler each descriptor's events go to."""
 
-    __slots__ = ("__weakref__", "ep", "fds", "loop", "scratch")
+    __slots__ = ("__weakref__", "ep", "fds", "loop", "room", "scratch")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.scratch = memoryview(bytearray(SCRATCH_SIZE))
         """A buffer any handler may fill and use within one callback (the splice relay's copies)."""
+        self.room = self.scratch[SCRATCH_ROOM:]
+        """The scratch buffer after its first :data:`SCRATCH_ROOM` bytes (a view made once)."""
         self.ep = select.epoll()
         self.fds: dict[int, Handler] = {}
         loop.add_reader(self.ep.fileno(), self._dispatch)

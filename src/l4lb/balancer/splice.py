@@ -50,6 +50,7 @@ from l4lb.balancer.poller import (
     EPOLLOUT,
     EPOLLRDHUP,
     INPUT_EVENTS,
+    SCRATCH_ROOM,
 )
 from l4lb.balancer.relay_contract import (
     EndReason,
@@ -475,14 +476,21 @@ class SpliceRelay(poller.NativeHandler):
             self.event(backend_fd, seen)
 
     def _send_first(self, first: bytes) -> None:
-        buf = self.poller.scratch
+        watch = self.poller
+        buf = watch.scratch
         size = len(first)
         n = 0
         reset: OSError | None = None
-        if size < len(buf) // 2:
-            buf[:size] = first
+        into: memoryview | None = None
+        at = 0
+        if size <= SCRATCH_ROOM:  # the usual header: the client's bytes go after a fixed room
+            into = watch.room  # (a view made once, not a slice per connection)
+            at = SCRATCH_ROOM - size
+        elif size < len(buf) // 2:  # a long header (many TLVs): right after it
+            into = buf[size:]
+        if into is not None:
             try:
-                n = self.client.recv_into(buf[size:])
+                n = self.client.recv_into(into)
             except BlockingIOError:
                 n = 0
             except OSError as err:
@@ -492,9 +500,12 @@ class SpliceRelay(poller.NativeHandler):
             # n == 0 at EOF too: the registration below reports it again
             if n:
                 self.progress(n, False)
-                if size + n == len(buf):
+                if n == len(into):
                     self.to_backend.copy = False  # a full read: bulk
-        out = buf[: size + n] if n else first
+        out: memoryview | bytes = first
+        if n:  # the header in front of the client's bytes: one write
+            buf[at : at + size] = first
+            out = buf[at : at + size + n]
         if len(out) > _ONE_SEGMENT:
             self.to_backend.no_delay()
         # else: a first write on a new connection that fits one segment leaves at once, Nagle
