@@ -1,7 +1,9 @@
 """A listening socket and its accept loop, feeding admitted connections to their pool.
 
 The socket is raw and non-blocking (``SO_REUSEADDR`` + ``SO_REUSEPORT``, so several worker
-processes can share the port); one ``add_reader`` callback accepts a batch per wake-up. Options
+processes can share the port); one ``add_reader`` callback accepts per wake-up what the kernel
+says is queued (``TCP_INFO`` of the listening socket), ``ACCEPT_BATCH`` at most, never an
+``accept()`` that meets an empty queue (see ``Listener._accept``). Options
 the accepted sockets inherit (``TCP_NODELAY``) are set once on the listening socket, and
 ``defer_accept`` sets ``TCP_DEFER_ACCEPT`` there. At
 ``max_conns`` the listener stops watching the socket instead of accepting and dropping: new
