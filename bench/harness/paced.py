@@ -79,9 +79,15 @@ class _Conn:
     """When ``connect()`` was called (the schedule plus the generator's own lag)."""
     sent: bool = False
     got: int = 0
+    first: float = 0.0
+    """When the answer's first byte was read (0 until then)."""
 
 
-def run(port: int, rate: float, duration: float, timeout: float) -> dict[str, object]:
+def run(
+    port: int, rate: float, duration: float, timeout: float, raw: str | None = None
+) -> dict[str, object]:
+    """Pace ``rate`` new connections/s for ``duration`` s; the summary as a dict. ``raw``: also
+    write every request's times, one JSON line each (see :func:`main`)."""
     n = int(rate * duration)
     interval = 1.0 / rate
     addr = ("127.0.0.1", port)
@@ -94,6 +100,8 @@ def run(port: int, rate: float, duration: float, timeout: float) -> dict[str, ob
     latencies: list[float] = []
     from_connect: list[float] = []
     lags: list[float] = []
+    rows: list[tuple[float, float, float, float]] = []
+    """(scheduled, connect, first byte, end) of each answered request, with ``raw``."""
     errors = 0
     started = 0
     watch = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
@@ -107,6 +115,8 @@ def run(port: int, rate: float, duration: float, timeout: float) -> dict[str, ob
             now = clock()
             latencies.append(now - c.scheduled)
             from_connect.append(now - c.connected)
+            if raw is not None:
+                rows.append((c.scheduled, c.connected, c.first, now))
         else:
             errors += 1
 
@@ -162,6 +172,8 @@ def run(port: int, rate: float, duration: float, timeout: float) -> dict[str, ob
                         if not chunk:
                             finish(fd, c, True)
                             break
+                        if not c.got:
+                            c.first = clock()
                         c.got += len(chunk)
             now = clock()
             if now >= next_sweep:
@@ -181,6 +193,10 @@ def run(port: int, rate: float, duration: float, timeout: float) -> dict[str, ob
             return None
         return round(values[min(len(values) - 1, int(p * len(values)))] * 1000, 3)
 
+    if raw is not None:
+        with open(raw, "w") as f:
+            for row in rows:
+                f.write(json.dumps([round((t - start) * 1e6, 1) for t in row]) + "\n")
     latencies.sort()
     from_connect.sort()
     lags.sort()
@@ -193,6 +209,7 @@ def run(port: int, rate: float, duration: float, timeout: float) -> dict[str, ob
         "p50_ms": pct(latencies, 0.50),
         "p90_ms": pct(latencies, 0.90),
         "p99_ms": pct(latencies, 0.99),
+        "p999_ms": pct(latencies, 0.999),
         "max_ms": round(latencies[-1] * 1000, 3) if latencies else None,
         "p50_from_connect_ms": pct(from_connect, 0.50),
         "p99_from_connect_ms": pct(from_connect, 0.99),
@@ -208,8 +225,13 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=1000)
     ap.add_argument("--duration", type=float, default=5)
     ap.add_argument("--timeout", type=float, default=5)
+    ap.add_argument(
+        "--raw",
+        help="write each answered request's scheduled, connect(), first-byte and end times "
+        "(microseconds from the start, one JSON list a line) to this file",
+    )
     args = ap.parse_args()
-    print(json.dumps(run(args.port, args.rate, args.duration, args.timeout)))
+    print(json.dumps(run(args.port, args.rate, args.duration, args.timeout, args.raw)))
 
 
 if __name__ == "__main__":

@@ -571,3 +571,31 @@ def test_python_socket_wraps_a_c_socket_and_leaves_a_socket_object_as_it_is() ->
         assert socket_class(splice.start_splice_relay) is _socket.socket
     for s in (a, wrapped):
         s.close()
+
+
+class _SkewedLoop(asyncio.SelectorEventLoop):
+    """A loop whose clock is 1000 s ahead of ``time.monotonic()``."""
+
+    def time(self) -> float:
+        return super().time() + 1000.0
+
+
+def test_the_sweeps_clocks_start_at_the_accept_in_the_loops_clock() -> None:
+    """A connection reads one clock when it is made (``time.monotonic``, its ``started``); the
+    sweep's Progress objects, made when it first looks, place that moment in the loop's clock,
+    which the sweep compares them with, whatever that clock's origin."""
+    loop = _SkewedLoop()
+    client, accepted = _tcp_pair()
+    try:
+        owner = Owner(loop, relay.start_relay)
+        before = loop.time()
+        conn = Connection(owner, _pool(["127.0.0.1:9"]), accepted, Admitted(CLIENT, DESTINATION))
+        after = loop.time()
+        for progress in (conn.progress, conn.client_progress, conn.server_progress):
+            # 1 ms of slack for the float arithmetic on both clocks, not for time passing
+            assert before - 1e-3 <= progress.since <= after + 1e-3
+            assert progress.count == 0
+    finally:
+        client.close()
+        accepted.close()
+        loop.close()

@@ -460,3 +460,56 @@ def test_an_answer_and_fin_arriving_together_are_both_passed_on() -> None:
         assert _recv_all(r.backend) == b""
         assert r.conn.done.wait(5)
         assert r.conn.reasons == ["backend_closed"]
+
+
+@pytest.mark.parametrize("early_size", [100, 100_000])
+@pytest.mark.parametrize(
+    "header_size",
+    [28, poller.SCRATCH_ROOM, poller.SCRATCH_ROOM + 44],
+    ids=["v2-header", "header-filling-the-room", "header-longer-than-the-room"],
+)
+def test_client_bytes_queued_before_the_start_follow_the_header_byte_exact(
+    header_size: int, early_size: int
+) -> None:
+    """The first write is the header with the client's queued bytes behind it: a header that
+    fits the scratch buffer's room goes in front of a read into the room, a longer one (many
+    TLVs) is copied first and read after; a read that fills the buffer switches to splice."""
+    header = os.urandom(header_size)
+    early = os.urandom(early_size)
+    rest = os.urandom(300_000)
+    client, relay_client = tcp_pair()
+    relay_backend, backend = tcp_pair()
+    for s in (client, backend):
+        s.settimeout(15)
+    client.sendall(early)  # queued in the relay's client socket before it starts
+    loop = new_loop()
+    conn = Conn()
+    made: list[splice.SpliceRelay] = []
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    got: dict[str, tuple[int, str]] = {}
+    reader = threading.Thread(target=lambda: got.update(backend=_digest_all(backend)))
+    reader.start()
+    try:
+        loop.call_soon_threadsafe(
+            lambda: made.append(
+                splice.start_splice_relay(loop, relay_client, relay_backend, header, conn)
+            )
+        )
+        client.sendall(rest)
+        client.shutdown(socket.SHUT_WR)
+        reader.join(30)
+        sent = header + early + rest
+        assert got["backend"] == (len(sent), hashlib.sha256(sent).hexdigest())
+        backend.shutdown(socket.SHUT_WR)
+        assert _recv_all(client) == b""
+        assert conn.done.wait(10)
+        assert conn.bytes_from_client == len(early) + len(rest)
+    finally:
+        if made:
+            loop.call_soon_threadsafe(made[0].close, EndReason.SHUTDOWN)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+        client.close()
+        backend.close()

@@ -221,6 +221,9 @@ class Admission:
                 v6_prefix=cfg.client_v6_prefix,
             )
         self._checks_client = bool(self.deny or self.allow or self.limiter)
+        self.direct = self.policy is None and not self._checks_client
+        """Nothing to decide (no header to read, no client policy): the listener makes the
+        :class:`Admitted` itself, without a call through :meth:`admit` and its callback."""
         self._counts_conns = self.limiter is not None and self.limiter.max_conns is not None
         self._waiting: OrderedDict[int, _Waiting] = OrderedDict()
         self._timer: asyncio.TimerHandle | None = None

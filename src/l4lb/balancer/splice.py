@@ -50,14 +50,23 @@ from l4lb.balancer.poller import (
     EPOLLOUT,
     EPOLLRDHUP,
     INPUT_EVENTS,
+    SCRATCH_ROOM,
 )
-from l4lb.balancer.relay_contract import EndReason, RelayConn, Socket, error_reason, reset_socket
+from l4lb.balancer.relay_contract import (
+    EndReason,
+    NativeConn,
+    RelayConn,
+    Socket,
+    error_reason,
+    reset_socket,
+)
 
 __all__ = [
     "PIPE_SIZE",
     "PipePool",
     "SpliceRelay",
     "available",
+    "start_nonblocking",
     "start_splice_relay",
 ]
 
@@ -174,12 +183,13 @@ class _Direction:
         "to_client",
     )
 
-    def __init__(self, relay: SpliceRelay, src: Socket, dst: Socket, to_client: bool) -> None:
+    def __init__(
+        self, relay: SpliceRelay, src: Socket, dst: Socket, fds: tuple[int, int], to_client: bool
+    ) -> None:
         self.relay = relay
         self.src = src
-        self.src_fd = src.fileno()
         self.dst = dst
-        self.dst_fd = dst.fileno()
+        self.src_fd, self.dst_fd = fds  # the relay's: fileno() is a method call each
         self.to_client = to_client
         self.copy = True
         """Small messages are copied (recv/send); the first full read switches to splice."""
@@ -393,7 +403,7 @@ class _Direction:
             self.pending = 0
 
 
-class SpliceRelay:
+class SpliceRelay(poller.NativeHandler):
     """Relays one connection between ``client`` and ``backend`` with ``os.splice``.
 
     Owns both sockets from :meth:`start` on and closes them when both directions have ended, on
@@ -427,15 +437,16 @@ class SpliceRelay:
         self.loop = loop
         self.client = client
         self.backend = backend
-        self.client_fd = client.fileno()
+        client_fd = self.client_fd = client.fileno()
+        backend_fd = backend.fileno()
         self.conn = conn
         self.pool = pool
         watch = _last_poller
         if watch is None or watch.loop is not loop:
             watch = _remember_poller(loop)
         self.poller = watch
-        self.to_backend = _Direction(self, client, backend, to_client=False)
-        self.to_client = _Direction(self, backend, client, to_client=True)
+        self.to_backend = _Direction(self, client, backend, (client_fd, backend_fd), False)
+        self.to_client = _Direction(self, backend, client, (backend_fd, client_fd), True)
         self.first_reason: EndReason | None = None
         self.closed = False
 
@@ -465,14 +476,21 @@ class SpliceRelay:
             self.event(backend_fd, seen)
 
     def _send_first(self, first: bytes) -> None:
-        buf = self.poller.scratch
+        watch = self.poller
+        buf = watch.scratch
         size = len(first)
         n = 0
         reset: OSError | None = None
-        if size < len(buf) // 2:
-            buf[:size] = first
+        into: memoryview | None = None
+        at = 0
+        if size <= SCRATCH_ROOM:  # the usual header: the client's bytes go after a fixed room
+            into = watch.room  # (a view made once, not a slice per connection)
+            at = SCRATCH_ROOM - size
+        elif size < len(buf) // 2:  # a long header (many TLVs): right after it
+            into = buf[size:]
+        if into is not None:
             try:
-                n = self.client.recv_into(buf[size:])
+                n = self.client.recv_into(into)
             except BlockingIOError:
                 n = 0
             except OSError as err:
@@ -481,10 +499,13 @@ class SpliceRelay:
                 reset = err
             # n == 0 at EOF too: the registration below reports it again
             if n:
-                self.conn.bytes_from_client += n
-                if size + n == len(buf):
+                self.progress(n, False)
+                if n == len(into):
                     self.to_backend.copy = False  # a full read: bulk
-        out = buf[: size + n] if n else first
+        out: memoryview | bytes = first
+        if n:  # the header in front of the client's bytes: one write
+            buf[at : at + size] = first
+            out = buf[at : at + size + n]
         if len(out) > _ONE_SEGMENT:
             self.to_backend.no_delay()
         # else: a first write on a new connection that fits one segment leaves at once, Nagle
@@ -531,10 +552,16 @@ class SpliceRelay:
             self.failed(err)
 
     def progress(self, n: int, to_client: bool) -> None:
-        if to_client:
-            self.conn.bytes_to_client += n
+        conn = self.conn
+        if isinstance(conn, NativeConn):  # C fields (see NativeConn)
+            if to_client:
+                conn.bytes_to_client += n
+            else:
+                conn.bytes_from_client += n
+        elif to_client:
+            conn.bytes_to_client += n
         else:
-            self.conn.bytes_from_client += n
+            conn.bytes_from_client += n
 
     def half_closed(self, to_client: bool) -> None:
         """One direction has ended with a FIN; close when both have."""
@@ -566,7 +593,11 @@ class SpliceRelay:
         # closing removes them from the epoll set
         self.client.close()
         self.backend.close()
-        self.conn.relay_closed(reason)
+        conn = self.conn
+        if isinstance(conn, NativeConn):
+            conn.relay_closed(reason)  # a C call (see NativeConn)
+        else:
+            conn.relay_closed(reason)
 
     # -- the kernel relay's hand-over (l4lb.balancer.kernel_relay) ---------------------------
 
@@ -622,6 +653,18 @@ def start_splice_relay(
     for sock in (client_sock, backend_sock):
         if sock.gettimeout() != 0.0:
             sock.setblocking(False)
+    return start_nonblocking(loop, client_sock, backend_sock, first, conn)
+
+
+def start_nonblocking(
+    loop: asyncio.AbstractEventLoop,
+    client_sock: Socket,
+    backend_sock: Socket,
+    first: bytes,
+    conn: RelayConn,
+) -> SpliceRelay:
+    """:func:`start_splice_relay` for sockets the caller knows are non-blocking (a
+    :class:`~l4lb.balancer.connection.Connection`'s): no ``gettimeout()`` check."""
     # TCP_NODELAY: the client's comes from the listening socket, the backend's is set by the
     # relay before any write that could wait on Nagle (_Direction.nagle)
     relay = SpliceRelay(loop, client_sock, backend_sock, conn)
