@@ -176,8 +176,14 @@ def _reference(results: dict[str, Any], t: Target) -> tuple[str, float, bool] | 
     return pick(found, key=lambda x: x[1])
 
 
-CPU_SPLIT = ("newconn", "keepalive")
-"""Measurements whose results carry the balancer's CPU (and user CPU) per operation."""
+CPU_KEYS = {
+    "newconn": ("op", "us"),
+    "keepalive": ("op", "us"),
+    "bulk1": ("gb", "s"),
+    "bulk8": ("gb", "s"),
+}
+"""Measurements whose results carry the balancer's CPU per operation (or per GB): the keys'
+suffix and unit (``balancer_cpu_us_per_op``). The per-operation ones also carry user CPU."""
 
 LATENCY_PARTS = (
     ("p50", "p50_ms"),
@@ -187,26 +193,34 @@ LATENCY_PARTS = (
 
 
 def _cpu_split(results: dict[str, Any], who: str, measurement: str) -> str | None:
-    """``user U + system S + outside O µs`` per operation, or None when the run lacks them."""
-    cpu = _extra(results, who, measurement, "balancer_cpu_us_per_op")
-    user = _extra(results, who, measurement, "balancer_user_us_per_op")
-    if cpu is None or user is None:
+    """``user U + system S + outside O µs`` per operation (``balancer B + outside O s`` per GB,
+    where the run has no user time), or None when the run lacks them."""
+    per, unit = CPU_KEYS[measurement]
+    cpu = _extra(results, who, measurement, f"balancer_cpu_{unit}_per_{per}")
+    if cpu is None:
         return None
-    text = f"user {_num(user)} + system {_num(cpu - user)}"
-    net = _extra(results, who, measurement, "machine_cpu_us_per_op_net")
+    user = _extra(results, who, measurement, f"balancer_user_{unit}_per_{per}")
+    if user is not None:
+        text = f"user {_num(user)} + system {_num(cpu - user)}"
+    elif per == "op":
+        return None
+    else:
+        text = f"balancer {_num(cpu)}"
+    net = _extra(results, who, measurement, f"machine_cpu_{unit}_per_{per}_net")
     if net is not None:
         text += f" + outside the process {_num(net - cpu)}"
-    return text + " µs"
+    return f"{text} {'µs' if unit == 'us' else unit}"
 
 
 def why(t: Target, contender: str, peer: str, results: dict[str, Any]) -> str | None:
     """Where this run's figures come from, for both sides of a row (None if it has none)."""
-    if t.measurement in CPU_SPLIT:
+    if t.measurement in CPU_KEYS:
         mine = _cpu_split(results, contender, t.measurement)
         theirs = _cpu_split(results, peer, t.measurement)
         if mine is None or theirs is None:
             return None
-        return f"CPU per {t.measurement} operation: {contender} {mine}; {peer} {theirs}"
+        what = "GB" if CPU_KEYS[t.measurement][0] == "gb" else "operation"
+        return f"CPU per {t.measurement} {what}: {contender} {mine}; {peer} {theirs}"
     if t.measurement == "paced":
         parts = []
         for name, key in LATENCY_PARTS:

@@ -134,6 +134,19 @@ def test_a_row_not_met_says_where_its_cpu_goes_on_both_sides() -> None:
     assert "why" not in targets.check(t, "l4lb-kernel", results)
 
 
+def test_a_bulk_row_not_met_says_where_its_cpu_per_gb_goes() -> None:
+    results = {
+        "haproxy": {"bulk1": {"machine_cpu_s_per_gb_net": 0.95, "balancer_cpu_s_per_gb": 1.02}},
+        "l4lb-splice": {"bulk1": {"machine_cpu_s_per_gb_net": 0.52, "balancer_cpu_s_per_gb": 0.30}},
+    }
+    row = targets.check(_target("machine CPU per GB (1 stream)"), "l4lb-splice", results)
+    assert row["verdict"] == "NOT met"
+    assert row["why"] == (
+        "CPU per bulk1 GB: l4lb-splice balancer 0.30 + outside the process 0.22 s;"
+        " haproxy balancer 1.02 + outside the process -0.07 s"
+    )
+
+
 def test_a_p99_not_met_says_where_its_tail_is() -> None:
     mine = {"p99_ms": 0.55, "p50_ms": 0.33, "p99_from_connect_ms": 0.47, "lag_p99_ms": 0.11}
     theirs = {"p99_ms": 0.49, "p50_ms": 0.32, "p99_from_connect_ms": 0.40}
