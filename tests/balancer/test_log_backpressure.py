@@ -16,7 +16,7 @@ import threading
 import urllib.request
 from pathlib import Path
 
-from l4lb.balancer.logs import QueuedStderr
+from l4lb.balancer.logs import BURST, WINDOW, QueuedStderr
 from tests.balancer.helpers import backend, hello
 from tests.support.l4lb import config_text
 from tests.support.peers import free_port, stop_process, wait_for
@@ -181,6 +181,57 @@ def test_a_flood_of_one_event_is_summarised(tmp_path: Path) -> None:
         assert sum(int(x.split("count=")[1].split()[0]) for x in summaries) == 1000 - rejected
     finally:
         logger.removeHandler(handler)
+        _shut(handler, r, w)
+
+
+def _wakeups(thread: threading.Thread) -> int:
+    """How many times ``thread`` has gone to sleep and been woken (voluntary context switches)."""
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    return int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+
+
+def test_an_idle_writer_sleeps_until_a_line_comes() -> None:
+    """The writer waited with a 1 s timeout even with nothing to do: every worker's second
+    thread woke once a second and took the GIL from the event loop. Now it sleeps until a line
+    (or a due summary) comes. Failed before: 2 or 3 wake-ups in 2.5 idle seconds."""
+    r, w = os.pipe()
+    handler = QueuedStderr(w)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    try:
+        handler.handle(logging.makeLogRecord({"msg": "event=one", "levelno": logging.INFO}))
+        assert handler.flush(20)
+        assert _read_until(r, b"event=one\n").endswith(b"event=one\n")
+        before = _wakeups(handler._thread)
+        threading.Event().wait(2.5 * WINDOW)  # the absence of a wake-up takes time to see
+        # at most the one sleep the writer may start just after flush() returned; with the
+        # old 1 s timeout, at least two more
+        assert _wakeups(handler._thread) - before <= 1
+        handler.handle(logging.makeLogRecord({"msg": "event=two", "levelno": logging.INFO}))
+        assert _read_until(r, b"event=two\n").endswith(b"event=two\n")  # a line still wakes it
+    finally:
+        _shut(handler, r, w)
+
+
+def test_a_suppressed_flood_is_summarised_without_another_line_or_a_flush() -> None:
+    """The writer sleeps without a timeout while nothing is pending: the first suppressed line
+    must wake it so that the summary comes when its window ends, not at the next line."""
+    r, w = os.pipe()
+    handler = QueuedStderr(w)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    try:
+        for i in range(BURST + 50):
+            record = {"msg": "event=rejected n=%d", "args": (i,), "levelno": logging.INFO}
+            handler.handle(logging.makeLogRecord(record))
+        got = bytearray()
+        reader = threading.Thread(target=lambda: got.extend(_read_until(r, b" window=1s")))
+        reader.start()
+        reader.join(20)
+        text = got.decode()
+        summaries = [x for x in text.splitlines() if "event=log_suppressed" in x]
+        assert summaries, text
+        suppressed = sum(int(x.split("count=")[1].split()[0]) for x in summaries)
+        assert text.count("event=rejected ") + suppressed == BURST + 50
+    finally:
         _shut(handler, r, w)
 
 

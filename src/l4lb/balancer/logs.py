@@ -39,6 +39,9 @@ WINDOW = 1.0
 _FLUSH = object()
 _STOP = object()
 _REOPEN = object()
+_WAKE = object()
+"""A summary became due (the first line of a window suppressed): the writer, asleep without a
+timeout while nothing is pending, waits from now on for the window to end."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +157,10 @@ class QueuedStderr(logging.Handler):
             self._windows[key] = (start, count + 1)
             return True
         with self._counts:
+            first = not self._suppressed
             self._suppressed[key] = self._suppressed.get(key, 0) + 1
+        if first:
+            self._queue.put(_WAKE)
         return False
 
     def control(self, item: object) -> None:
@@ -196,6 +202,14 @@ class QueuedStderr(logging.Handler):
             self._reported = dropped
         return [(logging.WARNING, now, line) for line in lines]
 
+    def _due(self) -> float | None:
+        """How long the writer may sleep: until the window ends when a summary is pending
+        (suppressed lines, drops not reported yet), else until a line comes (None). An idle
+        worker's writer then never wakes, and never takes the GIL from the event loop."""
+        with self._counts:
+            pending = bool(self._suppressed) or self.dropped != self._reported
+        return WINDOW if pending else None
+
     def _run(self) -> None:
         # a signal sent to the process must reach the main thread: here, one whose action is
         # the default (the supervisor blocks them and waits with sigtimedwait) would kill
@@ -204,7 +218,7 @@ class QueuedStderr(logging.Handler):
         self._use(self.events)
         while True:
             try:
-                items = [get(timeout=WINDOW)]
+                items = [get(timeout=self._due())]
             except queue.Empty:
                 items = []
             while True:
@@ -212,6 +226,8 @@ class QueuedStderr(logging.Handler):
                     items.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            if items and all(item is _WAKE for item in items):
+                continue  # a summary became due: it is written when its window ends
             lines: list[_Line] = []
             for item in items:
                 if isinstance(item, tuple):
