@@ -9,6 +9,7 @@ caches stay bounded and only ever hold validated addresses.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 
 from hypothesis import given, settings
@@ -108,6 +109,37 @@ def test_text_caches_stay_bounded() -> None:
         header, _n = parse(line)
         assert header.source == (f"10.{a}.{b}.1", 1000)
         assert len(v1_mod._V4_TEXT) <= v1_mod.V4_TEXT_MAX
+
+
+def _inet_pton_accepts(raw: bytes) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET, raw.decode())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+_QUAD_EDGES = [
+    b"0.0.0.0", b"255.255.255.255", b"256.0.0.0", b"1.2.3.256", b"01.2.3.4", b"1.2.3.04",
+    b"1.2.3.00", b"00.1.2.3", b"1.2.3.0", b"1.2.3", b"1.2.3.4.", b".1.2.3.4", b"1..2.3",
+    b"1.2.3.4.5", b"1.2.3.4 ", b" 1.2.3.4", b"1.2.3.-4", b"1.2.3.+4", b"1.2.3.4\0",
+    b"1.2.3.\xd9\xa4", b"1000.2.3.4", b"192.0.2.1", b"0x1.2.3.4", b"1.2.3.999", b"",
+]  # fmt: skip
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    st.one_of(
+        st.sampled_from(_QUAD_EDGES),
+        st.lists(st.sampled_from(b"0123456789."), max_size=17).map(bytes),
+        st.lists(st.integers(0, 300), min_size=3, max_size=5).map(
+            lambda parts: ".".join(map(str, parts)).encode()
+        ),
+        st.binary(max_size=16),
+    )
+)
+def test_dotted_quad_accepts_exactly_what_inet_pton_does(raw: bytes) -> None:
+    assert v1_mod.dotted_quad(raw) is _inet_pton_accepts(raw)
 
 
 def test_a_rejected_v1_address_is_never_cached_and_keeps_its_reason() -> None:

@@ -8,6 +8,7 @@ ASCII digits 0-65535 without sign or leading zero.
 from __future__ import annotations
 
 from socket import AF_INET, AF_INET6, inet_ntop, inet_pton
+from typing import Final
 
 from l4lb.proxy_protocol.errors import IncompleteHeader, InvalidHeader, Reason
 from l4lb.proxy_protocol.model import Command, Family, ProxyHeader, Transport, make_header
@@ -70,11 +71,52 @@ V4_TEXT_MAX = 1024
 _v4_cached = _V4_TEXT.get
 
 
+def dotted_quad(raw: bytes) -> bool:
+    """Whether ``raw`` is an IPv4 address as glibc's ``inet_pton(AF_INET)`` accepts it: four
+    decimal parts of 0-255 separated by single dots, no leading zero, nothing else. Checked
+    byte by byte, without a call into the socket module (compiled: see ``_BYTE_CHECK``); the
+    tests hold it equal to ``inet_pton`` on every kind of field."""
+    n = len(raw)
+    if n < 7 or n > 15:
+        return False
+    dots = 0
+    value = 0
+    digits = 0
+    for i in range(n):
+        c = raw[i]
+        if c == 0x2E:  # "."
+            if digits == 0 or dots == 3:
+                return False
+            dots += 1
+            value = 0
+            digits = 0
+        elif 0x30 <= c <= 0x39:
+            if digits > 0 and value == 0:  # a leading zero
+                return False
+            value = value * 10 + (c - 0x30)
+            if value > 255:
+                return False
+            digits += 1
+        else:
+            return False
+    return dots == 3 and digits > 0
+
+
+_BYTE_CHECK: Final = not __file__.endswith(".py")
+"""Check a new IPv4 field with :func:`dotted_quad` when this module is compiled (about 60 ns
+against ``inet_pton``'s 120), with ``inet_pton`` in pure Python (where the loop takes 2 µs)."""
+
+
 def _v4_new(raw: bytes) -> str:
     """The text of a v1 IPv4 field not in the cache (and now in it); raises OSError or
-    ValueError (UnicodeDecodeError) when ``inet_pton`` refuses it, which is never cached."""
-    text = raw.decode()  # a non-ASCII character passes here but never inet_pton
-    inet_pton(AF_INET, text)  # glibc's is strict: 4 decimal parts, no leading zeros
+    ValueError when it is not a dotted quad, which is never cached."""
+    if _BYTE_CHECK:
+        if not dotted_quad(raw):
+            raise ValueError("not an IPv4 address")
+        text = raw.decode("ascii")
+    else:
+        text = raw.decode()  # a non-ASCII character passes here but never inet_pton
+        inet_pton(AF_INET, text)  # glibc's is strict: 4 decimal parts, no leading zeros
     if len(_V4_TEXT) >= V4_TEXT_MAX:
         _V4_TEXT.clear()
     _V4_TEXT[raw] = text
