@@ -4,32 +4,19 @@ percentiles follow from them."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import socket
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import ModuleType
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench.harness_module import load
+
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n"
 
 
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "bench_paced", ROOT / "bench" / "harness" / "paced.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-paced = _load()
+paced = load("paced")
 
 
 @contextmanager

@@ -7,28 +7,13 @@ marks for a load-generator-bound side, and the rows that cannot be judged.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import subprocess
-import sys
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench.harness_module import ROOT, load
 
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "bench_targets", ROOT / "bench" / "harness" / "targets.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-targets = _load()
+targets = load("targets")
 
 
 def _target(label_start: str) -> Any:
