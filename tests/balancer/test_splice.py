@@ -56,11 +56,13 @@ class Rig:
 
 
 @contextlib.contextmanager
-def rig(first: bytes = b"") -> Iterator[Rig]:
+def rig(first: bytes = b"", early: bytes = b"") -> Iterator[Rig]:
+    """A started splice relay; ``early``: client bytes already queued when it starts."""
     client, relay_client = tcp_pair()
     relay_backend, backend = tcp_pair()
     for s in (client, backend):
         s.settimeout(15)
+    client.sendall(early)
     loop = new_loop()
     conn = Conn()
     made: list[splice.SpliceRelay] = []
@@ -477,39 +479,16 @@ def test_client_bytes_queued_before_the_start_follow_the_header_byte_exact(
     header = os.urandom(header_size)
     early = os.urandom(early_size)
     rest = os.urandom(300_000)
-    client, relay_client = tcp_pair()
-    relay_backend, backend = tcp_pair()
-    for s in (client, backend):
-        s.settimeout(15)
-    client.sendall(early)  # queued in the relay's client socket before it starts
-    loop = new_loop()
-    conn = Conn()
-    made: list[splice.SpliceRelay] = []
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    got: dict[str, tuple[int, str]] = {}
-    reader = threading.Thread(target=lambda: got.update(backend=_digest_all(backend)))
-    reader.start()
-    try:
-        loop.call_soon_threadsafe(
-            lambda: made.append(
-                splice.start_splice_relay(loop, relay_client, relay_backend, header, conn)
-            )
-        )
-        client.sendall(rest)
-        client.shutdown(socket.SHUT_WR)
+    with rig(first=header, early=early) as r:
+        got: dict[str, tuple[int, str]] = {}
+        reader = threading.Thread(target=lambda: got.update(backend=_digest_all(r.backend)))
+        reader.start()
+        r.client.sendall(rest)
+        r.client.shutdown(socket.SHUT_WR)
         reader.join(30)
         sent = header + early + rest
         assert got["backend"] == (len(sent), hashlib.sha256(sent).hexdigest())
-        backend.shutdown(socket.SHUT_WR)
-        assert _recv_all(client) == b""
-        assert conn.done.wait(10)
-        assert conn.bytes_from_client == len(early) + len(rest)
-    finally:
-        if made:
-            loop.call_soon_threadsafe(made[0].close, EndReason.SHUTDOWN)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
-        client.close()
-        backend.close()
+        r.backend.shutdown(socket.SHUT_WR)
+        assert _recv_all(r.client) == b""
+        assert r.conn.done.wait(10)
+        assert r.conn.bytes_from_client == len(early) + len(rest)
