@@ -673,14 +673,8 @@ class Connection(NativeConn):
         if version == 1:
             return build(1, admitted.client, admitted.destination)
         pool = self.pool
-        if not (
-            admitted.pass_tlvs
-            or pool.tlv_unique_id
-            or pool.tlv_authority
-            or pool.tlv_alpn
-            or pool.tlv_noop
-            or pool.tlv_crc32c
-        ):  # the usual header, addresses only: no list, no keyword arguments
+        if not (admitted.pass_tlvs or pool.adds_tlvs):
+            # the usual header, addresses only: no list, no keyword arguments
             return build(2, admitted.client, admitted.destination)
         tlvs: list[TLV] = list(admitted.pass_tlvs)
         if pool.tlv_unique_id and not any(t.type == _T_UNIQUE_ID for t in tlvs):

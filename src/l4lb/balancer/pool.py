@@ -197,6 +197,7 @@ class Pool:
 
     __slots__ = (
         "_adopt",
+        "adds_tlvs",
         "algorithm",
         "backends",
         "by_address",
@@ -245,6 +246,10 @@ class Pool:
         self.tlv_alpn = "alpn" in tlvs
         self.tlv_crc32c = "crc32c" in tlvs
         self.tlv_noop = "noop" in tlvs
+        self.adds_tlvs = any(
+            (self.tlv_unique_id, self.tlv_authority, self.tlv_alpn, self.tlv_noop, self.tlv_crc32c)
+        )
+        """Whether the v2 header toward this pool's backends carries a TLV of ours (or a CRC)."""
         self.backends: list[Backend] = []
         self._adopt: list[tuple[Backend, BackendConfig, int, Source | None]] = []
         """Backends kept from ``previous`` and their settings in this config, applied by
