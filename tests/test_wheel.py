@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -31,7 +30,7 @@ from pathlib import Path
 import pytest
 
 import l4lb
-from tests.support.echo_backend import EchoBackend
+from tests.support.echo_backend import EchoBackend, echo_through
 from tests.support.l4lb import config_text
 from tests.support.logs import wait_line
 from tests.support.peers import free_port, stop_process
@@ -155,13 +154,8 @@ def test_compiled_wheel_installs_and_serves(pip: Path, tmp_path: Path) -> None:
             )
         try:
             wait_line(log, "event=started", timeout=30)
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-                sock.sendall(b"through the compiled wheel\n")
-                sock.shutdown(socket.SHUT_WR)
-                received = b""
-                while chunk := sock.recv(4096):
-                    received += chunk
-            assert received == b"compiled\nthrough the compiled wheel\n"
+            payload = b"through the compiled wheel\n"
+            assert echo_through("127.0.0.1", port, payload) == ("compiled", payload)
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0, log.read_text()
         finally:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from tests.support.echo_backend import EchoBackend
+from tests.support.echo_backend import EchoBackend, echo_through
 from tests.support.l4lb import config_text
+from tests.support.logs import wait_line
 from tests.support.peers import free_port, stop_process
 
 REPO = Path(__file__).parents[2]
@@ -67,17 +66,9 @@ def test_wheel_into_a_fresh_venv_checks_and_serves(tmp_path: Path) -> None:
             stderr=open(err, "wb"),  # noqa: SIM115
         )
         try:
-            deadline = time.monotonic() + 30
-            while "event=started" not in err.read_text():
-                assert proc.poll() is None and time.monotonic() < deadline, err.read_text()
-                time.sleep(0.05)
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-                sock.sendall(b"from the installed wheel\n")
-                sock.shutdown(socket.SHUT_WR)
-                received = b""
-                while chunk := sock.recv(4096):
-                    received += chunk
-            assert received == b"installed\nfrom the installed wheel\n"
+            wait_line(err, "event=started", timeout=30)
+            payload = b"from the installed wheel\n"
+            assert echo_through("127.0.0.1", port, payload) == ("installed", payload)
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0, err.read_text()
         finally:
